@@ -127,6 +127,7 @@ def _read_table(path: Path, fmt: str, column: str | None) -> Iterator[tuple[str,
     kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
     if builder == "csv":
         kwargs["on_bad_lines"] = "warn"
+        kwargs["keep_default_na"] = False  # "NaN" is sodium nitride, not a missing value
     bad_lines: list[str] = []
     with tempfile.TemporaryDirectory() as cache, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

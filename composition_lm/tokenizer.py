@@ -28,6 +28,9 @@ __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "element_token_ids", "count_toke
 
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[BOS]", "[EOS]", "[UNK]")
 PAD, MASK, BOS, EOS, UNK = range(5)
+#: fixed vocabulary layout: element with index i in ELEMENTS -> ELEMENT_OFFSET + i; count c -> COUNT_OFFSET + c
+ELEMENT_OFFSET = len(SPECIAL_TOKENS)
+COUNT_OFFSET = ELEMENT_OFFSET + len(ELEMENTS) - 1
 
 
 def build_tokenizer(max_count: int = 200, model_max_length: int = 64) -> PreTrainedTokenizerFast:

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from evaluation.composition import Formula, FormulaError, parse_formula
+from evaluation.composition import ATOMIC_NUMBER, Formula, FormulaError, parse_formula
 
 __all__ = ["PROTOCOLS", "ValidityResult", "check_formula", "check_formulas"]
 
@@ -167,7 +167,10 @@ def _check(formula: Formula, protocol: str) -> ValidityResult:
         states = [t.states[s] for s in syms]
         enegs = [t.eneg.get(s) for s in syms]
         if any(e is None for e in enegs):
-            neutral, pauling = _brute_force(counts, states, enegs, t.none_eneg_passes)
+            # the outcome then depends on the order of pair checks: CDVAE's is by atomic number
+            order = sorted(range(len(syms)), key=lambda i: ATOMIC_NUMBER[syms[i]])
+            neutral, pauling = _brute_force([counts[i] for i in order], [states[i] for i in order],
+                                            [enegs[i] for i in order], t.none_eneg_passes)
         else:
             neutral, pauling = _cut_search(counts, states, enegs)
     if len(syms) == 1:
