@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
+import os
 import sys
 import time
 from collections import Counter
@@ -138,6 +138,116 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ------------------------------------------------------------------------------------------ train
+def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from composition_lm.training import TrainingArguments, train
+
+    targs = TrainingArguments(
+        output_dir=str(args.output_dir), corpus=str(args.corpus), model_type=args.model, column=args.column,
+        train_split=args.train_split or None, val_split=args.val_split or None, val_fraction=args.val_fraction,
+        init_from=args.init_from, codec=args.codec, seq_length=args.seq_length, hidden_size=args.hidden_size,
+        num_layers=args.layers, num_heads=args.heads, intermediate_size=args.intermediate_size, dropout=args.dropout,
+        schedule=args.schedule, loss_weighting=args.loss_weighting, time_conditioning=args.time_conditioning,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, max_steps=args.max_steps, ema_decay=args.ema_decay,
+        mixed_precision=args.mixed_precision, seed=args.seed, eval_every=args.eval_every,
+        eval_samples=args.eval_samples, save_every=args.save_every, resume=args.resume,
+        stop_at_step=args.stop_at_step, progress=not args.no_progress,
+    )
+    out = train(targs, command="composition-gen " + shlex.join(sys.argv[1:] if args._argv is None else args._argv))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- sample
+def _element_list(text: str | None) -> list[str]:
+    return [e.strip() for e in text.split(",") if e.strip()] if text else []
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import json
+    import platform
+    import shlex
+
+    import torch
+
+    from composition_lm.models import load_model
+    from composition_lm.sampling import Constraints, generate
+    from evaluation.io import atomic_path, write_json
+    from evaluation.validity import check_formulas
+
+    from transformers.utils import logging as hf_logging
+
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    loaded = load_model(args.model)
+    constraints = Constraints(
+        elements=_element_list(args.elements) or None, require=_element_list(args.require),
+        exclude=_element_list(args.exclude), max_elements=args.max_elements,
+    )
+    samples = generate(loaded, args.n, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       constraints=constraints, progress=not args.no_progress)
+    t_sample = time.perf_counter() - t0
+    formulas = [f for _, f, _ in samples if f is not None]
+    verdicts = {p: dict(zip(formulas, check_formulas(formulas, p))) for p in ("cdvae", "smact")}
+    train_set = loaded.training_formulas()
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = ["index", "sample", "formula", "parse_ok", "parse_error", "n_elements", "n_atoms",
+              "valid_cdvae", "reason_cdvae", "valid_smact", "reason_smact", "is_novel"]
+    with atomic_path(out_dir / "formulas.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for i, (raw, f, err) in enumerate(samples):
+            if f is None:
+                w.writerow([i, raw, "", False, err, "", "", False, f"unparseable: {err}", False, f"unparseable: {err}", ""])
+                continue
+            c, s = verdicts["cdvae"][f], verdicts["smact"][f]
+            novel = "" if train_set is None else str(f) not in train_set
+            w.writerow([i, raw, str(f), True, "", f.n_elements, f.n_atoms, c.valid, c.reason, s.valid, s.reason, novel])
+    elapsed = time.perf_counter() - t0
+    n = len(samples)
+    unique = set(formulas)
+    n_valid = sum(verdicts["cdvae"][f].valid for f in formulas)
+    novel = {f for f in unique if train_set is not None and str(f) not in train_set}
+    vnu = sum(verdicts["cdvae"][f].valid for f in novel)
+    summary = {
+        "n_samples": n, "n_parsed": len(formulas), "n_unique": len(unique),
+        "validity_cdvae": n_valid / n, "validity_smact": sum(verdicts["smact"][f].valid for f in formulas) / n,
+        "uniqueness": len(unique) / n, "novelty": (len(novel) / len(unique)) if unique and train_set else None,
+        "valid_novel_unique_cdvae": vnu, "seconds": elapsed, "seconds_sampling": t_sample,
+        "formulas_per_s": n / elapsed, "valid_novel_unique_per_s": vnu / elapsed,
+    }
+    config = {
+        "command": "composition-gen " + shlex.join(sys.argv[1:] if args._argv is None else args._argv),
+        "model": str(loaded.path),
+        "model_type": loaded.model_type, "n": args.n, "seed": args.seed, "steps": args.steps,
+        "batch_size": args.batch_size, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "constraints": constraints.as_dict(), "torch": torch.__version__, "machine": platform.platform(),
+        "threads": torch.get_num_threads(), "summary": summary,
+    }
+    write_json(out_dir / "run_config.json", config)
+    print(f"{n} samples from {loaded.path.name} ({loaded.model_type}) in {elapsed:.1f} s "
+          f"= {summary['formulas_per_s']:.0f} formulas/s")
+    print(f"  parsed      {len(formulas)}/{n}")
+    print(f"  valid       cdvae {summary['validity_cdvae']:.3f}   smact {summary['validity_smact']:.3f}")
+    print(f"  unique      {summary['uniqueness']:.3f}")
+    if summary["novelty"] is not None:
+        print(f"  novel       {summary['novelty']:.3f} of unique (vs {len(train_set)} training formulas)")
+        print(f"  valid+novel+unique  {vnu} ({summary['valid_novel_unique_per_s']:.0f}/s)")
+    if constraints.active:
+        print(f"  constraints {json.dumps(constraints.as_dict())}")
+    print(f"wrote {out_dir / 'formulas.csv'} and run_config.json")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -181,14 +291,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a formula diffusion model on any formula corpus",
+        description="Train a formula model with accelerate (run as-is, or under `accelerate launch "
+        "--num_processes N` to scale out; on CPU-only machines accelerate starts several processes through "
+        "torchrun: `accelerate launch --multi_gpu --num_processes N`, which falls back to CPU with the gloo "
+        "backend). Checkpoints go to OUTPUT_DIR/checkpoints (continue with --resume), "
+        "the final model to OUTPUT_DIR/model. Fine-tune with --init-from MODEL.",
+    )
+    p.add_argument("--model", default="diffusion-bert", choices=["diffusion-bert"], help="model family")
+    p.add_argument("--corpus", type=Path, required=True, help="formula corpus (any format `validate` reads)")
+    p.add_argument("--column", help="formula column of a table")
+    p.add_argument("--train-split", default="train", help="split to train on ('' for all rows) (default: train)")
+    p.add_argument("--val-split", default="val", help="split for validation (default: val)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="seeded val share when the corpus has no split column")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--init-from", help="fine-tune from this model (folder, shipped name or hub id)")
+    p.add_argument("--codec", choices=["expanded", "compact"], default="expanded")
+    p.add_argument("--seq-length", type=int, default=32, help="tokens per sequence incl. [BOS]/[EOS]; longer formulas are skipped")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate-size", type=int, default=512)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--schedule", choices=["loglinear", "linear", "spindle"], default="loglinear")
+    p.add_argument("--loss-weighting", choices=["elbo", "uniform"], default="elbo")
+    p.add_argument("--time-conditioning", action="store_true", help="condition the denoiser on t")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--max-steps", type=int, default=10000)
+    p.add_argument("--stop-at-step", type=int, help="stop early with a checkpoint (schedule unchanged)")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-samples", type=int, default=256)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train, _argv=None)
+
+    p = sub.add_parser(
+        "sample",
+        help="generate formulas with a diffusion model (default: the shipped Diffusion-BERT)",
+        description="Sample formulas, check them, and write OUTPUT/formulas.csv (raw sample, reduced formula, "
+        "parse status, validity and reason under both protocols, novelty vs the model's training formulas) "
+        "and OUTPUT/run_config.json. Element constraints are enforced inside the sampler.",
+    )
+    p.add_argument("--model", default=None, help="model folder, shipped name (diffusion-bert) or hub id (default: diffusion-bert)")
+    p.add_argument("-n", type=int, default=1000, help="number of samples (default: 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=32, help="denoising steps (default: 32)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--elements", help="only these elements, e.g. Li,Mn,O")
+    p.add_argument("--require", help="every sample contains these, e.g. Li")
+    p.add_argument("--exclude", help="never these, e.g. Pb,Cd")
+    p.add_argument("--max-elements", type=int, help="at most this many distinct elements")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-o", "--output", type=Path, default=Path("samples"), help="output directory (default: samples)")
+    p.set_defaults(func=cmd_sample, _argv=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "_argv"):
+        args._argv = argv
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as err:  # CorpusError, FormulaError, bad protocol, ...
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # CorpusError, FormulaError, bad protocol, ...
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -23,8 +23,8 @@ elements), we use that the Pauling test holds iff some electronegativity cut sep
 (below) from anions (above). For each cut, each element's states are restricted to the allowed sign
 and charge neutrality becomes a subset-sum over ``count * state``, solved with a set of reachable
 sums. This is exact and agrees with the brute force (tests check both, and agreement with SMACT on
-thousands of real formulas). Compositions with an element lacking electronegativity fall back to
-the brute force, which is cheap there.
+thousands of real formulas). Compositions with an element lacking electronegativity (Pm, Rn, Lr)
+take :func:`_unknown_eneg_search`, exact up to a documented enumeration limit.
 """
 
 from __future__ import annotations
@@ -137,15 +137,20 @@ def _brute_force(counts, states, enegs, none_passes) -> tuple[bool, bool]:
 
 
 def _cut_search(counts, states, enegs) -> tuple[bool, bool]:
-    """Exact search when every electronegativity is known (see module docstring)."""
+    """Exact search: some electronegativity cut separates cations (below) from anions (above).
+
+    Elements whose electronegativity is ``None`` are left unconstrained (callers decide what that
+    means for their protocol).
+    """
     options = [[c * o for o in st] for c, st in zip(counts, states)]
     if not _neutral_reachable(options):
         return False, False
-    for cut in [-math.inf, *sorted(set(enegs))]:
+    known = sorted({e for e in enegs if e is not None})
+    for cut in [-math.inf, *known]:
         # elements at or below the cut may be cations (or zero), above it anions (or zero)
         restricted = []
         for c, st, e in zip(counts, states, enegs):
-            allowed = [c * o for o in st if (o >= 0 if e <= cut else o <= 0)]
+            allowed = [c * o for o in st if e is None or (o >= 0 if e <= cut else o <= 0)]
             if not allowed:
                 break
             restricted.append(allowed)
@@ -153,6 +158,31 @@ def _cut_search(counts, states, enegs) -> tuple[bool, bool]:
             if _neutral_reachable(restricted):
                 return True, True
     return True, False
+
+
+#: largest number of oxidation-state combinations enumerated for the order-dependent CDVAE case
+BRUTE_FORCE_LIMIT = 200_000
+
+
+def _unknown_eneg_search(counts, states, enegs, none_passes) -> tuple[bool, bool]:
+    """Elements without electronegativity present (rare: Pm, Rn, Lr in SMACT's table).
+
+    SMACT 4 fails the Pauling test whenever such an element is present (with two or more
+    elements). CDVAE's outcome depends on the order of pair checks (atomic number): we first try
+    the cases that decide it cheaply (no neutral combination at all; or a cut over the known
+    electronegativities, which passes whatever the unknown ones do), then enumerate the remaining
+    combinations in CDVAE's order, up to ``BRUTE_FORCE_LIMIT`` (beyond it: reported as failing).
+    """
+    neutral, cut_ok = _cut_search(counts, states, enegs)
+    if not neutral:
+        return False, False
+    if not none_passes:
+        return True, False
+    if cut_ok:
+        return True, True
+    if math.prod(len(s) for s in states) > BRUTE_FORCE_LIMIT:
+        return True, False
+    return _brute_force(counts, states, enegs, none_passes)
 
 
 def _check(formula: Formula, protocol: str) -> ValidityResult:
@@ -169,8 +199,8 @@ def _check(formula: Formula, protocol: str) -> ValidityResult:
         if any(e is None for e in enegs):
             # the outcome then depends on the order of pair checks: CDVAE's is by atomic number
             order = sorted(range(len(syms)), key=lambda i: ATOMIC_NUMBER[syms[i]])
-            neutral, pauling = _brute_force([counts[i] for i in order], [states[i] for i in order],
-                                            [enegs[i] for i in order], t.none_eneg_passes)
+            neutral, pauling = _unknown_eneg_search([counts[i] for i in order], [states[i] for i in order],
+                                                    [enegs[i] for i in order], t.none_eneg_passes)
         else:
             neutral, pauling = _cut_search(counts, states, enegs)
     if len(syms) == 1:

@@ -1,0 +1,159 @@
+"""Diffusion-BERT: absorbing-state (masked) discrete diffusion over formula tokens.
+
+The denoiser is a BERT encoder (``transformers.BertModel``) with a token-prediction head. Following
+MDLM (Sahoo et al. 2024) and DiffusionBERT (He et al. 2023):
+
+* the forward process masks tokens (:func:`composition_lm.schedules.mask_tokens`);
+* the network predicts the clean token at every position but **never** ``[MASK]`` (nor ``[BOS]`` /
+  ``[UNK]``): those logits are ``-inf``; unmasked tokens are carried through by the sampler;
+* it is time-agnostic by default (the masked input already tells the noise level); set
+  ``time_conditioning=True`` to add a sinusoidal time embedding to the token embeddings;
+* the loss is the cross-entropy on masked positions, weighted by MDLM's continuous-time ELBO weight
+  (``loss_weighting="elbo"``) or unweighted and averaged over masked tokens (``"uniform"``, as
+  DiffusionBERT trained).
+
+Sequences are ``[BOS] tokens [EOS] [PAD] ...`` of fixed length ``seq_length``; ``[EOS]`` and the pads
+are part of what the model generates, so it learns the formula's length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertPreTrainedModel
+
+from composition_lm.schedules import MaskingSchedule, mask_tokens
+from composition_lm.tokenizer import BOS, EOS, MASK, PAD, UNK
+
+__all__ = ["DiffusionBertConfig", "DiffusionBertModel", "masked_diffusion_loss"]
+
+
+class DiffusionBertConfig(BertConfig):
+    """Typed configuration of a Diffusion-BERT formula model (a BERT config plus the diffusion part)."""
+
+    model_type = "diffusion-bert"
+
+    def __init__(
+        self,
+        vocab_size: int = 308,
+        seq_length: int = 32,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: int = 512,
+        hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1,
+        codec: str = "expanded",
+        max_count: int = 200,
+        schedule: str = "loglinear",
+        schedule_eps: float = 1e-3,
+        spindle_lambda: float = 0.5,
+        token_info: list[float] | None = None,
+        time_conditioning: bool = False,
+        loss_weighting: str = "elbo",
+        **kwargs,
+    ):
+        kwargs.setdefault("pad_token_id", PAD)
+        kwargs.setdefault("bos_token_id", BOS)
+        kwargs.setdefault("eos_token_id", EOS)
+        kwargs.setdefault("max_position_embeddings", seq_length)
+        kwargs.setdefault("type_vocab_size", 1)
+        super().__init__(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            intermediate_size=intermediate_size,
+            hidden_dropout_prob=hidden_dropout_prob,
+            attention_probs_dropout_prob=attention_probs_dropout_prob,
+            **kwargs,
+        )
+        if loss_weighting not in ("elbo", "uniform"):
+            raise ValueError(f"loss_weighting must be 'elbo' or 'uniform', got {loss_weighting!r}")
+        self.seq_length = seq_length
+        self.codec = codec
+        self.max_count = max_count
+        self.schedule = schedule
+        self.schedule_eps = schedule_eps
+        self.spindle_lambda = spindle_lambda
+        self.token_info = token_info
+        self.time_conditioning = time_conditioning
+        self.loss_weighting = loss_weighting
+        self.mask_token_id = MASK
+
+    def masking_schedule(self) -> MaskingSchedule:
+        return MaskingSchedule(self.schedule, self.schedule_eps, self.spindle_lambda, self.token_info)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of ``t`` in [0, 1] (scaled by 1000, as in DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class DiffusionBertModel(BertPreTrainedModel):
+    """BERT denoiser: ``x_t`` (and optionally ``t``) -> logits over the clean tokens."""
+
+    config_class = DiffusionBertConfig
+    base_model_prefix = "diffusion_bert"
+    #: token ids the denoiser never predicts
+    never_predicted = (MASK, BOS, UNK)
+
+    def __init__(self, config: DiffusionBertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        h = config.hidden_size
+        self.time_mlp = (
+            nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h)) if config.time_conditioning else None
+        )
+        self.head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.layer_norm_eps),
+                                  nn.Linear(h, config.vocab_size))
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.bert.embeddings.word_embeddings(input_ids)
+        if self.time_mlp is not None:
+            if t is None:
+                raise ValueError("this model is time-conditioned: pass t")
+            embeds = embeds + self.time_mlp(timestep_embedding(t, self.config.hidden_size))[:, None, :]
+        hidden = self.bert(inputs_embeds=embeds).last_hidden_state
+        logits = self.head(hidden).float()
+        logits[..., list(self.never_predicted)] = -torch.inf
+        return logits
+
+    def training_loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        return masked_diffusion_loss(self, self.config, x0, generator)
+
+
+def masked_diffusion_loss(
+    denoiser, config: DiffusionBertConfig, x0: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, dict]:
+    """The diffusion loss of a batch of clean sequences ``x0`` (``[B, L]``).
+
+    ``denoiser`` is the model as the training loop holds it (possibly wrapped for distributed
+    training): it is only called, ``denoiser(x_t, t)``.
+    """
+    schedule = config.masking_schedule()
+    b, length = x0.shape
+    # low-discrepancy time sampling (MDLM): one uniform offset, B evenly spaced times
+    u = torch.rand(1, generator=generator, device=x0.device)
+    t = (u + torch.arange(b, device=x0.device) / b) % 1.0
+    t = t * (1 - 1e-3) + 1e-3
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[:, 0] = False  # [BOS] is never noised
+    xt, masked = mask_tokens(x0, t, schedule, config.mask_token_id, generator, maskable)
+    logits = denoiser(xt, t if config.time_conditioning else None)
+    ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+    ce = torch.where(masked, ce, torch.zeros_like(ce))
+    n_masked = masked.sum().clamp_min(1)
+    if config.loss_weighting == "elbo":
+        loss = (ce * schedule.weight(t)[:, None]).sum() / (b * (length - 1))
+    else:
+        loss = ce.sum() / n_masked
+    return loss, {"masked_ce": float(ce.detach().sum() / n_masked), "mask_fraction": float(masked.float().mean())}

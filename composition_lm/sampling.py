@@ -1,0 +1,298 @@
+"""Sampling formulas from a masked-diffusion model, with element constraints inside the sampler.
+
+The reverse process (MDLM's ancestral sampler) starts from ``[BOS] [MASK] ... [MASK]`` and over ``K``
+steps from ``t = 1`` to ``0`` unmasks each still-masked position with probability
+``(alpha(s) - alpha(t)) / (1 - alpha(t))``, drawing its token from the denoiser's prediction.
+Unmasked tokens are never changed. A time-agnostic denoiser gives the same prediction for the same
+input, so when no token changed in a step the previous prediction is reused (MDLM's cache).
+
+Constraints (:class:`Constraints`) are logit masks, applied while sampling, never filters afterwards:
+
+* ``elements`` (only these), ``exclude``: a static mask over element tokens;
+* grammar: position 1 is never ``[EOS]``; tokens after ``[EOS]`` are ``[PAD]`` and tokens before it are
+  formula tokens; the compact codec alternates element and count positions and never repeats an
+  element;
+* ``require`` and ``max_elements``: positions decided in a step are assigned left to right so
+  that the still-undecided slots before the end can always hold every missing required element, and
+  an element that would exceed ``max_elements`` is masked.
+
+Every sampler takes a ``torch.Generator``; the same generator state gives the same samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from composition_lm.formula import FormulaError, get_codec
+from composition_lm.tokenizer import BOS, COUNT_OFFSET, ELEMENT_OFFSET, EOS, MASK, PAD
+from evaluation.composition import ATOMIC_NUMBER, ELEMENTS, Formula
+
+__all__ = ["ConstraintError", "Constraints", "LogitRules", "decode_samples", "sample_masked_diffusion"]
+
+
+class ConstraintError(ValueError):
+    """Constraints that no sample can satisfy (e.g. an unknown element, or require beyond max)."""
+
+
+@dataclass
+class Constraints:
+    elements: list[str] | None = None  # only these elements
+    require: list[str] = field(default_factory=list)  # every sample contains each of these
+    exclude: list[str] = field(default_factory=list)  # never these
+    max_elements: int | None = None  # at most this many distinct elements
+
+    @property
+    def active(self) -> bool:
+        return bool(self.elements or self.require or self.exclude or self.max_elements)
+
+    def as_dict(self) -> dict:
+        return {"elements": self.elements, "require": self.require, "exclude": self.exclude,
+                "max_elements": self.max_elements}
+
+
+def _element_id(sym: str) -> int:
+    return ELEMENT_OFFSET + ATOMIC_NUMBER[sym] - 1
+
+
+class LogitRules:
+    """Which token may stand at which position: a static ``[L, V]`` mask plus per-step rules."""
+
+    def __init__(self, constraints: Constraints, codec: str, seq_length: int, vocab_size: int, max_count: int):
+        c = constraints
+        for name in [*(c.elements or []), *c.require, *c.exclude]:
+            if name not in ATOMIC_NUMBER:
+                raise ConstraintError(f"unknown element {name!r} (elements are symbols H..Lr, e.g. Li,Mn,O)")
+        allowed_elements = set(c.elements) if c.elements else set(ELEMENTS)
+        allowed_elements -= set(c.exclude)
+        bad_req = [e for e in c.require if e not in allowed_elements]
+        if bad_req:
+            raise ConstraintError(f"required element(s) {', '.join(bad_req)} are excluded or not in --elements")
+        if not allowed_elements:
+            raise ConstraintError("no element is allowed by --elements/--exclude")
+        if c.max_elements is not None and c.max_elements < max(1, len(set(c.require))):
+            raise ConstraintError(f"--max-elements {c.max_elements} is below the {len(set(c.require))} required elements")
+        self.compact = codec == "compact"
+        width = 2 if self.compact else 1
+        if len(set(c.require)) * width + 1 > seq_length - 1:
+            raise ConstraintError(f"{len(set(c.require))} required elements do not fit in sequences of length {seq_length}")
+        self.length, self.vocab = seq_length, vocab_size
+        self.max_elements = c.max_elements
+        self.element_ids = torch.tensor([_element_id(e) for e in ELEMENTS])
+        self.required = torch.zeros(len(ELEMENTS), dtype=torch.bool)
+        for e in c.require:
+            self.required[ATOMIC_NUMBER[e] - 1] = True
+
+        ok_el = torch.zeros(vocab_size, dtype=torch.bool)
+        ok_el[[_element_id(e) for e in allowed_elements]] = True
+        counts = torch.zeros(vocab_size, dtype=torch.bool)
+        counts[COUNT_OFFSET + 1 : COUNT_OFFSET + max_count + 1] = True
+        static = torch.zeros(seq_length, vocab_size, dtype=torch.bool)
+        static[0, BOS] = True
+        # compact: the k-th element sits at j = 2k - 1 and needs its count at j + 1
+        last_element = seq_length - 1 if not self.compact else seq_length - 2
+        if self.compact:  # compact never repeats an element: at most this many element slots
+            cap = len(allowed_elements) if c.max_elements is None else min(c.max_elements, len(allowed_elements))
+            last_element = min(last_element, 2 * cap - 1)
+        self.slot_positions = torch.tensor(
+            [1 <= j <= last_element and (not self.compact or j % 2 == 1) for j in range(seq_length)]
+        )
+        for j in range(1, seq_length):
+            if not self.compact:
+                static[j] = ok_el
+                static[j, [EOS, PAD]] = j >= 2
+            elif j % 2 == 1:  # element position (or the end)
+                static[j] = ok_el & torch.tensor(j <= last_element)
+                static[j, EOS] = 3 <= j <= last_element + 2
+                static[j, PAD] = j >= 3
+            else:  # count position
+                static[j] = counts
+                static[j, PAD] = True
+        self.static = static
+        self.last_end = last_element + 1 if self.compact else seq_length - 1
+        self.dynamic = bool(c.require or c.max_elements or self.compact)
+
+    # ----------------------------------------------------------------------------------------------
+    def _element_state(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, E] bool: which elements occur in ``x`` (non-element tokens ignored)."""
+        n_el = len(ELEMENTS)
+        is_el = (x >= ELEMENT_OFFSET) & (x < ELEMENT_OFFSET + n_el)
+        idx = torch.where(is_el, x - ELEMENT_OFFSET, torch.full_like(x, n_el))  # non-elements -> spare column
+        present = torch.zeros(x.shape[0], n_el + 1, dtype=torch.bool, device=x.device)
+        present.scatter_(1, idx, True)
+        return present[:, :n_el]
+
+    def assign(self, x: torch.Tensor, probs: torch.Tensor, choose: torch.Tensor, generator) -> torch.Tensor:
+        """Draw tokens for positions ``choose`` ([B, L] bool) from ``probs`` ([B, L, V]) under the rules."""
+        static = self.static.to(probs.device)
+        if not self.dynamic:
+            p = probs * static
+            p = torch.where(p.sum(-1, keepdim=True) > 0, p, static.to(probs.dtype).expand_as(p))
+            draw = torch.multinomial(p.view(-1, self.vocab), 1, generator=generator).view(x.shape)
+            return self._tidy_ends(torch.where(choose, draw, x))
+        x = x.clone()
+        b, length = x.shape
+        dev = x.device
+        pos = torch.arange(length, device=dev)
+        el_ids = self.element_ids.to(dev)
+        required = self.required.to(dev)
+        decided = x != MASK
+        ended = decided & ((x == EOS) | (x == PAD))
+        end = torch.where(ended, pos, torch.full_like(pos, length)).min(1).values  # first decided end, or L
+        slot_pos = self.slot_positions.to(dev)
+        for j in range(1, length):
+            rows = choose[:, j].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            e, dec, xr = end[rows], decided[rows], x[rows]
+            # only elements before the end count; elements before j decide whether [EOS] may go here
+            before_end = dec & (pos[None] < e[:, None])
+            pr = self._element_state(torch.where(before_end, xr, torch.full_like(xr, PAD)))
+            pr_before_j = self._element_state(torch.where(dec & (pos[None] < j), xr, torch.full_like(xr, PAD)))
+            missing = required[None] & ~pr
+            n_missing = missing.sum(1)
+            # undecided slots after j and before the end that could still take a required element
+            free_after = (~dec & slot_pos[None] & (pos[None] > j) & (pos[None] < e[:, None])).sum(1)
+            free_before = (~dec & slot_pos[None] & (pos[None] < j)).sum(1)
+            eos_ok = (required[None] & ~pr_before_j).sum(1) <= free_before
+            allowed = static[j][None].repeat(rows.numel(), 1)
+            after_end = j > e
+            in_body = j < e  # before a decided end, or no end decided yet
+            decided_end = e < length
+            allowed[:, PAD] &= after_end | (j > self.last_end)
+            allowed[:, EOS] &= ~after_end & ~(in_body & decided_end) & eos_ok
+            el_ok = allowed[:, el_ids] & ~after_end[:, None]
+            if self.compact:
+                el_ok &= ~pr
+            el_ok &= missing | (free_after >= n_missing)[:, None]
+            if self.max_elements is not None:
+                el_ok &= pr | missing | ((pr.sum(1) + n_missing + 1) <= self.max_elements)[:, None]
+            allowed[:, el_ids] = el_ok
+            if self.compact and j % 2 == 0:  # count position: a count, or [PAD] after the end
+                allowed[:, COUNT_OFFSET + 1 :] &= ~after_end[:, None]
+            p = probs[rows, j] * allowed
+            p = torch.where(p.sum(-1, keepdim=True) > 0, p, allowed.to(p.dtype))
+            if not bool((p.sum(-1) > 0).all()):  # pragma: no cover - the invariant makes this unreachable
+                raise RuntimeError("constraint bookkeeping left a position with no allowed token")
+            tok = torch.multinomial(p, 1, generator=generator).squeeze(1)
+            x[rows, j] = tok
+            decided[rows, j] = True
+            is_end = (tok == EOS) | (tok == PAD)
+            end[rows] = torch.where(is_end, torch.minimum(end[rows], torch.full_like(tok, j)), end[rows])
+        return x
+
+    @staticmethod
+    def _tidy_ends(x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the first decided [EOS]/[PAD] become [PAD] (fast path only)."""
+        ended = (x == EOS) | (x == PAD)
+        after = (ended.cumsum(1) - ended.long()) > 0
+        return torch.where(after & (x != MASK), torch.full_like(x, PAD), x)
+
+
+def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    logits = logits / max(temperature, 1e-6)
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@torch.no_grad()
+def sample_masked_diffusion(
+    model,
+    n: int,
+    steps: int,
+    generator: torch.Generator,
+    rules: LogitRules,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    time_conditioning: bool = False,
+) -> torch.Tensor:
+    """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion denoiser in ``steps`` steps."""
+    device = next(model.parameters()).device
+    x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
+    x[:, 0] = BOS
+    static = rules.static.to(device)
+    probs, last_input = None, None
+    for i in range(steps):
+        t, s = 1 - i / steps, 1 - (i + 1) / steps
+        if probs is None or time_conditioning or not torch.equal(x, last_input):
+            logits = model(x, torch.full((n,), t, device=device) if time_conditioning else None)
+            probs, last_input = _filter_logits(logits.masked_fill(~static, -torch.inf), temperature, top_k, top_p), x
+        # linear marginal alpha(t) = 1 - t: a masked token is revealed now with prob (t - s) / t
+        reveal = (x == MASK) & (torch.rand(x.shape, generator=generator, device=device) < (t - s) / t)
+        x = rules.assign(x, probs, reveal, generator)
+    return x
+
+
+def decode_samples(ids: torch.Tensor, codec_name: str, max_count: int = 200) -> list[tuple[str, Formula | None, str]]:
+    """Token ids -> ``(raw text, formula or None, error)`` per sequence."""
+    codec = get_codec(codec_name, max_count=max_count) if codec_name == "compact" else get_codec(codec_name)
+    out = []
+    n_el = len(ELEMENTS)
+    for row in ids.tolist():
+        toks = []
+        for i in row[1:]:
+            if i in (EOS, PAD):  # a sequence ends at its first [EOS] or [PAD]
+                break
+            if i == MASK:
+                continue
+            if ELEMENT_OFFSET <= i < ELEMENT_OFFSET + n_el:
+                toks.append(ELEMENTS[i - ELEMENT_OFFSET])
+            elif i > COUNT_OFFSET:
+                toks.append(str(i - COUNT_OFFSET))
+            else:
+                toks.append("[UNK]")
+        raw = " ".join(toks)
+        try:
+            out.append((raw, codec.decode(toks), ""))
+        except FormulaError as err:
+            out.append((raw, None, str(err)))
+    return out
+
+
+ProgressFn = Callable[[int], None]
+
+
+def generate(
+    loaded,
+    n: int,
+    steps: int = 32,
+    batch_size: int = 1000,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    constraints: Constraints | None = None,
+    progress: bool = True,
+) -> list[tuple[str, Formula | None, str]]:
+    """``n`` formulas from a loaded model (:class:`composition_lm.models.LoadedModel`), in batches.
+
+    One ``torch.Generator`` seeded with ``seed`` drives every batch, so the same arguments give the
+    same samples. Returns ``(raw text, formula or None, parse error)`` per sample.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = loaded.config
+    rules = LogitRules(constraints or Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
+    device = next(loaded.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out: list[tuple[str, Formula | None, str]] = []
+    with tqdm(total=n, desc="sample", unit="formula", disable=not progress) as bar:
+        while len(out) < n:
+            k = min(batch_size, n - len(out))
+            ids = sample_masked_diffusion(loaded.model, k, steps, generator, rules, temperature, top_k, top_p,
+                                          time_conditioning=getattr(cfg, "time_conditioning", False))
+            out += decode_samples(ids, cfg.codec, cfg.max_count)
+            bar.update(k)
+    return out

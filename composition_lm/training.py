@@ -1,0 +1,474 @@
+"""One training loop for every formula model, on `accelerate`.
+
+Features: gradient accumulation, mixed precision, linear warm-up then cosine decay, EMA weights,
+periodic validation (loss + validity of a small sample), checkpoints with ``save_state`` and an exact
+``resume``, and a final export with ``save_pretrained`` (safetensors + config + tokenizer + training
+arguments + metrics + training formulas + model card). Logs go to ``log.jsonl``.
+
+Exact resume: the data order of epoch ``e`` is a permutation drawn from ``seed + e`` and the diffusion
+noise of step ``s`` from ``seed, s``, so a run restarted from a checkpoint sees the same batches and
+the same noise as one that never stopped (tested).
+
+Multi-process (``accelerate launch --num_processes N``; on a CPU-only machine accelerate starts
+several processes only through torchrun, ``accelerate launch --multi_gpu --num_processes N``, which then
+trains on CPU with the gloo backend, or through MPI with ``--cpu --mpirun_hostfile``): each optimizer
+step takes ``batch_size`` sequences per process per micro-batch; process ``r`` takes rows ``r::N`` of
+the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from composition_lm.formula import get_codec
+from composition_lm.models import model_classes
+from composition_lm.tokenizer import PAD, build_tokenizer, encode_formulas
+from evaluation.composition import parse_formula
+from evaluation.io import atomic_path, write_json, write_text
+
+__all__ = ["TrainingArguments", "train", "EMA"]
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str
+    corpus: str
+    model_type: str = "diffusion-bert"
+    column: str | None = None
+    train_split: str | None = "train"
+    val_split: str | None = "val"
+    val_fraction: float = 0.05  # seeded split when the corpus has no split column
+    init_from: str | None = None
+    # model (ignored with init_from, which brings its own)
+    codec: str = "expanded"
+    seq_length: int = 32
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    dropout: float = 0.1
+    schedule: str = "loglinear"
+    loss_weighting: str = "elbo"
+    time_conditioning: bool = False
+    # optimisation
+    batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    max_steps: int = 10000
+    min_lr_ratio: float = 0.05
+    clip_grad: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    seed: int = 0
+    # bookkeeping
+    eval_every: int = 500
+    eval_samples: int = 256
+    eval_steps: int = 32
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    resume: bool = False
+    stop_at_step: int | None = None  # stop early (with a checkpoint) without changing the schedule
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters (checkpointable)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up of the decay, as in common EMA helpers
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Temporarily load the EMA weights into ``model``."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict({**model.state_dict(), **{k: v.to(backup[k].dtype) for k, v in self.shadow.items()}})
+        try:
+            yield model
+        finally:
+            model.load_state_dict({**model.state_dict(), **backup})
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow = {k: v.float() for k, v in state["shadow"].items()}
+
+
+def _lr_lambda(args: TrainingArguments):
+    def f(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / max(1, args.warmup_steps)
+        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * cos
+
+    return f
+
+
+def _encode(formulas: list[str], codec, tokenizer, seq_length: int) -> tuple[torch.Tensor, int]:
+    parsed = [parse_formula(f) for f in formulas]
+    ids, skipped = encode_formulas(tokenizer, codec, parsed, seq_length)
+    out = torch.full((len(ids), seq_length), PAD, dtype=torch.long)
+    for i, seq in enumerate(ids):
+        out[i, : len(seq)] = torch.tensor(seq)
+    return out, len(skipped)
+
+
+def _config_from_args(args: TrainingArguments, token_info: list[float] | None = None):
+    cfg_cls, _, _ = model_classes(args.model_type)
+    extra = {"token_info": token_info} if token_info is not None else {}
+    return cfg_cls(
+        seq_length=args.seq_length,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        intermediate_size=args.intermediate_size,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
+        codec=args.codec,
+        schedule=args.schedule,
+        loss_weighting=args.loss_weighting,
+        time_conditioning=args.time_conditioning,
+        **extra,
+        **args.extra,
+    )
+
+
+def _build_model(args: TrainingArguments, train_ids: torch.Tensor, vocab_size: int):
+    _, model_cls, loss_fn = model_classes(args.model_type)
+    if args.init_from:
+        from composition_lm.models import load_model
+
+        loaded = load_model(args.init_from)
+        if loaded.model_type != args.model_type:
+            raise ValueError(f"--init-from is a {loaded.model_type} model, not {args.model_type}")
+        return loaded.model.train(), loss_fn
+    token_info = None
+    if args.schedule == "spindle":
+        from composition_lm.schedules import token_information
+
+        token_info = token_information(train_ids.tolist(), vocab_size)
+    return model_cls(_config_from_args(args, token_info)), loss_fn
+
+
+def export_checkpoint(ckpt: str | Path, export: str | Path) -> Path:
+    """Export a training checkpoint (EMA weights) as a model folder, e.g. to compare runs mid-way."""
+    from safetensors.torch import load_file
+
+    from composition_lm.data import load_corpus
+
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    args = TrainingArguments(**state["args"])
+    if args.init_from or args.schedule == "spindle":
+        raise ValueError("export_checkpoint supports runs trained from scratch with a non-spindle schedule")
+    _, model_cls, _ = model_classes(args.model_type)
+    model = model_cls(_config_from_args(args))
+    shadow = load_file(str(ckpt / "ema.safetensors"))
+    missing, unexpected = model.load_state_dict(shadow, strict=False)
+    if unexpected or any(model.state_dict()[k].is_floating_point() for k in missing):
+        raise ValueError(f"{ckpt}: EMA weights do not match the model ({missing[:3]} {unexpected[:3]})")
+    ema = EMA(model, state["ema_decay"])
+    train_ds, _ = load_corpus(args.corpus, column=args.column, split=args.train_split,
+                              val_fraction=args.val_fraction, seed=args.seed)
+    metrics = {"exported_from": str(ckpt), "step": state["step"], "n_train": len(train_ds)}
+    tokenizer = build_tokenizer(model_max_length=args.seq_length)
+    export_model(model, ema, tokenizer, train_ds["formula"], args, metrics, Path(export),
+                 sum(p.numel() for p in model.parameters()))
+    return Path(export)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def _model_card(args: TrainingArguments, cfg, metrics: dict, n_params: int) -> str:
+    lines = [
+        f"# composition-gen {args.model_type} formula model",
+        "",
+        f"- corpus: `{args.corpus}` (split `{args.train_split}`), {metrics.get('n_train', '?')} distinct formulas",
+        f"- codec: `{cfg.codec}`, sequence length {cfg.seq_length}; {n_params / 1e6:.2f} M parameters "
+        f"({cfg.num_hidden_layers} layers x {cfg.hidden_size} hidden)",
+        f"- schedule `{getattr(cfg, 'schedule', '?')}`, loss weighting `{getattr(cfg, 'loss_weighting', '?')}`",
+        f"- {args.max_steps} steps, batch {args.batch_size} x {args.grad_accum} accumulation x "
+        f"{metrics.get('num_processes', 1)} processes, lr {args.lr}, EMA {args.ema_decay}, seed {args.seed}",
+        f"- training time {metrics.get('train_seconds', 0) / 60:.1f} min on {metrics.get('hardware', '?')}",
+        "",
+        "Final validation (EMA weights):",
+        "",
+        "```json",
+        json.dumps(metrics.get("final_eval", {}), indent=2),
+        "```",
+        "",
+        "Training command:",
+        "",
+        "```",
+        metrics.get("command", ""),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def train(args: TrainingArguments, command: str = "") -> Path:
+    """Train (or fine-tune, or resume) a formula model; returns the exported model folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from composition_lm.data import load_corpus
+
+    out = Path(args.output_dir)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(args.seed)
+    main = accelerator.is_main_process
+    ckpt = _latest_checkpoint(out) if args.resume else None
+    if args.resume and ckpt is None and main:
+        print(f"no checkpoint under {out}/checkpoints: starting from scratch")
+    if not args.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --output-dir")
+
+    # ---- data
+    train_ds, train_report = load_corpus(args.corpus, column=args.column, split=args.train_split,
+                                         val_fraction=args.val_fraction, seed=args.seed)
+    try:
+        val_ds, _ = load_corpus(args.corpus, column=args.column, split=args.val_split,
+                                val_fraction=args.val_fraction, seed=args.seed)
+        val_formulas = val_ds["formula"]
+    except ValueError:
+        val_formulas = []
+    if main:
+        print(train_report.summary())
+    tokenizer = build_tokenizer(model_max_length=args.seq_length)
+    probe_codec = args.codec
+    if args.init_from:
+        from composition_lm.models import load_model
+
+        probe = load_model(args.init_from)
+        probe_codec, args.seq_length = probe.config.codec, probe.config.seq_length
+        args.codec = probe_codec  # the parent's codec is what this run trains with
+        tokenizer = probe.tokenizer
+    codec = get_codec(probe_codec)
+    train_formulas = train_ds["formula"]
+    train_ids, n_skip = _encode(train_formulas, codec, tokenizer, args.seq_length)
+    val_ids, _ = _encode(val_formulas[:4096], codec, tokenizer, args.seq_length) if val_formulas else (None, 0)
+    if main and n_skip:
+        print(f"skipped {n_skip} formulas longer than {args.seq_length} tokens ({probe_codec} codec)")
+    if len(train_ids) == 0:
+        raise ValueError("no training formula fits the sequence length")
+
+    # ---- model, optimiser
+    model, loss_fn = _build_model(args, train_ids, len(tokenizer.get_vocab()))
+    n_params = sum(p.numel() for p in model.parameters())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(args))
+    model, opt = accelerator.prepare(model, opt)
+    raw_model = accelerator.unwrap_model(model)
+    ema = EMA(raw_model, args.ema_decay)
+
+    start_step = 0
+    if ckpt is not None:
+        start_step = _load_checkpoint(accelerator, ckpt, sched, ema)
+        if main:
+            print(f"resumed from {ckpt} at step {start_step}")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = args.batch_size * world
+    per_epoch = max(1, len(train_ids) // global_batch)
+    device = accelerator.device
+
+    def batch_for(micro_index: int) -> torch.Tensor:
+        epoch, k = divmod(micro_index, per_epoch)
+        perm = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        idx = perm[k * global_batch : (k + 1) * global_batch][rank::world]
+        return train_ids[idx].to(device)
+
+    def noise_gen(step: int, micro: int) -> torch.Generator:
+        g = torch.Generator(device=device)
+        return g.manual_seed(((args.seed * 1_000_003 + step) * 97 + micro) * world + rank)
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    t0 = time.perf_counter()
+    bar = tqdm(total=args.max_steps, initial=start_step, disable=not (main and args.progress), desc="train")
+    last_eval: dict = {}
+    last_step = min(args.max_steps, args.stop_at_step or args.max_steps)
+    for step in range(start_step, last_step):
+        model.train()
+        stats_acc = {"loss": 0.0}
+        for micro in range(args.grad_accum):
+            x0 = batch_for(step * args.grad_accum + micro)
+            sync = micro == args.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
+            with ctx, accelerator.autocast():
+                loss, stats = loss_fn(model, raw_model.config, x0, noise_gen(step, micro))
+                accelerator.backward(loss / args.grad_accum)
+            stats_acc["loss"] += float(loss.detach()) / args.grad_accum
+            for k, v in stats.items():
+                stats_acc[k] = stats_acc.get(k, 0.0) + v / args.grad_accum
+        if args.clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(raw_model, step)
+        bar.update(1)
+        done = step + 1
+        if main and (done % args.log_every == 0 or done == args.max_steps):
+            rec = {"step": done, "lr": sched.get_last_lr()[0], **stats_acc, "elapsed_s": time.perf_counter() - t0}
+            bar.set_postfix(loss=f"{stats_acc['loss']:.3f}")
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
+            last_eval = evaluate_model(raw_model, ema, loss_fn, val_ids, args, device) if main else {}
+            if main:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps({"step": done, "eval": last_eval}) + "\n")
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        if (args.save_every and done % args.save_every == 0) or done == last_step:
+            _save_checkpoint(accelerator, out, done, args, sched, ema)
+    bar.close()
+    accelerator.wait_for_everyone()
+    export = out / "model"
+    if last_step < args.max_steps:
+        if main:
+            print(f"stopped at step {last_step} of {args.max_steps}; continue with --resume")
+        accelerator.end_training()
+        return out / "checkpoints" / f"step-{last_step}"
+    if main:
+        metrics = {
+            "n_train": len(train_formulas),
+            "n_train_encoded": len(train_ids),
+            "n_skipped_too_long": n_skip,
+            "n_params": n_params,
+            "num_processes": world,
+            "train_seconds": time.perf_counter() - t0,
+            "hardware": f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(),
+            "final_eval": last_eval,
+            "command": command,
+        }
+        export_model(raw_model, ema, tokenizer, train_formulas, args, metrics, export, n_params)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export
+
+
+def _save_checkpoint(accelerator, out: Path, step: int, args: TrainingArguments, sched, ema: EMA) -> None:
+    """``accelerator.save_state`` (model as safetensors, optimizer, RNG) plus EMA (safetensors) and
+    scheduler/step (JSON), written to a temporary folder renamed into place when complete."""
+    from safetensors.torch import save_file
+
+    ckpt_root = out / "checkpoints"
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f".tmp-step-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+        sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+        write_json(tmp / "trainer_state.json", {"step": step, "ema_decay": ema.decay, "scheduler": sched_state,
+                                                "args": dataclasses.asdict(args)})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)  # a checkpoint folder appears only once complete
+        old = sorted((p for p in ckpt_root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
+        for p in old[: -args.keep_checkpoints]:
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(accelerator, ckpt: Path, sched, ema: EMA) -> int:
+    """Restore a checkpoint written by :func:`_save_checkpoint`; returns its step. Never unpickles
+    arbitrary objects: tensors load with ``weights_only=True``, the rest is JSON/safetensors."""
+    from safetensors.torch import load_file
+
+    for name in ("trainer_state.json", "ema.safetensors", "model.safetensors"):
+        if not (ckpt / name).exists():
+            raise FileNotFoundError(f"checkpoint {ckpt} is incomplete: {name} is missing")
+    try:
+        accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True})
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        ema.load_state_dict({"decay": state["ema_decay"], "shadow": load_file(str(ckpt / "ema.safetensors"))})
+    except Exception as err:
+        raise ValueError(f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {err})") from err
+    sched.load_state_dict({**sched.state_dict(), **state["scheduler"]})
+    return int(state["step"])
+
+
+@torch.no_grad()
+def evaluate_model(raw_model, ema: EMA, loss_fn, val_ids, args: TrainingArguments, device) -> dict:
+    """Validation loss (fixed noise) and cdvae validity of a small sample, with the EMA weights."""
+    from composition_lm.sampling import Constraints, LogitRules, decode_samples, sample_masked_diffusion
+    from evaluation.validity import check_formulas
+
+    raw_model.eval()
+    out = {}
+    with ema.applied(raw_model):
+        if val_ids is not None and len(val_ids):
+            g = torch.Generator(device=device).manual_seed(12345)
+            losses = [float(loss_fn(raw_model, raw_model.config, val_ids[i : i + 512].to(device), g)[0])
+                      for i in range(0, len(val_ids), 512)]
+            out["val_loss"] = sum(losses) / len(losses)
+        if args.eval_samples:
+            cfg = raw_model.config
+            rules = LogitRules(Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
+            ids = sample_masked_diffusion(raw_model, args.eval_samples, args.eval_steps,
+                                          torch.Generator(device=device).manual_seed(0), rules,
+                                          time_conditioning=cfg.time_conditioning)
+            dec = decode_samples(ids, cfg.codec)
+            forms = [f for _, f, _ in dec if f is not None]
+            res = check_formulas(forms, "cdvae")
+            out["sample_parse_rate"] = len(forms) / len(dec)
+            out["sample_validity_cdvae"] = sum(r.valid for r in res) / len(dec)
+            out["sample_uniqueness"] = len(set(forms)) / len(dec)
+    raw_model.train()
+    return out
+
+
+def export_model(raw_model, ema: EMA, tokenizer, train_formulas, args, metrics: dict, export: Path, n_params: int) -> None:
+    """``save_pretrained`` with the EMA weights, plus tokenizer, formulas, arguments, metrics, card."""
+    tmp = export.with_name(f".{export.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with ema.applied(raw_model):
+        raw_model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with atomic_path(tmp / "training_formulas.txt.gz") as p, gzip.open(p, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(sorted(set(train_formulas))) + "\n")
+    write_json(tmp / "training_args.json", dataclasses.asdict(args))
+    write_json(tmp / "metrics.json", metrics)
+    write_text(tmp / "README.md", _model_card(args, raw_model.config, metrics, n_params))
+    if export.exists():
+        shutil.rmtree(export)
+    tmp.rename(export)

@@ -1,0 +1,189 @@
+"""Benchmark of the Diffusion-BERT formula model (issue: targets on quality and speed).
+
+1. Speed: the whole `composition-gen sample -n N --seed 0` command (interpreter start and model load
+   included), repeated; formulas/s and valid-novel-unique formulas/s (min/median/max).
+2. Quality: the seed-0 samples scored by the project's own `composition-gen evaluate` against the
+   `train` split (novelty), `val` (distribution reference) and `test` (recovery) of mp_formulas.csv,
+   next to Dong et al.'s Diffusion-BERT samples scored the same way.
+3. Curves of validity, novelty and formulas/s against the number of sampling steps, for each model
+   given (one per codec).
+
+Run:  python scripts/bench_diffusion_bert.py [--model diffusion-bert] [--alt-model PATH] [--shared ../shared]
+Writes benchmarks/diffusion_bert.{json,md}, benchmarks/diffusion_bert_steps.png and
+benchmarks/diffusion_bert/ (the evaluate report of the default model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evaluation.io import atomic_path, write_json, write_text  # noqa: E402
+
+TARGETS = {"validity_cdvae_raw": (">=", 0.92), "uniqueness": (">=", 0.98), "novelty": (">=", 0.85),
+           "element_js": ("<=", 0.05), "n_elements_wasserstein": ("<=", 0.15), "formulas_per_s": (">=", 250)}
+GPT2_REFERENCE = {"seconds_10k": 18.0, "validity_cdvae_raw": 0.81, "novelty": 0.84, "vnu_per_s": 365}
+
+
+def run(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def steps_curve(model: str, grid: list[int], n: int, seed: int = 0) -> list[dict]:
+    import torch
+
+    from composition_lm.models import load_model
+    from composition_lm.sampling import generate
+    from evaluation.metrics import formula_set_metrics
+
+    loaded = load_model(model)
+    train = loaded.training_formulas()
+    rows = []
+    for steps in grid:
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        samples = generate(loaded, n, steps=steps, batch_size=1000, seed=seed, progress=False)
+        dt = time.perf_counter() - t
+        m = formula_set_metrics([str(f) if f else "" for _, f, _ in samples], train, protocols=("cdvae",))
+        rows.append({"steps": steps, "validity_cdvae_raw": m["validity"]["cdvae"]["raw"], "novelty": m["novelty"],
+                     "uniqueness": m["uniqueness"], "formulas_per_s_sampling": n / dt})
+        print(f"  {Path(model).name} steps {steps}: {rows[-1]}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="diffusion-bert", help="model to benchmark (default: the shipped one)")
+    ap.add_argument("--alt-model", help="a model with the other codec, for the steps curve")
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps-grid", default="4,8,16,32,64")
+    ap.add_argument("--curve-n", type=int, default=2000)
+    args = ap.parse_args()
+    corpus = args.shared / "data/formulas/mp_formulas.csv"
+    exe = [sys.executable, "-m", "composition_lm.cli"]
+    results: dict = {"meta": {"machine": platform.platform(), "cpu_count": os.cpu_count(), "n": args.n,
+                              "model": args.model, "command": "python scripts/" + Path(__file__).name + " "
+                              + shlex.join(sys.argv[1:])}}
+    with tempfile.TemporaryDirectory() as tmp:
+        times, vnu = [], []
+        for r in range(args.repeats):
+            out = Path(tmp) / f"run{r}"
+            cmd = [*exe, "sample", "--model", args.model, "-n", str(args.n), "--seed", "0", "-o", str(out), "--no-progress"]
+            times.append(run(cmd))
+            vnu.append(json.loads((out / "run_config.json").read_text())["summary"]["valid_novel_unique_cdvae"])
+            print(f"sample run {r}: {times[-1]:.1f} s", flush=True)
+        speed = sorted(args.n / t for t in times)
+        vnu_s = sorted(v / t for v, t in zip(vnu, times))
+        results["speed"] = {"seconds": times, "formulas_per_s": {"min": speed[0], "median": speed[len(speed) // 2],
+                                                                 "max": speed[-1]},
+                            "valid_novel_unique_per_s": {"min": vnu_s[0], "median": vnu_s[len(vnu_s) // 2],
+                                                         "max": vnu_s[-1]},
+                            "sample_command": "composition-gen " + shlex.join(cmd[3:])}
+        report = ROOT / "benchmarks/diffusion_bert"
+        ev = [*exe, "evaluate", str(Path(tmp) / "run0/formulas.csv"), "--column", "formula", "--train", f"{corpus}@train",
+              "--heldout", f"{corpus}@val", "--heldout", f"{corpus}@test", "-o", str(report),
+              "--title", "Diffusion-BERT (shipped default), 10,000 samples, seed 0"]
+        run(ev)
+        with atomic_path(report / "formulas.csv") as t:
+            t.write_bytes((Path(tmp) / "run0/formulas.csv").read_bytes())
+    ours = json.loads((report / "metrics.json").read_text())
+    dong = json.loads((ROOT / "benchmarks/baselines/DiffusionBERT/metrics.json").read_text())
+    results["quality"] = {"ours": ours, "dong_diffusionbert": dong}
+    flat = {
+        "validity_cdvae_raw": ours["validity"]["cdvae"]["raw"], "uniqueness": ours["uniqueness"],
+        "novelty": ours["novelty"], "element_js": ours["distribution"]["element_js"],
+        "n_elements_wasserstein": ours["distribution"]["n_elements_wasserstein"],
+        "formulas_per_s": results["speed"]["formulas_per_s"]["median"],
+    }
+    results["targets"] = {k: {"value": v, "target": f"{TARGETS[k][0]} {TARGETS[k][1]}",
+                              "met": v >= TARGETS[k][1] if TARGETS[k][0] == ">=" else v <= TARGETS[k][1]}
+                          for k, v in flat.items()}
+    grid = [int(x) for x in args.steps_grid.split(",")]
+    results["steps_curve"] = {}
+    for model in [args.model, *([args.alt_model] if args.alt_model else [])]:
+        from composition_lm.models import load_model
+
+        codec = load_model(model).config.codec
+        results["steps_curve"][codec] = {"model": model, "rows": steps_curve(model, grid, args.curve_n)}
+    write_json(ROOT / "benchmarks/diffusion_bert.json", results)
+    _plot(results["steps_curve"], ROOT / "benchmarks/diffusion_bert_steps.png")
+    write_text(ROOT / "benchmarks/diffusion_bert.md", _markdown(results, ours, dong))
+    print((ROOT / "benchmarks/diffusion_bert.md").read_text())
+
+
+def _plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for codec, c in curves.items():
+        xs = [r["steps"] for r in c["rows"]]
+        for ax, key, label in zip(axes, ["validity_cdvae_raw", "novelty", "formulas_per_s_sampling"],
+                                  ["validity (cdvae, raw)", "novelty", "formulas/s (sampling only)"]):
+            ax.plot(xs, [r[key] for r in c["rows"]], marker="o", label=codec)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sampling steps")
+            ax.set_ylabel(label)
+    axes[0].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _markdown(results: dict, ours: dict, dong: dict) -> str:
+    from evaluation.report import metrics_table
+
+    sp = results["speed"]
+    lines = [
+        "# Diffusion-BERT benchmark", "",
+        f"`{results['meta']['command']}` on {results['meta']['machine']} ({results['meta']['cpu_count']} cores).", "",
+        "## Targets (10,000 samples, seed 0, default settings)", "",
+        "| metric | value | target | met |", "|---|---:|---:|:-:|",
+    ]
+    for k, v in results["targets"].items():
+        lines.append(f"| {k} | {v['value']:.4f} | {v['target']} | {'yes' if v['met'] else 'NO'} |")
+    f, vnu = sp["formulas_per_s"], sp["valid_novel_unique_per_s"]
+    lines += [
+        "", "## Speed (whole `sample` command, model load included)", "",
+        f"`{sp['sample_command']}`: {len(sp['seconds'])} runs, "
+        f"{', '.join(f'{t:.1f}' for t in sp['seconds'])} s.", "",
+        "| | min | median | max |", "|---|---:|---:|---:|",
+        f"| formulas/s | {f['min']:.0f} | {f['median']:.0f} | {f['max']:.0f} |",
+        f"| valid-novel-unique formulas/s | {vnu['min']:.0f} | {vnu['median']:.0f} | {vnu['max']:.0f} |", "",
+        "Autoregressive alternative (figures given in the issue for a 0.8 M-parameter GPT-2 on the same split, "
+        f"not re-run here): 10,000 formulas in about {GPT2_REFERENCE['seconds_10k']:.0f} s "
+        f"(about {10000 / GPT2_REFERENCE['seconds_10k']:.0f} formulas/s), validity {GPT2_REFERENCE['validity_cdvae_raw']}, "
+        f"novelty {GPT2_REFERENCE['novelty']}, about {GPT2_REFERENCE['vnu_per_s']} valid-novel-unique formulas/s.", "",
+        "## Quality, next to Dong et al.'s Diffusion-BERT samples", "",
+        metrics_table({"ours (shipped default)": ours, "Dong et al. Diffusion-BERT": dong}), "",
+        "## Sampling steps", "", "![steps](diffusion_bert_steps.png)", "",
+        "| codec | steps | validity (cdvae, raw) | novelty | uniqueness | formulas/s (sampling only) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for codec, c in results["steps_curve"].items():
+        for r in c["rows"]:
+            lines.append(f"| {codec} | {r['steps']} | {r['validity_cdvae_raw']:.4f} | {r['novelty']:.4f} | "
+                         f"{r['uniqueness']:.4f} | {r['formulas_per_s_sampling']:.0f} |")
+    lines += ["", "Models: " + "; ".join(f"{k}: `{v['model']}`" for k, v in results["steps_curve"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
