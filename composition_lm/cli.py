@@ -193,7 +193,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     samples = generate(loaded, args.n, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       constraints=constraints, progress=not args.no_progress)
+                       constraints=constraints, progress=not args.no_progress, dtype=args.dtype)
     t_sample = time.perf_counter() - t0
     formulas = [f for _, f, _ in samples if f is not None]
     verdicts = {p: dict(zip(formulas, check_formulas(formulas, p))) for p in ("cdvae", "smact")}
@@ -229,7 +229,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "command": "composition-gen " + shlex.join(sys.argv[1:] if args._argv is None else args._argv),
         "model": str(loaded.path),
         "model_type": loaded.model_type, "n": args.n, "seed": args.seed, "steps": args.steps,
-        "batch_size": args.batch_size, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "batch_size": args.batch_size, "dtype": args.dtype, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "constraints": constraints.as_dict(), "torch": torch.__version__, "machine": platform.platform(),
         "threads": torch.get_num_threads(), "summary": summary,
     }
@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require", help="every sample contains these, e.g. Li")
     p.add_argument("--exclude", help="never these, e.g. Pb,Cd")
     p.add_argument("--max-elements", type=int, help="at most this many distinct elements")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="denoiser precision: auto = bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 "
+                   "CPUs, recent GPUs), else float32 (default: auto)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-o", "--output", type=Path, default=Path("samples"), help="output directory (default: samples)")

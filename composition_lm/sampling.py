@@ -9,9 +9,9 @@ input, so when no token changed in a step the previous prediction is reused (MDL
 Constraints (:class:`Constraints`) are logit masks, applied while sampling, never filters afterwards:
 
 * ``elements`` (only these), ``exclude``: a static mask over element tokens;
-* grammar: position 1 is never ``[EOS]``; tokens after ``[EOS]`` are ``[PAD]`` and tokens before it are
-  formula tokens; the compact codec alternates element and count positions and never repeats an
-  element;
+* grammar: position 1 is never ``[EOS]``; a sequence ends at its first ``[EOS]`` or ``[PAD]`` and
+  everything after it is ``[PAD]``; the compact codec alternates element and count positions, ends
+  only at element positions and never repeats an element;
 * ``require`` and ``max_elements``: positions decided in a step are assigned left to right so
   that the still-undecided slots before the end can always hold every missing required element, and
   an element that would exceed ``max_elements`` is masked.
@@ -128,10 +128,15 @@ class LogitRules:
         """Draw tokens for positions ``choose`` ([B, L] bool) from ``probs`` ([B, L, V]) under the rules."""
         static = self.static.to(probs.device)
         if not self.dynamic:
-            p = probs * static
-            p = torch.where(p.sum(-1, keepdim=True) > 0, p, static.to(probs.dtype).expand_as(p))
-            draw = torch.multinomial(p.view(-1, self.vocab), 1, generator=generator).view(x.shape)
-            return self._tidy_ends(torch.where(choose, draw, x))
+            rows, cols = choose.nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                return x
+            allowed = static[cols]
+            p = probs[rows, cols] * allowed
+            p = torch.where(p.sum(-1, keepdim=True) > 0, p, allowed.to(p.dtype))
+            x = x.clone()
+            x[rows, cols] = torch.multinomial(p, 1, generator=generator).squeeze(1)
+            return self._tidy_ends(x)
         x = x.clone()
         b, length = x.shape
         dev = x.device
@@ -159,10 +164,19 @@ class LogitRules:
             eos_ok = (required[None] & ~pr_before_j).sum(1) <= free_before
             allowed = static[j][None].repeat(rows.numel(), 1)
             after_end = j > e
-            in_body = j < e  # before a decided end, or no end decided yet
-            decided_end = e < length
-            allowed[:, PAD] &= after_end | (j > self.last_end)
-            allowed[:, EOS] &= ~after_end & ~(in_body & decided_end) & eos_ok
+            # [EOS] (or [PAD], which also ends a sequence) may stand here if this is a legal end position
+            # and the required elements still fit before it; an earlier end may replace a later one
+            end_ok = static[j, EOS] & ~after_end & eos_ok
+            allowed[:, EOS] = end_ok
+            allowed[:, PAD] = after_end | end_ok | (j > self.last_end)
+            if self.compact and j % 2 == 0:
+                # [PAD] at a count position ends the sequence at the element position before it,
+                # which must then be free to become the end (it is set to [PAD] below)
+                pr_prev = self._element_state(torch.where(dec & (pos[None] < j - 1), xr, torch.full_like(xr, PAD)))
+                free_prev = (~dec & slot_pos[None] & (pos[None] < j - 1)).sum(1)
+                prev_ok = (xr[:, j - 1] == MASK) & static[j - 1, EOS] & (
+                    (required[None] & ~pr_prev).sum(1) <= free_prev)
+                allowed[:, PAD] |= prev_ok & ~after_end
             el_ok = allowed[:, el_ids] & ~after_end[:, None]
             if self.compact:
                 el_ok &= ~pr
@@ -181,6 +195,11 @@ class LogitRules:
             decided[rows, j] = True
             is_end = (tok == EOS) | (tok == PAD)
             end[rows] = torch.where(is_end, torch.minimum(end[rows], torch.full_like(tok, j)), end[rows])
+            if self.compact and j % 2 == 0:
+                pull = rows[(tok == PAD) & (x[rows, j - 1] == MASK)]
+                x[pull, j - 1] = PAD
+                decided[pull, j - 1] = True
+                end[pull] = torch.minimum(end[pull], torch.full_like(end[pull], j - 1))
         return x
 
     @staticmethod
@@ -206,7 +225,24 @@ def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return probs
 
 
-@torch.no_grad()
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bfloat16 where the hardware runs it fast (CUDA with bf16, CPUs with oneDNN bf16 such
+    as AVX512-BF16/AMX), else float32. Returns the autocast dtype, or None for plain float32."""
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype != "auto":
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@torch.inference_mode()
 def sample_masked_diffusion(
     model,
     n: int,
@@ -217,18 +253,29 @@ def sample_masked_diffusion(
     top_k: int | None = None,
     top_p: float | None = None,
     time_conditioning: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion denoiser in ``steps`` steps."""
     device = next(model.parameters()).device
     x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
     x[:, 0] = BOS
     static = rules.static.to(device)
-    probs, last_input = None, None
+
+    def predict(rows: torch.Tensor, t: float) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            tt = torch.full((len(rows),), t, device=device) if time_conditioning else None
+            logits = model(x[rows], tt).float()
+        return _filter_logits(logits.masked_fill(~static, -torch.inf), temperature, top_k, top_p)
+
+    probs = predict(torch.arange(n, device=device), 1.0)
+    last = x.clone()
     for i in range(steps):
         t, s = 1 - i / steps, 1 - (i + 1) / steps
-        if probs is None or time_conditioning or not torch.equal(x, last_input):
-            logits = model(x, torch.full((n,), t, device=device) if time_conditioning else None)
-            probs, last_input = _filter_logits(logits.masked_fill(~static, -torch.inf), temperature, top_k, top_p), x
+        # MDLM's cache, per row: a time-agnostic denoiser gives the same answer for an unchanged row
+        stale = torch.ones(n, dtype=torch.bool, device=device) if time_conditioning else (x != last).any(1)
+        if i and stale.any():
+            rows = stale.nonzero().squeeze(1)
+            probs[rows], last[rows] = predict(rows, t), x[rows]
         # linear marginal alpha(t) = 1 - t: a masked token is revealed now with prob (t - s) / t
         reveal = (x == MASK) & (torch.rand(x.shape, generator=generator, device=device) < (t - s) / t)
         x = rules.assign(x, probs, reveal, generator)
@@ -275,6 +322,7 @@ def generate(
     top_p: float | None = None,
     constraints: Constraints | None = None,
     progress: bool = True,
+    dtype: str = "auto",
 ) -> list[tuple[str, Formula | None, str]]:
     """``n`` formulas from a loaded model (:class:`composition_lm.models.LoadedModel`), in batches.
 
@@ -287,12 +335,14 @@ def generate(
     rules = LogitRules(constraints or Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
     device = next(loaded.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    autocast_dtype = resolve_dtype(dtype, device)
     out: list[tuple[str, Formula | None, str]] = []
     with tqdm(total=n, desc="sample", unit="formula", disable=not progress) as bar:
         while len(out) < n:
             k = min(batch_size, n - len(out))
             ids = sample_masked_diffusion(loaded.model, k, steps, generator, rules, temperature, top_k, top_p,
-                                          time_conditioning=getattr(cfg, "time_conditioning", False))
+                                          time_conditioning=getattr(cfg, "time_conditioning", False),
+                                          autocast_dtype=autocast_dtype)
             out += decode_samples(ids, cfg.codec, cfg.max_count)
             bar.update(k)
     return out
