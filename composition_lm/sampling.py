@@ -273,12 +273,17 @@ def sample_masked_diffusion(
         t, s = 1 - i / steps, 1 - (i + 1) / steps
         # MDLM's cache, per row: a time-agnostic denoiser gives the same answer for an unchanged row
         stale = torch.ones(n, dtype=torch.bool, device=device) if time_conditioning else (x != last).any(1)
+        stale &= (x == MASK).any(1)  # a finished row needs no prediction
         if i and stale.any():
             rows = stale.nonzero().squeeze(1)
             probs[rows], last[rows] = predict(rows, t), x[rows]
         # linear marginal alpha(t) = 1 - t: a masked token is revealed now with prob (t - s) / t
         reveal = (x == MASK) & (torch.rand(x.shape, generator=generator, device=device) < (t - s) / t)
         x = rules.assign(x, probs, reveal, generator)
+        # everything after a row's first [EOS]/[PAD] is [PAD] with certainty: reveal it now, so the
+        # denoiser sees the length, and finished rows need no further predictions
+        ended = (x == EOS) | (x == PAD)
+        x = torch.where(((ended.cumsum(1) - ended.long()) > 0) & (x == MASK), torch.full_like(x, PAD), x)
     return x
 
 
