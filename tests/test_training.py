@@ -33,12 +33,7 @@ SAMPLE_HEADER = ["index", "sample", "formula", "parse_ok", "parse_error", "n_ele
                  "reason_cdvae", "valid_smact", "reason_smact", "is_novel"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
