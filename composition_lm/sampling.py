@@ -21,7 +21,6 @@ Every sampler takes a ``torch.Generator``; the same generator state gives the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -155,13 +154,20 @@ class LogitRules:
             # only elements before the end count; elements before j decide whether [EOS] may go here
             before_end = dec & (pos[None] < e[:, None])
             pr = self._element_state(torch.where(before_end, xr, torch.full_like(xr, PAD)))
-            pr_before_j = self._element_state(torch.where(dec & (pos[None] < j), xr, torch.full_like(xr, PAD)))
+
+            def end_fits(p: int) -> torch.Tensor:
+                """Could the sequence end at ``p``: do the required elements missing before ``p`` fit
+                in the undecided slots before it?"""
+                before = dec & (pos[None] < p)
+                have = self._element_state(torch.where(before, xr, torch.full_like(xr, PAD)))
+                free = (~dec & slot_pos[None] & (pos[None] < p)).sum(1)
+                return (required[None] & ~have).sum(1) <= free
+
             missing = required[None] & ~pr
             n_missing = missing.sum(1)
             # undecided slots after j and before the end that could still take a required element
             free_after = (~dec & slot_pos[None] & (pos[None] > j) & (pos[None] < e[:, None])).sum(1)
-            free_before = (~dec & slot_pos[None] & (pos[None] < j)).sum(1)
-            eos_ok = (required[None] & ~pr_before_j).sum(1) <= free_before
+            eos_ok = end_fits(j)
             allowed = static[j][None].repeat(rows.numel(), 1)
             after_end = j > e
             # [EOS] (or [PAD], which also ends a sequence) may stand here if this is a legal end position
@@ -172,10 +178,7 @@ class LogitRules:
             if self.compact and j % 2 == 0:
                 # [PAD] at a count position ends the sequence at the element position before it,
                 # which must then be free to become the end (it is set to [PAD] below)
-                pr_prev = self._element_state(torch.where(dec & (pos[None] < j - 1), xr, torch.full_like(xr, PAD)))
-                free_prev = (~dec & slot_pos[None] & (pos[None] < j - 1)).sum(1)
-                prev_ok = (xr[:, j - 1] == MASK) & static[j - 1, EOS] & (
-                    (required[None] & ~pr_prev).sum(1) <= free_prev)
+                prev_ok = (xr[:, j - 1] == MASK) & static[j - 1, EOS] & end_fits(j - 1)
                 allowed[:, PAD] |= prev_ok & ~after_end
             el_ok = allowed[:, el_ids] & ~after_end[:, None]
             if self.compact:
@@ -313,8 +316,6 @@ def decode_samples(ids: torch.Tensor, codec_name: str, max_count: int = 200) -> 
     return out
 
 
-ProgressFn = Callable[[int], None]
-
 
 def generate(
     loaded,
@@ -329,23 +330,25 @@ def generate(
     progress: bool = True,
     dtype: str = "auto",
 ) -> list[tuple[str, Formula | None, str]]:
-    """``n`` formulas from a loaded model (:class:`composition_lm.models.LoadedModel`), in batches.
+    """``n`` formulas from a model, in batches. ``loaded`` is a :class:`composition_lm.models.LoadedModel`
+    or the model itself (anything with ``.config`` and parameters).
 
     One ``torch.Generator`` seeded with ``seed`` drives every batch, so the same arguments give the
     same samples. Returns ``(raw text, formula or None, parse error)`` per sample.
     """
     from tqdm.auto import tqdm
 
-    cfg = loaded.config
+    model = getattr(loaded, "model", loaded)
+    cfg = model.config
     rules = LogitRules(constraints or Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
-    device = next(loaded.model.parameters()).device
+    device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     autocast_dtype = resolve_dtype(dtype, device)
     out: list[tuple[str, Formula | None, str]] = []
     with tqdm(total=n, desc="sample", unit="formula", disable=not progress) as bar:
         while len(out) < n:
             k = min(batch_size, n - len(out))
-            ids = sample_masked_diffusion(loaded.model, k, steps, generator, rules, temperature, top_k, top_p,
+            ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
                                           time_conditioning=getattr(cfg, "time_conditioning", False),
                                           autocast_dtype=autocast_dtype)
             out += decode_samples(ids, cfg.codec, cfg.max_count)

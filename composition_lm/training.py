@@ -157,15 +157,13 @@ def _config_from_args(args: TrainingArguments, token_info: list[float] | None = 
     )
 
 
-def _build_model(args: TrainingArguments, train_ids: torch.Tensor, vocab_size: int):
+def _build_model(args: TrainingArguments, train_ids: torch.Tensor, vocab_size: int, parent=None):
+    """A fresh model from ``args``, or ``parent`` (the loaded ``--init-from`` model) to fine-tune."""
     _, model_cls, loss_fn = model_classes(args.model_type)
-    if args.init_from:
-        from composition_lm.models import load_model
-
-        loaded = load_model(args.init_from)
-        if loaded.model_type != args.model_type:
-            raise ValueError(f"--init-from is a {loaded.model_type} model, not {args.model_type}")
-        return loaded.model.train(), loss_fn
+    if parent is not None:
+        if parent.model_type != args.model_type:
+            raise ValueError(f"--init-from is a {parent.model_type} model, not {args.model_type}")
+        return parent.model.train(), loss_fn
     token_info = None
     if args.schedule == "spindle":
         from composition_lm.schedules import token_information
@@ -265,25 +263,25 @@ def train(args: TrainingArguments, command: str = "") -> Path:
     if main:
         print(train_report.summary())
     tokenizer = build_tokenizer(model_max_length=args.seq_length)
-    probe_codec = args.codec
+    parent = None
     if args.init_from:
         from composition_lm.models import load_model
 
-        probe = load_model(args.init_from)
-        probe_codec, args.seq_length = probe.config.codec, probe.config.seq_length
-        args.codec = probe_codec  # the parent's codec is what this run trains with
-        tokenizer = probe.tokenizer
-    codec = get_codec(probe_codec)
+        parent = load_model(args.init_from)
+        # the parent's codec, length and tokenizer are what this run trains with
+        args.codec, args.seq_length = parent.config.codec, parent.config.seq_length
+        tokenizer = parent.tokenizer
+    codec = get_codec(args.codec)
     train_formulas = train_ds["formula"]
     train_ids, n_skip = _encode(train_formulas, codec, tokenizer, args.seq_length)
     val_ids, _ = _encode(val_formulas[:4096], codec, tokenizer, args.seq_length) if val_formulas else (None, 0)
     if main and n_skip:
-        print(f"skipped {n_skip} formulas longer than {args.seq_length} tokens ({probe_codec} codec)")
+        print(f"skipped {n_skip} formulas longer than {args.seq_length} tokens ({args.codec} codec)")
     if len(train_ids) == 0:
         raise ValueError("no training formula fits the sequence length")
 
     # ---- model, optimiser
-    model, loss_fn = _build_model(args, train_ids, len(tokenizer.get_vocab()))
+    model, loss_fn = _build_model(args, train_ids, len(tokenizer.get_vocab()), parent)
     n_params = sum(p.numel() for p in model.parameters())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -429,7 +427,7 @@ def _load_checkpoint(accelerator, ckpt: Path, sched, ema: EMA) -> int:
 @torch.no_grad()
 def evaluate_model(raw_model, ema: EMA, loss_fn, val_ids, args: TrainingArguments, device) -> dict:
     """Validation loss (fixed noise) and cdvae validity of a small sample, with the EMA weights."""
-    from composition_lm.sampling import Constraints, LogitRules, decode_samples, sample_masked_diffusion
+    from composition_lm.sampling import generate
     from evaluation.validity import check_formulas
 
     raw_model.eval()
@@ -441,12 +439,8 @@ def evaluate_model(raw_model, ema: EMA, loss_fn, val_ids, args: TrainingArgument
                       for i in range(0, len(val_ids), 512)]
             out["val_loss"] = sum(losses) / len(losses)
         if args.eval_samples:
-            cfg = raw_model.config
-            rules = LogitRules(Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
-            ids = sample_masked_diffusion(raw_model, args.eval_samples, args.eval_steps,
-                                          torch.Generator(device=device).manual_seed(0), rules,
-                                          time_conditioning=cfg.time_conditioning)
-            dec = decode_samples(ids, cfg.codec)
+            dec = generate(raw_model, args.eval_samples, steps=args.eval_steps, batch_size=args.eval_samples,
+                           seed=0, progress=False, dtype="float32")
             forms = [f for _, f, _ in dec if f is not None]
             res = check_formulas(forms, "cdvae")
             out["sample_parse_rate"] = len(forms) / len(dec)
