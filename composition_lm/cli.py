@@ -196,7 +196,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        constraints=constraints, progress=not args.no_progress, dtype=args.dtype,
                        condition=None if args.condition == "none" else args.condition,
-                       method=args.method, clamp=args.clamp)
+                       method=args.method, clamp=args.clamp, noise_scale=args.noise_scale)
     t_sample = time.perf_counter() - t0
     formulas = [f for _, f, _ in samples if f is not None]
     verdicts = {p: dict(zip(formulas, check_formulas(formulas, p))) for p in ("cdvae", "smact")}
@@ -232,7 +232,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "command": "composition-gen " + shlex.join(sys.argv[1:] if args._argv is None else args._argv),
         "model": str(loaded.path),
         "model_type": loaded.model_type, "n": args.n, "seed": args.seed,
-        **resolve_sampling_settings(loaded.config, args.steps, args.method, args.clamp),
+        **resolve_sampling_settings(loaded.config, args.steps, args.method, args.clamp, args.noise_scale),
         "batch_size": args.batch_size, "dtype": args.dtype, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
         "condition": args.condition, "constraints": constraints.as_dict(), "torch": torch.__version__, "machine": platform.platform(),
         "threads": torch.get_num_threads(), "summary": summary,
@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["ddpm", "ddim"], help="diffusion-lm: reverse process (default: the model's)")
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                    help="diffusion-lm: snap each predicted x0 to the nearest allowed token embedding (default: the model's)")
+    p.add_argument("--noise-scale", type=float, help="diffusion-lm: multiply the reverse-process noise by this "
+                   "factor in [0, 1]; below 1 samples nearer the modes, like a temperature (default: the model's)")
     p.add_argument("--batch-size", type=int, default=1000, help="samples denoised together (default: 1000)")
     p.add_argument("--temperature", type=float, default=1.0, help="diffusion-bert: softmax temperature (default: 1.0)")
     p.add_argument("--top-k", type=int, help="diffusion-bert: draw only from the K most likely tokens")

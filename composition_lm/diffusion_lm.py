@@ -51,6 +51,7 @@ class DiffusionLMConfig(FormulaBertConfig):
         sampling_steps: int = 200,
         sampling_method: str = "ddpm",
         clamp: bool = False,
+        noise_scale: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -58,12 +59,15 @@ class DiffusionLMConfig(FormulaBertConfig):
             raise ValueError(f"unknown Gaussian schedule {schedule!r}; choose one of {', '.join(GAUSSIAN_SCHEDULES)}")
         if sampling_method not in ("ddpm", "ddim"):
             raise ValueError(f"sampling_method must be 'ddpm' or 'ddim', got {sampling_method!r}")
+        if not 0 <= noise_scale <= 1:
+            raise ValueError(f"noise_scale must lie in [0, 1], got {noise_scale}")
         self.embedding_dim = embedding_dim
         self.schedule = schedule
         self.diffusion_steps = diffusion_steps
         self.sampling_steps = sampling_steps
         self.sampling_method = sampling_method
         self.clamp = clamp
+        self.noise_scale = noise_scale  # scale of the reverse-process noise at sampling (1 = the exact posterior)
 
     def gaussian_schedule(self) -> GaussianSchedule:
         return GaussianSchedule(self.schedule, self.diffusion_steps)

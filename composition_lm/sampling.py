@@ -324,9 +324,11 @@ def sample_gaussian_diffusion(
     method: str = "ddpm",
     clamp: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    noise_scale: float = 1.0,
 ) -> torch.Tensor:
     """``n`` sequences (``[n, L]`` token ids) from a Diffusion-LM model: a respaced ``steps``-step
-    DDPM/DDIM chain from ``N(0, I)``, with the clamping trick if ``clamp``, rounded to tokens.
+    DDPM/DDIM chain from ``N(0, I)``, with the clamping trick if ``clamp`` and the reverse-process noise
+    scaled by ``noise_scale``, rounded to tokens.
 
     Constraints act twice: clamping snaps each predicted ``x_0`` to the nearest embedding allowed at
     its position, and the final rounding takes the nearest token the rules allow (left to right,
@@ -344,7 +346,7 @@ def sample_gaussian_diffusion(
         return emb[_nearest_tokens(x0, emb, static).argmax(-1)] if clamp else x0
 
     for k in reversed(range(len(schedule))):
-        x = schedule.step(predict_x0(x, k), k, x, generator, method)
+        x = schedule.step(predict_x0(x, k), k, x, generator, method, noise_scale=noise_scale)
     ids = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
     ids[:, 0] = BOS
     choose = torch.ones_like(ids, dtype=torch.bool)
@@ -380,13 +382,17 @@ def decode_samples(ids: torch.Tensor, codec_name: str, max_count: int = 200) -> 
 
 
 def resolve_sampling_settings(cfg, steps: int | None = None, method: str | None = None,
-                              clamp: bool | None = None) -> dict:
+                              clamp: bool | None = None, noise_scale: float | None = None) -> dict:
     """The sampling settings a run uses: what was asked, else the model's defaults (Diffusion-BERT:
-    32 steps; Diffusion-LM: its config's ``sampling_steps`` (at most T), ``sampling_method``, ``clamp``)."""
+    32 steps; Diffusion-LM: its config's ``sampling_steps`` (at most T), ``sampling_method``, ``clamp``,
+    ``noise_scale``)."""
     if hasattr(cfg, "embedding_dim"):
+        if noise_scale is not None and not 0 <= noise_scale <= 1:
+            raise ValueError(f"noise scale must lie in [0, 1], got {noise_scale}")
         return {"steps": steps or min(cfg.sampling_steps, cfg.diffusion_steps),
-                "method": method or cfg.sampling_method, "clamp": cfg.clamp if clamp is None else clamp}
-    return {"steps": steps or 32, "method": None, "clamp": None}
+                "method": method or cfg.sampling_method, "clamp": cfg.clamp if clamp is None else clamp,
+                "noise_scale": getattr(cfg, "noise_scale", 1.0) if noise_scale is None else noise_scale}
+    return {"steps": steps or 32, "method": None, "clamp": None, "noise_scale": None}
 
 
 def generate(
@@ -404,13 +410,14 @@ def generate(
     condition: str | None = "auto",
     method: str | None = None,
     clamp: bool | None = None,
+    noise_scale: float | None = None,
 ) -> list[tuple[str, Formula | None, str]]:
     """``n`` formulas from a model, in batches. ``loaded`` is a :class:`composition_lm.models.LoadedModel`
     or the model itself (anything with ``.config`` and parameters).
 
     Works for both model families: Diffusion-BERT (masked diffusion; ``steps`` defaults to 32) and
-    Diffusion-LM (Gaussian diffusion; ``steps``, ``method`` and ``clamp`` default to the values in its
-    config). One ``torch.Generator`` seeded with ``seed`` drives every batch, so the same arguments give the
+    Diffusion-LM (Gaussian diffusion; ``steps``, ``method``, ``clamp`` and ``noise_scale`` default to the
+    values in its config). One ``torch.Generator`` seeded with ``seed`` drives every batch, so the same arguments give the
     same samples. ``condition``: ``"valid"``, ``"invalid"`` or ``None`` (unconditional) for a
     validity-conditioned model; ``"auto"`` is ``"valid"`` for such a model and ``None`` otherwise.
     Returns ``(raw text, formula or None, parse error)`` per sample.
@@ -425,14 +432,14 @@ def generate(
             raise ValueError("Diffusion-LM models take no validity condition")
         if temperature != 1.0 or top_k or top_p is not None:
             raise ValueError("temperature, top-k and top-p apply to Diffusion-BERT; a Diffusion-LM samples through "
-                             "its reverse process (tune --steps, --method, --clamp)")
+                             "its reverse process (tune --steps, --method, --clamp, --noise-scale)")
     else:
-        if method is not None or clamp is not None:
-            raise ValueError("--method and --clamp apply to Diffusion-LM models, not to Diffusion-BERT")
+        if method is not None or clamp is not None or noise_scale is not None:
+            raise ValueError("--method, --clamp and --noise-scale apply to Diffusion-LM models, not to Diffusion-BERT")
         if condition == "auto":
             condition = "valid" if getattr(cfg, "validity_conditioning", False) else None
         start_token = cfg.start_token_id(condition)
-    steps, method, clamp = resolve_sampling_settings(cfg, steps, method, clamp).values()
+    steps, method, clamp, noise_scale = resolve_sampling_settings(cfg, steps, method, clamp, noise_scale).values()
     rules = LogitRules(constraints or Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -442,7 +449,8 @@ def generate(
         while len(out) < n:
             k = min(batch_size, n - len(out))
             if gaussian:
-                ids = sample_gaussian_diffusion(model, k, steps, generator, rules, method, clamp, autocast_dtype)
+                ids = sample_gaussian_diffusion(model, k, steps, generator, rules, method, clamp, autocast_dtype,
+                                                noise_scale)
             else:
                 ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
                                               time_conditioning=getattr(cfg, "time_conditioning", False),

@@ -186,10 +186,11 @@ class GaussianSchedule:
                                 timesteps=self.timesteps[keep])
 
     def step(self, x0_hat: torch.Tensor, k: int, xt: torch.Tensor, generator: torch.Generator | None,
-             method: str = "ddpm", eta: float = 0.0) -> torch.Tensor:
+             method: str = "ddpm", eta: float = 0.0, noise_scale: float = 1.0) -> torch.Tensor:
         """``x_{k-1}`` from ``x_k`` and the predicted ``x_0`` (chain index ``k``; ``k = 0`` gives ``x_0``'s
         posterior mean, no noise). ``ddpm``: the posterior ``q(x_{k-1} | x_k, x_0)``; ``ddim``: the DDIM
-        update with noise ``eta`` (0 = deterministic)."""
+        update with noise ``eta`` (0 = deterministic). ``noise_scale`` multiplies the standard deviation of
+        the added noise (< 1 keeps the chain nearer the modes, like a sampling temperature)."""
         ab, ab_prev = float(self.alpha_bar[k]), float(self.alpha_bar_prev[k])
         if method == "ddpm":
             beta = float(self.betas[k])
@@ -202,7 +203,7 @@ class GaussianSchedule:
             mean = math.sqrt(ab_prev) * x0_hat + math.sqrt(max(1 - ab_prev - var, 0.0)) * eps
         else:
             raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
-        if k == 0 or var <= 0:
+        if k == 0 or var <= 0 or noise_scale == 0:
             return mean
         noise = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
-        return mean + math.sqrt(var) * noise
+        return mean + noise_scale * math.sqrt(var) * noise

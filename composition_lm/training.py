@@ -236,7 +236,8 @@ def _model_card(args: TrainingArguments, cfg, metrics: dict, n_params: int) -> s
         f"({cfg.num_hidden_layers} layers x {cfg.hidden_size} hidden)",
         (f"- Gaussian diffusion over {cfg.embedding_dim}-dim token embeddings, schedule `{cfg.schedule}`, "
          f"T = {cfg.diffusion_steps}; end-to-end loss; sampling defaults: {cfg.sampling_steps} "
-         f"{cfg.sampling_method.upper()} steps, clamping {'on' if cfg.clamp else 'off'}"
+         f"{cfg.sampling_method.upper()} steps, clamping {'on' if cfg.clamp else 'off'}, noise scale "
+         f"{getattr(cfg, 'noise_scale', 1.0)}"
          if hasattr(cfg, "embedding_dim") else
          f"- schedule `{getattr(cfg, 'schedule', '?')}`, loss weighting `{getattr(cfg, 'loss_weighting', '?')}`")
         + (f"; validity-conditioned (cdvae protocol, condition dropout {cfg.condition_dropout}): samples start "

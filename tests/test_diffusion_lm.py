@@ -25,6 +25,7 @@ from composition_lm.sampling import (
     _nearest_tokens,
     decode_samples,
     generate,
+    resolve_sampling_settings,
     sample_gaussian_diffusion,
 )
 from composition_lm.schedules import GAUSSIAN_SCHEDULES, GaussianSchedule, gaussian_betas
@@ -261,6 +262,23 @@ def test_ddpm_step_noise_and_k0():
         s.step(x0, 5, xt, None, "euler")
     with pytest.raises(ValueError, match="method must be 'ddpm' or 'ddim'"):
         s.step(x0, 0, xt, None, "euler")
+
+
+@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_noise_scale_multiplies_the_step_noise(method, eta):
+    s = GaussianSchedule("sqrt", 200).respace(25)
+    g0 = torch.Generator().manual_seed(1)
+    x0, xt = torch.randn(3, 6, 4, generator=g0), torch.randn(3, 6, 4, generator=g0)
+    mean = s.step(x0, 9, xt, torch.Generator().manual_seed(2), method, eta=eta, noise_scale=0.0)
+    full = s.step(x0, 9, xt, torch.Generator().manual_seed(2), method, eta=eta)
+    assert torch.equal(full, s.step(x0, 9, xt, torch.Generator().manual_seed(2), method, eta=eta, noise_scale=1.0))
+    half = s.step(x0, 9, xt, torch.Generator().manual_seed(2), method, eta=eta, noise_scale=0.5)
+    assert not torch.allclose(full, mean)  # the step does draw noise
+    torch.testing.assert_close(half - mean, 0.5 * (full - mean))  # same draw, half the standard deviation
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    s.step(x0, 9, xt, g, method, eta=eta, noise_scale=0.0)
+    assert torch.equal(g.get_state(), state)  # scale 0 draws nothing
 
 
 @pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 1.0)])
@@ -676,6 +694,44 @@ def test_cli_train_short_chain_with_default_evaluation(tmp_path, corpus_file):
     assert (out / "model" / "config.json").is_file()
 
 
+def test_noise_scale_default_comes_from_the_config_and_can_be_overridden(trained, tmp_path):
+    lm = load_model(trained / "model")
+    assert lm.config.noise_scale == 1.0
+    base = [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False)]
+    assert base == [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False, noise_scale=1.0)]
+    low = [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False, noise_scale=0.5)]
+    assert low != base
+    lm.config.noise_scale = 0.5  # the config's value is the default
+    try:
+        assert low == [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False)]
+        assert resolve_sampling_settings(lm.config)["noise_scale"] == 0.5
+        assert resolve_sampling_settings(lm.config, noise_scale=0.8)["noise_scale"] == 0.8
+    finally:
+        lm.config.noise_scale = 1.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="noise scale must lie in"):
+            generate(lm, 2, steps=2, progress=False, noise_scale=bad)
+        with pytest.raises(ValueError, match="noise_scale must lie in"):
+            DiffusionLMConfig(noise_scale=bad)
+    cfg = DiffusionLMConfig(noise_scale=0.9, **TINY)
+    cfg.save_pretrained(tmp_path)
+    assert DiffusionLMConfig.from_pretrained(tmp_path).noise_scale == 0.9
+
+
+def test_cli_noise_scale_is_recorded_and_validated(cli_model, tmp_path, capsys):
+    out = tmp_path / "ns"
+    assert main(["sample", "--model", str(cli_model), "-n", "6", "--steps", "5", "--noise-scale", "0.8",
+                 "--no-progress", "-o", str(out)]) == 0
+    assert json.loads((out / "run_config.json").read_text())["noise_scale"] == 0.8
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main(["sample", "--model", str(cli_model), "-n", "4", "--noise-scale", "2", "--no-progress",
+                 "-o", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "noise scale" in err and "Traceback" not in err, err
+    assert not bad.exists()
+
+
 def test_family_specific_sampling_options_are_refused():
     lm = _tiny_model()
     for kw in ({"temperature": 0.8}, {"top_k": 5}, {"top_p": 0.9}):
@@ -684,7 +740,7 @@ def test_family_specific_sampling_options_are_refused():
     from composition_lm.diffusion_bert import DiffusionBertConfig, DiffusionBertModel
 
     bert = DiffusionBertModel(DiffusionBertConfig(seq_length=12, **TINY)).eval()
-    for kw in ({"method": "ddim"}, {"clamp": True}):
+    for kw in ({"method": "ddim"}, {"clamp": True}, {"noise_scale": 0.9}):
         with pytest.raises(ValueError, match="Diffusion-LM"):
             generate(bert, 2, steps=2, progress=False, **kw)
     assert len(generate(bert, 2, steps=2, progress=False, temperature=0.8)) == 2
