@@ -252,6 +252,97 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- structures
+def cmd_templates_build(args: argparse.Namespace) -> int:
+    from structure.templates import TemplateStore, read_structures
+
+    exclude_ids: list[str] = []
+    if args.exclude_ids:
+        exclude_ids = [ln.strip() for ln in Path(args.exclude_ids).read_text().splitlines() if ln.strip()]
+    t0 = time.perf_counter()
+    store = TemplateStore.build(read_structures(args.source), exclude_ids=exclude_ids, exclude_tags=args.exclude_tag or (),
+                                source=str(args.source), progress=not args.no_progress)
+    store.save(args.output)
+    skipped = ", ".join(f"{n} {why}" for why, n in store.meta["skipped"].items() if n) or "none"
+    print(f"{len(store)} templates ({len(store.ratio_keys())} ratio keys) written to {args.output} in "
+          f"{time.perf_counter() - t0:.0f} s; skipped: {skipped}")
+    if args.train_ranker:
+        return _train_ranker(store, args)
+    print("next: composition-gen templates train-ranker " + str(args.output))
+    return 0
+
+
+def _train_ranker(store, args: argparse.Namespace) -> int:
+    from structure.ranking import train_ranker
+
+    ranker = train_ranker(store, seed=args.seed, epochs=args.epochs, n_queries=args.queries, size=args.shortlist,
+                          workers=args.workers, progress=not args.no_progress)
+    ranker.save(store.path)
+    t = ranker.config.trained
+    nan = float("nan")
+    print(f"ranker trained on {t['n_queries_train']} labelled queries in {t['seconds']:.0f} s; on "
+          f"{t['n_queries_heldout']} held-out queries: top-1 {t.get('heldout_top1', nan):.3f} (plain distance "
+          f"{t.get('heldout_top1_plain_distance', nan):.3f}), top-10 {t.get('heldout_top10', nan):.3f} (plain "
+          f"{t.get('heldout_top10_plain_distance', nan):.3f}); saved beside the store in {store.path}")
+    return 0
+
+
+def cmd_templates_train_ranker(args: argparse.Namespace) -> int:
+    from structure.templates import TemplateStore
+
+    return _train_ranker(TemplateStore.load(args.store), args)
+
+
+def _read_formula_column(path: Path, column: str | None) -> list[str]:
+    from composition_lm.data import iter_rows
+
+    out = []
+    for _, _raw, payload in iter_rows(path, column):
+        text = payload[0] if isinstance(payload, tuple) else payload
+        out.append(text[1:] if text.startswith("!") else text)
+    return out
+
+
+def cmd_structure(args: argparse.Namespace) -> int:
+    from structure.pipeline import elemental_candidates, predict_formulas, relax_rows, write_outputs
+    from structure.ranking import DEFAULT_RANKER, CompositionRanker
+    from structure.templates import TemplateStore, aflow_store
+
+    if args.top_k < 1:
+        raise ValueError("--top-k must be at least 1")
+    formulas = _read_formula_column(args.formulas, args.column)
+    if not formulas:
+        raise ValueError(f"{args.formulas} holds no formulas")
+    if args.templates is None:
+        print("no --templates given: using the 288 AFLOW prototypes shipped with pymatgen (build a larger store "
+              "with `composition-gen templates build`)", file=sys.stderr)
+        store = aflow_store()
+    else:
+        store = TemplateStore.load(args.templates)
+    ranker = None
+    if args.ranking == "learned":
+        own = store.path if store.path is not None and (store.path / "ranker.json").exists() else None
+        ranker = CompositionRanker.load(args.ranker or own or DEFAULT_RANKER)
+    if args.relax:
+        from structure.relax import ElementalReferences, load_potential
+
+        load_potential(args.potential)  # fail early, before any work, on a bad potential
+    rows = predict_formulas(formulas, store, ranker, top_k=args.top_k, ranking=args.ranking,
+                            include_invalid=args.include_invalid, seed=args.seed, progress=not args.no_progress)
+    if args.relax:
+        cache = (store.path or args.output) / "elemental_references.json"
+        refs = ElementalReferences(args.potential, elemental_candidates(store), cache_path=cache,
+                                   fmax=args.fmax, max_steps=args.max_steps)
+        relax_rows(rows, args.potential, refs, fmax=args.fmax, max_steps=args.max_steps, workers=args.workers,
+                   progress=not args.no_progress)
+    paths = write_outputs(rows, args.output)
+    status = Counter(r.status for r in rows)
+    n_formulas = len({r.index for r in rows})
+    print(f"{n_formulas} formulas -> {sum(r.structure is not None for r in rows)} structures "
+          f"({', '.join(f'{n} {s}' for s, n in sorted(status.items()))}); wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -387,6 +478,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-o", "--output", type=Path, default=Path("samples"), help="output directory (default: samples)")
     p.set_defaults(func=cmd_sample, _argv=None)
+
+    p = sub.add_parser(
+        "templates",
+        help="build a template structure store (and its ranker) for `composition-gen structure`",
+        description="Template stores: crystal structures indexed by their sorted reduced stoichiometric ratios, "
+        "with composition descriptors and a learned ranker.",
+    )
+    tsub = p.add_subparsers(dest="templates_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("build", help="build a store from a structure collection",
+                        description="Read SRC (CSV(.gz) with a cif column, a CIF/POSCAR/pymatgen-JSON/extxyz file, or a "
+                        "folder of them) and write the store folder DB.")
+    t.add_argument("source", type=Path, metavar="SRC")
+    t.add_argument("-o", "--output", type=Path, required=True, metavar="DB", help="store folder to write")
+    t.add_argument("--exclude-ids", type=Path, metavar="FILE", help="file of ids (one per line) to leave out")
+    t.add_argument("--exclude-tag", action="append", metavar="TAG",
+                   help="leave out rows whose split_tags contain TAG (e.g. mp20_test); repeatable")
+    t.add_argument("--train-ranker", action="store_true", help="also train the ranker (see train-ranker)")
+    t.set_defaults(func=cmd_templates_build)
+    r = tsub.add_parser("train-ranker", help="train the learned composition-similarity ranker of a store",
+                        description="Use store structures as queries: label each one's shortlist of ratio-matching "
+                        "templates with StructureMatcher (anonymized), train the ranker on descriptor differences with "
+                        "a listwise loss, report held-out hit rates next to the plain distance's, and save "
+                        "ranker.safetensors + ranker.json (labels cached in ranker_labels.json) in the store folder.")
+    r.add_argument("store", type=Path, metavar="DB")
+    r.set_defaults(func=cmd_templates_train_ranker)
+    for q in (t, r):
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--epochs", type=int, default=30)
+        q.add_argument("--queries", type=int, default=1500, help="store structures used as training queries (default: 1500)")
+        q.add_argument("--shortlist", type=int, default=50,
+                       help="templates per query, nearest by plain distance, labelled by StructureMatcher (default: 50)")
+        q.add_argument("--workers", type=int, default=1, help="labelling processes (default: 1)")
+        q.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "structure",
+        help="predict crystal structures of formulas from templates (CSPML-style), optionally relaxed with M3GNet",
+        description="For each formula in FORMULAS (a `composition-gen sample` formulas.csv, any CSV with a formula "
+        "column, or a text file with one formula per line), pick the templates with the same stoichiometric "
+        "ratios, rank them by learned composition similarity, substitute the elements and scale the cell. Writes "
+        "OUTPUT/structures.csv, structures_cif.zip and structures.extxyz. Formulas failing the cdvae validity "
+        "check are skipped (a row says so) unless --include-invalid.",
+    )
+    p.add_argument("formulas", type=Path, metavar="FORMULAS")
+    p.add_argument("--column", help="formula column (default: formula)")
+    p.add_argument("--templates", type=Path, metavar="DB",
+                   help="template store folder (default: pymatgen's 288 AFLOW prototypes)")
+    p.add_argument("--ranker", type=Path, help="ranker folder (default: the store's own, else the shipped one)")
+    p.add_argument("--ranking", choices=["learned", "plain", "random"], default="learned",
+                   help="learned: the ranker; plain: descriptor L1 distance; random: a seeded random order")
+    p.add_argument("--top-k", type=int, default=5, help="structures per formula (default: 5)")
+    p.add_argument("--include-invalid", action="store_true", help="also predict formulas that fail the validity check")
+    p.add_argument("--relax", action="store_true", help="relax every structure with an M3GNet potential (FIRE, cell + positions)")
+    p.add_argument("--potential", default="M3GNet-MP-2021.2.8-PES",
+                   help="matgl hub name or local model folder (default: M3GNet-MP-2021.2.8-PES)")
+    p.add_argument("--fmax", type=float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
+    p.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure (default: 500)")
+    p.add_argument("--workers", type=int, default=1, help="relaxation worker processes (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random ranking")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-o", "--output", type=Path, default=Path("structures"), help="output directory (default: structures)")
+    p.set_defaults(func=cmd_structure)
     return parser
 
 

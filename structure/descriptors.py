@@ -1,0 +1,132 @@
+"""Composition descriptors for ranking structure templates (CSPML-style).
+
+A query formula and a template share their *ratio key* (sorted reduced stoichiometric counts, e.g.
+``1-1-3`` for ABX3), so their elements can be lined up site group by site group. The descriptor of a
+composition is two blocks, both built from one per-element property table (pymatgen's element data):
+
+* **aligned block** -- the elements ordered by (reduced count, Pauling electronegativity, Z), at most
+  :data:`MAX_ELEMENTS` slots, each slot holding the element's properties (zeros beyond the last element).
+  Two compositions with the same ratio key put chemically corresponding elements in the same slot, so
+  ``|d_query - d_template|`` says how far each site's element is from the template's.
+* **statistics block** -- the atom-fraction-weighted mean, minimum, maximum and standard deviation
+  of each property over the composition (Magpie-style), for what the alignment cannot see.
+
+:data:`PROPERTIES` lists the properties: Pauling electronegativity, periodic row, group, atomic radius
+(Å), Mendeleev number, atomic number, the mean ionic radius over common oxidation states (Å) and the
+number of valence electrons as the group implies. Missing values (e.g. the electronegativity of He)
+are filled with the property's mean over the elements that have it.
+
+The ranker (:mod:`structure.ranking`) learns which of these differences matter; the same table also
+gives the element dissimilarity used for substitution (:func:`element_dissimilarity`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import numpy as np
+from pymatgen.core import Composition, Element
+
+MAX_ELEMENTS = 8
+PROPERTIES = ("electronegativity", "row", "group", "atomic_radius", "mendeleev_no", "Z", "ionic_radius", "valence")
+N_PROPS = len(PROPERTIES)
+STATS = ("mean", "min", "max", "std")
+DESCRIPTOR_SIZE = MAX_ELEMENTS * N_PROPS + len(STATS) * N_PROPS
+DESCRIPTOR_VERSION = 1
+
+
+def _raw_properties(el: Element) -> list[float]:
+    def num(x) -> float:
+        try:
+            v = float(x)
+        except (TypeError, ValueError):
+            return math.nan
+        return v if math.isfinite(v) else math.nan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns about elements without an electronegativity
+        radius = num(el.atomic_radius) if el.atomic_radius is not None else num(el.atomic_radius_calculated)
+        states = el.common_oxidation_states
+        ionic = [num(el.ionic_radii.get(s)) for s in states if s in el.ionic_radii]
+        ionic = [r for r in ionic if not math.isnan(r)]
+        group = el.group
+        valence = group if group <= 2 else (group - 10 if group >= 13 else group)
+        return [num(el.X), float(el.row), float(group), radius, num(el.mendeleev_no), float(el.Z),
+                float(np.mean(ionic)) if ionic else math.nan, float(valence)]
+
+
+@functools.cache
+def property_table() -> tuple[dict[str, int], np.ndarray]:
+    """``(symbol -> row, [n_elements, N_PROPS] float64)`` for Z = 1..103, missing values filled with the
+    property's mean."""
+    symbols = [Element.from_Z(z).symbol for z in range(1, 104)]
+    table = np.array([_raw_properties(Element(s)) for s in symbols], dtype=np.float64)
+    means = np.nanmean(table, axis=0)
+    table = np.where(np.isnan(table), means, table)
+    return {s: i for i, s in enumerate(symbols)}, table
+
+
+@functools.cache
+def property_scale() -> np.ndarray:
+    """Standard deviation of each property over the elements (to put dissimilarities on one scale)."""
+    return property_table()[1].std(axis=0)
+
+
+def element_properties(symbol: str) -> np.ndarray:
+    index, table = property_table()
+    if symbol not in index:
+        raise ValueError(f"no element data for {symbol!r}")
+    return table[index[symbol]]
+
+
+def reduced_counts(composition: Composition | str) -> dict[str, int]:
+    """Element -> integer amount divided by the greatest common divisor (``O2`` -> ``{"O": 1}``, unlike
+    pymatgen's reduced formula, which keeps diatomic gases as ``O2``)."""
+    comp = Composition(composition) if isinstance(composition, str) else composition
+    amounts = {el.symbol: comp[el] for el in comp.elements}
+    if not amounts:
+        raise ValueError("empty composition")
+    if any(abs(a - round(a)) > 1e-6 for a in amounts.values()):
+        raise ValueError(f"{comp.formula} has non-integer amounts (a disordered composition)")
+    ints = {s: int(round(a)) for s, a in amounts.items()}
+    g = math.gcd(*ints.values())
+    return {s: a // g for s, a in ints.items()}
+
+
+def ratio_key(composition: Composition | str) -> str:
+    """Sorted reduced stoichiometric counts: ``ratio_key("SrTiO3") == "1-1-3"``."""
+    return "-".join(str(c) for c in sorted(reduced_counts(composition).values()))
+
+
+def ordered_elements(composition: Composition | str) -> list[tuple[str, int]]:
+    """``(symbol, reduced count)`` ordered by (count, electronegativity, Z): the slot order of the
+    aligned block."""
+    rows = list(reduced_counts(composition).items())
+    return sorted(rows, key=lambda r: (r[1], element_properties(r[0])[0], Element(r[0]).Z))
+
+
+def descriptor(composition: Composition | str) -> np.ndarray:
+    """The ``DESCRIPTOR_SIZE`` float32 vector of a composition (see the module docstring)."""
+    comp = Composition(composition) if isinstance(composition, str) else composition
+    rows = ordered_elements(comp)
+    if len(rows) > MAX_ELEMENTS:
+        raise ValueError(f"{comp.reduced_formula} has {len(rows)} elements; descriptors support at most {MAX_ELEMENTS}")
+    props = np.stack([element_properties(s) for s, _ in rows])
+    counts = np.array([c for _, c in rows], dtype=np.float64)
+    w = counts / counts.sum()
+    aligned = np.zeros((MAX_ELEMENTS, N_PROPS))
+    aligned[: len(rows)] = props
+    mean = w @ props
+    std = np.sqrt(w @ (props - mean) ** 2)
+    stats = np.concatenate([mean, props.min(0), props.max(0), std])
+    return np.concatenate([aligned.ravel(), stats]).astype(np.float32)
+
+
+def element_dissimilarity(a: str, b: str) -> float:
+    """Distance between two elements for substitution: the L1 distance of electronegativity, row, group,
+    atomic radius and mean ionic radius, each divided by its spread over the periodic table."""
+    pick = [PROPERTIES.index(p) for p in ("electronegativity", "row", "group", "atomic_radius", "ionic_radius")]
+    scale = property_scale()[pick]
+    return float(np.abs(element_properties(a)[pick] - element_properties(b)[pick]).dot(1 / scale))
