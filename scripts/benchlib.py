@@ -75,7 +75,8 @@ def speed_lines(sp: dict) -> list[str]:
     f, vnu = sp["formulas_per_s"], sp["valid_novel_unique_per_s"]
     return [
         "## Speed (whole `sample` command, model load included)", "",
-        f"`{sp['sample_command']}`: {len(sp['seconds'])} runs, {', '.join(f'{t:.1f}' for t in sp['seconds'])} s.", "",
+        f"`{sp['sample_command']}`: {len(sp['seconds'])} runs, {', '.join(f'{t:.1f}' for t in sp['seconds'])} s"
+        + (f" (re-measured on its own with `{sp['remeasured_by']}`)." if "remeasured_by" in sp else "."), "",
         "| | min | median | max |", "|---|---:|---:|---:|",
         f"| formulas/s | {f['min']:.0f} | {f['median']:.0f} | {f['max']:.0f} |",
         f"| valid-novel-unique formulas/s | {vnu['min']:.0f} | {vnu['median']:.0f} | {vnu['max']:.0f} |",
