@@ -179,6 +179,8 @@ def _markdown(results: dict, ours: dict, dong: dict, bert: dict) -> str:
                   f"({'with' if results['meta']['default_clamp'] else 'without'} clamping): {g['validity_gap']:+.4f} "
                   f"({n_curve} samples per point: one standard error of a validity near 0.85 is about "
                   f"{(0.85 * 0.15 / n_curve) ** 0.5 if isinstance(n_curve, int) else float('nan'):.3f}).", ""]
+    if meta.get("curve_speed_note"):
+        lines += [f"Note on the formulas/s column: {meta['curve_speed_note']}", ""]
     lines += ["| clamping | steps | validity (cdvae, raw) | novelty | uniqueness | formulas/s (sampling only) |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, rows in results["steps_curve"].items():
