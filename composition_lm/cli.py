@@ -328,7 +328,8 @@ def cmd_structure(args: argparse.Namespace) -> int:
 
         load_potential(args.potential)  # fail early, before any work, on a bad potential
     rows = predict_formulas(formulas, store, ranker, top_k=args.top_k, ranking=args.ranking,
-                            include_invalid=args.include_invalid, seed=args.seed, progress=not args.no_progress)
+                            include_invalid=args.include_invalid, seed=args.seed, progress=not args.no_progress,
+                            group_types=args.group_types)
     if args.relax:
         cache = (store.path or args.output) / "elemental_references.json"
         refs = ElementalReferences(args.potential, elemental_candidates(store), cache_path=cache,
@@ -529,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranking", choices=["learned", "plain", "random"], default="learned",
                    help="learned: the ranker; plain: descriptor L1 distance; random: a seeded random order")
     p.add_argument("--top-k", type=int, default=5, help="structures per formula (default: 5)")
+    p.add_argument("--group-types", action=argparse.BooleanOptionalAction, default=True,
+                   help="collapse the 20 best templates into structure types (StructureMatcher) and rank the types "
+                   "by their templates' pooled similarity: top-k distinct types (default: on; not for --ranking random)")
     p.add_argument("--include-invalid", action="store_true", help="also predict formulas that fail the validity check")
     p.add_argument("--relax", action="store_true", help="relax every structure with an M3GNet potential (FIRE, cell + positions)")
     p.add_argument("--potential", default="M3GNet-MP-2021.2.8-PES",

@@ -82,7 +82,8 @@ def elemental_candidates(store, max_candidates: int = 3):
 
 
 def predict_formulas(formulas: list[str], store, ranker, top_k: int = 5, ranking: str = "learned",
-                     include_invalid: bool = False, seed: int = 0, progress: bool = True) -> list[Row]:
+                     include_invalid: bool = False, seed: int = 0, progress: bool = True,
+                     group_types: bool = True) -> list[Row]:
     """Rows of predicted (unrelaxed) structures, ``status`` "predicted", or one row per formula that
     yields none (``unparseable``, ``skipped``, ``no_template``, ``failed``)."""
     from tqdm.auto import tqdm
@@ -103,7 +104,8 @@ def predict_formulas(formulas: list[str], store, ranker, top_k: int = 5, ranking
                                     reason=f"fails the cdvae validity check ({verdict.reason}); use --include-invalid"))
                     continue
             try:
-                preds = predict(store, formula, top_k=top_k, ranking=ranking, ranker=ranker, seed=seed)
+                preds = predict(store, formula, top_k=top_k, ranking=ranking, ranker=ranker, seed=seed,
+                                group_types=group_types)
             except ValueError as e:
                 rows.append(Row(i, formula, status="failed", reason=str(e)))
                 continue

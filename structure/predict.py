@@ -4,11 +4,15 @@ For a query composition: take every template with the same ratio key (:meth:`Tem
 score them (``learned``: the store's :class:`~structure.ranking.CompositionRanker`; ``plain``: the
 untrained descriptor distance; ``random``: a seeded random order, the baseline), and turn the best
 ``top_k`` into structures of the query by element substitution and volume scaling
-(:func:`~structure.substitution.substitute`).
+(:func:`~structure.substitution.substitute`). By default the best templates are first collapsed into
+structure types, each type scored by the pooled similarity of its templates (:func:`group_by_type`):
+a type that several close templates share beats a lone slightly closer template, and the ``top_k``
+predictions are ``top_k`` different types.
 """
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -59,13 +63,50 @@ def rank_templates(store: TemplateStore, composition: Composition | str, ranking
 
 
 def predict(store: TemplateStore, composition: Composition | str, top_k: int = 5, ranking: str = "learned",
-            ranker: CompositionRanker | None = None, seed: int = 0, scale_volume: bool = True) -> list[Prediction]:
+            ranker: CompositionRanker | None = None, seed: int = 0, scale_volume: bool = True,
+            group_types: bool = True, pool: int = 20) -> list[Prediction]:
     """Up to ``top_k`` predicted structures of ``composition`` (fewer when fewer templates match; none
-    when no template has its ratio key)."""
+    when no template has its ratio key). With ``group_types`` (not for the random ranking) the ``pool``
+    best templates are collapsed into structure types first (:func:`group_by_type`): one prediction per
+    type, types ranked by the pooled similarity of their templates."""
     comp = Composition(composition) if isinstance(composition, str) else composition
     rows, scores = rank_templates(store, comp, ranking, ranker, seed)
+    if group_types and ranking != "random" and len(rows) > 1:
+        rows, scores = group_by_type(store, rows, scores, pool=pool)
     out = []
     for rank, (row, score) in enumerate(zip(rows[:top_k], scores[:top_k]), start=1):
         s = substitute(store.structure(int(row)), comp, scale_volume=scale_volume)
         out.append(Prediction(comp.reduced_formula, rank, int(row), store.ids[row], store.formulas[row], float(score) + 0.0, s))
     return out
+
+
+def group_by_type(store: TemplateStore, rows: np.ndarray, scores: np.ndarray, pool: int = 20,
+                  temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Collapse the ``pool`` best templates into structure types and rank the types.
+
+    Templates are grouped greedily in ranked order (a template joins the first group whose best member it
+    matches on anonymized species, with :data:`structure.ranking.MATCHER_KW`); a group scores
+    ``T * logsumexp(scores / T)`` over its members, so a type that several close templates share
+    outranks a lone slightly closer one. Returns ``(representative rows, group scores)``, best first: one
+    template per type (its best-scored member), then the templates beyond the pool in their order.
+    """
+    from structure.ranking import _matcher
+
+    matcher = _matcher()
+    reps: list[int] = []  # index into rows of each group's best member
+    members: list[list[float]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(min(pool, len(rows))):
+            s = store.structure(int(rows[i]))
+            for g, r in enumerate(reps):
+                if matcher.fit_anonymous(store.structure(int(rows[r])), s):
+                    members[g].append(float(scores[i]))
+                    break
+            else:
+                reps.append(i)
+                members.append([float(scores[i])])
+    agg = np.array([temperature * np.logaddexp.reduce(np.array(m) / temperature) for m in members])
+    order = np.argsort(-agg, kind="stable")
+    head_rows = rows[np.array(reps, dtype=np.int64)[order]] if reps else rows[:0]
+    return np.concatenate([head_rows, rows[pool:]]), np.concatenate([agg[order], scores[pool:]])

@@ -254,7 +254,7 @@ def test_structure_cif_zip_and_extxyz(plain_run):
 def test_structure_include_invalid(db, tmp_path):
     src = tmp_path / "formulas.txt"
     src.write_text("NaCl2\nKBr\n")  # a plain text file, one formula a line
-    assert main(["structure", str(src), "--templates", str(db), "--ranking", "plain", "--top-k", "3",
+    assert main(["structure", str(src), "--templates", str(db), "--ranking", "plain", "--top-k", "3", "--no-group-types",
                  "--include-invalid", "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     rows = _read_csv(tmp_path / "out" / "structures.csv")
     nacl2 = [r for r in rows if r["index"] == "0"]
@@ -268,7 +268,8 @@ def test_structure_include_invalid(db, tmp_path):
 def test_structure_learned_ranking_with_the_stores_ranker(db_with_ranker, tmp_path):
     assert (db_with_ranker / "ranker.json").is_file()
     src = _write_formulas(tmp_path / "formulas.csv", ["NaBr", "CsI", "ZnSe"])
-    assert main(["structure", str(src), "--templates", str(db_with_ranker), "--top-k", "3", "-o", str(tmp_path / "out"),
+    assert main(["structure", str(src), "--templates", str(db_with_ranker), "--top-k", "3", "--no-group-types",
+                 "-o", str(tmp_path / "out"),
                  "--no-progress"]) == 0
     rows = _read_csv(tmp_path / "out" / "structures.csv")
     assert len(rows) == 9 and {r["status"] for r in rows} == {"predicted"}
@@ -346,3 +347,15 @@ def test_structure_help_names_the_options():
     text = buf.getvalue()
     for option in ("--templates", "--ranking", "--top-k", "--include-invalid", "--relax", "--output"):
         assert option in text
+
+
+def test_structure_groups_templates_by_type_by_default(db_with_ranker, tmp_path):
+    src = _write_formulas(tmp_path / "formulas.csv", ["NaBr", "CsI"])
+    assert main(["structure", str(src), "--templates", str(db_with_ranker), "--top-k", "5", "-o", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    rows = _read_csv(tmp_path / "out" / "structures.csv")
+    for f in ("NaBr", "CsI"):
+        mine = [r for r in rows if r["formula"] == f]
+        assert 1 < len(mine) < 5  # the tiny store holds fewer structure types than templates
+        assert len({r["template_spacegroup"] for r in mine}) == len(mine)  # one template per type
+        assert [r["rank"] for r in mine] == [str(i) for i in range(1, len(mine) + 1)]

@@ -627,7 +627,7 @@ def test_rank_templates_errors_and_empty(store):
 
 
 def test_predict(store, ranker):
-    preds = predict(store, "NaBr", top_k=3, ranking="learned", ranker=ranker)
+    preds = predict(store, "NaBr", top_k=3, ranking="learned", ranker=ranker, group_types=False)
     assert [p.rank for p in preds] == [1, 2, 3]
     assert [p.similarity for p in preds] == sorted((p.similarity for p in preds), reverse=True)
     for p in preds:
@@ -639,6 +639,29 @@ def test_predict(store, ranker):
     assert len(one) == 1 and one[0].formula == "SrZrO3" and one[0].template_id == "pv-CaTiO3"
     assert one[0].structure.composition.reduced_formula == "SrZrO3"
     assert predict(store, "MgAl2O4", ranking="plain") == []
+
+
+def test_grouping_by_type_gives_distinct_types_ranked_by_pooled_similarity(store, ranker):
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from structure.predict import group_by_type
+    from structure.ranking import MATCHER_KW
+
+    rows, scores = rank_templates(store, "NaBr", "learned", ranker)
+    grouped, pooled = group_by_type(store, rows, scores, pool=len(rows))
+    assert np.all(np.diff(pooled) <= 0) and 1 < len(grouped) < len(rows)
+    matcher = StructureMatcher(**MATCHER_KW)
+    for i, a in enumerate(grouped):  # one template per type: no two representatives match
+        for b in grouped[i + 1:]:
+            assert not matcher.fit_anonymous(store.structure(int(a)), store.structure(int(b)))
+    # every template joins a group, so the pooled score of a type is at least its best member's
+    assert pooled[0] >= scores.max() - 1e-9
+    assert {type_of(store, r) for r in grouped} >= {"CsCl"}
+    # a pool of 1 changes nothing; the templates beyond the pool keep their order
+    same, s1 = group_by_type(store, rows, scores, pool=1)
+    assert same.tolist() == rows.tolist() and np.allclose(s1, scores)
+    preds = predict(store, "NaBr", top_k=10, ranking="learned", ranker=ranker)  # default: grouped
+    assert [p.template_row for p in preds] == grouped.tolist() and len(preds) == len(grouped)
 
 
 def test_default_ranker_scores_the_tiny_store(store):
