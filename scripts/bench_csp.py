@@ -89,10 +89,11 @@ def main() -> None:
     depth = {"learned": max(args.top_k, args.ceiling_k), "learned+types": args.top_k, "plain": args.top_k,
              "random": args.top_k}
     per_query = []
+    truths: dict[str, object] = {}  # material_id -> ground-truth structure, parsed once
     seconds = {r: 0.0 for r in rankings}
     warnings.filterwarnings("ignore")
     for mid, cif in tqdm(list(zip(test["material_id"], test["cif"])), desc="queries", disable=args.no_progress):
-        truth = structure_from_cif(cif)
+        truth = truths[mid] = structure_from_cif(cif)
         comp = truth.composition
         cache: dict[int, tuple[object, float | None]] = {}
 
@@ -151,7 +152,7 @@ def main() -> None:
         dt = time.perf_counter() - t
         before, after = [], []
         for r, res in zip(chosen, relaxed):
-            truth = structure_from_cif(test.set_index("material_id").loc[r["material_id"], "cif"])
+            truth = truths[r["material_id"]]
             before.append(r["learned+types"]["top1_rmse"])
             rms = matcher.get_rms_dist(res.structure, truth) if res.structure is not None else None
             after.append(None if rms is None else float(rms[0]))

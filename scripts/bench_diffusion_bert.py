@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, evaluate, plot_steps, speed_lines, target_lines, targets, time_sample_command, update_card
-from evaluation.io import atomic_path, write_json, write_text
+from benchlib import ROOT, bench_meta, measure_shipped, plot_steps, speed_lines, target_lines, targets, update_card
+from evaluation.io import write_json, write_text
 
 TARGETS = {"validity_cdvae_raw": (">=", 0.92), "uniqueness": (">=", 0.98), "novelty": (">=", 0.85),
            "element_js": ("<=", 0.05), "n_elements_wasserstein": ("<=", 0.15), "formulas_per_s": (">=", 250)}
@@ -102,16 +98,11 @@ def main() -> None:
     from composition_lm.models import load_model
 
     corpus = args.shared / "data/formulas/mp_formulas.csv"
-    results: dict = {"meta": {"machine": platform.platform(), "cpu_count": os.cpu_count(), "n": args.n,
-                              "model": args.model, "command": "python scripts/" + Path(__file__).name + " "
-                              + shlex.join(sys.argv[1:])}}
-    report = ROOT / "benchmarks/diffusion_bert"
+    results: dict = {"meta": bench_meta(__file__, args.n, args.model)}
     with tempfile.TemporaryDirectory() as tmp:
-        results["speed"] = time_sample_command(args.model, args.n, args.repeats, Path(tmp))
-        ours = evaluate(Path(tmp) / "run0/formulas.csv", corpus, report,
-                        "Diffusion-BERT (shipped default), 10,000 samples, seed 0")
-        with atomic_path(report / "formulas.csv") as t:
-            t.write_bytes((Path(tmp) / "run0/formulas.csv").read_bytes())
+        results["speed"], ours = measure_shipped(args.model, args.n, args.repeats, corpus,
+                                                 ROOT / "benchmarks/diffusion_bert",
+                                                 "Diffusion-BERT (shipped default), 10,000 samples, seed 0", Path(tmp))
     dong = json.loads((ROOT / "benchmarks/baselines/DiffusionBERT/metrics.json").read_text())
     results["quality"] = {"ours": ours, "dong_diffusionbert": dong}
     results["targets"] = targets(ours, results["speed"]["formulas_per_s"]["median"], TARGETS)

@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (EXE, ROOT, evaluate, plot_steps, run, speed_lines, target_lines, targets, time_sample_command,
-                      update_card)
-from evaluation.io import atomic_path, write_json, write_text
+from benchlib import (EXE, ROOT, bench_meta, command_line, evaluate, measure_shipped, plot_steps, run, speed_lines,
+                      target_lines, targets, time_sample_command, update_card)
+from evaluation.io import write_json, write_text
 
 TARGETS = {"validity_cdvae_raw": (">=", 0.90), "uniqueness": (">=", 0.97), "novelty": (">=", 0.80),
            "element_js": ("<=", 0.06), "n_elements_wasserstein": ("<=", 0.2), "formulas_per_s": (">=", 60)}
@@ -108,7 +104,7 @@ def main() -> None:
         results = json.loads((ROOT / "benchmarks/diffusion_lm.json").read_text())
         with tempfile.TemporaryDirectory() as tmp:
             results["speed"] = time_sample_command(args.model, args.n, args.repeats, Path(tmp))
-        results["speed"]["remeasured_by"] = "python scripts/" + Path(__file__).name + " " + shlex.join(sys.argv[1:])
+        results["speed"]["remeasured_by"] = command_line(__file__)
         results["targets"] = targets(results["quality"]["ours"], results["speed"]["formulas_per_s"]["median"], TARGETS)
         write_json(ROOT / "benchmarks/diffusion_lm.json", results)
         render(results, args.update_card)
@@ -124,18 +120,14 @@ def main() -> None:
 
     corpus = args.shared / "data/formulas/mp_formulas.csv"
     cfg = load_model(args.model).config
-    results: dict = {"meta": {"machine": platform.platform(), "cpu_count": os.cpu_count(), "n": args.n,
-                              "model": args.model, "default_steps": cfg.sampling_steps, "curve_n": args.curve_n,
-                              "default_method": cfg.sampling_method, "default_clamp": cfg.clamp,
-                              "default_noise_scale": cfg.noise_scale, "noise_n": args.noise_n,
-                              "command": "python scripts/" + Path(__file__).name + " " + shlex.join(sys.argv[1:])}}
-    report = ROOT / "benchmarks/diffusion_lm"
+    results: dict = {"meta": bench_meta(__file__, args.n, args.model, default_steps=cfg.sampling_steps,
+                                        curve_n=args.curve_n, default_method=cfg.sampling_method,
+                                        default_clamp=cfg.clamp, default_noise_scale=cfg.noise_scale,
+                                        noise_n=args.noise_n)}
     with tempfile.TemporaryDirectory() as tmp:
-        results["speed"] = time_sample_command(args.model, args.n, args.repeats, Path(tmp))
-        ours = evaluate(Path(tmp) / "run0/formulas.csv", corpus, report,
-                        "Diffusion-LM (shipped default), 10,000 samples, seed 0")
-        with atomic_path(report / "formulas.csv") as t:
-            t.write_bytes((Path(tmp) / "run0/formulas.csv").read_bytes())
+        results["speed"], ours = measure_shipped(args.model, args.n, args.repeats, corpus,
+                                                 ROOT / "benchmarks/diffusion_lm",
+                                                 "Diffusion-LM (shipped default), 10,000 samples, seed 0", Path(tmp))
         run([*EXE, "sample", "--model", args.bert, "-n", str(args.n), "--seed", "0", "-o", str(Path(tmp) / "bert"),
              "--no-progress"])
         bert = evaluate(Path(tmp) / "bert/formulas.csv", corpus, Path(tmp) / "bert-report", "Diffusion-BERT")

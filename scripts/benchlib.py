@@ -5,6 +5,8 @@ the benchmark section of a model card."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -44,6 +46,28 @@ def time_sample_command(model: str, n: int, repeats: int, tmp: Path) -> dict:
     return {"seconds": times, "formulas_per_s": _spread([n / t for t in times]),
             "valid_novel_unique_per_s": _spread([v / t for v, t in zip(vnu, times)]),
             "sample_command": "composition-gen " + shlex.join(cmd[3:])}
+
+
+def command_line(script: str) -> str:
+    """How this benchmark was run: ``python scripts/NAME ARGS``."""
+    return "python scripts/" + Path(script).name + " " + shlex.join(sys.argv[1:])
+
+
+def bench_meta(script: str, n: int, model: str, **extra) -> dict:
+    """The ``meta`` block of a benchmark's JSON: machine, cores, sample count, model, extras, command."""
+    return {"machine": platform.platform(), "cpu_count": os.cpu_count(), "n": n, "model": model, **extra,
+            "command": command_line(script)}
+
+
+def measure_shipped(model: str, n: int, repeats: int, corpus: Path, report: Path, title: str,
+                    tmp: Path) -> tuple[dict, dict]:
+    """Time the sample command (:func:`time_sample_command`), score its first run with `evaluate` into
+    ``report`` and keep those samples there as ``formulas.csv``: ``(speed, metrics)``."""
+    speed = time_sample_command(model, n, repeats, tmp)
+    metrics = evaluate(tmp / "run0/formulas.csv", corpus, report, title)
+    with atomic_path(report / "formulas.csv") as t:
+        t.write_bytes((tmp / "run0/formulas.csv").read_bytes())
+    return speed, metrics
 
 
 def evaluate(formulas_csv: Path, corpus: Path, report: Path, title: str) -> dict:

@@ -73,7 +73,7 @@ def elemental_candidates(store, max_candidates: int = 3):
         rows = store.elemental(element)[:max_candidates]
         if rows:
             return [store.structure(i) for i in rows]
-        others = sorted({element_of(f) for i, f in enumerate(store.formulas) if store.keys[i] == "1"},
+        others = sorted({element_of(store.formulas[i]) for i in store.rows_with_key("1")},
                         key=lambda e: element_dissimilarity(e, element))
         structs = [store.structure(store.elemental(e)[0]) for e in others[:max_candidates]]
         return [substitute(s, element) for s in structs]

@@ -12,7 +12,6 @@ predictions are ``top_k`` different types.
 
 from __future__ import annotations
 
-import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -90,23 +89,13 @@ def group_by_type(store: TemplateStore, rows: np.ndarray, scores: np.ndarray, po
     outranks a lone slightly closer one. Returns ``(representative rows, group scores)``, best first: one
     template per type (its best-scored member), then the templates beyond the pool in their order.
     """
-    from structure.ranking import _matcher
+    from structure.ranking import MATCHER_KW, label_structure_types
 
-    matcher = _matcher()
-    reps: list[int] = []  # index into rows of each group's best member
-    members: list[list[float]] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i in range(min(pool, len(rows))):
-            s = store.structure(int(rows[i]))
-            for g, r in enumerate(reps):
-                if matcher.fit_anonymous(store.structure(int(rows[r])), s):
-                    members[g].append(float(scores[i]))
-                    break
-            else:
-                reps.append(i)
-                members.append([float(scores[i])])
-    agg = np.array([temperature * np.logaddexp.reduce(np.array(m) / temperature) for m in members])
+    head = min(pool, len(rows))
+    labels = label_structure_types([store.structure(int(r)) for r in rows[:head]], MATCHER_KW)
+    reps = [int(np.flatnonzero(labels == t)[0]) for t in range(labels.max() + 1)] if head else []
+    members = [scores[:head][labels == t].astype(np.float64) for t in range(len(reps))]
+    agg = np.array([temperature * np.logaddexp.reduce(m / temperature) for m in members])
     order = np.argsort(-agg, kind="stable")
     head_rows = rows[np.array(reps, dtype=np.int64)[order]] if reps else rows[:0]
     return np.concatenate([head_rows, rows[pool:]]), np.concatenate([agg[order], scores[pool:]])

@@ -27,6 +27,7 @@ the aligned electronegativity / row / group / atomic-radius features, each scale
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -70,8 +71,9 @@ class CompositionRanker(nn.Module):
         self.net = nn.Sequential(*blocks, last)
         self.alpha = nn.Parameter(torch.ones(()))
         self.register_buffer("scale", torch.ones(config.descriptor_size))
+        cols, weights = _plain_columns()
         plain = torch.zeros(config.descriptor_size)
-        plain[torch.from_numpy(_plain_cols())] = torch.from_numpy(_plain_w()).float()
+        plain[torch.from_numpy(cols)] = torch.from_numpy(weights).float()
         self.register_buffer("plain_weight", plain)
 
     def forward(self, diff: torch.Tensor) -> torch.Tensor:
@@ -114,8 +116,8 @@ class CompositionRanker(nn.Module):
 def plain_distance_scores(query: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """Negative scaled L1 distance of the aligned electronegativity, row, group and atomic radius (higher =
     more similar): the untrained baseline."""
-    cols = _plain_cols()
-    return -(np.abs(templates[:, cols] - query[None, cols]) @ _plain_w())
+    cols, weights = _plain_columns()
+    return -(np.abs(templates[:, cols] - query[None, cols]) @ weights)
 
 
 # -------------------------------------------------------------------------------------------- labels
@@ -125,23 +127,20 @@ def _matcher(**kw):
     return StructureMatcher(**(kw or MATCHER_KW), primitive_cell=True, scale=True, attempt_supercell=False)
 
 
-def label_structure_types(structures: list) -> np.ndarray:
-    """Cluster structures of one ratio key into structure types (anonymized ``StructureMatcher`` with
-    pymatgen's default tolerances, stricter than ``MATCHER_KW``, which e.g. lets rock salt match zinc
-    blende): a type id per structure, 0, 1, ... in order of first appearance."""
-    matcher = _matcher(ltol=0.2, stol=0.3, angle_tol=5)
-    reps: list[tuple[int, object]] = []  # (type id, representative)
+def label_structure_types(structures: list, tolerances: dict | None = None) -> np.ndarray:
+    """Cluster structures into structure types by anonymized ``StructureMatcher``: a type id per structure,
+    0, 1, ... in order of first appearance (a structure joins the first type whose first member it
+    matches). ``tolerances`` default to pymatgen's, stricter than ``MATCHER_KW`` (which e.g. lets rock
+    salt match zinc blende)."""
+    matcher = _matcher(**(tolerances or {"ltol": 0.2, "stol": 0.3, "angle_tol": 5}))
+    reps: list = []  # the first member of each type
     labels = np.zeros(len(structures), dtype=np.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, s in enumerate(structures):
-            for type_id, rep in reps:
-                if matcher.fit_anonymous(rep, s):
-                    labels[i] = type_id
-                    break
-            else:
-                labels[i] = len(reps)
-                reps.append((len(reps), s))
+            labels[i] = next((t for t, rep in enumerate(reps) if matcher.fit_anonymous(rep, s)), len(reps))
+            if labels[i] == len(reps):
+                reps.append(s)
     return labels
 
 
@@ -284,13 +283,12 @@ def train_ranker(store, lists: list[dict] | None = None, config: RankerConfig | 
     return model
 
 
-def _plain_cols() -> np.ndarray:
-    pick = [PROPERTIES.index(p) for p in ("electronegativity", "row", "group", "atomic_radius")]
-    return np.array([slot * N_PROPS + p for slot in range(MAX_ELEMENTS) for p in pick])
-
-
-def _plain_w() -> np.ndarray:
+@functools.cache
+def _plain_columns() -> tuple[np.ndarray, np.ndarray]:
+    """Columns of the aligned electronegativity, row, group and atomic radius in the descriptor, and the
+    weight of each (1 / the property's spread over the table): the plain distance."""
     from structure.descriptors import property_scale
 
     pick = [PROPERTIES.index(p) for p in ("electronegativity", "row", "group", "atomic_radius")]
-    return np.tile(1 / property_scale()[pick], MAX_ELEMENTS)
+    cols = np.array([slot * N_PROPS + p for slot in range(MAX_ELEMENTS) for p in pick])
+    return cols, np.tile(1 / property_scale()[pick], MAX_ELEMENTS)
