@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -138,11 +139,192 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- evaluate-structures
+_GENERATOR_OUTPUTS = ("structures.extxyz", "structures_cif.zip")  # what `composition-gen structure` writes
+_DEFAULT_COMPSCALER = Path("../shared/data/cdvae_compscaler.json")
+
+
+def _read_structure_csv(path: Path) -> list:
+    """Structures of a CSV(.gz) with a ``cif`` column; an empty or unreadable CIF becomes None (invalid)."""
+    import pandas as pd
+
+    from structure.templates import structure_from_cif
+
+    df = pd.read_csv(path)
+    if "cif" not in df.columns:
+        raise ValueError(f"{path}: a structure CSV needs a 'cif' column (columns: {', '.join(map(str, df.columns))})")
+    out = []
+    for cif in df["cif"]:
+        try:
+            out.append(structure_from_cif(cif) if isinstance(cif, str) and cif.strip() else None)
+        except Exception:  # any parser error: the sample is unreadable, hence invalid
+            out.append(None)
+    return out
+
+
+def _read_cif_zip(path: Path) -> list:
+    """Structures of every ``*.cif`` member of a zip, by name; an unreadable CIF becomes None (invalid)."""
+    import zipfile
+
+    from structure.templates import structure_from_cif
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path}: not a readable zip file ({e})") from e
+    with zf:
+        names = sorted(n for n in zf.namelist() if n.lower().endswith(".cif"))
+        if not names:
+            raise ValueError(f"{path}: the zip holds no .cif files")
+        out = []
+        for name in names:
+            try:
+                out.append(structure_from_cif(zf.read(name).decode("utf-8", errors="replace")))
+            except Exception:
+                out.append(None)
+    return out
+
+
+def _read_generated_structures(path: Path) -> tuple[list, str]:
+    """(structures, None for unreadable ones; the file actually read) of a generator output folder, a CSV
+    with a cif column, a zip of CIFs, or anything :func:`structure.templates.read_structures` reads."""
+    from structure.templates import read_structures
+
+    if not path.exists():
+        raise FileNotFoundError(f"no generated structures at {path}")
+    if path.is_dir():
+        outputs = [path / name for name in _GENERATOR_OUTPUTS if (path / name).is_file()]
+        if outputs:  # a generator's output folder: one source only (extxyz first: exact coordinates)
+            return _read_generated_structures(outputs[0])
+        return [r.structure for r in read_structures(path)], str(path)
+    name = path.name.lower()
+    if name.endswith((".csv", ".csv.gz")):
+        return _read_structure_csv(path), str(path)
+    if name.endswith(".zip"):
+        return _read_cif_zip(path), str(path)
+    try:
+        return [r.structure for r in read_structures(path)], str(path)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # ase / pymatgen parser errors
+        raise ValueError(f"{path}: could not read structures ({type(e).__name__}: {e})") from e
+
+
+def _infer_dataset(test: Path) -> str | None:
+    text = str(test).lower().replace("-", "_")
+    for hint, dataset in (("perov", "perov5"), ("carbon", "carbon24"), ("mp_20", "mp20"), ("mp20", "mp20")):
+        if hint in text:
+            return dataset
+    return None
+
+
+def cmd_evaluate_structures(args: argparse.Namespace) -> int:
+    import itertools
+
+    from evaluation.structures import COV_CUTOFFS, evaluate_structures, write_structure_report
+    from structure.templates import read_structures
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if args.limit_test is not None and args.limit_test < 1:
+        raise ValueError("--limit-test must be at least 1")
+    dataset = args.dataset or _infer_dataset(args.test) or "mp20"
+    if args.dataset is None:
+        print(f"dataset: {dataset} (from the --test path; set --dataset to choose)", file=sys.stderr)
+    compscaler = args.compscaler
+    if not args.no_coverage:
+        if compscaler is None:
+            if not _DEFAULT_COMPSCALER.is_file():
+                raise FileNotFoundError(f"COV-R / COV-P need CDVAE's Magpie scaling constants: pass --compscaler "
+                                        f"PATH (not found at the default {_DEFAULT_COMPSCALER}), or --no-coverage")
+            compscaler = _DEFAULT_COMPSCALER
+        elif not compscaler.is_file():
+            raise FileNotFoundError(f"--compscaler: no file at {compscaler}")
+    if not args.test.exists():
+        raise FileNotFoundError(f"--test: no reference structures at {args.test}")
+    generated, source = _read_generated_structures(args.generated)
+    if not generated:
+        raise ValueError(f"{args.generated} holds no structures")
+    reference = [r.structure for r in itertools.islice(read_structures(args.test), args.limit_test)]
+    if not reference:
+        raise ValueError(f"{args.test} holds no structures")
+    n_bad = sum(s is None for s in generated)
+    print(f"{len(generated)} generated structures from {source}" + (f" ({n_bad} unreadable)" if n_bad else "")
+          + f"; {len(reference)} reference structures from {args.test}", file=sys.stderr)
+    cache = None if args.no_cache else (args.cache or args.output.resolve().parent / ".fingerprint_cache")
+    metrics = evaluate_structures(generated, reference, dataset=dataset, compscaler=compscaler, workers=args.workers,
+                                  cache_dir=cache, progress=not args.no_progress,
+                                  coverage_metrics=not args.no_coverage)
+    sources = {"generated": source, "test": str(args.test), "limit_test": args.limit_test,
+               "compscaler": str(compscaler) if compscaler else None, "fingerprint_cache": str(cache) if cache else None}
+    files = write_structure_report(metrics, args.output, title=args.title or f"Structure metrics of "
+                                   f"{args.generated.name}", sources=sources, plots=not args.no_plots)
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    def num(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    cut = COV_CUTOFFS.get(dataset)
+    print(f"struct valid {pct(metrics['struct_validity'])}  comp valid {pct(metrics['comp_validity'])}  "
+          f"valid {pct(metrics['validity'])}  COV-R {pct(metrics['cov_recall'])}  COV-P {pct(metrics['cov_precision'])}  "
+          f"wdist density {num(metrics['wdist_density'])}  wdist #elem {num(metrics['wdist_num_elems'])}"
+          + (f"  (cut-offs {cut[0]} / {cut[1]})" if cut else ""))
+    print(f"wrote {', '.join(files)} to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _add_evaluate_structures_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate-structures",
+        help="score generated crystal structures with CDVAE's metrics: validity, COV-R/COV-P, Wasserstein distances",
+        description="CDVAE's generation metrics (Xie et al. 2022) of GENERATED against the test split --test: "
+        "structural validity (all distances >= 0.5 Å, volume >= 0.1 Å³), composition validity (SMACT, cdvae "
+        "protocol), COV-R / COV-P from CrystalNN and Magpie fingerprints with the dataset's cut-offs, and "
+        "Wasserstein distances of density and number of elements (valid samples vs test). Unreadable generated "
+        "entries count as invalid. Writes metrics.json, report.md, density.png and num_elements.png to -o DIR.",
+    )
+    p.add_argument("generated", type=Path, metavar="GENERATED",
+                   help="generated structures: a `composition-gen structure` output folder (its structures.extxyz, "
+                   "else structures_cif.zip), a CSV(.gz) with a cif column, an extxyz file, a zip of CIFs, a "
+                   "CIF/POSCAR/pymatgen-JSON file or a folder of them")
+    p.add_argument("--test", type=Path, required=True, metavar="TEST",
+                   help="reference structures, e.g. ../shared/data/structures/mp_20/test.csv.gz (any format "
+                   "`templates build` reads)")
+    p.add_argument("--dataset", choices=["mp20", "perov5", "carbon24"],
+                   help="COV cut-offs (structure / composition): mp20 0.4 / 10, perov5 and carbon24 0.2 / 4; also "
+                   "picks the published CDVAE row of the report (default: guessed from the --test path, else mp20)")
+    p.add_argument("--compscaler", type=Path, metavar="PATH",
+                   help="JSON of CDVAE's Magpie means/stds (CompScalerMeans, CompScalerStds), needed for COV "
+                   f"(default: {_DEFAULT_COMPSCALER} if it exists)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes computing fingerprints (CrystalNN takes 0.05-1 s per structure) (default: 1)")
+    p.add_argument("--cache", type=Path, metavar="DIR",
+                   help="folder caching the test set's fingerprints (.npz keyed by a hash of the structures and "
+                   "library versions) (default: .fingerprint_cache beside the output folder)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the fingerprint cache")
+    p.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test structures (quick runs; "
+                   "numbers are then not comparable with published ones)")
+    p.add_argument("--no-coverage", action="store_true",
+                   help="skip fingerprints and COV-R / COV-P (validity and Wasserstein distances only; fast)")
+    p.add_argument("--title", help="title of report.md")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=cmd_evaluate_structures)
+
 
 # ------------------------------------------------------------------------------------------ train
-def cmd_train(args: argparse.Namespace) -> int:
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed, recorded in trained models' cards."""
     import shlex
 
+    argv = getattr(args, "_argv", None)
+    return "composition-gen " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from composition_lm.training import TrainingArguments, train
 
     targs = TrainingArguments(
@@ -158,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples, save_every=args.save_every, resume=args.resume,
         stop_at_step=args.stop_at_step, progress=not args.no_progress,
     )
-    out = train(targs, command="composition-gen " + shlex.join(sys.argv[1:] if args._argv is None else args._argv))
+    out = train(targs, command=_command_line(args))
     if os.environ.get("RANK", "0") == "0":
         print(f"written to {out}", file=sys.stderr)
     return 0
@@ -172,7 +354,6 @@ def _element_list(text: str | None) -> list[str]:
 def cmd_sample(args: argparse.Namespace) -> int:
     import json
     import platform
-    import shlex
 
     import torch
 
@@ -229,7 +410,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         "formulas_per_s": n / elapsed, "valid_novel_unique_per_s": vnu / elapsed,
     }
     config = {
-        "command": "composition-gen " + shlex.join(sys.argv[1:] if args._argv is None else args._argv),
+        "command": _command_line(args),
         "model": str(loaded.path),
         "model_type": loaded.model_type, "n": args.n, "seed": args.seed,
         **resolve_sampling_settings(loaded.config, args.steps, args.method, args.clamp, args.noise_scale),
@@ -304,7 +485,7 @@ def _read_formula_column(path: Path, column: str | None) -> list[str]:
 
 
 def cmd_structure(args: argparse.Namespace) -> int:
-    from structure.pipeline import elemental_candidates, predict_formulas, relax_rows, write_outputs
+    from structure.pipeline import predict_formulas, write_outputs
     from structure.ranking import DEFAULT_RANKER, CompositionRanker
     from structure.templates import TemplateStore, aflow_store
 
@@ -324,24 +505,137 @@ def cmd_structure(args: argparse.Namespace) -> int:
         own = store.path if store.path is not None and (store.path / "ranker.json").exists() else None
         ranker = CompositionRanker.load(args.ranker or own or DEFAULT_RANKER)
     if args.relax:
-        from structure.relax import ElementalReferences, load_potential
+        from structure.relax import load_potential
 
         load_potential(args.potential)  # fail early, before any work, on a bad potential
     rows = predict_formulas(formulas, store, ranker, top_k=args.top_k, ranking=args.ranking,
                             include_invalid=args.include_invalid, seed=args.seed, progress=not args.no_progress,
                             group_types=args.group_types)
     if args.relax:
-        cache = (store.path or args.output) / "elemental_references.json"
-        refs = ElementalReferences(args.potential, elemental_candidates(store), cache_path=cache,
-                                   fmax=args.fmax, max_steps=args.max_steps)
-        relax_rows(rows, args.potential, refs, fmax=args.fmax, max_steps=args.max_steps, workers=args.workers,
-                   progress=not args.no_progress)
+        _relax(rows, store, args)
     paths = write_outputs(rows, args.output)
     status = Counter(r.status for r in rows)
     n_formulas = len({r.index for r in rows})
     print(f"{n_formulas} formulas -> {sum(r.structure is not None for r in rows)} structures "
           f"({', '.join(f'{n} {s}' for s, n in sorted(status.items()))}); wrote {', '.join(str(p) for p in paths.values())}")
     return 0
+
+
+def _relax(rows: list, store, args: argparse.Namespace) -> None:
+    """Relax rows in place with ``args.potential``; formation energies against elemental references taken
+    from ``store`` (relaxed once, cached beside the store or the output)."""
+    from structure.pipeline import elemental_candidates, relax_rows
+    from structure.relax import ElementalReferences
+
+    cache = (store.path or args.output) / "elemental_references.json"
+    refs = ElementalReferences(args.potential, elemental_candidates(store), cache_path=cache,
+                               fmax=args.fmax, max_steps=args.max_steps)
+    relax_rows(rows, args.potential, refs, fmax=args.fmax, max_steps=args.max_steps, workers=args.workers,
+               progress=not args.no_progress)
+
+
+# ------------------------------------------------------------------------------------------- cdvae
+def cmd_cdvae_train(args: argparse.Namespace) -> int:
+    from structure.cdvae.train import CDVAETrainingArguments, train
+
+    fields = {f.name for f in dataclasses.fields(CDVAETrainingArguments)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update(data=str(args.data), output_dir=str(args.output), progress=not args.no_progress,
+                  val_split=None if (args.val_split or "").lower() in ("", "none") else args.val_split,
+                  cache_dir=str(args.cache) if args.cache else None,
+                  init_from=str(args.init_from) if args.init_from else None)
+    out = train(CDVAETrainingArguments(**values), command=_command_line(args))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_cdvae_sample(args: argparse.Namespace) -> int:
+    from structure.cdvae.model import CDVAE, resolve_model
+    from structure.cdvae.sampling import sample, to_rows
+    from structure.pipeline import write_outputs
+
+    if args.n < 1:
+        raise ValueError("-n must be at least 1")
+    if args.relax:
+        from structure.relax import load_potential
+
+        load_potential(args.potential)  # fail early, before any work, on a bad potential
+    model = CDVAE.from_pretrained(resolve_model(args.model))
+    t0 = time.perf_counter()
+    crystals = sample(model, args.n, seed=args.seed, batch_size=args.batch_size, levels=args.levels,
+                      steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    rows = to_rows(crystals)
+    if args.relax:
+        from structure.templates import TemplateStore, aflow_store
+
+        _relax(rows, TemplateStore.load(args.templates) if args.templates else aflow_store(), args)
+    paths = write_outputs(rows, args.output)
+    status = Counter(r.status for r in rows)
+    print(f"{len(rows)} crystals in {seconds:.1f} s ({', '.join(f'{n} {s}' for s, n in sorted(status.items()))}); "
+          f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _add_cdvae_parser(sub) -> None:
+    p = sub.add_parser("cdvae", help="train and sample CDVAE, a generator of whole crystals",
+                       description="CDVAE (crystal diffusion VAE): a periodic GNN encoder, property heads and a "
+                       "score-network decoder sampled by annealed Langevin dynamics.")
+    csub = p.add_subparsers(dest="cdvae_command", metavar="ACTION", required=True)
+    t = csub.add_parser("train", help="train (or fine-tune, or resume) CDVAE on CDVAE-style CSVs",
+                        description="Train on DATA/<train-split>.csv(.gz) (a `cif` column per crystal), validate on "
+                        "DATA/<val-split>.csv(.gz) or, with --val-split none, on a held-out part of the training "
+                        "split. Checkpoints go to OUTPUT/checkpoints (continue with --resume); the final model "
+                        "(EMA weights, safetensors + config.json, model card) to OUTPUT/model.")
+    t.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder of <split>.csv(.gz) files")
+    t.add_argument("--train-split", default="train", help="training split (default: train)")
+    t.add_argument("--val-split", default="val", help="validation split, or 'none' to hold out --val-fraction")
+    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--cache", type=Path, metavar="DIR", help="parsed-crystal cache (default: OUTPUT/cache)")
+    t.add_argument("--init-from", type=Path, metavar="MODEL", help="fine-tune this CDVAE model folder")
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--latent", type=int, default=128)
+    t.add_argument("--encoder-layers", type=int, default=3)
+    t.add_argument("--decoder-layers", type=int, default=4)
+    t.add_argument("--cutoff", type=float, default=7.0, help="neighbour cutoff in Å (default: 7)")
+    t.add_argument("--max-neighbors", type=int, default=20)
+    t.add_argument("--beta", type=float, default=0.01, help="KL weight (default: 0.01)")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--max-steps", type=int, default=20000)
+    t.add_argument("--warmup-steps", type=int, default=200)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--save-every", type=int, default=500)
+    t.add_argument("--stop-at-step", type=int, help="stop early with a checkpoint, schedule unchanged")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("-o", "--output", type=Path, required=True, help="run folder")
+    t.set_defaults(func=cmd_cdvae_train, _argv=None)
+    s = csub.add_parser("sample", help="sample crystals; writes structures.csv, structures_cif.zip, structures.extxyz",
+                        description="Draw N latents from the prior, decode the number of atoms, lattice and "
+                        "composition, then run annealed Langevin dynamics over the noise levels. Same outputs as "
+                        "`composition-gen structure`; --relax relaxes them with M3GNet.")
+    s.add_argument("--model", default="cdvae-mp20",
+                   help="model folder, or a shipped name: cdvae-mp20 (default), cdvae-perov5")
+    s.add_argument("-n", type=int, default=100, help="number of crystals (default: 100)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same crystals)")
+    s.add_argument("--batch-size", type=int, default=500, help="crystals decoded together (default: 500)")
+    s.add_argument("--levels", type=int, help="noise levels of the Langevin schedule (default: the model's)")
+    s.add_argument("--steps", type=int, help="Langevin steps per level (default: the model's)")
+    s.add_argument("--step-lr", type=float, help="Langevin step size at the smallest noise (default: the model's)")
+    s.add_argument("--relax", action="store_true", help="relax every crystal with an M3GNet potential")
+    s.add_argument("--potential", default="M3GNet-MP-2021.2.8-PES",
+                   help="matgl hub name or local model folder (default: M3GNet-MP-2021.2.8-PES)")
+    s.add_argument("--templates", type=Path, metavar="DB",
+                   help="template store for elemental reference structures (default: the AFLOW prototypes)")
+    s.add_argument("--fmax", type=float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
+    s.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure (default: 500)")
+    s.add_argument("--workers", type=int, default=1, help="relaxation worker processes (default: 1)")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("-o", "--output", type=Path, default=Path("cdvae_samples"), help="output directory")
+    s.set_defaults(func=cmd_cdvae_sample)
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -387,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     p.set_defaults(func=cmd_evaluate)
+    _add_evaluate_structures_parser(sub)
 
     p = sub.add_parser(
         "train",
@@ -544,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-o", "--output", type=Path, default=Path("structures"), help="output directory (default: structures)")
     p.set_defaults(func=cmd_structure)
+    _add_cdvae_parser(sub)
     return parser
 
 

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import gzip
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 from composition_lm.formula import get_codec
 from composition_lm.models import model_classes
 from composition_lm.tokenizer import PAD, build_tokenizer, encode_formulas, vocabulary_size
+from evaluation.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
 from evaluation.composition import parse_formula
 from evaluation.io import atomic_path, write_json, write_text
 
@@ -89,47 +89,8 @@ class TrainingArguments:
     extra: dict = field(default_factory=dict)
 
 
-class EMA:
-    """Exponential moving average of a model's floating-point parameters (checkpointable)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))  # warm-up of the decay, as in common EMA helpers
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-
-    @contextlib.contextmanager
-    def applied(self, model: torch.nn.Module):
-        """Temporarily load the EMA weights into ``model``."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
-        model.load_state_dict({**model.state_dict(), **{k: v.to(backup[k].dtype) for k, v in self.shadow.items()}})
-        try:
-            yield model
-        finally:
-            model.load_state_dict({**model.state_dict(), **backup})
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.shadow = {k: v.float() for k, v in state["shadow"].items()}
-
-
 def _lr_lambda(args: TrainingArguments):
-    def f(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / max(1, args.warmup_steps)
-        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * cos
-
-    return f
+    return warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio)
 
 
 def _encode(formulas: list[str], codec, tokenizer, seq_length: int,
@@ -221,12 +182,6 @@ def export_checkpoint(ckpt: str | Path, export: str | Path) -> Path:
     return Path(export)
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
-    return ckpts[-1] if ckpts else None
-
-
 def _model_card(args: TrainingArguments, cfg, metrics: dict, n_params: int) -> str:
     lines = [
         f"# composition-gen {args.model_type} formula model",
@@ -277,7 +232,7 @@ def train(args: TrainingArguments, command: str = "") -> Path:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     main = accelerator.is_main_process
-    ckpt = _latest_checkpoint(out) if args.resume else None
+    ckpt = latest_checkpoint(out) if args.resume else None
     if args.resume and ckpt is None and main:
         print(f"no checkpoint under {out}/checkpoints: starting from scratch")
     if not args.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
@@ -434,51 +389,13 @@ def train(args: TrainingArguments, command: str = "") -> Path:
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, args: TrainingArguments, sched, ema: EMA) -> None:
-    """``accelerator.save_state`` (model as safetensors, optimizer, RNG) plus EMA (safetensors) and
-    scheduler/step (JSON), written to a temporary folder renamed into place when complete."""
-    from safetensors.torch import save_file
-
-    ckpt_root = out / "checkpoints"
-    final = ckpt_root / f"step-{step}"
-    tmp = ckpt_root / f".tmp-step-{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()  # every rank writes its RNG state into tmp: all must finish before the rename
-    if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
-        sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-        write_json(tmp / "trainer_state.json", {"step": step, "ema_decay": ema.decay, "scheduler": sched_state,
-                                                "args": dataclasses.asdict(args)})
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # a checkpoint folder appears only once complete
-        old = sorted((p for p in ckpt_root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
-        for p in old[: -args.keep_checkpoints]:
-            shutil.rmtree(p, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    save_checkpoint(accelerator, out, step, sched, ema, {"args": dataclasses.asdict(args)}, args.keep_checkpoints)
 
 
 def _load_checkpoint(accelerator, ckpt: Path, sched, ema: EMA) -> int:
-    """Restore a checkpoint written by :func:`_save_checkpoint`; returns its step. Never unpickles
-    arbitrary objects: tensors load with ``weights_only=True``, the rest is JSON/safetensors."""
-    from safetensors.torch import load_file
-
-    for name in ("trainer_state.json", "ema.safetensors", "model.safetensors"):
-        if not (ckpt / name).exists():
-            raise FileNotFoundError(f"checkpoint {ckpt} is incomplete: {name} is missing")
-    try:
-        accelerator.load_state(str(ckpt), load_kwargs={"weights_only": True})
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        ema.load_state_dict({"decay": state["ema_decay"], "shadow": load_file(str(ckpt / "ema.safetensors"))})
-    except Exception as err:
-        raise ValueError(f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {err})") from err
-    sched.load_state_dict({**sched.state_dict(), **state["scheduler"]})
-    return int(state["step"])
+    return int(load_checkpoint(accelerator, ckpt, sched, ema)["step"])
 
 
-@torch.no_grad()
 def evaluate_model(raw_model, ema: EMA, loss_fn, val_ids, args: TrainingArguments, device) -> dict:
     """Validation loss (fixed noise) and cdvae validity of a small sample, with the EMA weights."""
     from composition_lm.sampling import generate

@@ -1,0 +1,314 @@
+"""Crystals as periodic graphs for CDVAE.
+
+* :func:`load_crystals` reads a CDVAE-style CSV (``cif`` column), brings every structure to CDVAE's
+  canonical form (Niggli-reduced cell, lattice rebuilt from its lengths and angles so that the same
+  cell always gets the same orientation) and caches the packed arrays as safetensors + JSON, keyed by
+  the file's content hash, so the second load takes a fraction of a second.
+* :class:`Crystals` holds them; ``crystals[i]`` is a ``torch_geometric`` ``Data`` and
+  :func:`collate` batches a list of them.
+* :func:`lattice_matrix` turns lengths + angles into row-vector lattices (pymatgen's convention).
+* :func:`periodic_edges` finds every neighbour within a cutoff across periodic boundaries (with the
+  integer lattice offset of the image), optionally keeping only the nearest ``max_neighbors`` of each
+  atom; :func:`edge_vectors` turns those edges into Cartesian vectors ``x_j + offset @ L - x_i``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation.io import atomic_path, write_json
+
+CACHE_VERSION = 1
+MAX_IMAGES = 3  # at most this many periodic images per direction and side (documented cap)
+TIE_TOLERANCE = 1e-3  # Å: neighbours this close to the max_neighbors-th one are kept with it
+
+
+# ---------------------------------------------------------------------------------------- lattices
+def lattice_matrix(lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """(B, 3) lengths in Å and (B, 3) angles in degrees → (B, 3, 3) lattices whose rows are the vectors
+    a, b, c, oriented as pymatgen's ``Lattice.from_parameters``."""
+    a, b, c = lengths.unbind(-1)
+    rad = torch.deg2rad(angles)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    val = ((cos[:, 0] * cos[:, 1] - cos[:, 2]) / (sin[:, 0] * sin[:, 1])).clamp(-1.0, 1.0)
+    gamma_star = torch.arccos(val)
+    zero = torch.zeros_like(a)
+    va = torch.stack([a * sin[:, 1], zero, a * cos[:, 1]], -1)
+    vb = torch.stack([-b * sin[:, 0] * torch.cos(gamma_star), b * sin[:, 0] * torch.sin(gamma_star), b * cos[:, 0]], -1)
+    vc = torch.stack([zero, zero, c], -1)
+    return torch.stack([va, vb, vc], 1)
+
+
+def lattice_parameters(lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`lattice_matrix` (up to orientation): (B, 3, 3) → lengths, angles (degrees)."""
+    lengths = lattice.norm(dim=-1)
+    a, b, c = lattice.unbind(1)
+
+    def angle(u, v, nu, nv):
+        return torch.rad2deg(torch.arccos(((u * v).sum(-1) / (nu * nv)).clamp(-1.0, 1.0)))
+
+    angles = torch.stack([angle(b, c, lengths[:, 1], lengths[:, 2]), angle(a, c, lengths[:, 0], lengths[:, 2]),
+                          angle(a, b, lengths[:, 0], lengths[:, 1])], -1)
+    return lengths, angles
+
+
+# ------------------------------------------------------------------------------------------- edges
+def _pairs(num_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every ordered pair (i, j) of atoms within the same crystal (i == j included): atom indices into
+    the flat batch and the crystal of each pair."""
+    device = num_atoms.device
+    first = torch.cumsum(num_atoms, 0) - num_atoms
+    n_pairs = num_atoms * num_atoms
+    crystal = torch.repeat_interleave(torch.arange(len(num_atoms), device=device), n_pairs)
+    local = torch.arange(int(n_pairs.sum()), device=device) - torch.repeat_interleave(torch.cumsum(n_pairs, 0) - n_pairs, n_pairs)
+    n = num_atoms[crystal]
+    return first[crystal] + local // n, first[crystal] + local % n, crystal
+
+
+@torch.no_grad()
+def periodic_edges(frac: torch.Tensor, lattice: torch.Tensor, num_atoms: torch.Tensor, cutoff: float,
+                   max_neighbors: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours within ``cutoff`` Å under periodic boundary conditions.
+
+    ``frac`` (N, 3) fractional coordinates of all atoms of a batch, ``lattice`` (B, 3, 3), ``num_atoms``
+    (B,). Returns ``edge_index`` (2, E) as (source j, target i) and ``offsets`` (E, 3), the integer
+    lattice translation of the image of j, so that the vector from i to that image is
+    ``x_j + offsets @ L - x_i``. An atom's own images are neighbours; the atom itself is not. With
+    ``max_neighbors``, each atom keeps its nearest ones, and every further one within
+    :data:`TIE_TOLERANCE` of the last kept (a hard cut through equidistant neighbours would break
+    rotation and permutation symmetry). The images searched per
+    direction cover the cutoff, capped at :data:`MAX_IMAGES` on each side (cells thinner than
+    cutoff / 3 see fewer neighbours than the cutoff allows).
+    """
+    frac = frac - torch.floor(frac)
+    # images needed per direction: cutoff / (spacing of lattice planes) = cutoff * |row of inv(L)^T|
+    recip = torch.linalg.inv(lattice).transpose(1, 2).norm(dim=-1)  # (B, 3): 1 / plane spacings
+    reach = torch.ceil(cutoff * recip).clamp(max=MAX_IMAGES).amax(0).long().tolist()
+    grids = [torch.arange(-r, r + 1, device=frac.device, dtype=frac.dtype) for r in reach]
+    images = torch.cartesian_prod(*grids)  # (I, 3)
+    i, j, crystal = _pairs(num_atoms)
+    lat = lattice[crystal]
+    base = torch.einsum("pk,pkl->pl", frac[j] - frac[i], lat)  # (P, 3)
+    shift = torch.einsum("ik,pkl->pil", images, lat)  # (P, I, 3)
+    dist = (base[:, None] + shift).norm(dim=-1)  # (P, I)
+    self_image = (i == j)[:, None] & (images.abs().sum(-1) == 0)[None]
+    keep = (dist < cutoff) & ~self_image
+    p, k = keep.nonzero(as_tuple=True)
+    src, dst, offsets, d = j[p], i[p], images[k], dist[p, k]
+    if max_neighbors is not None and len(d):
+        order = torch.argsort(dst.double() * (2 * cutoff + 1) + d.double())
+        src, dst, offsets, d = src[order], dst[order], offsets[order], d[order]
+        counts = torch.bincount(dst, minlength=len(frac))
+        start = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(dst), device=dst.device) - start[dst]
+        # the distance of each atom's max_neighbors-th neighbour; every edge up to it (plus a tolerance)
+        # stays, so symmetric ties (an atom's own images at +a and -a) are kept or dropped together
+        kth = torch.full((len(frac),), float("inf"), dtype=d.dtype, device=d.device)
+        at_k = rank == max_neighbors - 1
+        kth[dst[at_k]] = d[at_k]
+        sel = d <= kth[dst] + TIE_TOLERANCE
+        src, dst, offsets = src[sel], dst[sel], offsets[sel]
+    return torch.stack([src, dst]), offsets
+
+
+def edge_vectors(frac: torch.Tensor, lattice: torch.Tensor, batch: torch.Tensor, edge_index: torch.Tensor,
+                 offsets: torch.Tensor) -> torch.Tensor:
+    """Cartesian vectors from each edge's target i to its source image j: ``x_j + offsets @ L - x_i``."""
+    src, dst = edge_index
+    lat = lattice[batch[dst]]
+    return torch.einsum("ek,ekl->el", frac[src] - frac[dst] + offsets, lat)
+
+
+def min_image_displacement(frac_from: torch.Tensor, frac_to: torch.Tensor, lattice: torch.Tensor,
+                           batch: torch.Tensor) -> torch.Tensor:
+    """Shortest Cartesian vector from each atom at ``frac_from`` to the images of ``frac_to`` (searched
+    over the 27 neighbouring cells after wrapping the fractional difference to [-0.5, 0.5))."""
+    diff = frac_to - frac_from
+    diff = diff - torch.round(diff)
+    images = torch.cartesian_prod(*[torch.tensor([-1.0, 0.0, 1.0], device=diff.device, dtype=diff.dtype)] * 3)
+    lat = lattice[batch]
+    cand = torch.einsum("nik,nkl->nil", diff[:, None] + images[None], lat)  # (N, 27, 3)
+    best = cand.norm(dim=-1).argmin(1)
+    return cand[torch.arange(len(diff), device=diff.device), best]
+
+
+# ------------------------------------------------------------------------------------------ crystals
+@dataclass
+class CrystalBatch:
+    """A batch of crystals: atoms of all crystals stacked, ``batch`` maps each atom to its crystal."""
+
+    frac: torch.Tensor
+    types: torch.Tensor
+    lengths: torch.Tensor
+    angles: torch.Tensor
+    num_atoms: torch.Tensor
+    batch: torch.Tensor
+
+
+@dataclass
+class Crystals:
+    """Packed crystals: ``frac`` (N, 3), ``types`` (N,) atomic numbers, ``lengths``/``angles`` (B, 3),
+    ``num_atoms`` (B,), ``ids`` and, when the CSV has it, a ``property`` per crystal (NaN if missing)."""
+
+    frac: torch.Tensor
+    types: torch.Tensor
+    lengths: torch.Tensor
+    angles: torch.Tensor
+    num_atoms: torch.Tensor
+    ids: list[str]
+
+    def __post_init__(self):
+        self.first = torch.cumsum(self.num_atoms, 0) - self.num_atoms
+
+    def __len__(self) -> int:
+        return len(self.num_atoms)
+
+    def __getitem__(self, i: int):
+        from torch_geometric.data import Data
+
+        s, n = int(self.first[i]), int(self.num_atoms[i])
+        return Data(frac=self.frac[s:s + n], types=self.types[s:s + n], lengths=self.lengths[i:i + 1],
+                    angles=self.angles[i:i + 1], num_atoms=self.num_atoms[i:i + 1], num_nodes=n)
+
+    def batch(self, rows) -> CrystalBatch:
+        """Crystals ``rows`` as one batch (the same fields as :func:`collate` gives, without building
+        a ``Data`` object per crystal)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        num = self.num_atoms[rows]
+        atoms = torch.repeat_interleave(self.first[rows], num) + torch.arange(int(num.sum())) - \
+            torch.repeat_interleave(torch.cumsum(num, 0) - num, num)
+        return CrystalBatch(self.frac[atoms], self.types[atoms], self.lengths[rows], self.angles[rows], num,
+                            torch.repeat_interleave(torch.arange(len(rows)), num))
+
+    def subset(self, rows) -> Crystals:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        atoms = torch.cat([torch.arange(int(self.first[r]), int(self.first[r] + self.num_atoms[r])) for r in rows]) \
+            if len(rows) else torch.zeros(0, dtype=torch.long)
+        return Crystals(self.frac[atoms], self.types[atoms], self.lengths[rows], self.angles[rows],
+                        self.num_atoms[rows], [self.ids[int(r)] for r in rows])
+
+    def structure(self, i: int):
+        """Crystal ``i`` as a pymatgen ``Structure``."""
+        s, n = int(self.first[i]), int(self.num_atoms[i])
+        return to_structure(self.frac[s:s + n], self.types[s:s + n], self.lengths[i], self.angles[i])
+
+
+def collate(items: list):
+    """Batch ``Data`` items (``batch.batch`` maps atoms to crystals)."""
+    from torch_geometric.data import Batch
+
+    return Batch.from_data_list(items)
+
+
+def to_structure(frac, types, lengths, angles):
+    from pymatgen.core import Lattice, Structure
+
+    lat = Lattice.from_parameters(*[float(x) for x in lengths], *[float(x) for x in angles])
+    return Structure(lat, [int(t) for t in types], np.asarray(frac, dtype=float) % 1.0, coords_are_cartesian=False)
+
+
+def canonical(structure):
+    """CDVAE's canonical form: Niggli-reduced cell, lattice rebuilt from its parameters, ordered sites
+    only (a disordered site becomes its majority species)."""
+    from pymatgen.core import Lattice, Structure
+
+    reduced = structure.get_reduced_structure()
+    species = [site.species.elements[int(np.argmax(list(site.species.values())))] if not site.is_ordered else site.specie
+               for site in reduced]
+    return Structure(Lattice.from_parameters(*reduced.lattice.parameters), species, reduced.frac_coords % 1.0,
+                     coords_are_cartesian=False)
+
+
+def _from_structures(structures: list, ids: list[str]) -> Crystals:
+    frac, types, lengths, angles, num = [], [], [], [], []
+    for s in structures:
+        frac.append(np.asarray(s.frac_coords, dtype=np.float32) % 1.0)
+        types.append(np.array([site.specie.Z for site in s], dtype=np.int64))
+        lengths.append(s.lattice.abc)
+        angles.append(s.lattice.angles)
+        num.append(len(s))
+    return Crystals(torch.from_numpy(np.concatenate(frac)), torch.from_numpy(np.concatenate(types)),
+                    torch.tensor(lengths, dtype=torch.float32), torch.tensor(angles, dtype=torch.float32),
+                    torch.tensor(num, dtype=torch.long), list(ids))
+
+
+def crystals_from_structures(structures: list, ids: list[str] | None = None) -> Crystals:
+    """Pack pymatgen structures (brought to :func:`canonical` form)."""
+    ids = ids if ids is not None else [str(i) for i in range(len(structures))]
+    return _from_structures([canonical(s) for s in structures], ids)
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_crystals(path: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> Crystals:
+    """Read a CDVAE-style CSV (``cif`` column, optional ``material_id``) as :class:`Crystals`, using or
+    filling a cache in ``cache_dir`` (nothing is cached when it is None)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such structure CSV")
+    key = f"{path.name.split('.')[0]}-{_hash_file(path)}-v{CACHE_VERSION}"
+    if cache_dir is not None:
+        cache = Path(cache_dir)
+        tensors, meta = cache / f"{key}.safetensors", cache / f"{key}.json"
+        if tensors.is_file() and meta.is_file():
+            t = load_file(str(tensors))
+            return Crystals(t["frac"], t["types"], t["lengths"], t["angles"], t["num_atoms"],
+                            json.loads(meta.read_text())["ids"])
+    import pandas as pd
+    from pymatgen.core import Structure
+    from tqdm.auto import tqdm
+
+    df = pd.read_csv(path)
+    if "cif" not in df.columns:
+        raise ValueError(f"{path}: a crystal CSV needs a 'cif' column (columns: {', '.join(map(str, df.columns))})")
+    ids = df["material_id"].astype(str).tolist() if "material_id" in df.columns else [str(i) for i in range(len(df))]
+    structures = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for cif in tqdm(df["cif"], desc=f"reading {path.name}", unit="crystal", disable=not progress):
+            structures.append(canonical(Structure.from_str(cif, fmt="cif")))
+    crystals = _from_structures(structures, ids)
+    if cache_dir is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        with atomic_path(tensors) as tmp:
+            save_file({"frac": crystals.frac, "types": crystals.types, "lengths": crystals.lengths,
+                       "angles": crystals.angles, "num_atoms": crystals.num_atoms}, str(tmp))
+        write_json(meta, {"source": str(path), "ids": ids, "version": CACHE_VERSION})
+    return crystals
+
+
+def length_scale(num_atoms: torch.Tensor) -> torch.Tensor:
+    """CDVAE scales lattice lengths by N^(1/3) before regressing them."""
+    return num_atoms.float().pow(1.0 / 3.0)
+
+
+def lattice_statistics(crystals: Crystals) -> dict[str, list[float]]:
+    """Means and standard deviations of the six regressed lattice targets (lengths / N^(1/3), angles)."""
+    target = torch.cat([crystals.lengths / length_scale(crystals.num_atoms)[:, None], crystals.angles], 1)
+    return {"mean": target.mean(0).tolist(), "std": target.std(0).clamp(min=1e-3).tolist()}
+
+
+def degrees_ok(angles: torch.Tensor) -> torch.Tensor:
+    """Whether (B, 3) angles describe a cell with positive volume."""
+    c = torch.cos(torch.deg2rad(angles))
+    return 1 - (c ** 2).sum(-1) + 2 * c.prod(-1) > 1e-6
+
+
+__all__ = ["CrystalBatch", "Crystals", "collate", "crystals_from_structures", "edge_vectors", "lattice_matrix", "lattice_parameters",
+           "lattice_statistics", "length_scale", "load_crystals", "min_image_displacement", "periodic_edges",
+           "to_structure", "canonical"]

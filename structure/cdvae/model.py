@@ -1,0 +1,311 @@
+"""CDVAE (Xie et al., ICLR 2022): a crystal diffusion variational autoencoder, in plain PyTorch.
+
+Pieces, each a separate module:
+
+* :class:`Encoder` — a periodic, invariant message-passing network (SchNet-style continuous-filter
+  convolutions over Gaussian expansions of interatomic distances, neighbours across periodic
+  boundaries) pooled per crystal into the mean and log-variance of the latent ``z``. CDVAE used
+  DimeNet++; distances alone make this encoder blind to some angular differences, which the
+  benchmark numbers in the model cards measure.
+* property heads on ``z`` (:class:`CDVAE`): number of atoms (classification over 1..max_atoms), the
+  lattice (lengths / N^(1/3) and angles, standardised, regression), the composition (one distribution
+  over elements per crystal).
+* :class:`ScoreNetwork` — the decoder: an EGNN-style network on the periodic graph of the noisy crystal,
+  conditioned on ``z`` and the noise level. Node features are invariant (atom type, ``z``, log sigma);
+  edges carry Gaussian expansions of distances; the coordinate output is a sum over neighbours of unit
+  vectors times learned scalars, so it rotates with the crystal, ignores translations and respects
+  periodicity (edges come from :func:`~structure.cdvae.data.periodic_edges`). It predicts per-atom
+  Cartesian noise directions (the score times sigma) and atom-type logits.
+
+Losses (:meth:`CDVAE.losses`) are CDVAE's: atom count, lattice, composition, coordinate denoising score
+matching over geometric noise levels, type denoising, KL; their weights sit in :class:`CDVAEConfig`.
+Sampling (annealed Langevin dynamics) is in :mod:`structure.cdvae.sampling`.
+
+One typed config per model; a checkpoint (``model.safetensors`` + ``config.json``) carries it, lattice
+statistics included, so sampling needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evaluation.io import atomic_path, write_json
+from structure.cdvae.data import edge_vectors, lattice_matrix, length_scale, min_image_displacement, periodic_edges
+
+MAX_Z = 100  # elements H..Fm; atom type t is element Z = t + 1
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
+SHIPPED = ("cdvae-mp20", "cdvae-perov5")
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A model folder, or the folder of a shipped model named ``cdvae-mp20`` / ``cdvae-perov5``."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if str(name_or_path) in SHIPPED:
+        shipped = PRETRAINED / str(name_or_path)
+        if shipped.is_dir():
+            return shipped
+        raise FileNotFoundError(f"the shipped model {name_or_path} is not in this installation ({shipped})")
+    raise FileNotFoundError(f"{name_or_path}: no such model folder (shipped models: {', '.join(SHIPPED)})")
+
+
+@dataclass
+class CDVAEConfig:
+    hidden: int = 128
+    latent: int = 128
+    encoder_layers: int = 3
+    decoder_layers: int = 4
+    rbf: int = 32
+    cutoff: float = 7.0
+    max_neighbors: int = 20
+    max_atoms: int = 20
+    # noise levels (geometric, largest first) for coordinates (Å) and atom types, as in CDVAE
+    sigma_begin: float = 10.0
+    sigma_end: float = 0.01
+    noise_levels: int = 50
+    type_sigma_begin: float = 5.0
+    type_sigma_end: float = 0.01
+    # loss weights (CDVAE's defaults)
+    cost_natom: float = 1.0
+    cost_lattice: float = 10.0
+    cost_composition: float = 1.0
+    cost_coord: float = 10.0
+    cost_type: float = 1.0
+    beta: float = 0.01
+    # standardisation of the lattice targets (lengths / N^(1/3), angles); set from the training data
+    lattice_mean: list[float] = field(default_factory=lambda: [1.0] * 3 + [90.0] * 3)
+    lattice_std: list[float] = field(default_factory=lambda: [1.0] * 3 + [10.0] * 3)
+    # annealed Langevin defaults: how many of the noise levels, steps per level, step size
+    sample_levels: int = 50
+    sample_steps: int = 5
+    step_lr: float = 1e-4
+    # free-form provenance (dataset, training run, metrics)
+    trained: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CDVAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CDVAE config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def sigma_levels(begin: float, end: float, n: int) -> torch.Tensor:
+    """``n`` geometric noise levels from ``begin`` down to ``end``."""
+    return torch.exp(torch.linspace(math.log(begin), math.log(end), n))
+
+
+def mlp(sizes: list[int], last_act: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if k < len(sizes) - 2 or last_act:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+class GaussianRBF(nn.Module):
+    """Distances → Gaussian expansion times a cosine envelope that reaches 0 at the cutoff."""
+
+    def __init__(self, n: int, cutoff: float):
+        super().__init__()
+        self.cutoff = cutoff
+        self.register_buffer("centers", torch.linspace(0.0, cutoff, n), persistent=False)
+        self.gamma = 0.5 / (cutoff / (n - 1)) ** 2
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        env = 0.5 * (torch.cos(math.pi * d / self.cutoff) + 1.0) * (d < self.cutoff)
+        return torch.exp(-self.gamma * (d[:, None] - self.centers) ** 2) * env[:, None]
+
+
+def _aggregate(messages: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.zeros(size, messages.shape[1], dtype=messages.dtype, device=messages.device).index_add_(0, index, messages)
+
+
+class _Graph:
+    """A batch's periodic graph: edges, vectors, distances."""
+
+    def __init__(self, frac, lattice, num_atoms, batch, cutoff, max_neighbors):
+        self.edge_index, offsets = periodic_edges(frac, lattice, num_atoms, cutoff, max_neighbors)
+        self.vec = edge_vectors(frac, lattice, batch, self.edge_index, offsets)
+        self.dist = self.vec.norm(dim=-1).clamp(min=1e-6)
+        self.n = len(frac)
+
+
+class Encoder(nn.Module):
+    """Periodic SchNet-style encoder → (mu, logvar) per crystal."""
+
+    def __init__(self, cfg: CDVAEConfig):
+        super().__init__()
+        h = cfg.hidden
+        self.cfg = cfg
+        self.embed = nn.Embedding(MAX_Z, h)
+        self.rbf = GaussianRBF(cfg.rbf, cfg.cutoff)
+        self.filters = nn.ModuleList(nn.Linear(cfg.rbf, h) for _ in range(cfg.encoder_layers))
+        self.inputs = nn.ModuleList(nn.Linear(h, h, bias=False) for _ in range(cfg.encoder_layers))
+        self.updates = nn.ModuleList(mlp([h, h, h]) for _ in range(cfg.encoder_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(cfg.encoder_layers))
+        self.readout = mlp([h, h, 2 * cfg.latent])
+
+    def forward(self, types, frac, lattice, num_atoms, batch):
+        g = _Graph(frac, lattice, num_atoms, batch, self.cfg.cutoff, self.cfg.max_neighbors)
+        src, dst = g.edge_index
+        rbf = self.rbf(g.dist)
+        h = self.embed(types - 1)
+        for filt, inp, upd, norm in zip(self.filters, self.inputs, self.updates, self.norms):
+            msg = inp(norm(h))[src] * filt(rbf)
+            h = h + upd(_aggregate(msg, dst, g.n) / self.cfg.max_neighbors)
+        pooled = _aggregate(h, batch, len(num_atoms)) / num_atoms[:, None].float()
+        mu, logvar = self.readout(pooled).chunk(2, dim=-1)
+        return mu, logvar
+
+
+class ScoreNetwork(nn.Module):
+    """EGNN-style periodic decoder: (z, sigma, noisy crystal) → per-atom Cartesian noise estimate
+    (rotation-equivariant) and atom-type logits (invariant)."""
+
+    def __init__(self, cfg: CDVAEConfig):
+        super().__init__()
+        h = cfg.hidden
+        self.cfg = cfg
+        self.embed = nn.Embedding(MAX_Z, h)
+        self.cond = mlp([cfg.latent + 16, h, h])
+        self.rbf = GaussianRBF(cfg.rbf, cfg.cutoff)
+        # edge messages silu(A h_i + B h_j + C rbf_ij) * (D rbf_ij): A and B act on nodes, so no dense
+        # layer runs per edge (edges outnumber atoms 20 to 1)
+        self.targets = nn.ModuleList(nn.Linear(h, h) for _ in range(cfg.decoder_layers))
+        self.sources = nn.ModuleList(nn.Linear(h, h, bias=False) for _ in range(cfg.decoder_layers))
+        self.radial = nn.ModuleList(nn.Linear(cfg.rbf, 2 * h, bias=False) for _ in range(cfg.decoder_layers))
+        self.nodes = nn.ModuleList(mlp([2 * h, h, h]) for _ in range(cfg.decoder_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(cfg.decoder_layers))
+        self.coord = nn.Linear(h, 1, bias=False)
+        self.types = mlp([h, h, MAX_Z])
+
+    @staticmethod
+    def noise_features(sigma: torch.Tensor) -> torch.Tensor:
+        freqs = torch.arange(8, device=sigma.device, dtype=sigma.dtype)
+        x = torch.log(sigma)[:, None] * torch.exp(-freqs * math.log(2.0))[None] * 2.0
+        return torch.cat([torch.sin(x), torch.cos(x)], -1)
+
+    def forward(self, z, sigma, types, frac, lattice, num_atoms, batch):
+        g = _Graph(frac, lattice, num_atoms, batch, self.cfg.cutoff, self.cfg.max_neighbors)
+        src, dst = g.edge_index
+        rbf = self.rbf(g.dist)
+        h = self.embed(types - 1) + self.cond(torch.cat([z, self.noise_features(sigma)], -1))[batch]
+        msg = None
+        for tgt, srcl, radial, node, norm in zip(self.targets, self.sources, self.radial, self.nodes, self.norms):
+            hn = norm(h)
+            pre, gate = radial(rbf).chunk(2, dim=-1)
+            msg = F.silu(tgt(hn)[dst] + srcl(hn)[src] + pre) * gate
+            h = h + node(torch.cat([hn, _aggregate(msg, dst, g.n) / self.cfg.max_neighbors], -1))
+        unit = g.vec / g.dist[:, None]
+        eps = _aggregate(unit * self.coord(msg), dst, g.n)
+        return eps, self.types(h)
+
+
+class CDVAE(nn.Module):
+    """Encoder + property heads + score-network decoder; see the module docstring."""
+
+    def __init__(self, config: CDVAEConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or CDVAEConfig()
+        h = cfg.hidden
+        self.encoder = Encoder(cfg)
+        self.decoder = ScoreNetwork(cfg)
+        self.natom_head = mlp([cfg.latent, h, h, cfg.max_atoms + 1])
+        self.lattice_head = mlp([cfg.latent, h, h, 6])
+        self.composition_head = mlp([cfg.latent, h, h, MAX_Z])
+        self.register_buffer("sigmas", sigma_levels(cfg.sigma_begin, cfg.sigma_end, cfg.noise_levels), persistent=False)
+        self.register_buffer("type_sigmas", sigma_levels(cfg.type_sigma_begin, cfg.type_sigma_end, cfg.noise_levels),
+                             persistent=False)
+        self.register_buffer("lattice_mean", torch.tensor(cfg.lattice_mean), persistent=False)
+        self.register_buffer("lattice_std", torch.tensor(cfg.lattice_std), persistent=False)
+
+    # ------------------------------------------------------------------------------------ heads
+    def encode(self, batch):
+        lattice = lattice_matrix(batch.lengths, batch.angles)
+        return self.encoder(batch.types, batch.frac, lattice, batch.num_atoms, batch.batch)
+
+    def lattice_from_z(self, z: torch.Tensor, num_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted lengths (Å) and angles (degrees; clamped to 30..150) for crystals of ``num_atoms``."""
+        raw = self.lattice_head(z) * self.lattice_std + self.lattice_mean
+        lengths = (raw[:, :3] * length_scale(num_atoms)[:, None]).clamp(min=1.0)
+        return lengths, raw[:, 3:].clamp(30.0, 150.0)
+
+    def score(self, z, sigma, types, frac, lengths, angles, num_atoms, batch):
+        """Decoder call: Cartesian noise estimate (score times sigma) and type logits."""
+        return self.decoder(z, sigma, types, frac, lattice_matrix(lengths, angles), num_atoms, batch)
+
+    # ----------------------------------------------------------------------------------- losses
+    def losses(self, batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """CDVAE's training losses on a batch (``collate`` output); ``loss`` is their weighted sum."""
+        cfg = self.config
+        dev = batch.frac.device
+        n_crystals = len(batch.num_atoms)
+        mu, logvar = self.encode(batch)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=dev)
+
+        natom = F.cross_entropy(self.natom_head(z), batch.num_atoms.clamp(max=cfg.max_atoms))
+        target_lat = torch.cat([batch.lengths / length_scale(batch.num_atoms)[:, None], batch.angles], 1)
+        lattice = F.mse_loss(self.lattice_head(z), (target_lat - self.lattice_mean) / self.lattice_std)
+        comp_logits = self.composition_head(z)
+        composition = F.cross_entropy(comp_logits[batch.batch], batch.types - 1)
+
+        level = torch.randint(cfg.noise_levels, (n_crystals,), generator=generator, device=dev)
+        sigma, type_sigma = self.sigmas[level], self.type_sigmas[level]
+        lat = lattice_matrix(batch.lengths, batch.angles)
+        # types: mix the true one-hot with the predicted composition, weight type_sigma; sample
+        probs = F.one_hot(batch.types - 1, MAX_Z).float() + \
+            comp_logits.detach().softmax(-1)[batch.batch] * type_sigma[batch.batch, None]
+        noisy_types = torch.multinomial(probs, 1, generator=generator).squeeze(1) + 1
+        # coordinates: Cartesian Gaussian noise of scale sigma, wrapped back into the cell
+        noise = torch.randn(batch.frac.shape, generator=generator, device=dev) * sigma[batch.batch, None]
+        noisy_frac = batch.frac + torch.einsum("nk,nkl->nl", noise, torch.linalg.inv(lat)[batch.batch])
+        noisy_frac = noisy_frac - torch.floor(noisy_frac)
+        eps, type_logits = self.decoder(z, sigma, noisy_types, noisy_frac, lat, batch.num_atoms, batch.batch)
+        target = min_image_displacement(noisy_frac, batch.frac, lat, batch.batch) / sigma[batch.batch, None]
+        coord = 0.5 * ((eps - target) ** 2).sum(-1).mean()
+        types = F.cross_entropy(type_logits, batch.types - 1)
+        kld = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(-1)).mean()
+        loss = (cfg.cost_natom * natom + cfg.cost_lattice * lattice + cfg.cost_composition * composition
+                + cfg.cost_coord * coord + cfg.cost_type * types + cfg.beta * kld)
+        return {"loss": loss, "natom": natom, "lattice": lattice, "composition": composition, "coord": coord,
+                "type": types, "kld": kld}
+
+    # --------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+        write_json(folder / "config.json", {"model_type": "cdvae", **self.config.to_dict()})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> CDVAE:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{folder}: not a CDVAE model folder (needs config.json and model.safetensors)")
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.pop("model_type", "cdvae") != "cdvae":
+            raise ValueError(f"{folder}: config.json is not a CDVAE config")
+        model = cls(CDVAEConfig.from_dict(cfg))
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model.eval()

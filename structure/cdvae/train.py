@@ -1,0 +1,215 @@
+"""Training CDVAE on a folder of CDVAE-style CSVs, with the formula models' conventions: ``accelerate``,
+linear warm-up + cosine decay, EMA weights, crash-safe checkpoints and an exact ``--resume`` (the data
+order of epoch e comes from ``seed + e``, the noise of step s from ``(seed, s)``), ``log.jsonl``, and a
+final export (EMA weights, safetensors + ``config.json``, training arguments, metrics, model card).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evaluation.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
+from evaluation.io import write_json, write_text
+from structure.cdvae.data import Crystals, lattice_statistics, load_crystals
+from structure.cdvae.model import CDVAE, CDVAEConfig
+
+
+@dataclass
+class CDVAETrainingArguments:
+    data: str  # folder with <split>.csv(.gz) files
+    output_dir: str
+    train_split: str = "train"
+    val_split: str | None = "val"  # None (or a missing file): hold out val_fraction of the training split
+    val_fraction: float = 0.05
+    cache_dir: str | None = None  # default: <output_dir>/cache
+    init_from: str | None = None  # fine-tune a model folder
+    # model (ignored with init_from)
+    hidden: int = 128
+    latent: int = 128
+    encoder_layers: int = 3
+    decoder_layers: int = 4
+    cutoff: float = 7.0
+    max_neighbors: int = 20
+    beta: float = 0.01
+    # optimisation
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    max_steps: int = 20000
+    min_lr_ratio: float = 0.01
+    clip_grad: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    # bookkeeping
+    eval_every: int = 500
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    resume: bool = False
+    stop_at_step: int | None = None
+    progress: bool = True
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for suffix in (".csv.gz", ".csv"):
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    return None
+
+
+def load_splits(args: CDVAETrainingArguments) -> tuple[Crystals, Crystals, str]:
+    """Training and validation crystals, and a sentence saying where each came from."""
+    folder = Path(args.data)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: --data must be a folder of <split>.csv(.gz) files")
+    cache = args.cache_dir or str(Path(args.output_dir) / "cache")
+    train_file = _split_file(folder, args.train_split)
+    if train_file is None:
+        found = sorted(p.name for p in folder.glob("*.csv*"))
+        raise FileNotFoundError(f"{folder}: no {args.train_split}.csv(.gz) (found: {', '.join(found) or 'nothing'})")
+    train = load_crystals(train_file, cache, progress=args.progress)
+    val_file = _split_file(folder, args.val_split) if args.val_split else None
+    if val_file is not None and val_file != train_file:
+        return train, load_crystals(val_file, cache, progress=args.progress), \
+            f"train {train_file.name} ({len(train)}), validation {val_file.name}"
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+    n_val = max(1, int(round(args.val_fraction * len(train))))
+    return train.subset(perm[n_val:]), train.subset(perm[:n_val]), \
+        f"{train_file.name}: {len(train) - n_val} for training, {n_val} held out for validation (seed {args.seed})"
+
+
+@torch.no_grad()
+def validation_losses(model: CDVAE, val: Crystals, seed: int, batch_size: int = 256) -> dict[str, float]:
+    """Mean losses on the validation crystals with fixed noise (comparable between evaluations)."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed + 12345)
+    totals: dict[str, float] = {}
+    for start in range(0, len(val), batch_size):
+        rows = range(start, min(start + batch_size, len(val)))
+        losses = model.losses(val.batch(list(rows)), g)
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * len(rows)
+    return {k: v / len(val) for k, v in totals.items()}
+
+
+def _model_card(args: CDVAETrainingArguments, cfg: CDVAEConfig, metrics: dict, n_params: int) -> str:
+    ev = metrics.get("final_eval", {})
+    return "\n".join([
+        "# CDVAE model", "",
+        f"- data: {metrics.get('data', args.data)}",
+        f"- {n_params:,} parameters: hidden {cfg.hidden}, latent {cfg.latent}, encoder {cfg.encoder_layers} layers, "
+        f"decoder {cfg.decoder_layers} layers, cutoff {cfg.cutoff} Å, {cfg.max_neighbors} neighbours, "
+        f"max {cfg.max_atoms} atoms",
+        f"- {metrics.get('steps')} steps, batch {args.batch_size}, lr {args.lr}, EMA {args.ema_decay}, seed {args.seed}, "
+        f"{metrics.get('train_seconds', 0) / 60:.1f} min on {metrics.get('hardware', '?')}",
+        "- validation losses (EMA weights): " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
+        f"- sampling defaults: {cfg.sample_levels} noise levels x {cfg.sample_steps} Langevin steps, step size {cfg.step_lr}",
+        "", f"Command: `{metrics.get('command', '')}`", "",
+    ])
+
+
+def train(args: CDVAETrainingArguments, command: str = "") -> Path:
+    """Train (or fine-tune, or resume) CDVAE; returns the exported model folder (or, when stopped early
+    with ``stop_at_step``, the last checkpoint)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    out = Path(args.output_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(args.seed)
+    main = accelerator.is_main_process
+    ckpt = latest_checkpoint(out) if args.resume else None
+    if args.resume and ckpt is None and main:
+        print(f"no checkpoint under {out}/checkpoints: starting from scratch")
+    if not args.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --output-dir")
+
+    train_set, val_set, data_note = load_splits(args)
+    if main:
+        print(data_note)
+    if args.init_from:
+        model = CDVAE.from_pretrained(args.init_from)
+    else:
+        stats = lattice_statistics(train_set)
+        model = CDVAE(CDVAEConfig(hidden=args.hidden, latent=args.latent, encoder_layers=args.encoder_layers,
+                                  decoder_layers=args.decoder_layers, cutoff=args.cutoff,
+                                  max_neighbors=args.max_neighbors, beta=args.beta,
+                                  max_atoms=int(train_set.num_atoms.max()),
+                                  lattice_mean=stats["mean"], lattice_std=stats["std"]))
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    model, opt = accelerator.prepare(model, opt)
+    raw = accelerator.unwrap_model(model)
+    ema = EMA(raw, args.ema_decay)
+    start = int(load_checkpoint(accelerator, ckpt, sched, ema)["step"]) if ckpt is not None else 0
+    if ckpt is not None and main:
+        print(f"resumed from {ckpt} at step {start}")
+
+    per_epoch = max(1, len(train_set) // args.batch_size)
+
+    def batch_for(step: int):
+        epoch, k = divmod(step, per_epoch)
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        return train_set.batch(perm[k * args.batch_size:(k + 1) * args.batch_size])
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    t0 = time.perf_counter()
+    last = min(args.max_steps, args.stop_at_step or args.max_steps)
+    last_eval: dict = {}
+    bar = tqdm(total=args.max_steps, initial=start, desc="train cdvae", disable=not (main and args.progress))
+    for step in range(start, last):
+        model.train()
+        losses = raw.losses(batch_for(step), torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        accelerator.backward(losses["loss"])
+        if args.clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(raw, step)
+        bar.update(1)
+        done = step + 1
+        if main and (done % args.log_every == 0 or done == last):
+            rec = {"step": done, "lr": sched.get_last_lr()[0], **{k: float(v.detach()) for k, v in losses.items()},
+                   "elapsed_s": time.perf_counter() - t0}
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", coord=f"{rec['coord']:.3f}")
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if main and args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
+            with ema.applied(raw):
+                last_eval = validation_losses(raw, val_set, args.seed)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": done, "eval": last_eval}) + "\n")
+            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        if (args.save_every and done % args.save_every == 0) or done == last:
+            save_checkpoint(accelerator, out, done, sched, ema, {"args": dataclasses.asdict(args)}, args.keep_checkpoints)
+    bar.close()
+    if last < args.max_steps:
+        if main:
+            print(f"stopped at step {last} of {args.max_steps}; continue with --resume")
+        return out / "checkpoints" / f"step-{last}"
+    export = out / "model"
+    if main:
+        with ema.applied(raw):
+            if not last_eval:
+                last_eval = validation_losses(raw, val_set, args.seed)
+            raw.config.trained = {"data": data_note, "steps": args.max_steps, "seed": args.seed, "command": command}
+            raw.save_pretrained(export)
+        metrics = {"data": data_note, "steps": args.max_steps, "n_params": n_params, "final_eval": last_eval,
+                   "train_seconds": time.perf_counter() - t0, "command": command,
+                   "hardware": f"{torch.get_num_threads()} CPU threads" if accelerator.device.type == "cpu"
+                   else torch.cuda.get_device_name()}
+        write_json(export / "training_args.json", dataclasses.asdict(args))
+        write_json(export / "metrics.json", metrics)
+        write_text(export / "README.md", _model_card(args, raw.config, metrics, n_params))
+    return export
