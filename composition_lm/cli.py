@@ -468,6 +468,19 @@ def _train_ranker(store, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_templates_label(args: argparse.Namespace) -> int:
+    from structure.ranking import add_labels, cached_labels
+    from structure.templates import TemplateStore
+
+    store = TemplateStore.load(args.store)
+    path = add_labels(store, args.queries, size=args.shortlist, seed=args.seed, workers=args.workers,
+                      progress=not args.no_progress)
+    print(f"labelled {args.queries} queries into {path}; the store now holds {len(cached_labels(store, args.shortlist))} "
+          f"distinct labelled queries (shortlist {args.shortlist}); retrain with `composition-gen templates "
+          f"train-ranker {args.store}`")
+    return 0
+
+
 def cmd_templates_train_ranker(args: argparse.Namespace) -> int:
     from structure.templates import TemplateStore
 
@@ -796,13 +809,24 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Use store structures as queries: label each one's shortlist of ratio-matching "
                         "templates with StructureMatcher (anonymized), train the ranker on descriptor differences with "
                         "a listwise loss, report held-out hit rates next to the plain distance's, and save "
-                        "ranker.safetensors + ranker.json (labels cached in ranker_labels.json) in the store folder.")
+                        "ranker.safetensors + ranker.json in the store folder. Labels are cached there (ranker_labels*.json); "
+                        "every cached batch is used, so add queries with `templates label`.")
     r.add_argument("store", type=Path, metavar="DB")
     r.set_defaults(func=cmd_templates_train_ranker)
-    for q in (t, r):
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--epochs", type=int, default=30)
-        q.add_argument("--queries", type=int, default=1500, help="store structures used as training queries (default: 1500)")
+    lab = tsub.add_parser("label", help="label more store structures as ranker training queries",
+                          description="Draw --queries store structures with --seed, label each one's shortlist with "
+                          "StructureMatcher and cache them in the store folder (ranker_labels-seed<S>-n<N>.json). "
+                          "train-ranker then trains on every cached batch (each query once).")
+    lab.add_argument("store", type=Path, metavar="DB")
+    lab.set_defaults(func=cmd_templates_label)
+    for q in (t, r, lab):
+        q.add_argument("--seed", type=int, default=0,
+                       help="seed of the query draw (label) or of the query draw and training (build, train-ranker)")
+        q.add_argument("--queries", type=int, default=1500,
+                       help="store structures used as training queries; train-ranker labels them only when the store "
+                       "holds no cached labels yet (default: 1500)")
+        if q is not lab:
+            q.add_argument("--epochs", type=int, default=30)
         q.add_argument("--shortlist", type=int, default=50,
                        help="templates per query, nearest by plain distance, labelled by StructureMatcher (default: 50)")
         q.add_argument("--workers", type=int, default=1, help="labelling processes (default: 1)")

@@ -18,7 +18,9 @@ probability that the two compositions crystallise in the same structure type. He
   (top-1 and top-10 hit rates, next to the plain distance's);
 * **storage**: ``ranker.safetensors`` (weights and feature scale) + ``ranker.json`` (sizes, metrics,
   how it was trained), beside the template store or anywhere else; the labels are cached in the store
-  folder as ``ranker_labels.json`` so that retraining skips the matching.
+  folder (``ranker_labels.json``, plus any batches added with :func:`add_labels`, e.g. by
+  ``composition-gen templates label``) so that retraining skips the matching and more labelled queries
+  can be added later.
 
 :func:`plain_distance_scores` is the untrained baseline the issue compares against: the L1 distance of
 the aligned electronegativity / row / group / atomic-radius features, each scaled by its spread.
@@ -203,15 +205,50 @@ def save_labels(lists: list[dict], path: str | Path, settings: dict) -> None:
                                 for x in lists]})
 
 
-def load_labels(path: str | Path | None, settings: dict) -> list[dict] | None:
-    """Cached labels if ``path`` exists and was made with the same settings and matcher, else None."""
+def load_labels(path: str | Path | None, settings: dict | None = None) -> list[dict] | None:
+    """Labels from ``path`` if it exists and was made with the current matcher (and, when given, the same
+    ``settings``), else None."""
     if path is None or not Path(path).is_file():
         return None
     data = json.loads(Path(path).read_text())
-    if data.get("settings") != settings or data.get("matcher") != MATCHER_KW:
+    if (settings is not None and data.get("settings") != settings) or data.get("matcher") != MATCHER_KW:
         return None
     return [{"query": x["query"], "rows": np.array(x["rows"], dtype=np.int64), "labels": np.array(x["labels"], dtype=bool)}
             for x in data["lists"]]
+
+
+def label_files(folder: Path) -> list[Path]:
+    """The store's label batches: ``ranker_labels.json`` (the first) and ``ranker_labels-seed*-n*.json``."""
+    return sorted(Path(folder).glob("ranker_labels*.json"), key=lambda p: (p.name != "ranker_labels.json", p.name))
+
+
+def cached_labels(store, size: int) -> list[dict]:
+    """Every labelled shortlist cached in the store folder for shortlists of ``size`` (and the current
+    matcher), each query once (the first batch that labelled it)."""
+    if store.path is None:
+        return []
+    out, seen = [], set()
+    for path in label_files(store.path):
+        data = json.loads(path.read_text())
+        if data.get("settings", {}).get("size") != size:
+            continue
+        for x in load_labels(path) or []:
+            if x["query"] not in seen:
+                seen.add(x["query"])
+                out.append(x)
+    return out
+
+
+def add_labels(store, n_queries: int, size: int = 50, seed: int = 0, workers: int = 1,
+               progress: bool = False) -> Path:
+    """Label ``n_queries`` more store structures (drawn with ``seed``) and cache them in the store folder
+    as ``ranker_labels-seed<seed>-n<n>.json``; :func:`train_ranker` uses every cached batch."""
+    if store.path is None:
+        raise ValueError("labels are cached beside a saved store: save the store first")
+    lists = labelled_shortlists(store, n_queries, size, seed, workers, progress)
+    path = store.path / f"ranker_labels-seed{seed}-n{n_queries}.json"
+    save_labels(lists, path, {"n_queries": n_queries, "size": size, "seed": seed})
+    return path
 
 
 def _hit_rates(store, lists: list[dict], score_fn, ks=(1, 10)) -> dict[int, float]:
@@ -233,19 +270,18 @@ def listwise_loss(model: CompositionRanker, diff: torch.Tensor, positive: torch.
 def train_ranker(store, lists: list[dict] | None = None, config: RankerConfig | None = None, seed: int = 0,
                  epochs: int = 30, lr: float = 1e-3, lists_per_step: int = 32, heldout_fraction: float = 0.2,
                  n_queries: int = 1500, size: int = 50, workers: int = 1, progress: bool = False) -> CompositionRanker:
-    """Train a :class:`CompositionRanker` on labelled shortlists of ``store`` (from
-    :func:`labelled_shortlists` unless given; cached in the store folder). Held-out queries' top-1 and
+    """Train a :class:`CompositionRanker` on labelled shortlists of ``store``: ``lists`` if given, else
+    every batch cached in the store folder (:func:`cached_labels`), else ``n_queries`` newly labelled
+    ones (drawn with ``seed``, then cached as ``ranker_labels.json``). Held-out queries' top-1 and
     top-10 hit rates, next to the plain distance's and the shortlist's ceiling, go into
     ``ranker.config.trained``."""
     t0 = time.time()
     if lists is None:
-        settings = {"n_queries": n_queries, "size": size, "seed": seed}
-        cache = store.path / "ranker_labels.json" if store.path is not None else None
-        lists = load_labels(cache, settings)
-        if lists is None:
+        lists = cached_labels(store, size)
+        if not lists:
             lists = labelled_shortlists(store, n_queries, size, seed, workers, progress)
-            if cache is not None:
-                save_labels(lists, cache, settings)
+            if store.path is not None:
+                save_labels(lists, store.path / "ranker_labels.json", {"n_queries": n_queries, "size": size, "seed": seed})
     order = np.random.default_rng(seed).permutation(len(lists))
     n_held = int(round(heldout_fraction * len(lists))) if len(lists) > 1 else 0
     held = [lists[i] for i in order[:n_held]]

@@ -141,6 +141,16 @@ def test_templates_build_then_train_ranker(cif_dir, tmp_path, capsys):
                                        "store.safetensors"]
     assert TemplateStore.load(out).ids == store.ids
 
+    # more labelled queries: a second batch, then a retrain that uses both (each query once)
+    assert main(["templates", "label", str(out), "--queries", "5", "--shortlist", "3", "--seed", "2",
+                 "--no-progress"]) == 0
+    assert "5 distinct labelled queries" in capsys.readouterr().out  # 4 + 5 drawn from the 5 structures
+    assert (out / "ranker_labels-seed2-n5.json").is_file()
+    assert main(["templates", "train-ranker", str(out), "--epochs", "3", "--queries", "4", "--shortlist", "3",
+                 "--seed", "1", "--no-progress"]) == 0
+    info = json.loads((out / "ranker.json").read_text())
+    assert info["trained"]["n_queries_train"] + info["trained"]["n_queries_heldout"] == 5
+
 
 def test_templates_errors(tmp_path, capsys):
     assert main(["templates", "build", str(tmp_path / "missing"), "-o", str(tmp_path / "db"), "--no-progress"]) == 2

@@ -128,7 +128,9 @@ class GaussianRBF(nn.Module):
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         env = 0.5 * (torch.cos(math.pi * d / self.cutoff) + 1.0) * (d < self.cutoff)
-        return torch.exp(-self.gamma * (d[:, None] - self.centers) ** 2) * env[:, None]
+        # the exponent is capped at 30 so that no value is subnormal (subnormal floats make CPU matrix
+        # products ~50x slower); exp(-30) ~ 1e-13 is zero for every practical purpose
+        return torch.exp(-(self.gamma * (d[:, None] - self.centers) ** 2).clamp(max=30.0)) * env[:, None]
 
 
 def _aggregate(messages: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
