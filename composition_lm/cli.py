@@ -562,6 +562,13 @@ def cmd_cdvae_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cdvae_export(args: argparse.Namespace) -> int:
+    from structure.cdvae.train import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, args.output)}")
+    return 0
+
+
 def cmd_cdvae_sample(args: argparse.Namespace) -> int:
     from structure.cdvae.model import CDVAE, resolve_model
     from structure.cdvae.sampling import sample, to_rows
@@ -626,6 +633,12 @@ def _add_cdvae_parser(sub) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     t.set_defaults(func=cmd_cdvae_train, _argv=None)
+    e = csub.add_parser("export", help="a training checkpoint's EMA weights as a model folder",
+                        description="Export OUTPUT/checkpoints/step-N of a (possibly unfinished) run as a model "
+                        "folder that `cdvae sample --model` reads.")
+    e.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    e.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
+    e.set_defaults(func=cmd_cdvae_export)
     s = csub.add_parser("sample", help="sample crystals; writes structures.csv, structures_cif.zip, structures.extxyz",
                         description="Draw N latents from the prior, decode the number of atoms, lattice and "
                         "composition, then run annealed Langevin dynamics over the noise levels. Same outputs as "

@@ -330,3 +330,21 @@ def test_cli_sample_unknown_model_is_a_clear_error(tmp_path, capsys):
 
     assert main(["cdvae", "sample", "--model", str(tmp_path / "nope"), "-n", "2", "-o", str(tmp_path / "o")]) == 2
     assert "no such model folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not PEROV.exists(), reason="needs ../shared")
+def test_export_checkpoint_gives_the_ema_weights(tmp_path):
+    import pandas as pd
+
+    from structure.cdvae.train import CDVAETrainingArguments, export_checkpoint, train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.read_csv(PEROV / "test.csv.gz", nrows=16).to_csv(data / "train.csv", index=False)
+    args = CDVAETrainingArguments(data=str(data), output_dir=str(tmp_path / "run"), val_split=None, hidden=16, latent=8,
+                                  encoder_layers=1, decoder_layers=1, cutoff=5.0, batch_size=8, max_steps=2,
+                                  warmup_steps=1, eval_every=0, save_every=2, progress=False)
+    final = train(args)
+    exported = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-2", tmp_path / "exp")
+    a, b = CDVAE.from_pretrained(final).state_dict(), CDVAE.from_pretrained(exported).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

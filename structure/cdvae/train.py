@@ -115,6 +115,35 @@ def _model_card(args: CDVAETrainingArguments, cfg: CDVAEConfig, metrics: dict, n
     ])
 
 
+def _build_model(args: CDVAETrainingArguments, train_set: Crystals) -> CDVAE:
+    if args.init_from:
+        return CDVAE.from_pretrained(args.init_from)
+    stats = lattice_statistics(train_set)
+    return CDVAE(CDVAEConfig(hidden=args.hidden, latent=args.latent, encoder_layers=args.encoder_layers,
+                             decoder_layers=args.decoder_layers, cutoff=args.cutoff, max_neighbors=args.max_neighbors,
+                             beta=args.beta, max_atoms=int(train_set.num_atoms.max()),
+                             lattice_mean=stats["mean"], lattice_std=stats["std"]))
+
+
+def export_checkpoint(ckpt: str | Path, export: str | Path) -> Path:
+    """A training checkpoint's EMA weights as a model folder (to sample from a run mid-way)."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if "model_config" in state:
+        model = CDVAE(CDVAEConfig.from_dict(state["model_config"]))
+    else:  # checkpoints written before the config was stored: rebuild it from the training data
+        args = CDVAETrainingArguments(**{**state["args"], "progress": False})
+        model = _build_model(args, load_splits(args)[0])
+    shadow = load_file(str(ckpt / "ema.safetensors"))
+    missing, unexpected = model.load_state_dict(shadow, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: EMA weights do not match the model ({missing[:3]} {unexpected[:3]})")
+    model.config.trained = {"checkpoint": str(ckpt), "steps": state["step"], "data": state["args"].get("data")}
+    return model.save_pretrained(export)
+
+
 def train(args: CDVAETrainingArguments, command: str = "") -> Path:
     """Train (or fine-tune, or resume) CDVAE; returns the exported model folder (or, when stopped early
     with ``stop_at_step``, the last checkpoint)."""
@@ -135,15 +164,7 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
     train_set, val_set, data_note = load_splits(args)
     if main:
         print(data_note)
-    if args.init_from:
-        model = CDVAE.from_pretrained(args.init_from)
-    else:
-        stats = lattice_statistics(train_set)
-        model = CDVAE(CDVAEConfig(hidden=args.hidden, latent=args.latent, encoder_layers=args.encoder_layers,
-                                  decoder_layers=args.decoder_layers, cutoff=args.cutoff,
-                                  max_neighbors=args.max_neighbors, beta=args.beta,
-                                  max_atoms=int(train_set.num_atoms.max()),
-                                  lattice_mean=stats["mean"], lattice_std=stats["std"]))
+    model = _build_model(args, train_set)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio))
@@ -192,7 +213,8 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
                 fh.write(json.dumps({"step": done, "eval": last_eval}) + "\n")
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         if (args.save_every and done % args.save_every == 0) or done == last:
-            save_checkpoint(accelerator, out, done, sched, ema, {"args": dataclasses.asdict(args)}, args.keep_checkpoints)
+            save_checkpoint(accelerator, out, done, sched, ema,
+                            {"args": dataclasses.asdict(args), "model_config": raw.config.to_dict()}, args.keep_checkpoints)
     bar.close()
     if last < args.max_steps:
         if main:
