@@ -348,3 +348,14 @@ def test_export_checkpoint_gives_the_ema_weights(tmp_path):
     exported = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-2", tmp_path / "exp")
     a, b = CDVAE.from_pretrained(final).state_dict(), CDVAE.from_pretrained(exported).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shipped_perov5_model_loads_and_samples_perovskite_cells():
+    from structure.cdvae.model import resolve_model
+
+    model = CDVAE.from_pretrained(resolve_model("cdvae-perov5"))
+    assert model.config.max_atoms == 5
+    crystals = sample(model, 4, seed=0, levels=5, steps=1)
+    assert all(len(c.types) == 5 for c in crystals)  # the count head learned Perov-5's five-atom cells
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        resolve_model("cdvae-nope")
