@@ -517,10 +517,7 @@ def cmd_structure(args: argparse.Namespace) -> int:
     if args.ranking == "learned":
         own = store.path if store.path is not None and (store.path / "ranker.json").exists() else None
         ranker = CompositionRanker.load(args.ranker or own or DEFAULT_RANKER)
-    if args.relax:
-        from structure.relax import load_potential
-
-        load_potential(args.potential)  # fail early, before any work, on a bad potential
+    _check_potential(args)
     rows = predict_formulas(formulas, store, ranker, top_k=args.top_k, ranking=args.ranking,
                             include_invalid=args.include_invalid, seed=args.seed, progress=not args.no_progress,
                             group_types=args.group_types)
@@ -532,6 +529,24 @@ def cmd_structure(args: argparse.Namespace) -> int:
     print(f"{n_formulas} formulas -> {sum(r.structure is not None for r in rows)} structures "
           f"({', '.join(f'{n} {s}' for s, n in sorted(status.items()))}); wrote {', '.join(str(p) for p in paths.values())}")
     return 0
+
+
+def _add_relax_arguments(p: argparse.ArgumentParser) -> None:
+    """The M3GNet relaxation options shared by `structure` and `cdvae sample`."""
+    p.add_argument("--relax", action="store_true", help="relax every structure with an M3GNet potential (FIRE, cell + positions)")
+    p.add_argument("--potential", default="M3GNet-MP-2021.2.8-PES",
+                   help="matgl hub name or local model folder (default: M3GNet-MP-2021.2.8-PES)")
+    p.add_argument("--fmax", type=float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
+    p.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure (default: 500)")
+    p.add_argument("--workers", type=int, default=1, help="relaxation worker processes (default: 1)")
+
+
+def _check_potential(args: argparse.Namespace) -> None:
+    """With --relax, load the potential before any other work, so that a bad one fails at once."""
+    if args.relax:
+        from structure.relax import load_potential
+
+        load_potential(args.potential)
 
 
 def _relax(rows: list, store, args: argparse.Namespace) -> None:
@@ -576,10 +591,7 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ValueError("-n must be at least 1")
-    if args.relax:
-        from structure.relax import load_potential
-
-        load_potential(args.potential)  # fail early, before any work, on a bad potential
+    _check_potential(args)
     model = CDVAE.from_pretrained(resolve_model(args.model))
     t0 = time.perf_counter()
     crystals = sample(model, args.n, seed=args.seed, batch_size=args.batch_size, levels=args.levels,
@@ -651,14 +663,9 @@ def _add_cdvae_parser(sub) -> None:
     s.add_argument("--levels", type=int, help="noise levels of the Langevin schedule (default: the model's)")
     s.add_argument("--steps", type=int, help="Langevin steps per level (default: the model's)")
     s.add_argument("--step-lr", type=float, help="Langevin step size at the smallest noise (default: the model's)")
-    s.add_argument("--relax", action="store_true", help="relax every crystal with an M3GNet potential")
-    s.add_argument("--potential", default="M3GNet-MP-2021.2.8-PES",
-                   help="matgl hub name or local model folder (default: M3GNet-MP-2021.2.8-PES)")
+    _add_relax_arguments(s)
     s.add_argument("--templates", type=Path, metavar="DB",
                    help="template store for elemental reference structures (default: the AFLOW prototypes)")
-    s.add_argument("--fmax", type=float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
-    s.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure (default: 500)")
-    s.add_argument("--workers", type=int, default=1, help="relaxation worker processes (default: 1)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("-o", "--output", type=Path, default=Path("cdvae_samples"), help="output directory")
     s.set_defaults(func=cmd_cdvae_sample)
@@ -866,12 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collapse the 20 best templates into structure types (StructureMatcher) and rank the types "
                    "by their templates' pooled similarity: top-k distinct types (default: on; not for --ranking random)")
     p.add_argument("--include-invalid", action="store_true", help="also predict formulas that fail the validity check")
-    p.add_argument("--relax", action="store_true", help="relax every structure with an M3GNet potential (FIRE, cell + positions)")
-    p.add_argument("--potential", default="M3GNet-MP-2021.2.8-PES",
-                   help="matgl hub name or local model folder (default: M3GNet-MP-2021.2.8-PES)")
-    p.add_argument("--fmax", type=float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
-    p.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure (default: 500)")
-    p.add_argument("--workers", type=int, default=1, help="relaxation worker processes (default: 1)")
+    _add_relax_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random ranking")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-o", "--output", type=Path, default=Path("structures"), help="output directory (default: structures)")

@@ -34,7 +34,7 @@ from composition_lm.models import model_classes
 from composition_lm.tokenizer import PAD, build_tokenizer, encode_formulas, vocabulary_size
 from evaluation.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
 from evaluation.composition import parse_formula
-from evaluation.io import atomic_path, write_json, write_text
+from evaluation.io import append_jsonl, atomic_path, write_json, write_text
 
 __all__ = ["TrainingArguments", "train", "EMA"]
 
@@ -348,13 +348,11 @@ def train(args: TrainingArguments, command: str = "") -> Path:
         if main and (done % args.log_every == 0 or done == args.max_steps):
             rec = {"step": done, "lr": sched.get_last_lr()[0], **stats_acc, "elapsed_s": time.perf_counter() - t0}
             bar.set_postfix(loss=f"{stats_acc['loss']:.3f}")
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            append_jsonl(log_path, rec)
         if args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
             last_eval = evaluate_model(raw_model, ema, loss_fn, val_ids, args, device) if main else {}
             if main:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps({"step": done, "eval": last_eval}) + "\n")
+                append_jsonl(log_path, {"step": done, "eval": last_eval})
                 bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         if (args.save_every and done % args.save_every == 0) or done == last_step:
             _save_checkpoint(accelerator, out, done, args, sched, ema)

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["append_jsonl", "atomic_path", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -35,3 +35,9 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON line to a log (a run's ``log.jsonl``): a crash loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")

@@ -6,7 +6,19 @@ from pathlib import Path
 
 from evaluation.io import atomic_path, write_json, write_text
 
-__all__ = ["metrics_markdown", "metrics_table", "write_report"]
+__all__ = ["metrics_markdown", "metrics_table", "save_figure", "write_report"]
+
+
+def save_figure(fig, path: str | Path) -> str:
+    """Lay out ``fig``, write it as a PNG atomically, close it; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def _fmt(x) -> str:
@@ -84,11 +96,7 @@ def _plot(metrics: dict, out_dir: Path) -> list[str]:
         if key == "n_atoms":
             ax.set_xlim(0, 80)
         ax.legend()
-        fig.tight_layout()
-        with atomic_path(out_dir / f"{key}.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        written.append(f"{key}.png")
+        written.append(save_figure(fig, out_dir / f"{key}.png"))
     ef = hist.get("element_frequency")
     if ef:
         ref = ef.get("reference", ef["generated"])
@@ -101,11 +109,7 @@ def _plot(metrics: dict, out_dir: Path) -> list[str]:
         ax.set_xticks(list(xs), top, fontsize=7)
         ax.set_ylabel("element frequency")
         ax.legend()
-        fig.tight_layout()
-        with atomic_path(out_dir / "element_frequency.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        written.append("element_frequency.png")
+        written.append(save_figure(fig, out_dir / "element_frequency.png"))
     return written
 
 

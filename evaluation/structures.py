@@ -63,6 +63,7 @@ import numpy as np
 
 from evaluation.io import atomic_path, write_json, write_text
 from evaluation.metrics import wasserstein_1d
+from evaluation.report import save_figure
 from evaluation.validity import check_formula
 
 __all__ = [
@@ -674,11 +675,7 @@ def _plot(metrics: dict, out_dir: Path) -> list[str]:
         ax.set_ylabel("fraction of structures")
         ax.set_title(f"Wasserstein distance {_cell(metrics.get('wdist_density'), False)}", fontsize=9)
         ax.legend()
-        fig.tight_layout()
-        with atomic_path(out_dir / "density.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        written.append("density.png")
+        written.append(save_figure(fig, out_dir / "density.png"))
     e = hist.get("num_elems")
     if e:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -693,11 +690,7 @@ def _plot(metrics: dict, out_dir: Path) -> list[str]:
         ax.set_ylabel("fraction of structures")
         ax.set_title(f"Wasserstein distance {_cell(metrics.get('wdist_num_elems'), False)}", fontsize=9)
         ax.legend()
-        fig.tight_layout()
-        with atomic_path(out_dir / "num_elements.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        written.append("num_elements.png")
+        written.append(save_figure(fig, out_dir / "num_elements.png"))
     return written
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from scripts.benchlib import EXE, bench_meta, run  # noqa: E402
 
 from evaluation.io import write_json, write_text  # noqa: E402
+from evaluation.report import save_figure  # noqa: E402
 
 DATA = {"perov5": "perov_5", "mp20": "mp_20", "carbon24": "carbon_24"}
 TARGETS = {  # issue 6: struct valid, comp valid, COV-R, COV-P (>=), wdist density, wdist #elements (<=)
@@ -153,9 +154,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_ylabel("%")
     ax.legend()
     ax.set_title(f"CDVAE {r['dataset']}: metrics vs steps ({r['curve'][0]['n']} samples each)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

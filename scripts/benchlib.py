@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.io import atomic_path, write_text  # noqa: E402
+from evaluation.report import save_figure  # noqa: E402
 
 EXE = [sys.executable, "-m", "composition_lm.cli"]
 
@@ -124,9 +125,7 @@ def plot_steps(curves: dict[str, list[dict]], path: Path, log_base: int = 10) ->
             ax.set_xlabel("sampling steps")
             ax.set_ylabel(label)
     axes[0].legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
 
 
 def update_card(model_dir: Path, results: dict, markdown_name: str) -> None:

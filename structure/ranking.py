@@ -205,6 +205,11 @@ def save_labels(lists: list[dict], path: str | Path, settings: dict) -> None:
                                 for x in lists]})
 
 
+def _lists_from(data: dict) -> list[dict]:
+    return [{"query": x["query"], "rows": np.array(x["rows"], dtype=np.int64), "labels": np.array(x["labels"], dtype=bool)}
+            for x in data["lists"]]
+
+
 def load_labels(path: str | Path | None, settings: dict | None = None) -> list[dict] | None:
     """Labels from ``path`` if it exists and was made with the current matcher (and, when given, the same
     ``settings``), else None."""
@@ -213,8 +218,7 @@ def load_labels(path: str | Path | None, settings: dict | None = None) -> list[d
     data = json.loads(Path(path).read_text())
     if (settings is not None and data.get("settings") != settings) or data.get("matcher") != MATCHER_KW:
         return None
-    return [{"query": x["query"], "rows": np.array(x["rows"], dtype=np.int64), "labels": np.array(x["labels"], dtype=bool)}
-            for x in data["lists"]]
+    return _lists_from(data)
 
 
 def label_files(folder: Path) -> list[Path]:
@@ -230,9 +234,9 @@ def cached_labels(store, size: int) -> list[dict]:
     out, seen = [], set()
     for path in label_files(store.path):
         data = json.loads(path.read_text())
-        if data.get("settings", {}).get("size") != size:
+        if data.get("settings", {}).get("size") != size or data.get("matcher") != MATCHER_KW:
             continue
-        for x in load_labels(path) or []:
+        for x in _lists_from(data):
             if x["query"] not in seen:
                 seen.add(x["query"])
                 out.append(x)

@@ -177,20 +177,23 @@ class Crystals:
         return Data(frac=self.frac[s:s + n], types=self.types[s:s + n], lengths=self.lengths[i:i + 1],
                     angles=self.angles[i:i + 1], num_atoms=self.num_atoms[i:i + 1], num_nodes=n)
 
+    def _atoms(self, rows: torch.Tensor) -> torch.Tensor:
+        """Indices of the atoms of crystals ``rows``, crystal after crystal."""
+        num = self.num_atoms[rows]
+        return torch.repeat_interleave(self.first[rows], num) + torch.arange(int(num.sum())) - \
+            torch.repeat_interleave(torch.cumsum(num, 0) - num, num)
+
     def batch(self, rows) -> CrystalBatch:
         """Crystals ``rows`` as one batch (the same fields as :func:`collate` gives, without building
         a ``Data`` object per crystal)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        num = self.num_atoms[rows]
-        atoms = torch.repeat_interleave(self.first[rows], num) + torch.arange(int(num.sum())) - \
-            torch.repeat_interleave(torch.cumsum(num, 0) - num, num)
+        atoms, num = self._atoms(rows), self.num_atoms[rows]
         return CrystalBatch(self.frac[atoms], self.types[atoms], self.lengths[rows], self.angles[rows], num,
                             torch.repeat_interleave(torch.arange(len(rows)), num))
 
     def subset(self, rows) -> Crystals:
         rows = torch.as_tensor(rows, dtype=torch.long)
-        atoms = torch.cat([torch.arange(int(self.first[r]), int(self.first[r] + self.num_atoms[r])) for r in rows]) \
-            if len(rows) else torch.zeros(0, dtype=torch.long)
+        atoms = self._atoms(rows)
         return Crystals(self.frac[atoms], self.types[atoms], self.lengths[rows], self.angles[rows],
                         self.num_atoms[rows], [self.ids[int(r)] for r in rows])
 
@@ -297,18 +300,17 @@ def length_scale(num_atoms: torch.Tensor) -> torch.Tensor:
     return num_atoms.float().pow(1.0 / 3.0)
 
 
+def lattice_targets(lengths: torch.Tensor, angles: torch.Tensor, num_atoms: torch.Tensor) -> torch.Tensor:
+    """The six regressed lattice values of each crystal: lengths / N^(1/3), then angles."""
+    return torch.cat([lengths / length_scale(num_atoms)[:, None], angles], 1)
+
+
 def lattice_statistics(crystals: Crystals) -> dict[str, list[float]]:
-    """Means and standard deviations of the six regressed lattice targets (lengths / N^(1/3), angles)."""
-    target = torch.cat([crystals.lengths / length_scale(crystals.num_atoms)[:, None], crystals.angles], 1)
+    """Means and standard deviations of the :func:`lattice_targets` of ``crystals``."""
+    target = lattice_targets(crystals.lengths, crystals.angles, crystals.num_atoms)
     return {"mean": target.mean(0).tolist(), "std": target.std(0).clamp(min=1e-3).tolist()}
 
 
-def degrees_ok(angles: torch.Tensor) -> torch.Tensor:
-    """Whether (B, 3) angles describe a cell with positive volume."""
-    c = torch.cos(torch.deg2rad(angles))
-    return 1 - (c ** 2).sum(-1) + 2 * c.prod(-1) > 1e-6
-
-
 __all__ = ["CrystalBatch", "Crystals", "collate", "crystals_from_structures", "edge_vectors", "lattice_matrix", "lattice_parameters",
-           "lattice_statistics", "length_scale", "load_crystals", "min_image_displacement", "periodic_edges",
+           "lattice_statistics", "lattice_targets", "length_scale", "load_crystals", "min_image_displacement", "periodic_edges",
            "to_structure", "canonical"]

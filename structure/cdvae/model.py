@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluation.io import atomic_path, write_json
-from structure.cdvae.data import edge_vectors, lattice_matrix, length_scale, min_image_displacement, periodic_edges
+from structure.cdvae.data import (edge_vectors, lattice_matrix, lattice_targets, length_scale, min_image_displacement,
+                                  periodic_edges)
 
 MAX_Z = 100  # elements H..Fm; atom type t is element Z = t + 1
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
@@ -237,19 +238,11 @@ class CDVAE(nn.Module):
         self.register_buffer("lattice_std", torch.tensor(cfg.lattice_std), persistent=False)
 
     # ------------------------------------------------------------------------------------ heads
-    def encode(self, batch):
-        lattice = lattice_matrix(batch.lengths, batch.angles)
-        return self.encoder(batch.types, batch.frac, lattice, batch.num_atoms, batch.batch)
-
     def lattice_from_z(self, z: torch.Tensor, num_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted lengths (Å) and angles (degrees; clamped to 30..150) for crystals of ``num_atoms``."""
         raw = self.lattice_head(z) * self.lattice_std + self.lattice_mean
         lengths = (raw[:, :3] * length_scale(num_atoms)[:, None]).clamp(min=1.0)
         return lengths, raw[:, 3:].clamp(30.0, 150.0)
-
-    def score(self, z, sigma, types, frac, lengths, angles, num_atoms, batch):
-        """Decoder call: Cartesian noise estimate (score times sigma) and type logits."""
-        return self.decoder(z, sigma, types, frac, lattice_matrix(lengths, angles), num_atoms, batch)
 
     # ----------------------------------------------------------------------------------- losses
     def losses(self, batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -257,18 +250,18 @@ class CDVAE(nn.Module):
         cfg = self.config
         dev = batch.frac.device
         n_crystals = len(batch.num_atoms)
-        mu, logvar = self.encode(batch)
+        lat = lattice_matrix(batch.lengths, batch.angles)
+        mu, logvar = self.encoder(batch.types, batch.frac, lat, batch.num_atoms, batch.batch)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=dev)
 
         natom = F.cross_entropy(self.natom_head(z), batch.num_atoms.clamp(max=cfg.max_atoms))
-        target_lat = torch.cat([batch.lengths / length_scale(batch.num_atoms)[:, None], batch.angles], 1)
+        target_lat = lattice_targets(batch.lengths, batch.angles, batch.num_atoms)
         lattice = F.mse_loss(self.lattice_head(z), (target_lat - self.lattice_mean) / self.lattice_std)
         comp_logits = self.composition_head(z)
         composition = F.cross_entropy(comp_logits[batch.batch], batch.types - 1)
 
         level = torch.randint(cfg.noise_levels, (n_crystals,), generator=generator, device=dev)
         sigma, type_sigma = self.sigmas[level], self.type_sigmas[level]
-        lat = lattice_matrix(batch.lengths, batch.angles)
         # types: mix the true one-hot with the predicted composition, weight type_sigma; sample
         probs = F.one_hot(batch.types - 1, MAX_Z).float() + \
             comp_logits.detach().softmax(-1)[batch.batch] * type_sigma[batch.batch, None]

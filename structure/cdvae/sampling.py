@@ -70,7 +70,7 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     lattice = lattice_matrix(lengths, angles)
     inv = torch.linalg.inv(lattice)[batch]
     for sigma, step in schedule:
-        eps, logits = model.score(z, torch.full((len(z),), sigma), types, frac, lengths, angles, num_atoms, batch)
+        eps, logits = model.decoder(z, torch.full((len(z),), sigma), types, frac, lattice, num_atoms, batch)
         move = step * eps / sigma + (2 * step) ** 0.5 * torch.randn(frac.shape, generator=generator)
         frac, types = (frac + torch.einsum("nk,nkl->nl", move, inv)) % 1.0, logits.argmax(-1) + 1
         if progress is not None:

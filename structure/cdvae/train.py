@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from evaluation.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
-from evaluation.io import write_json, write_text
+from evaluation.io import append_jsonl, write_json, write_text
 from structure.cdvae.data import Crystals, lattice_statistics, load_crystals
 from structure.cdvae.model import CDVAE, CDVAEConfig
 
@@ -204,13 +204,11 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
             rec = {"step": done, "lr": sched.get_last_lr()[0], **{k: float(v.detach()) for k, v in losses.items()},
                    "elapsed_s": time.perf_counter() - t0}
             bar.set_postfix(loss=f"{rec['loss']:.3f}", coord=f"{rec['coord']:.3f}")
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            append_jsonl(log_path, rec)
         if main and args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
             with ema.applied(raw):
                 last_eval = validation_losses(raw, val_set, args.seed)
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"step": done, "eval": last_eval}) + "\n")
+            append_jsonl(log_path, {"step": done, "eval": last_eval})
             bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
         if (args.save_every and done % args.save_every == 0) or done == last:
             save_checkpoint(accelerator, out, done, sched, ema,
