@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -10,6 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["append_jsonl", "atomic_path", "write_json", "write_text"]
+
+
+@functools.cache
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -21,6 +30,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600 files; give the output a plain open()'s mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
