@@ -1,0 +1,297 @@
+"""One metric suite for every generator, and the comparison report (``composition-gen compare``).
+
+A *generator* here is a whole path from nothing to crystal structures: a formula language model followed
+by template structures, or CDVAE. Each path is given the same budget of ``n`` samples. What it produced
+is scored by the same functions as the separate commands, so the report's numbers are those of
+``composition-gen evaluate`` (formulas) and ``composition-gen evaluate-structures`` (structures) on the
+same files. On top of them this module adds what only a comparison needs:
+
+* structure uniqueness and novelty by ``StructureMatcher`` (:func:`structure_novelty`): a structure is
+  novel when no training structure of the same reduced composition matches it; uniqueness counts
+  structures that match no earlier generated structure;
+* energy statistics of relaxed structures (:func:`energy_summary`): energy and formation energy per atom,
+  the fraction with a negative formation energy;
+* wall time per valid structure;
+* the report: ``report.md``, a self-contained ``report.html`` (tables and embedded PNG plots) and
+  ``metrics.json`` (:func:`write_comparison`).
+
+This module imports nothing from ``composition_lm`` or ``structure``: the CLI runs the generators and
+hands their outputs here.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.io import write_json, write_text
+from evaluation.report import save_figure
+
+__all__ = ["energy_summary", "structure_novelty", "density_histograms", "summary_rows", "comparison_markdown",
+           "comparison_html", "write_comparison"]
+
+
+def structure_novelty(structures: Sequence, training: Sequence, matcher=None) -> dict:
+    """Uniqueness and novelty of ``structures`` (pymatgen Structures) by ``StructureMatcher``.
+
+    Only structures of the same reduced composition are compared, so the cost is small unless the
+    generator repeats training compositions. ``uniqueness`` = structures matching no earlier one / all;
+    ``novelty`` = unique structures matching no training structure / unique structures."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = matcher or StructureMatcher()  # pymatgen's defaults: ltol 0.2, stol 0.3, angle_tol 5
+    by_formula: dict[str, list] = defaultdict(list)
+    for s in training:
+        by_formula[s.composition.reduced_formula].append(s)
+    seen: dict[str, list] = defaultdict(list)
+    n_unique = n_novel = 0
+    for s in structures:
+        key = s.composition.reduced_formula
+        if any(matcher.fit(s, other) for other in seen[key]):
+            continue
+        seen[key].append(s)
+        n_unique += 1
+        n_novel += not any(matcher.fit(s, other) for other in by_formula.get(key, ()))
+    n = len(structures)
+    return {"n": n, "n_unique": n_unique, "uniqueness": n_unique / n if n else None, "n_novel_unique": n_novel,
+            "novelty": n_novel / n_unique if n_unique else None}
+
+
+def _finite_values(values) -> np.ndarray:
+    arr = np.array([v for v in values if v is not None], dtype=float)
+    return arr[np.isfinite(arr)]
+
+
+def energy_summary(energy_per_atom: Sequence, formation_energy_per_atom: Sequence, n_structures: int) -> dict:
+    """Statistics of relaxed structures' energies (eV/atom); ``None`` entries (not relaxed, failed) are
+    left out. ``frac_negative_formation`` is over the structures with a formation energy."""
+    e, f = _finite_values(energy_per_atom), _finite_values(formation_energy_per_atom)
+
+    def stats(a):
+        if not a.size:
+            return None
+        return {"mean": float(a.mean()), "median": float(np.median(a)), "std": float(a.std()),
+                "min": float(a.min()), "max": float(a.max())}
+
+    return {"n_structures": n_structures, "n_with_energy": int(e.size), "n_with_formation_energy": int(f.size),
+            "energy_per_atom": stats(e), "formation_energy_per_atom": stats(f),
+            "frac_negative_formation": float((f < 0).mean()) if f.size else None,
+            "values": {"energy_per_atom": e.round(5).tolist(), "formation_energy_per_atom": f.round(5).tolist()}}
+
+
+def density_histograms(densities: dict[str, Sequence[float]], bins: int = 40) -> dict:
+    """Histograms (fractions) of several sets of densities on common bin edges (0 .. 99.5th percentile)."""
+    pooled = np.concatenate([_finite_values(v) for v in densities.values()] or [np.zeros(0)])
+    hi = float(np.percentile(pooled, 99.5)) if pooled.size else 1.0
+    edges = np.linspace(0.0, max(hi, 1e-6) * 1.02, bins + 1)
+    out = {"bin_edges": edges.round(4).tolist()}
+    for name, v in densities.items():
+        a = np.clip(_finite_values(v), edges[0], edges[-1])
+        counts, _ = np.histogram(a, bins=edges)
+        out[name] = (counts / max(a.size, 1)).round(6).tolist()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _get(d: dict | None, *path):
+    for key in path:
+        if not isinstance(d, dict) or d.get(key) is None:
+            return None
+        d = d[key]
+    return d
+
+
+#: (label, getter, format) of the summary table; "%" = fraction shown as a percentage
+_ROWS: list[tuple[str, tuple, str]] = [
+    ("samples (the budget)", ("counts", "samples"), "int"),
+    ("structures produced", ("counts", "structures"), "int"),
+    ("valid structures (structure + composition + fingerprint)", ("structure_metrics", "n_valid"), "int"),
+    ("composition validity of the samples (cdvae protocol)", ("formula_metrics", "validity", "cdvae", "raw"), "%"),
+    ("formula uniqueness", ("formula_metrics", "uniqueness"), "%"),
+    ("formula novelty (vs training formulas)", ("formula_metrics", "novelty"), "%"),
+    ("element JS divergence vs test formulas", ("formula_metrics", "distribution", "element_js"), "f"),
+    ("#elements Wasserstein vs test formulas", ("formula_metrics", "distribution", "n_elements_wasserstein"), "f"),
+    ("structure validity", ("structure_metrics", "struct_validity"), "%"),
+    ("composition validity of the structures", ("structure_metrics", "comp_validity"), "%"),
+    ("COV-R", ("structure_metrics", "cov_recall"), "%"),
+    ("COV-P", ("structure_metrics", "cov_precision"), "%"),
+    ("Wasserstein density", ("structure_metrics", "wdist_density"), "f"),
+    ("Wasserstein #elements (structures)", ("structure_metrics", "wdist_num_elems"), "f"),
+    ("structure uniqueness (StructureMatcher)", ("structure_novelty", "uniqueness"), "%"),
+    ("structure novelty (vs training structures)", ("structure_novelty", "novelty"), "%"),
+    ("relaxed with an energy", ("energy", "n_with_energy"), "int"),
+    ("mean energy (eV/atom)", ("energy", "energy_per_atom", "mean"), "f"),
+    ("mean formation energy (eV/atom)", ("energy", "formation_energy_per_atom", "mean"), "f"),
+    ("fraction with formation energy < 0", ("energy", "frac_negative_formation"), "%"),
+    ("wall time of the path (s)", ("timing", "generate_s"), "s"),
+    ("wall time per valid structure (s)", ("timing", "per_valid_structure_s"), "s3"),
+]
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return {"int": lambda x: f"{int(x):,}", "%": lambda x: f"{100 * x:.2f} %", "f": lambda x: f"{x:.4f}",
+            "s": lambda x: f"{x:.1f}", "s3": lambda x: f"{x:.3f}"}[kind](v)
+
+
+def summary_rows(result: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """(generator names, [(metric label, formatted values)]) of the summary table; rows that every
+    generator lacks (e.g. energies without relaxation) are left out."""
+    gens = result["generators"]
+    names = list(gens)
+    rows = []
+    for label, path, kind in _ROWS:
+        values = [_get(gens[n], *path) for n in names]
+        if all(v is None for v in values):
+            continue
+        rows.append((label, [_fmt(v, kind) for v in values]))
+    return names, rows
+
+
+def _given_lines(result: dict) -> list[str]:
+    return [f"- **{name}** ({g['kind']}, `{g['model']}`): {g['given']}" for name, g in result["generators"].items()]
+
+
+def comparison_markdown(result: dict, images: Sequence[str] = ()) -> str:
+    names, rows = summary_rows(result)
+    parts = [f"# {result['title']}", "", result["description"], "", "What each path is given:", ""]
+    parts += _given_lines(result) + [""]
+    parts += ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    parts += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rows]
+    parts += ["", *result.get("notes", []), "", f"Command: `{result['command']}`", ""]
+    parts += [f"![{Path(i).stem}]({i})" for i in images] + [""]
+    return "\n".join(parts)
+
+
+def comparison_html(result: dict, images: dict[str, bytes]) -> str:
+    """A self-contained HTML page: the same tables as the Markdown, the plots embedded as data URIs."""
+    names, rows = summary_rows(result)
+    esc = html.escape
+    head = "".join(f"<th>{esc(n)}</th>" for n in names)
+    body = "".join("<tr><td>" + esc(label) + "</td>" + "".join(f"<td>{esc(v)}</td>" for v in vals) + "</tr>"
+                   for label, vals in rows)
+    given = "".join(f"<li><b>{esc(n)}</b> ({esc(g['kind'])}, <code>{esc(str(g['model']))}</code>): {esc(g['given'])}</li>"
+                    for n, g in result["generators"].items())
+    notes = "".join(f"<p>{esc(n)}</p>" for n in result.get("notes", []))
+    figs = "".join(f'<figure><img alt="{esc(Path(name).stem)}" src="data:image/png;base64,'
+                   f'{base64.b64encode(data).decode("ascii")}"><figcaption>{esc(Path(name).stem)}</figcaption></figure>'
+                   for name, data in images.items())
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}td+td,th+th{text-align:right}"
+             "tr:nth-child(even){background:#f6f6f6}figure{display:inline-block;margin:.5em}img{max-width:520px}")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(result['title'])}</title>"
+            f"<style>{style}</style></head><body><h1>{esc(result['title'])}</h1><p>{esc(result['description'])}</p>"
+            f"<p>What each path is given:</p><ul>{given}</ul><table><tr><th>metric</th>{head}</tr>{body}</table>"
+            f"{notes}<p>Command: <code>{esc(result['command'])}</code></p>{figs}</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _plots(result: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = result["generators"]
+    written = []
+    # element frequencies: the 30 most frequent elements of the test formulas
+    ref = next((_get(g, "formula_metrics", "histograms", "element_frequency", "reference") for g in gens.values()
+                if _get(g, "formula_metrics", "histograms", "element_frequency", "reference")), None)
+    if ref:
+        top = sorted(ref, key=ref.get, reverse=True)[:30]
+        series = {"test": [ref[e] for e in top]}
+        for name, g in gens.items():
+            freq = _get(g, "formula_metrics", "histograms", "element_frequency", "generated") or {}
+            series[name] = [freq.get(e, 0.0) for e in top]
+        fig, ax = plt.subplots(figsize=(10, 3.6))
+        width = 0.8 / len(series)
+        for k, (name, vals) in enumerate(series.items()):
+            ax.bar(np.arange(len(top)) + (k - (len(series) - 1) / 2) * width, vals, width=width, label=name)
+        ax.set_xticks(range(len(top)), top, fontsize=8)
+        ax.set_ylabel("share of formulas containing it (normalised)")
+        ax.set_title("element frequencies (30 most frequent in the test formulas)", fontsize=9)
+        ax.legend(fontsize=8)
+        written.append(save_figure(fig, out_dir / "element_frequency.png"))
+    # distinct elements per structure (valid structures) vs the test set
+    nelem = {name: _get(g, "structure_metrics", "histograms", "num_elems", "generated") for name, g in gens.items()}
+    ref_n = next((_get(g, "structure_metrics", "histograms", "num_elems", "reference") for g in gens.values()
+                  if _get(g, "structure_metrics", "histograms", "num_elems", "reference")), None)
+    if ref_n:
+        series = {"test": ref_n, **{k: v for k, v in nelem.items() if v}}
+        ticks = sorted({int(x) for h in series.values() for x in h})
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        width = 0.8 / len(series)
+        for k, (name, h) in enumerate(series.items()):
+            ax.bar([t + (k - (len(series) - 1) / 2) * width for t in ticks], [h.get(str(t), 0.0) for t in ticks],
+                   width=width, label=name)
+        ax.set_xticks(ticks)
+        ax.set_xlabel("distinct elements per valid structure")
+        ax.set_ylabel("fraction")
+        ax.legend(fontsize=8)
+        written.append(save_figure(fig, out_dir / "n_elements.png"))
+    dens = result.get("density_histograms")
+    if dens and len(dens) > 1:
+        edges = np.asarray(dens["bin_edges"])
+        centers = (edges[:-1] + edges[1:]) / 2
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name, h in dens.items():
+            if name == "bin_edges":
+                continue
+            if name == "test":
+                ax.bar(centers, h, width=np.diff(edges), alpha=0.35, color="grey", label="test")
+            else:
+                ax.step(centers, h, where="mid", label=name)
+        ax.set_xlabel("density (g/cm³) of valid structures")
+        ax.set_ylabel("fraction")
+        ax.legend(fontsize=8)
+        written.append(save_figure(fig, out_dir / "density.png"))
+    for key, label, fname in (("energy_per_atom", "energy (eV/atom)", "energy.png"),
+                              ("formation_energy_per_atom", "formation energy (eV/atom)", "formation_energy.png")):
+        values = {name: _get(g, "energy", "values", key) for name, g in gens.items()}
+        values = {k: v for k, v in values.items() if v}
+        if not values:
+            continue
+        pooled = np.concatenate([np.asarray(v) for v in values.values()])
+        lo, hi = np.percentile(pooled, [0.5, 99.5])
+        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name, v in values.items():
+            ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, histtype="step", density=True, label=name)
+        if key == "formation_energy_per_atom":
+            ax.axvline(0.0, color="grey", lw=0.8)
+        ax.set_xlabel(label + " of relaxed structures")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+        written.append(save_figure(fig, out_dir / fname))
+    return written
+
+
+def write_comparison(result: dict, out_dir: str | Path, plots: bool = True) -> list[str]:
+    """Write ``metrics.json``, ``report.md``, ``report.html`` and the PNG plots into ``out_dir``, each
+    atomically; returns the file names."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = _plots(result, out_dir) if plots else []
+    write_json(out_dir / "metrics.json", _json_safe(result))
+    write_text(out_dir / "report.md", comparison_markdown(result, images))
+    write_text(out_dir / "report.html", comparison_html(result, {i: (out_dir / i).read_bytes() for i in images}))
+    return ["metrics.json", "report.md", "report.html", *images]
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
