@@ -539,6 +539,9 @@ def _add_relax_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fmax", type=float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
     p.add_argument("--max-steps", type=int, default=500, help="FIRE steps per structure (default: 500)")
     p.add_argument("--workers", type=int, default=1, help="relaxation worker processes (default: 1)")
+    p.add_argument("--references", type=Path, metavar="DB",
+                   help="template store whose single-element structures give the elemental reference energies for "
+                   "formation energies (default: the --templates store, else pymatgen's AFLOW prototypes)")
 
 
 def _check_potential(args: argparse.Namespace) -> None:
@@ -554,7 +557,10 @@ def _relax(rows: list, store, args: argparse.Namespace) -> None:
     from ``store`` (relaxed once, cached beside the store or the output)."""
     from structure.pipeline import elemental_candidates, relax_rows
     from structure.relax import ElementalReferences
+    from structure.templates import TemplateStore
 
+    if args.references is not None:
+        store = TemplateStore.load(args.references)
     cache = (store.path or args.output) / "elemental_references.json"
     refs = ElementalReferences(args.potential, elemental_candidates(store), cache_path=cache,
                                fmax=args.fmax, max_steps=args.max_steps)
@@ -683,11 +689,28 @@ def _generator_name(model: str, prefix: str, taken: dict) -> str:
     return name if taken[name] == 1 else f"{name}-{taken[name]}"
 
 
-def _relax_argv(args: argparse.Namespace) -> list[str]:
+def _relax_argv(args: argparse.Namespace, references: Path | None) -> list[str]:
     if not args.relax:
         return []
     return ["--relax", "--potential", str(args.potential), "--fmax", str(args.fmax), "--max-steps", str(args.max_steps),
-            "--workers", str(args.workers)]
+            "--workers", str(args.workers), "--references", str(references)]
+
+
+def _reference_store(args: argparse.Namespace, store, store_dir: Path, out: Path) -> Path | None:
+    """One store of elemental structures for both paths' formation energies: --references, else the
+    training store when it holds single-element structures, else the AFLOW prototypes (saved once)."""
+    from structure.templates import aflow_store
+
+    if not args.relax:
+        return None
+    if args.references is not None:
+        return args.references
+    if len(store.rows_with_key("1")):
+        return store_dir
+    refs = out / "references"
+    if not (refs / "store.json").is_file():
+        aflow_store().save(refs)
+    return refs
 
 
 def _read_samples(path: Path, column: str | None) -> list[str]:
@@ -780,8 +803,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         TemplateStore.build(training, source=str(files["train"]), progress=not args.no_progress).save(store_dir)
     store = TemplateStore.load(store_dir)
     print(f"templates: {len(store)} structures in {store_dir}", file=sys.stderr)
-    relaxed = (f"; relaxed with M3GNet ({args.potential}, FIRE, fmax {args.fmax} eV/Å, at most {args.max_steps} steps)"
-               if args.relax else "")
+    references = _reference_store(args, store, store_dir, out)
+    relaxed = (f"; relaxed with M3GNet ({args.potential}, FIRE, fmax {args.fmax} eV/Å, at most {args.max_steps} "
+               f"steps; elemental references from {references})" if args.relax else "")
 
     generators: dict[str, dict] = {}
     taken: dict[str, int] = {}
@@ -794,7 +818,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"sampling from --lm {lm} failed")
         t_sample = time.perf_counter() - t0
         if main(["structure", str(gen_dir / "formulas.csv"), "--templates", str(store_dir), "--top-k", "1",
-                 *_relax_argv(args), *seed, "-o", str(gen_dir)]) != 0:
+                 *_relax_argv(args, references), *seed, "-o", str(gen_dir)]) != 0:
             raise ValueError(f"template structures for {name} failed")
         elapsed = time.perf_counter() - t0
         run = json.loads((gen_dir / "run_config.json").read_text())
@@ -813,8 +837,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         name = _generator_name(args.cdvae, "cdvae", taken)
         gen_dir = out / name
         t0 = time.perf_counter()
-        extra = ["--templates", str(store_dir)] if args.relax else []
-        if main(["cdvae", "sample", "--model", str(cdvae_dir), "-n", str(args.n), *seed, *_relax_argv(args), *extra,
+        if main(["cdvae", "sample", "--model", str(cdvae_dir), "-n", str(args.n), *seed, *_relax_argv(args, references),
                  "-o", str(gen_dir)]) != 0:
             raise ValueError(f"sampling from --cdvae {args.cdvae} failed")
         elapsed = time.perf_counter() - t0

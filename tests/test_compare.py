@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,26 @@ def test_density_histogram_of_the_run_covers_each_generator(tiny_run):
     assert {"bin_edges", "test", "cdvae-run"} <= set(dens)
     assert sum(dens["test"]) == pytest.approx(1.0, abs=1e-4)
     assert np.all(np.diff(dens["bin_edges"]) > 0)
+
+
+def test_compare_with_relaxation_reports_energies_from_the_structures_csv(tiny_run, tmp_path):
+    import pandas as pd
+
+    from composition_lm.cli import main
+
+    potential = Path(__file__).resolve().parents[2] / "shared" / "models" / "matgl" / "M3GNet-MP-2021.2.8-PES"
+    if not potential.is_dir():
+        pytest.skip("needs the M3GNet weights in ../shared")
+    data, out, _ = tiny_run
+    dest = tmp_path / "relaxed"
+    assert main(["compare", "--dataset", str(data), "--cdvae", str(out.parent / "run" / "model"), "-n", "2",
+                 "--seed", "3", "--templates", str(out / "templates"), "--relax", "--potential", str(potential),
+                 "--max-steps", "20", "--no-plots", "--no-progress", "--cache", str(out.parent / "fp"),
+                 "-o", str(dest)]) == 0
+    energy = json.loads((dest / "metrics.json").read_text())["generators"]["cdvae-run"]["energy"]
+    table = pd.read_csv(dest / "cdvae-run" / "structures.csv")
+    assert set(table["status"]) <= {"converged", "not_converged", "failed"}
+    assert energy["n_with_energy"] == table["energy_per_atom"].notna().sum() > 0
+    assert energy["energy_per_atom"]["mean"] == pytest.approx(table["energy_per_atom"].mean(), abs=1e-4)
+    # the 60 training structures hold no element alone: the AFLOW prototypes give the references
+    assert (dest / "references" / "store.json").is_file()
