@@ -107,14 +107,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from composition_lm.data import iter_rows
     from evaluation.metrics import formula_set_metrics
     from evaluation.report import write_report
 
-    samples = []
-    for _, _, payload in iter_rows(args.generated, args.column):
-        text = payload[0] if isinstance(payload, tuple) else payload
-        samples.append("" if text.startswith("!") else text)
+    samples = _read_samples(args.generated, args.column)
     if not samples:
         print(f"error: {args.generated} holds no samples", file=sys.stderr)
         return 2

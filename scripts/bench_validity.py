@@ -13,8 +13,6 @@ import platform
 import random
 import subprocess
 import sys
-import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
