@@ -866,6 +866,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "scores high composition validity on its structures. Structure uniqueness: structures matching no "
             "earlier one (StructureMatcher, pymatgen defaults); novelty: unique structures matching no training "
             "structure of the same composition. Valid = structure + composition valid (+ a fingerprint).",
+            *(["Relaxation: elemental reference energies are relaxed once per element and cached in the reference "
+               "store, so the first path to meet an element pays for it in its wall time."] if args.relax else []),
         ],
         "command": _command_line(args), "dataset": str(args.dataset), "train_split": args.train_split,
         "test_split": args.test_split, "n": args.n, "seed": args.seed, "relaxed": bool(args.relax),

@@ -359,3 +359,15 @@ def test_shipped_perov5_model_loads_and_samples_perovskite_cells():
     assert all(len(c.types) == 5 for c in crystals)  # the count head learned Perov-5's five-atom cells
     with pytest.raises(FileNotFoundError, match="shipped"):
         resolve_model("cdvae-nope")
+
+
+def test_shipped_mp20_model_loads_and_samples_cells_of_up_to_20_atoms():
+    from evaluation.structures import structure_validity
+    from structure.cdvae.model import resolve_model
+
+    model = CDVAE.from_pretrained(resolve_model("cdvae-mp20"))
+    assert model.config.max_atoms == 20 and model.config.trained["steps"] == 6000
+    crystals = sample(model, 8, seed=0, levels=10, steps=1)
+    sizes = [len(c.types) for c in crystals]
+    assert all(1 <= n <= 20 for n in sizes) and len(set(sizes)) > 1  # MP-20 cells vary in size
+    assert sum(structure_validity(c.structure())[0] for c in crystals) >= 4
