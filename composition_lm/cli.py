@@ -658,7 +658,8 @@ def _add_cdvae_parser(sub) -> None:
                         "composition, then run annealed Langevin dynamics over the noise levels. Same outputs as "
                         "`composition-gen structure`; --relax relaxes them with M3GNet.")
     s.add_argument("--model", default="cdvae-perov5",
-                   help="model folder, or a shipped name: cdvae-perov5 (default; cdvae-mp20 is still training)")
+                   help="model folder, or a shipped name: cdvae-perov5 (default) or cdvae-mp20 (Materials Project crystals of "
+                   "up to 20 atoms; a short training run, see its model card)")
     s.add_argument("-n", type=int, default=100, help="number of crystals (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same crystals)")
     s.add_argument("--batch-size", type=int, default=500, help="crystals decoded together (default: 500)")
