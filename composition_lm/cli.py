@@ -550,13 +550,16 @@ def _check_potential(args: argparse.Namespace) -> None:
 
 def _relax(rows: list, store, args: argparse.Namespace) -> None:
     """Relax rows in place with ``args.potential``; formation energies against elemental references taken
-    from ``store`` (relaxed once, cached beside the store or the output)."""
+    from the ``--references`` store, else ``store``, else the AFLOW prototypes (``store`` None), relaxed once
+    and cached beside that store or the output."""
     from structure.pipeline import elemental_candidates, relax_rows
     from structure.relax import ElementalReferences
-    from structure.templates import TemplateStore
+    from structure.templates import TemplateStore, aflow_store
 
     if args.references is not None:
         store = TemplateStore.load(args.references)
+    elif store is None:
+        store = aflow_store()
     cache = (store.path or args.output) / "elemental_references.json"
     refs = ElementalReferences(args.potential, elemental_candidates(store), cache_path=cache,
                                fmax=args.fmax, max_steps=args.max_steps)
@@ -601,9 +604,9 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     rows = to_rows(crystals)
     if args.relax:
-        from structure.templates import TemplateStore, aflow_store
+        from structure.templates import TemplateStore
 
-        _relax(rows, TemplateStore.load(args.templates) if args.templates else aflow_store(), args)
+        _relax(rows, TemplateStore.load(args.templates) if args.templates else None, args)
     paths = write_outputs(rows, args.output)
     status = Counter(r.status for r in rows)
     print(f"{len(rows)} crystals in {seconds:.1f} s ({', '.join(f'{n} {s}' for s, n in sorted(status.items()))}); "
@@ -760,8 +763,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import json
     import platform
 
-    from evaluation.compare import density_histograms, write_comparison
-    from structure.cdvae.model import CDVAE, resolve_model
+    from evaluation.compare import density_histograms, summary_rows, write_comparison
+    from structure.cdvae.model import resolve_model
     from structure.cdvae.train import _split_file
     from structure.templates import TemplateStore, read_structures
 
@@ -830,7 +833,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             **_score_generator(gen_dir, _read_samples(gen_dir / "formulas.csv", None), context, args),
         }
     if args.cdvae:
-        model = CDVAE.from_pretrained(cdvae_dir)
+        cfg = json.loads((cdvae_dir / "config.json").read_text())  # its weights are loaded by `cdvae sample`
         name = _generator_name(args.cdvae, "cdvae", taken)
         gen_dir = out / name
         t0 = time.perf_counter()
@@ -838,12 +841,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                  "-o", str(gen_dir)]) != 0:
             raise ValueError(f"sampling from --cdvae {args.cdvae} failed")
         elapsed = time.perf_counter() - t0
-        cfg = model.config
         generators[name] = {
             "kind": "CDVAE", "model": str(cdvae_dir),
             "given": (f"{args.n} crystals decoded from latents drawn from the prior (seed {args.seed}) by annealed "
-                      f"Langevin dynamics ({cfg.sample_levels} levels x {cfg.sample_steps} steps); the model learnt "
-                      f"from: {cfg.trained.get('data', 'see its model card')}; no template, and no validity "
+                      f"Langevin dynamics ({cfg['sample_levels']} levels x {cfg['sample_steps']} steps); the model "
+                      f"learnt from: {cfg.get('trained', {}).get('data', 'see its model card')}; no template, and no validity "
                       f"filter{relaxed}"),
             "timing": {"generate_s": elapsed},
             **_score_generator(gen_dir, _read_samples(gen_dir / "structures.csv", "formula"), context, args),
@@ -876,8 +878,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "density_histograms": density_histograms(densities),
     }
     paths = write_comparison(result, out, plots=not args.no_plots)
-    from evaluation.compare import summary_rows
-
     names, rows = summary_rows(result)
     width = max(len(label) for label, _ in rows)
     print(f"{'':{width}}  " + "  ".join(f"{n:>18}" for n in names))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.io import write_json, write_text
+from evaluation.io import json_safe, write_json, write_text
 from evaluation.report import save_figure
 
 __all__ = ["energy_summary", "structure_novelty", "density_histograms", "summary_rows", "comparison_markdown",
@@ -279,19 +279,8 @@ def write_comparison(result: dict, out_dir: str | Path, plots: bool = True) -> l
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = _plots(result, out_dir) if plots else []
-    write_json(out_dir / "metrics.json", _json_safe(result))
+    write_json(out_dir / "metrics.json", json_safe(result))
     write_text(out_dir / "report.md", comparison_markdown(result, images))
     write_text(out_dir / "report.html", comparison_html(result, {i: (out_dir / i).read_bytes() for i in images}))
     return ["metrics.json", "report.md", "report.html", *images]
 
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x

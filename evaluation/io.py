@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["append_jsonl", "atomic_path", "write_json", "write_text"]
+import numpy as np
+
+__all__ = ["append_jsonl", "atomic_path", "json_safe", "write_json", "write_text"]
 
 
 @functools.cache
@@ -51,3 +54,18 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line to a log (a run's ``log.jsonl``): a crash loses at most the line being written."""
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def json_safe(x):
+    """Nested dicts/lists made JSON-safe: NaN / inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.io import atomic_path, write_json, write_text
+from evaluation.io import atomic_path, json_safe, write_json, write_text
 from evaluation.metrics import wasserstein_1d
 from evaluation.report import save_figure
 from evaluation.validity import check_formula
@@ -415,21 +415,6 @@ def _num_elements(structure) -> int:
     return len(structure.composition.element_composition.elements)
 
 
-def _finite(x):
-    """JSON-safe: NaN / inf -> None, numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
 def _histograms(gen_density, ref_density, gen_nelem, ref_nelem) -> dict:
     both = np.concatenate([np.asarray(gen_density, float), np.asarray(ref_density, float)])
     both = both[np.isfinite(both)]
@@ -574,7 +559,7 @@ def evaluate_structures(
     out["published"] = CDVAE_PUBLISHED.get(dataset) if preset and (struct_cut, comp_cut) == preset else None
     timing["total_s"] = time.perf_counter() - t_start
     out["timing"] = timing
-    return _finite(out)
+    return json_safe(out)
 
 
 def _reason_kind(reason: str) -> str:
@@ -700,7 +685,7 @@ def write_structure_report(metrics: dict, out_dir: str | Path, title: str = "Str
     each atomically; return the file names."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "metrics.json", _finite({"sources": sources or {}, **metrics}))
+    write_json(out_dir / "metrics.json", json_safe({"sources": sources or {}, **metrics}))
     write_text(out_dir / "report.md", structure_report_markdown(metrics, title, sources))
     files = ["metrics.json", "report.md"]
     if plots:

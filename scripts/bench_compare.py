@@ -15,7 +15,9 @@ import argparse
 import json
 import shlex
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +57,6 @@ def main() -> int:
     if args.relax:
         cmd += ["--relax", "--potential", str(args.shared / "models/matgl/M3GNet-MP-2021.2.8-PES"),
                 "--max-steps", str(args.relax_max_steps)]
-    import subprocess
-    import time
-
     print("composition-gen " + shlex.join(cmd), flush=True)
     t = time.perf_counter()
     subprocess.run([*EXE, *cmd], check=True, cwd=ROOT)
