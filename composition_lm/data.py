@@ -31,7 +31,8 @@ from pathlib import Path
 
 from evaluation.composition import Formula, FormulaError, parse_formula
 
-__all__ = ["CorpusError", "CorpusReport", "FORMULA_COLUMNS", "iter_rows", "load_corpus", "read_formula_column"]
+__all__ = ["CorpusError", "CorpusReport", "FORMULA_COLUMNS", "entry_text", "iter_rows", "load_corpus", "read_formula_column",
+           "read_samples"]
 
 FORMULA_COLUMNS = ("formula", "reduced_formula", "pretty_formula", "composition", "cif")
 _TABLE_FORMATS = {"csv", "tsv", "json", "jsonl", "parquet"}
@@ -178,6 +179,26 @@ def iter_rows(path: str | Path, column: str | None = None, fmt: str | None = Non
     return _read_table(path, fmt, column)
 
 
+def entry_text(payload) -> tuple[str, str | None, str | None]:
+    """``(formula text, split from the file or None, reading error or None)`` of an :func:`iter_rows`
+    payload; an entry that failed while being read has the text ``""`` and its reason as the error."""
+    if isinstance(payload, tuple):
+        return payload[0], payload[1], None
+    if payload.startswith("!"):
+        return "", None, payload[1:]
+    return payload, None, None
+
+
+def read_samples(path: str | Path, column: str | None = None, keep_errors: bool = False) -> list[str]:
+    """The formula text of every entry, in order, bad ones included (as ``evaluate`` counts them): an entry
+    that failed while being read is ``""``, or its reason with ``keep_errors``."""
+    out = []
+    for _, _, payload in iter_rows(path, column):
+        text, _, error = entry_text(payload)
+        out.append((error if keep_errors else "") if error is not None else text)
+    return out
+
+
 def _hash_fraction(formula: str, seed: int) -> float:
     digest = hashlib.blake2b(f"{seed}:{formula}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
@@ -211,10 +232,10 @@ def load_corpus(
     seen: set[Formula] = set()
     for where, raw, payload in rows:
         report.n_read += 1
-        if isinstance(payload, str) and payload.startswith("!"):  # already failed while reading
-            report.add_bad(where, raw, payload[1:])
+        text, file_split, error = entry_text(payload)
+        if error is not None:  # already failed while reading
+            report.add_bad(where, raw, error)
             continue
-        text, file_split = payload if isinstance(payload, tuple) else (payload, None)
         if not text or not text.strip():
             report.add_bad(where, raw, "empty")
             continue

@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["MODEL_TYPES", "ModelLoadError", "LoadedModel", "load_model", "resolve_model_path", "PRETRAINED_DIR"]
+__all__ = ["MODEL_TYPES", "ModelLoadError", "LoadedModel", "is_gaussian", "load_model", "resolve_model_path",
+           "PRETRAINED_DIR"]
 
 #: model_type -> (module, config class, model class, loss function)
 MODEL_TYPES = {
@@ -29,6 +30,15 @@ DEFAULT_MODEL = "diffusion-bert"
 
 class ModelLoadError(ValueError):
     """A model folder that is missing, incomplete or corrupt."""
+
+
+def is_gaussian(config) -> bool:
+    """Whether a formula model's config is Diffusion-LM's (Gaussian diffusion over token embeddings) rather
+    than Diffusion-BERT's (masked diffusion): its ``model_type``, one of :data:`MODEL_TYPES`, says so."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ModelLoadError(f"unknown model type {model_type!r}; known: {', '.join(MODEL_TYPES)}")
+    return model_type == "diffusion-lm"
 
 
 def model_classes(model_type: str):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from composition_lm.formula import FormulaError, get_codec
+from composition_lm.models import is_gaussian
 from composition_lm.tokenizer import BOS, COUNT_OFFSET, ELEMENT_OFFSET, EOS, MASK, PAD
 from evaluation.composition import ATOMIC_NUMBER, ELEMENTS, Formula
 
@@ -386,7 +387,7 @@ def resolve_sampling_settings(cfg, steps: int | None = None, method: str | None 
     """The sampling settings a run uses: what was asked, else the model's defaults (Diffusion-BERT:
     32 steps; Diffusion-LM: its config's ``sampling_steps`` (at most T), ``sampling_method``, ``clamp``,
     ``noise_scale``)."""
-    if hasattr(cfg, "embedding_dim"):
+    if is_gaussian(cfg):
         if noise_scale is not None and not 0 <= noise_scale <= 1:
             raise ValueError(f"noise scale must lie in [0, 1], got {noise_scale}")
         return {"steps": steps or min(cfg.sampling_steps, cfg.diffusion_steps),
@@ -426,7 +427,7 @@ def generate(
 
     model = getattr(loaded, "model", loaded)
     cfg = model.config
-    gaussian = hasattr(cfg, "embedding_dim")
+    gaussian = is_gaussian(cfg)
     if gaussian:
         if condition not in ("auto", None):
             raise ValueError("Diffusion-LM models take no validity condition")

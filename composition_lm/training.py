@@ -18,23 +18,22 @@ the global batch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from composition_lm.formula import get_codec
-from composition_lm.models import model_classes
+from composition_lm.models import is_gaussian, model_classes
 from composition_lm.tokenizer import PAD, build_tokenizer, encode_formulas, vocabulary_size
-from evaluation.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
+from evaluation.checkpoints import EMA, warmup_cosine
 from evaluation.composition import parse_formula
-from evaluation.io import append_jsonl, atomic_path, write_json, write_text
+from evaluation.io import atomic_path, write_json, write_text
+from evaluation.training_loop import LoopSettings, epoch_batch, open_run, resume_from, run_training
 
 __all__ = ["TrainingArguments", "train", "EMA"]
 
@@ -193,7 +192,7 @@ def _model_card(args: TrainingArguments, cfg, metrics: dict, n_params: int) -> s
          f"T = {cfg.diffusion_steps}; end-to-end loss; sampling defaults: {cfg.sampling_steps} "
          f"{cfg.sampling_method.upper()} steps, clamping {'on' if cfg.clamp else 'off'}, noise scale "
          f"{getattr(cfg, 'noise_scale', 1.0)}"
-         if hasattr(cfg, "embedding_dim") else
+         if is_gaussian(cfg) else
          f"- schedule `{getattr(cfg, 'schedule', '?')}`, loss weighting `{getattr(cfg, 'loss_weighting', '?')}`")
         + (f"; validity-conditioned (cdvae protocol, condition dropout {cfg.condition_dropout}): samples start "
            "with `[VALID]` unless asked otherwise" if getattr(cfg, "validity_conditioning", False) else ""),
@@ -222,21 +221,11 @@ def _model_card(args: TrainingArguments, cfg, metrics: dict, n_params: int) -> s
 
 def train(args: TrainingArguments, command: str = "") -> Path:
     """Train (or fine-tune, or resume) a formula model; returns the exported model folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     from composition_lm.data import load_corpus
 
     out = Path(args.output_dir)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-    set_seed(args.seed)
+    accelerator, ckpt = open_run(out, args.resume, args.seed, args.mixed_precision)
     main = accelerator.is_main_process
-    ckpt = latest_checkpoint(out) if args.resume else None
-    if args.resume and ckpt is None and main:
-        print(f"no checkpoint under {out}/checkpoints: starting from scratch")
-    if not args.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --output-dir")
 
     # ---- data
     train_ds, train_report = load_corpus(args.corpus, column=args.column, split=args.train_split,
@@ -296,74 +285,26 @@ def train(args: TrainingArguments, command: str = "") -> Path:
     model, opt = accelerator.prepare(model, opt)
     raw_model = accelerator.unwrap_model(model)
     ema = EMA(raw_model, args.ema_decay)
-
-    start_step = 0
-    if ckpt is not None:
-        start_step = _load_checkpoint(accelerator, ckpt, sched, ema)
-        if main:
-            print(f"resumed from {ckpt} at step {start_step}")
+    start_step = resume_from(accelerator, ckpt, sched, ema)
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = args.batch_size * world
-    per_epoch = max(1, len(train_ids) // global_batch)
     device = accelerator.device
 
-    def batch_for(micro_index: int) -> torch.Tensor:
-        epoch, k = divmod(micro_index, per_epoch)
-        perm = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        idx = perm[k * global_batch : (k + 1) * global_batch][rank::world]
-        return train_ids[idx].to(device)
+    def step_loss(step: int, micro: int):
+        """Loss of micro-batch ``micro`` of ``step``: rows ``rank::world`` of the seeded global batch, noise
+        seeded by (seed, step, micro, rank)."""
+        idx = epoch_batch(len(train_ids), args.batch_size * world, args.seed, step * args.grad_accum + micro)
+        g = torch.Generator(device=device).manual_seed(((args.seed * 1_000_003 + step) * 97 + micro) * world + rank)
+        return loss_fn(model, raw_model.config, train_ids[idx[rank::world]].to(device), g)
 
-    def noise_gen(step: int, micro: int) -> torch.Generator:
-        g = torch.Generator(device=device)
-        return g.manual_seed(((args.seed * 1_000_003 + step) * 97 + micro) * world + rank)
-
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    t0 = time.perf_counter()
-    bar = tqdm(total=args.max_steps, initial=start_step, disable=not (main and args.progress), desc="train")
-    last_eval: dict = {}
-    last_step = min(args.max_steps, args.stop_at_step or args.max_steps)
-    for step in range(start_step, last_step):
-        model.train()
-        stats_acc = {"loss": 0.0}
-        for micro in range(args.grad_accum):
-            x0 = batch_for(step * args.grad_accum + micro)
-            sync = micro == args.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
-            with ctx, accelerator.autocast():
-                loss, stats = loss_fn(model, raw_model.config, x0, noise_gen(step, micro))
-                accelerator.backward(loss / args.grad_accum)
-            stats_acc["loss"] += float(loss.detach()) / args.grad_accum
-            for k, v in stats.items():
-                stats_acc[k] = stats_acc.get(k, 0.0) + v / args.grad_accum
-        if args.clip_grad:
-            accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(raw_model, step)
-        bar.update(1)
-        done = step + 1
-        if main and (done % args.log_every == 0 or done == args.max_steps):
-            rec = {"step": done, "lr": sched.get_last_lr()[0], **stats_acc, "elapsed_s": time.perf_counter() - t0}
-            bar.set_postfix(loss=f"{stats_acc['loss']:.3f}")
-            append_jsonl(log_path, rec)
-        if args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
-            last_eval = evaluate_model(raw_model, ema, loss_fn, val_ids, args, device) if main else {}
-            if main:
-                append_jsonl(log_path, {"step": done, "eval": last_eval})
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        if (args.save_every and done % args.save_every == 0) or done == last_step:
-            _save_checkpoint(accelerator, out, done, args, sched, ema)
-    bar.close()
-    accelerator.wait_for_everyone()
-    export = out / "model"
-    if last_step < args.max_steps:
-        if main:
-            print(f"stopped at step {last_step} of {args.max_steps}; continue with --resume")
+    state = run_training(
+        accelerator, model, opt, sched, ema, LoopSettings.of(args), start_step, out, step_loss,
+        evaluate=lambda: evaluate_model(raw_model, ema, loss_fn, val_ids, args, device),
+        checkpoint_extra=lambda: {"args": dataclasses.asdict(args)})
+    if state.stopped_early:
         accelerator.end_training()
-        return out / "checkpoints" / f"step-{last_step}"
+        return out / "checkpoints" / f"step-{state.last_step}"
+    export = out / "model"
     if main:
         metrics = {
             "n_train": len(train_formulas),  # after --only-valid
@@ -372,9 +313,9 @@ def train(args: TrainingArguments, command: str = "") -> Path:
             "n_invalid_dropped": n_invalid_dropped,
             "n_params": n_params,
             "num_processes": world,
-            "train_seconds": time.perf_counter() - t0,
+            "train_seconds": state.seconds,
             "hardware": f"{torch.get_num_threads()} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(),
-            "final_eval": last_eval,
+            "final_eval": state.last_eval,
             "command": command,
         }
         # novelty is judged against every known formula of the training corpus (also those --only-valid
@@ -386,18 +327,10 @@ def train(args: TrainingArguments, command: str = "") -> Path:
     return export
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, args: TrainingArguments, sched, ema: EMA) -> None:
-    save_checkpoint(accelerator, out, step, sched, ema, {"args": dataclasses.asdict(args)}, args.keep_checkpoints)
-
-
-def _load_checkpoint(accelerator, ckpt: Path, sched, ema: EMA) -> int:
-    return int(load_checkpoint(accelerator, ckpt, sched, ema)["step"])
-
-
 def evaluate_model(raw_model, ema: EMA, loss_fn, val_ids, args: TrainingArguments, device) -> dict:
     """Validation loss (fixed noise) and cdvae validity of a small sample, with the EMA weights."""
     from composition_lm.sampling import generate
-    from evaluation.validity import check_formulas
+    from evaluation.metrics import formula_set_metrics
 
     raw_model.eval()
     out = {}
@@ -410,11 +343,10 @@ def evaluate_model(raw_model, ema: EMA, loss_fn, val_ids, args: TrainingArgument
         if args.eval_samples:
             dec = generate(raw_model, args.eval_samples, steps=args.eval_steps, batch_size=args.eval_samples,
                            seed=0, progress=False, dtype="float32")
-            forms = [f for _, f, _ in dec if f is not None]
-            res = check_formulas(forms, "cdvae")
-            out["sample_parse_rate"] = len(forms) / len(dec)
-            out["sample_validity_cdvae"] = sum(r.valid for r in res) / len(dec)
-            out["sample_uniqueness"] = len(set(forms)) / len(dec)
+            m = formula_set_metrics([str(f) if f is not None else "" for _, f, _ in dec], protocols=("cdvae",))
+            out["sample_parse_rate"] = m["parse_rate"]
+            out["sample_validity_cdvae"] = m["validity"]["cdvae"]["raw"]
+            out["sample_uniqueness"] = m["uniqueness"]
     raw_model.train()
     return out
 

@@ -8,12 +8,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["append_jsonl", "atomic_path", "json_safe", "write_json", "write_text"]
+__all__ = ["append_jsonl", "atomic_path", "csv_cell", "json_safe", "write_csv", "write_json", "write_text"]
 
 
 @functools.cache
@@ -48,6 +48,31 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def csv_cell(value):
+    """A table value as the CSV writes it: a missing value (None, or pandas' NA of a nullable column) is an
+    empty cell; anything else is written as it is."""
+    from pandas import NA
+
+    return "" if value is None or value is NA else value
+
+
+def write_csv(path_or_file, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """A CSV (Python's ``csv`` dialect) of ``rows`` under ``header``: to ``path_or_file`` (written to a
+    temporary file and renamed) or to an open text file; missing values become empty cells."""
+    import csv
+
+    def dump(fh) -> None:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows([csv_cell(v) for v in row] for row in rows)
+
+    if hasattr(path_or_file, "write"):
+        dump(path_or_file)
+        return
+    with atomic_path(path_or_file) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        dump(fh)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

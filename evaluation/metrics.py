@@ -79,8 +79,18 @@ def formula_set_metrics(
     heldout: Mapping[str, Iterable[str]] | None = None,
     reference: Iterable[str] | None = None,
     protocols: Sequence[str] = PROTOCOLS,
+    train_canonical: bool = False,
 ) -> dict:
-    """All metrics of ``samples`` (raw strings). See the module docstring for definitions."""
+    """All metrics of ``samples`` (raw strings). See the module docstring for definitions.
+
+    ``train_canonical``: ``train`` already holds canonical reduced formulas (such as a model's stored
+    training formulas), so they are used as they are instead of being parsed again.
+
+    >>> from evaluation import formula_set_metrics
+    >>> m = formula_set_metrics(["NaCl", "NaCl", "KCl", "Xx"], train=["NaCl"])
+    >>> m["uniqueness"], m["novelty"], m["validity"]["cdvae"]["raw"]
+    (0.5, 0.5, 0.75)
+    """
     parsed = _parse_all(samples)
     ok = [f for f in parsed if f is not None]
     unique = list(dict.fromkeys(ok))
@@ -93,7 +103,7 @@ def formula_set_metrics(
         "uniqueness": len(unique) / n if n else 0.0,
         "validity": {},
     }
-    train_set = _formula_set(train) if train is not None else None
+    train_set = None if train is None else set(train) if train_canonical else _formula_set(train)
     novel = [f for f in unique if str(f) not in train_set] if train_set is not None else None
     if novel is not None:
         out["n_train_formulas"] = len(train_set)

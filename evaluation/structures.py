@@ -77,6 +77,7 @@ __all__ = [
     "evaluate_structures",
     "fingerprint_key",
     "load_compscaler",
+    "DEFAULT_COMPSCALER",
     "reference_fingerprints",
     "scale_composition_fingerprints",
     "structure_fingerprint",
@@ -343,6 +344,10 @@ def reference_fingerprints(structures: Sequence, cache_dir: str | Path | None = 
     return fps, info
 
 
+#: CDVAE's 132 Magpie means / standard deviations (MIT), shipped in the package by scripts/make_compscaler.py
+DEFAULT_COMPSCALER = Path(__file__).resolve().parent / "data" / "cdvae_compscaler.json"
+
+
 def load_compscaler(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """CDVAE's Magpie standardisation constants from a JSON file with ``CompScalerMeans`` and
     ``CompScalerStds`` (132 numbers each)."""
@@ -455,7 +460,8 @@ def evaluate_structures(
     counted as invalid) against ``reference`` (the test split). See the module docstring.
 
     ``cutoffs`` = (structure, composition) COV cut-offs; default ``COV_CUTOFFS[dataset]``. ``compscaler``
-    is the JSON file of CDVAE's Magpie constants, required for COV (``coverage_metrics=False`` skips the
+    is the JSON file of CDVAE's Magpie constants for COV (default: the copy shipped in the package,
+    :data:`DEFAULT_COMPSCALER`; ``coverage_metrics=False`` skips the
     fingerprints altogether: no COV, and ``validity`` then ignores fingerprint failures). ``cache_dir``
     caches the reference fingerprints. Fractions are in [0, 1].
     """
@@ -472,10 +478,7 @@ def evaluate_structures(
     struct_cut, comp_cut = (float(c) for c in cutoffs)
     scaler = None
     if coverage_metrics:
-        if compscaler is None:
-            raise ValueError("COV-R / COV-P need CDVAE's composition-scaler constants: pass compscaler=PATH "
-                             "(e.g. ../shared/data/cdvae_compscaler.json)")
-        scaler = load_compscaler(compscaler)
+        scaler = load_compscaler(DEFAULT_COMPSCALER if compscaler is None else compscaler)
 
     n = len(generated)
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from evaluation.composition import ATOMIC_NUMBER, Formula, FormulaError, parse_formula
 
-__all__ = ["PROTOCOLS", "ValidityResult", "check_formula", "check_formulas"]
+__all__ = ["PROTOCOLS", "ValidityResult", "check_formula", "check_formulas", "protocols_of", "validate"]
 
 PROTOCOLS = ("cdvae", "smact")
 
@@ -276,3 +276,60 @@ def check_formulas(
 
 
 _memo: dict[tuple[Formula, str], ValidityResult] = {}
+
+
+def protocols_of(choice: str | Sequence[str]) -> tuple[str, ...]:
+    """``"both"`` -> ``("cdvae", "smact")``; a protocol name -> itself; a sequence of names -> a tuple."""
+    names = PROTOCOLS if choice == "both" else (choice,) if isinstance(choice, str) else tuple(choice)
+    for name in names:
+        _tables(name)  # a clear error on an unknown name
+    return names
+
+
+def validate(formulas: Sequence[str], protocol: str | Sequence[str] = "both", workers: int | None = None,
+             errors: Sequence[str | None] | None = None):
+    """The validity of every formula, with the reason for each failure, as a ``pandas.DataFrame``.
+
+    One row per input, in order: ``input``, ``reduced_formula`` (empty when unparseable), ``parse_error``,
+    then per protocol ``valid_<p>``, ``charge_neutral_<p>``, ``electronegativity_ok_<p>``, ``reason_<p>``.
+    ``protocol`` is ``"cdvae"``, ``"smact"``, ``"both"`` or a list. ``errors[i]``, when given and not empty,
+    marks input ``i`` as failed before parsing (e.g. a malformed file row) with that reason.
+
+    >>> from evaluation import validate
+    >>> table = validate(["NaCl", "NaCl2", "Xx"], protocol="cdvae")
+    >>> table["valid_cdvae"].tolist()
+    [True, False, False]
+    >>> table.loc[1, "reason_cdvae"]
+    'no charge-neutral combination'
+    """
+    import pandas as pd
+
+    from evaluation.composition import try_parse_formula
+
+    protocols = protocols_of(protocol)
+    texts = list(formulas)
+    errors = list(errors) if errors is not None else [None] * len(texts)
+    if len(errors) != len(texts):
+        raise ValueError(f"{len(errors)} errors for {len(texts)} formulas")
+    parsed: list[tuple[Formula | None, str]] = []
+    for text, err in zip(texts, errors):
+        if err:
+            parsed.append((None, err))
+        else:
+            parsed.append(try_parse_formula(text) if text.strip() else (None, "empty"))
+    ok = [f for f, _ in parsed if f is not None]
+    verdicts = {p: iter(check_formulas(ok, p, workers=workers)) for p in protocols}
+    columns = ["input", "reduced_formula", "parse_error"]
+    for p in protocols:
+        columns += [f"valid_{p}", f"charge_neutral_{p}", f"electronegativity_ok_{p}", f"reason_{p}"]
+    rows = []
+    for text, (f, err) in zip(texts, parsed):
+        row = [text, str(f) if f else "", err]
+        for p in protocols:
+            if f is None:
+                row += [False, False, False, f"unparseable: {err}"]
+            else:
+                r = next(verdicts[p])
+                row += [r.valid, r.charge_neutral, r.electronegativity_ok, r.reason]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)

@@ -60,7 +60,7 @@ def main() -> int:
 
     from structure.cdvae.model import CDVAE, resolve_model
     from structure.cdvae.sampling import sample
-    from structure.templates import read_structures
+    from structure.io import read_structures
 
     model_dir = resolve_model(args.model)
     model = CDVAE.from_pretrained(model_dir)

@@ -39,7 +39,8 @@ MATCH_KW = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
 
 def load_or_build(store_path: Path, shared: Path, progress: bool):
     from structure.ranking import CompositionRanker, train_ranker
-    from structure.templates import TemplateStore, read_structures
+    from structure.io import read_structures
+    from structure.templates import TemplateStore
 
     if (store_path / "store.json").exists():
         store = TemplateStore.load(store_path)
@@ -78,7 +79,7 @@ def main() -> None:
 
     from structure.predict import group_by_type, rank_templates
     from structure.substitution import substitute
-    from structure.templates import structure_from_cif
+    from structure.io import structure_from_cif
 
     store, ranker = load_or_build(args.store, args.shared, not args.no_progress)
     test = pd.read_csv(args.shared / "data/structures/mp_20/test.csv.gz")

@@ -1,0 +1,35 @@
+"""Crystal structures of generated formulas: templates, element substitution, M3GNet relaxation, CDVAE.
+
+The objects a notebook needs (loaded on first use, so ``import structure`` is instant)::
+
+    from structure import StructurePredictor, Relaxer
+
+    rows = StructurePredictor("mp_union.db").predict(["LiFePO4"], top_k=5)   # template structures
+    results = Relaxer("M3GNet-MP-2021.2.8-PES").relax([r.structure for r in rows])
+
+``structure.cdvae.CDVAE`` generates whole crystals; ``structure.io`` reads and writes structure files.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["StructurePredictor", "Relaxer", "TemplateStore", "read_structures", "write_outputs"]
+
+_HOMES = {
+    "StructurePredictor": "structure.pipeline",
+    "Relaxer": "structure.pipeline",
+    "TemplateStore": "structure.templates",
+    "read_structures": "structure.io",
+    "write_outputs": "structure.io",
+}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'structure' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,4 +1,5 @@
-"""Formulas in, structures out: the batch behind ``composition-gen structure``.
+"""Formulas in, structures out: :class:`StructurePredictor` and :class:`Relaxer`, the objects behind
+``composition-gen structure`` (and the relaxation of ``cdvae sample`` and ``compare``).
 
 For each formula: parse it, skip it (a row with the reason) if it fails the cdvae validity check unless
 invalid formulas are included, predict up to ``top_k`` structures from ratio-matching templates
@@ -6,52 +7,26 @@ invalid formulas are included, predict up to ``top_k`` structures from ratio-mat
 per atom against elemental references relaxed with the same potential. A formula that cannot be
 handled becomes a row with a status and a reason; the batch goes on.
 
-Outputs (:func:`write_outputs`, each written to a temporary file and renamed): ``structures.csv``,
-``structures_cif.zip`` (one CIF per structure) and ``structures.extxyz`` (same structures, the CSV's
-columns in each frame's info).
+The rows are written by :func:`structure.io.write_outputs`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import warnings
-import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluation.composition import try_parse_formula
-from evaluation.io import atomic_path
 from evaluation.validity import check_formula
 from structure.descriptors import element_dissimilarity
+from structure.io import Row
 from structure.predict import predict
 from structure.substitution import substitute
-from structure.templates import element_of
+from structure.templates import TemplateStore, aflow_store, element_of
 
-COLUMNS = ["index", "formula", "rank", "template_id", "template_formula", "template_spacegroup", "similarity",
-           "n_sites", "volume", "energy_per_atom", "formation_energy_per_atom", "status", "reason"]
+__all__ = ["DEFAULT_POTENTIAL", "Relaxer", "StructurePredictor", "elemental_candidates", "predict_formulas"]
 
-
-@dataclass
-class Row:
-    index: int
-    formula: str
-    rank: int | None = None
-    template_id: str = ""
-    template_formula: str = ""
-    template_spacegroup: str = ""
-    similarity: float | None = None
-    n_sites: int | None = None
-    volume: float | None = None
-    energy_per_atom: float | None = None
-    formation_energy_per_atom: float | None = None
-    status: str = ""
-    reason: str = ""
-    structure: object = field(default=None, repr=False)
-
-    def values(self) -> list:
-        return [getattr(self, c) for c in COLUMNS]
+DEFAULT_POTENTIAL = "M3GNet-MP-2021.2.8-PES"
 
 
 def _spacegroup(structure) -> str:
@@ -120,59 +95,134 @@ def predict_formulas(formulas: list[str], store, ranker, top_k: int = 5, ranking
     return rows
 
 
-def relax_rows(rows: list[Row], potential: str, references, fmax: float = 0.05, max_steps: int = 500,
-               workers: int = 1, progress: bool = True) -> None:
-    """Relax every predicted row in place: structure, volume, energy/atom, formation energy/atom, status
-    and reason from :func:`structure.relax.relax_many`."""
-    from structure.relax import relax_many
-
-    todo = [r for r in rows if r.structure is not None]
-    results = relax_many([r.structure for r in todo], potential, fmax=fmax, max_steps=max_steps, workers=workers,
-                         progress=progress)
-    for row, res in zip(todo, results):
-        row.status, row.reason = res.status, res.reason
-        if res.structure is not None and res.status != "failed":
-            row.structure = res.structure
-            row.volume = round(res.structure.volume, 4)
-        if math.isfinite(res.energy_per_atom):
-            row.energy_per_atom = round(res.energy_per_atom, 6)
-            try:
-                row.formation_energy_per_atom = round(
-                    references.formation_energy_per_atom(row.structure.composition, res.energy_per_atom), 6)
-            except ValueError as e:
-                row.reason = (row.reason + "; " if row.reason else "") + f"no formation energy: {e}"
+def _as_store(templates) -> TemplateStore:
+    if templates is None:
+        return aflow_store()
+    if isinstance(templates, TemplateStore):
+        return templates
+    return TemplateStore.load(templates)
 
 
-def write_outputs(rows: list[Row], out_dir: str | Path) -> dict[str, Path]:
-    """``structures.csv``, ``structures_cif.zip`` and ``structures.extxyz`` in ``out_dir``."""
-    from ase.io import write as ase_write
-    from pymatgen.io.ase import AseAtomsAdaptor
-    from pymatgen.io.cif import CifWriter
+class StructurePredictor:
+    """Crystal structures of formulas from templates, CSPML-style: the templates with the formula's
+    stoichiometric ratios, ranked by learned composition similarity (grouped by structure type), with the
+    elements substituted and the cell scaled.
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "structures.csv", "cif_zip": out / "structures_cif.zip", "extxyz": out / "structures.extxyz"}
-    with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow(["" if v is None else v for v in r.values()])
-    with_structure = [r for r in rows if r.structure is not None]
-    with atomic_path(paths["cif_zip"]) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-        for r in with_structure:
-            zf.writestr(cif_name(r), str(CifWriter(r.structure)))
-    with atomic_path(paths["extxyz"]) as tmp:
-        frames = []
-        for r in with_structure:
-            atoms = AseAtomsAdaptor.get_atoms(r.structure)
-            atoms.info.update({c: v for c, v in zip(COLUMNS, r.values()) if v not in (None, "")})
-            frames.append(atoms)
-        buf = io.StringIO()
-        if frames:
-            ase_write(buf, frames, format="extxyz")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-    return paths
+    ``templates``: a :class:`~structure.templates.TemplateStore`, a store folder (``composition-gen templates
+    build``), or None for the 288 AFLOW prototypes pymatgen ships. ``ranker``: a ranker folder for the
+    ``learned`` ranking (default: the store's own, else the shipped one). ``ranking``: ``learned``, ``plain``
+    (descriptor distance) or ``random`` (the baseline).
+
+    >>> from structure import StructurePredictor
+    >>> predictions = StructurePredictor().predict(["NaCl", "SrTiO3"], top_k=2)
+    >>> [(p.formula, p.rank) for p in predictions]
+    [('NaCl', 1), ('NaCl', 2), ('SrTiO3', 1), ('SrTiO3', 2)]
+    >>> predictions[0].structure.composition.reduced_formula
+    'NaCl'
+    """
+
+    def __init__(self, templates=None, ranker=None, ranking: str = "learned", group_types: bool = True):
+        from structure.predict import RANKINGS
+        from structure.ranking import DEFAULT_RANKER, CompositionRanker
+
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+        self.store = _as_store(templates)
+        self.ranking, self.group_types = ranking, group_types
+        self.ranker = None
+        if ranking == "learned":
+            own = self.store.path if self.store.path is not None and (self.store.path / "ranker.json").exists() else None
+            self.ranker = CompositionRanker.load(ranker or own or DEFAULT_RANKER)
+
+    def predict(self, formulas, top_k: int = 5, include_invalid: bool = False, seed: int = 0,
+                progress: bool = False) -> list[Row]:
+        """Up to ``top_k`` structures per formula, as :class:`~structure.io.Row` s (``formula``, ``rank``,
+        ``template_id``, ``similarity``, ..., ``structure``), in input order. A formula that yields none
+        (unparseable, failing the cdvae validity check unless ``include_invalid``, no template with its
+        ratios) gets one row whose ``status`` and ``reason`` say why."""
+        if isinstance(formulas, str):
+            formulas = [formulas]
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        return predict_formulas(list(formulas), self.store, self.ranker, top_k=top_k, ranking=self.ranking,
+                                include_invalid=include_invalid, seed=seed, progress=progress,
+                                group_types=self.group_types)
 
 
-def cif_name(row: Row) -> str:
-    return f"{row.index:05d}_{row.formula}_rank{row.rank}.cif"
+class Relaxer:
+    """Relaxation with an M3GNet potential (matgl; FIRE on cell and positions), and formation energies
+    against elemental references relaxed with the same potential.
+
+    ``potential``: a matgl hub name or a local model folder. ``references``: the template store (object or
+    folder) whose single-element structures give the elemental reference energies (default: pymatgen's AFLOW
+    prototypes); they are relaxed on first use and cached in ``elemental_references.json`` in that store's
+    folder, else in ``cache_dir``.
+
+    >>> from pymatgen.core import Lattice, Structure
+    >>> from structure import Relaxer
+    >>> relaxer = Relaxer("../shared/models/matgl/M3GNet-MP-2021.2.8-PES", max_steps=50)  # doctest: +SKIP
+    >>> nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.7), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    >>> result = relaxer.relax([nacl])[0]  # doctest: +SKIP
+    >>> result.status, round(result.energy_per_atom, 1)  # doctest: +SKIP
+    ('converged', -3.4)
+    """
+
+    def __init__(self, potential: str | Path = DEFAULT_POTENTIAL, fmax: float = 0.05, max_steps: int = 500,
+                 references=None, cache_dir: str | Path | None = None):
+        from structure.relax import load_potential
+
+        if fmax <= 0:
+            raise ValueError(f"fmax must be positive, got {fmax}")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        load_potential(potential)  # a bad potential fails here, before any other work
+        self.potential, self.fmax, self.max_steps = potential, fmax, max_steps
+        self._references, self._cache_dir = references, cache_dir
+        self._elemental = None
+
+    @property
+    def references(self):
+        """The :class:`~structure.relax.ElementalReferences` (built on first use)."""
+        if self._elemental is None:
+            from structure.relax import ElementalReferences
+
+            store = _as_store(self._references)
+            folder = store.path or (Path(self._cache_dir) if self._cache_dir is not None else None)
+            cache = folder / "elemental_references.json" if folder is not None else None
+            self._elemental = ElementalReferences(self.potential, elemental_candidates(store), cache_path=cache,
+                                                  fmax=self.fmax, max_steps=self.max_steps)
+        return self._elemental
+
+    def relax(self, structures, workers: int = 1, progress: bool = False) -> list:
+        """One :class:`~structure.relax.RelaxResult` per structure (``structure``, ``energy_per_atom``,
+        ``status``, ``reason``, ...), in input order; a structure that cannot be relaxed gives a ``failed``
+        result, never an exception. ``workers`` > 1 relaxes in that many processes."""
+        from structure.relax import relax_many
+
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        return relax_many(list(structures), self.potential, fmax=self.fmax, max_steps=self.max_steps,
+                          workers=workers, progress=progress)
+
+    def formation_energy_per_atom(self, composition, energy_per_atom: float) -> float:
+        """eV/atom against the elemental references (``ValueError`` when an element has none)."""
+        return self.references.formation_energy_per_atom(composition, energy_per_atom)
+
+    def relax_rows(self, rows: list[Row], workers: int = 1, progress: bool = False) -> list[Row]:
+        """Relax every row that holds a structure, in place: structure, volume, energy/atom, formation
+        energy/atom, status and reason (the rows of :meth:`StructurePredictor.predict` or CDVAE samples)."""
+        todo = [r for r in rows if r.structure is not None]
+        results = self.relax([r.structure for r in todo], workers=workers, progress=progress)
+        for row, res in zip(todo, results):
+            row.status, row.reason = res.status, res.reason
+            if res.structure is not None and res.status != "failed":
+                row.structure = res.structure
+                row.volume = round(res.structure.volume, 4)
+            if math.isfinite(res.energy_per_atom):
+                row.energy_per_atom = round(res.energy_per_atom, 6)
+                try:
+                    row.formation_energy_per_atom = round(
+                        self.formation_energy_per_atom(row.structure.composition, res.energy_per_atom), 6)
+                except ValueError as e:
+                    row.reason = (row.reason + "; " if row.reason else "") + f"no formation energy: {e}"
+        return rows

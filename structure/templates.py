@@ -1,6 +1,6 @@
 """Template store: crystal structures indexed by their ratio key, with composition descriptors.
 
-Build one from any structure collection (:func:`read_structures` says which formats), save it as a
+Build one from any structure collection (:func:`structure.io.read_structures` says which formats), save it as a
 folder, load it in seconds::
 
     store = TemplateStore.build(read_structures("mp_union.csv.gz"), exclude_tags={"mp20_test"})
@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,111 +35,9 @@ import numpy as np
 
 from evaluation.io import write_json
 from structure.descriptors import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION, MAX_ELEMENTS, descriptor, ratio_key
+from structure.io import Record
 
 STORE_VERSION = 1
-
-
-@dataclass
-class Record:
-    """One structure read from a collection."""
-
-    id: str
-    structure: object  # pymatgen Structure
-    tags: str = ""
-    e_above_hull: float = float("nan")
-
-
-# ------------------------------------------------------------------------------------------- readers
-def structure_from_cif(text: str):
-    from pymatgen.core import Structure
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pymatgen reports rounded coordinates in every MP CIF
-        return Structure.from_str(text, fmt="cif")
-
-
-def _read_csv(path: Path) -> Iterator[Record]:
-    import pandas as pd
-
-    df = pd.read_csv(path)
-    if "cif" not in df.columns:
-        raise ValueError(f"{path}: a structure CSV needs a 'cif' column (columns: {', '.join(map(str, df.columns))})")
-    ids = df["material_id"].astype(str) if "material_id" in df.columns else df.index.astype(str)
-    tags = df["split_tags"].fillna("").astype(str) if "split_tags" in df.columns else [""] * len(df)
-    ehull = df["e_above_hull"] if "e_above_hull" in df.columns else [float("nan")] * len(df)
-    for i, cif, t, e in zip(ids, df["cif"], tags, ehull):
-        try:
-            structure = structure_from_cif(cif)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: row {i}: unreadable CIF ({err})") from err
-        yield Record(str(i), structure, t, float(e) if e == e else float("nan"))
-
-
-def _read_json(path: Path) -> Iterator[Record]:
-    from pymatgen.core import Structure
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        data = json.load(fh)
-    items = data.items() if isinstance(data, dict) and "lattice" not in data else enumerate(
-        data if isinstance(data, list) else [data])
-    stem = path.name.removesuffix(".gz").removesuffix(".json")
-    for key, d in items:
-        try:
-            structure = Structure.from_dict(d)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: entry {key!r} is not a pymatgen Structure dict ({type(e).__name__}: {e})") from e
-        yield Record(f"{stem}:{key}", structure)
-
-
-def _read_extxyz(path: Path) -> Iterator[Record]:
-    from ase.io import iread
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    for i, atoms in enumerate(iread(str(path), index=":", format="extxyz")):
-        yield Record(str(atoms.info.get("id", f"{path.stem}:{i}")), AseAtomsAdaptor.get_structure(atoms))
-
-
-_FILE_PATTERNS = ("*.cif", "*.vasp", "POSCAR*", "CONTCAR*", "*.json", "*.json.gz", "*.extxyz", "*.xyz")
-
-
-def _read_file(path: Path) -> Iterator[Record]:
-    from pymatgen.core import Structure
-
-    name = path.name.lower()
-    if name.endswith((".csv", ".csv.gz")):
-        yield from _read_csv(path)
-    elif name.endswith((".json", ".json.gz")):
-        yield from _read_json(path)
-    elif name.endswith((".extxyz", ".xyz")):
-        yield from _read_extxyz(path)
-    elif name.endswith(".cif"):
-        yield Record(path.stem, structure_from_cif(path.read_text()))
-    elif name.endswith(".vasp") or name.startswith(("poscar", "contcar")):
-        yield Record(path.stem if name.endswith(".vasp") else path.parent.name + "/" + path.name,
-                     Structure.from_file(path))
-    else:
-        raise ValueError(f"{path}: unknown structure format (expected CSV with a cif column, CIF, POSCAR, "
-                         "pymatgen JSON or extxyz)")
-
-
-def read_structures(source: str | Path) -> Iterator[Record]:
-    """Structures from a CDVAE-style CSV(.gz) with a ``cif`` column (``material_id``, ``split_tags`` and
-    ``e_above_hull`` used when present), a CIF/POSCAR file, a pymatgen JSON file (one Structure dict,
-    a list of them or an id -> dict mapping), an extxyz file, or a folder of any of these."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"no structure collection at {path}")
-    if path.is_dir():
-        stores = {d.parent for d in path.rglob("store.safetensors")}  # a store saved inside the source
-        files = sorted({f for pattern in _FILE_PATTERNS for f in path.rglob(pattern)
-                        if f.is_file() and not any(d in f.parents for d in stores)})
-        if not files:
-            raise ValueError(f"{path}: no CIF, POSCAR, JSON or extxyz files found")
-        for f in files:
-            yield from _read_file(f)
-    else:
-        yield from _read_file(path)
 
 
 def _aflow_records() -> Iterator[Record]:

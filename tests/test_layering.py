@@ -1,6 +1,6 @@
 """The packages' dependencies point one way: ``evaluation`` imports neither of the others,
-``composition_lm`` and ``structure`` may import ``evaluation`` but not each other, and only
-``composition_lm/cli.py`` imports all three."""
+``composition_lm`` and ``structure`` may import ``evaluation`` but not each other, and only the CLI package
+``composition_lm/cli/`` imports all three."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"evaluation": {"composition_lm", "structure"}, "composition_lm": {"structure"},
              "structure": {"composition_lm"}}
+CLI = ROOT / "composition_lm" / "cli"
 
 
 def _imported_packages(path: Path) -> set[str]:
@@ -29,7 +30,7 @@ def _imported_packages(path: Path) -> set[str]:
 def test_no_import_against_the_layering(package):
     bad = []
     for path in sorted((ROOT / package).rglob("*.py")):
-        if path == ROOT / "composition_lm" / "cli.py":
+        if CLI in path.parents:
             continue
         wrong = _imported_packages(path) & FORBIDDEN[package]
         if wrong:
@@ -37,5 +38,39 @@ def test_no_import_against_the_layering(package):
     assert not bad, "\n".join(bad)
 
 
-def test_the_cli_is_the_one_module_on_top():
-    assert {"composition_lm", "structure", "evaluation"} <= _imported_packages(ROOT / "composition_lm" / "cli.py")
+def test_the_cli_is_the_one_package_on_top():
+    imported = set().union(*(_imported_packages(p) for p in CLI.rglob("*.py")))
+    assert {"composition_lm", "structure", "evaluation"} <= imported
+
+
+def test_the_cli_is_a_package_of_small_command_modules():
+    modules = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in CLI.glob("*.py")}
+    assert {"formulas.py", "lm.py", "structures.py", "cdvae.py", "compare.py", "options.py"} <= set(modules)
+    assert not (ROOT / "composition_lm" / "cli.py").exists()
+    assert max(modules.values()) <= 400, modules
+
+
+def test_the_bottom_layer_and_the_library_modules_import_no_cli():
+    """Only the console script's own package imports the CLI modules (so the API never depends on them)."""
+    bad = []
+    for package in FORBIDDEN:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if CLI in path.parents:
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("composition_lm.cli"):
+                    bad.append(str(path.relative_to(ROOT)))
+    assert not bad, bad
+
+
+def test_importing_the_packages_is_light():
+    """``import composition_lm, structure, evaluation`` loads no torch, pymatgen or pandas (lazy exports)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, composition_lm, structure, evaluation, structure.cdvae; "
+            "print(sorted(m for m in ('torch', 'pymatgen', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -19,7 +19,7 @@ import pytest
 from pymatgen.core import Composition, Lattice, Structure
 
 from composition_lm.cli import main
-from structure.pipeline import COLUMNS
+from structure.io import COLUMNS
 from structure.ranking import DEFAULT_RANKER
 from structure.templates import TemplateStore
 

@@ -64,7 +64,7 @@ def perov_rows(perov_csv):
 
 @pytest.fixture(scope="module")
 def perovs(perov_rows) -> list[Structure]:
-    from structure.templates import structure_from_cif
+    from structure.io import structure_from_cif
 
     return [structure_from_cif(c) for c in perov_rows["cif"]]
 
@@ -232,8 +232,8 @@ def test_only_valid_generated_samples_enter_the_wasserstein_distances(perovs):
 def test_unknown_dataset_and_missing_scaler_are_clear_errors(perovs):
     with pytest.raises(ValueError, match="unknown dataset"):
         evaluate_structures(perovs[:1], perovs[:1], dataset="qm9", coverage_metrics=False)
-    with pytest.raises(ValueError, match="compscaler"):
-        evaluate_structures(perovs[:1], perovs[:1], dataset="perov5")
+    with pytest.raises(FileNotFoundError, match="composition-scaler"):
+        evaluate_structures(perovs[:1], perovs[:1], dataset="perov5", compscaler="/nonexistent/compscaler.json")
     with pytest.raises(FileNotFoundError):
         es.load_compscaler("/nonexistent/compscaler.json")
     m = evaluate_structures(perovs[:1], perovs[:1], dataset=None, cutoffs=(0.3, 5), coverage_metrics=False)
@@ -330,7 +330,8 @@ def test_cli_reads_one_source_of_a_generator_output_folder(perovs, tmp_path):
     from pymatgen.io.ase import AseAtomsAdaptor
     from pymatgen.io.cif import CifWriter
 
-    from composition_lm.cli import _read_generated_structures, main
+    from composition_lm.cli import main
+    from structure.io import read_generated_structures
 
     folder = tmp_path / "gen"
     folder.mkdir()
@@ -342,11 +343,11 @@ def test_cli_reads_one_source_of_a_generator_output_folder(perovs, tmp_path):
         for i, s in enumerate(three):
             zf.writestr(f"{i:05d}.cif", str(CifWriter(s)))
         zf.writestr("00009_bad.cif", "garbage")
-    structs, source = _read_generated_structures(folder)
+    structs, source = read_generated_structures(folder)
     assert len(structs) == 3 and source.endswith("structures.extxyz")
     assert all(s.composition == t.composition for s, t in zip(structs, three))
     (folder / "structures.extxyz").unlink()
-    structs, source = _read_generated_structures(folder)
+    structs, source = read_generated_structures(folder)
     assert source.endswith("structures_cif.zip") and len(structs) == 4 and structs[-1] is None
     # gzip CSV reference, validity-only run
     test = _write_csv(tmp_path / "ref.csv", [str(CifWriter(s)) for s in three])
@@ -364,7 +365,7 @@ def test_cli_reads_one_source_of_a_generator_output_folder(perovs, tmp_path):
 def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     from composition_lm.cli import main
 
-    monkeypatch.chdir(tmp_path)  # no ../shared/data/cdvae_compscaler.json from here
+    monkeypatch.chdir(tmp_path)  # no ../shared from here: the shipped constants serve
     ref = _write_csv(tmp_path / "ref.csv", [str(rock_salt().to(fmt="cif"))])
     assert main(["evaluate-structures", str(tmp_path / "missing"), "--test", str(ref), "--no-coverage",
                  "-o", str(tmp_path / "o")]) == 2
@@ -372,9 +373,12 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     assert main(["evaluate-structures", str(ref), "--test", str(tmp_path / "nope.csv"), "--no-coverage",
                  "-o", str(tmp_path / "o")]) == 2
     assert "--test" in capsys.readouterr().err
-    assert main(["evaluate-structures", str(ref), "--test", str(ref), "-o", str(tmp_path / "o")]) == 2
+    assert main(["evaluate-structures", str(ref), "--test", str(ref), "--compscaler", str(tmp_path / "none.json"),
+                 "-o", str(tmp_path / "o")]) == 2
     assert "--compscaler" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    assert main(["evaluate-structures", str(ref), "--test", str(ref), "--no-plots", "-o", str(tmp_path / "o")]) == 0
+    assert "COV-R 100.00%" in capsys.readouterr().out  # the default scaler works from any folder
 
 
 def test_cutoff_presets_match_cdvae():

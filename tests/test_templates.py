@@ -29,6 +29,7 @@ from structure.descriptors import (
     ratio_key,
     reduced_counts,
 )
+from structure.io import Record, read_structures
 from structure.predict import predict, rank_templates
 from structure.ranking import (
     DEFAULT_RANKER,
@@ -36,12 +37,12 @@ from structure.ranking import (
     RankerConfig,
     label_structure_types,
     labelled_shortlists,
-    shortlist,
     plain_distance_scores,
+    shortlist,
     train_ranker,
 )
 from structure.substitution import assign_elements, substitute
-from structure.templates import Record, TemplateStore, aflow_store, read_structures
+from structure.templates import TemplateStore, aflow_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -292,10 +292,12 @@ class CDVAE(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> CDVAE:
+    def from_pretrained(cls, name_or_path: str | Path) -> CDVAE:
+        """A saved model: a folder (``config.json`` + ``model.safetensors``) or a shipped name
+        (``cdvae-perov5``, ``cdvae-mp20``). Only safetensors and JSON are read; nothing is unpickled."""
         from safetensors.torch import load_file
 
-        folder = Path(folder)
+        folder = resolve_model(name_or_path)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"{folder}: not a CDVAE model folder (needs config.json and model.safetensors)")
         cfg = json.loads((folder / "config.json").read_text())
@@ -304,3 +306,22 @@ class CDVAE(nn.Module):
         model = cls(CDVAEConfig.from_dict(cfg))
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval()
+
+    def sample(self, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
+               steps: int | None = None, step_lr: float | None = None, progress: bool = False) -> list:
+        """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
+        dynamics (:func:`structure.cdvae.sampling.sample`; ``levels``, ``steps``, ``step_lr`` default to the
+        model's). The same seed gives the same crystals.
+
+        >>> from structure.cdvae import CDVAE
+        >>> crystals = CDVAE.from_pretrained("cdvae-perov5").sample(2, seed=0, levels=5, steps=1)
+        >>> len(crystals), type(crystals[0]).__name__
+        (2, 'Structure')
+        """
+        from structure.cdvae.sampling import sample
+
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
+                          progress=progress)
+        return [c.structure() for c in crystals]

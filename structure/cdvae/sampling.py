@@ -97,16 +97,17 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     return out
 
 
-def to_rows(crystals: list[Crystal]) -> list:
-    """Sampled crystals as output rows (:class:`structure.pipeline.Row`): formula, site count, volume,
-    status ``generated``, or ``invalid_structure`` with the reason (atoms closer than 0.5 Å, or a volume
-    under 0.1 Å³: CDVAE's structure-validity rule)."""
+def to_rows(structures: list) -> list:
+    """Sampled structures (pymatgen ``Structure`` s, or :class:`Crystal` s) as output rows
+    (:class:`structure.io.Row`): formula, site count, volume, status ``generated``, or
+    ``invalid_structure`` with the reason (atoms closer than 0.5 Å, or a volume under 0.1 Å³: CDVAE's
+    structure-validity rule)."""
     from evaluation.structures import structure_validity
-    from structure.pipeline import Row
+    from structure.io import Row
 
     rows = []
-    for i, c in enumerate(crystals):
-        s = c.structure()
+    for i, s in enumerate(structures):
+        s = s.structure() if isinstance(s, Crystal) else s
         ok, reason = structure_validity(s)
         rows.append(Row(i, s.composition.reduced_formula, rank=1, n_sites=len(s), volume=round(s.volume, 4),
                         status="generated" if ok else "invalid_structure", reason=reason, structure=s))

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from evaluation.checkpoints import EMA, latest_checkpoint, load_checkpoint, save_checkpoint, warmup_cosine
-from evaluation.io import append_jsonl, write_json, write_text
+from evaluation.checkpoints import EMA, warmup_cosine
+from evaluation.io import write_json, write_text
+from evaluation.training_loop import LoopSettings, epoch_batch, open_run, resume_from, run_training
 from structure.cdvae.data import Crystals, lattice_statistics, load_crystals
 from structure.cdvae.model import CDVAE, CDVAEConfig
 
@@ -57,7 +57,7 @@ class CDVAETrainingArguments:
     progress: bool = True
 
 
-def _split_file(folder: Path, split: str) -> Path | None:
+def split_file(folder: Path, split: str) -> Path | None:
     for suffix in (".csv.gz", ".csv"):
         if (folder / f"{split}{suffix}").is_file():
             return folder / f"{split}{suffix}"
@@ -70,12 +70,12 @@ def load_splits(args: CDVAETrainingArguments) -> tuple[Crystals, Crystals, str]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: --data must be a folder of <split>.csv(.gz) files")
     cache = args.cache_dir or str(Path(args.output_dir) / "cache")
-    train_file = _split_file(folder, args.train_split)
+    train_file = split_file(folder, args.train_split)
     if train_file is None:
         found = sorted(p.name for p in folder.glob("*.csv*"))
         raise FileNotFoundError(f"{folder}: no {args.train_split}.csv(.gz) (found: {', '.join(found) or 'nothing'})")
     train = load_crystals(train_file, cache, progress=args.progress)
-    val_file = _split_file(folder, args.val_split) if args.val_split else None
+    val_file = split_file(folder, args.val_split) if args.val_split else None
     if val_file is not None and val_file != train_file:
         return train, load_crystals(val_file, cache, progress=args.progress), \
             f"train {train_file.name} ({len(train)}), validation {val_file.name}"
@@ -147,20 +147,9 @@ def export_checkpoint(ckpt: str | Path, export: str | Path) -> Path:
 def train(args: CDVAETrainingArguments, command: str = "") -> Path:
     """Train (or fine-tune, or resume) CDVAE; returns the exported model folder (or, when stopped early
     with ``stop_at_step``, the last checkpoint)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     out = Path(args.output_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    set_seed(args.seed)
+    accelerator, ckpt = open_run(out, args.resume, args.seed)
     main = accelerator.is_main_process
-    ckpt = latest_checkpoint(out) if args.resume else None
-    if args.resume and ckpt is None and main:
-        print(f"no checkpoint under {out}/checkpoints: starting from scratch")
-    if not args.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose a new --output-dir")
-
     train_set, val_set, data_note = load_splits(args)
     if main:
         print(data_note)
@@ -171,62 +160,34 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     ema = EMA(raw, args.ema_decay)
-    start = int(load_checkpoint(accelerator, ckpt, sched, ema)["step"]) if ckpt is not None else 0
-    if ckpt is not None and main:
-        print(f"resumed from {ckpt} at step {start}")
+    start = resume_from(accelerator, ckpt, sched, ema)
 
-    per_epoch = max(1, len(train_set) // args.batch_size)
+    def step_loss(step: int, micro: int):
+        """CDVAE's losses on the seeded batch of ``step``, noise seeded by (seed, step)."""
+        batch = train_set.batch(epoch_batch(len(train_set), args.batch_size, args.seed, step))
+        losses = raw.losses(batch, torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        return losses["loss"], {k: float(v.detach()) for k, v in losses.items() if k != "loss"}
 
-    def batch_for(step: int):
-        epoch, k = divmod(step, per_epoch)
-        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        return train_set.batch(perm[k * args.batch_size:(k + 1) * args.batch_size])
+    def evaluate() -> dict:
+        with ema.applied(raw):
+            return validation_losses(raw, val_set, args.seed)
 
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    t0 = time.perf_counter()
-    last = min(args.max_steps, args.stop_at_step or args.max_steps)
-    last_eval: dict = {}
-    bar = tqdm(total=args.max_steps, initial=start, desc="train cdvae", disable=not (main and args.progress))
-    for step in range(start, last):
-        model.train()
-        losses = raw.losses(batch_for(step), torch.Generator().manual_seed(args.seed * 1_000_003 + step))
-        accelerator.backward(losses["loss"])
-        if args.clip_grad:
-            accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(raw, step)
-        bar.update(1)
-        done = step + 1
-        if main and (done % args.log_every == 0 or done == last):
-            rec = {"step": done, "lr": sched.get_last_lr()[0], **{k: float(v.detach()) for k, v in losses.items()},
-                   "elapsed_s": time.perf_counter() - t0}
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", coord=f"{rec['coord']:.3f}")
-            append_jsonl(log_path, rec)
-        if main and args.eval_every and (done % args.eval_every == 0 or done == args.max_steps):
-            with ema.applied(raw):
-                last_eval = validation_losses(raw, val_set, args.seed)
-            append_jsonl(log_path, {"step": done, "eval": last_eval})
-            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        if (args.save_every and done % args.save_every == 0) or done == last:
-            save_checkpoint(accelerator, out, done, sched, ema,
-                            {"args": dataclasses.asdict(args), "model_config": raw.config.to_dict()}, args.keep_checkpoints)
-    bar.close()
-    if last < args.max_steps:
-        if main:
-            print(f"stopped at step {last} of {args.max_steps}; continue with --resume")
-        return out / "checkpoints" / f"step-{last}"
+    state = run_training(
+        accelerator, model, opt, sched, ema, LoopSettings.of(args), start, out, step_loss, evaluate=evaluate,
+        checkpoint_extra=lambda: {"args": dataclasses.asdict(args), "model_config": raw.config.to_dict()},
+        desc="train cdvae", postfix=lambda rec: {"loss": f"{rec['loss']:.3f}", "coord": f"{rec['coord']:.3f}"})
+    if state.stopped_early:
+        return out / "checkpoints" / f"step-{state.last_step}"
     export = out / "model"
     if main:
+        last_eval = state.last_eval
         with ema.applied(raw):
             if not last_eval:
                 last_eval = validation_losses(raw, val_set, args.seed)
             raw.config.trained = {"data": data_note, "steps": args.max_steps, "seed": args.seed, "command": command}
             raw.save_pretrained(export)
         metrics = {"data": data_note, "steps": args.max_steps, "n_params": n_params, "final_eval": last_eval,
-                   "train_seconds": time.perf_counter() - t0, "command": command,
+                   "train_seconds": state.seconds, "command": command,
                    "hardware": f"{torch.get_num_threads()} CPU threads" if accelerator.device.type == "cpu"
                    else torch.cuda.get_device_name()}
         write_json(export / "training_args.json", dataclasses.asdict(args))

@@ -1,0 +1,195 @@
+"""``composition-gen train`` and ``composition-gen sample``: the formula language models."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from composition_lm.cli.options import (add_progress, command_line, dataclass_arguments, fraction, half_open_unit,
+                                        non_negative_float, non_negative_int, positive_float, positive_int,
+                                        probability, unit_interval)
+
+
+# ------------------------------------------------------------------------------------------ train
+def cmd_train(args: argparse.Namespace) -> int:
+    from composition_lm.training import TrainingArguments, train
+
+    targs = dataclass_arguments(TrainingArguments, args, output_dir=str(args.output_dir), corpus=str(args.corpus),
+                                train_split=args.train_split or None, val_split=args.val_split or None)
+    out = train(targs, command=command_line(args))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- sample
+def sampler_options(args: argparse.Namespace) -> dict:
+    """The sampling options of ``sample`` as :meth:`FormulaGenerator.generate` keywords."""
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
+            "condition": None if args.condition == "none" else args.condition, "method": args.method,
+            "clamp": args.clamp, "noise_scale": args.noise_scale}
+
+
+def save_samples(gen, table, out_dir: Path, run: dict, started: float, sampled: float) -> dict:
+    """Write ``formulas.csv`` and ``run_config.json`` (``run`` plus the summary) to ``out_dir``; returns the
+    summary. ``started`` / ``sampled``: ``time.perf_counter()`` at the start and after sampling."""
+    import platform
+
+    import torch
+
+    from composition_lm.generator import write_formulas
+    from evaluation.io import write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_formulas(table, out_dir / "formulas.csv")
+    elapsed = time.perf_counter() - started
+    summary = {**gen.summary(table), "seconds": elapsed, "seconds_sampling": sampled - started}
+    summary["formulas_per_s"] = summary["n_samples"] / elapsed
+    summary["valid_novel_unique_per_s"] = summary["valid_novel_unique_cdvae"] / elapsed
+    config = {**run, "torch": torch.__version__, "machine": platform.platform(), "threads": torch.get_num_threads(),
+              "summary": summary}
+    write_json(out_dir / "run_config.json", config)
+    return summary
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from composition_lm.generator import FormulaGenerator
+
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    gen = FormulaGenerator.from_pretrained(args.model)
+    options = sampler_options(args)
+    table = gen.generate(args.n, seed=args.seed, steps=args.steps, elements=args.elements, require=args.require,
+                         exclude=args.exclude, max_elements=args.max_elements, batch_size=args.batch_size,
+                         progress=not args.no_progress, **options)
+    t_sample = time.perf_counter()
+    run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
+           **table.attrs["sampling"], "condition": args.condition}
+    summary = save_samples(gen, table, args.output, run, t0, t_sample)
+    train_set = gen.training_formulas()
+    print(f"{summary['n_samples']} samples from {gen.path.name} ({gen.model_type}) in {summary['seconds']:.1f} s "
+          f"= {summary['formulas_per_s']:.0f} formulas/s")
+    print(f"  parsed      {summary['n_parsed']}/{summary['n_samples']}")
+    print(f"  valid       cdvae {summary['validity_cdvae']:.3f}   smact {summary['validity_smact']:.3f}")
+    print(f"  unique      {summary['uniqueness']:.3f}")
+    if summary["novelty"] is not None:
+        print(f"  novel       {summary['novelty']:.3f} of unique (vs {len(train_set)} training formulas)")
+        print(f"  valid+novel+unique  {summary['valid_novel_unique_cdvae']} "
+              f"({summary['valid_novel_unique_per_s']:.0f}/s)")
+    constraints = run["constraints"]
+    if any(constraints.values()):
+        print(f"  constraints {json.dumps(constraints)}")
+    print(f"wrote {args.output / 'formulas.csv'} and run_config.json")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- parsers
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune a formula diffusion model on any formula corpus",
+        description="Train a formula model with accelerate (run as-is, or under `accelerate launch "
+        "--num_processes N` to scale out; on CPU-only machines accelerate starts several processes through "
+        "torchrun: `accelerate launch --multi_gpu --num_processes N`, which falls back to CPU with the gloo "
+        "backend). Checkpoints go to OUTPUT_DIR/checkpoints (continue with --resume), "
+        "the final model to OUTPUT_DIR/model. Fine-tune with --init-from MODEL.",
+    )
+    # every dest is a field of composition_lm.training.TrainingArguments (a test checks names and defaults)
+    p.add_argument("--model", dest="model_type", default="diffusion-bert", choices=["diffusion-bert", "diffusion-lm"],
+                   help="model family: diffusion-bert (masked discrete diffusion) or diffusion-lm (Gaussian "
+                   "diffusion over token embeddings) (default: diffusion-bert; ignored with --init-from)")
+    p.add_argument("--corpus", type=Path, required=True, help="formula corpus (any format `validate` reads)")
+    p.add_argument("--column", help="formula column of a table")
+    p.add_argument("--train-split", default="train", help="split to train on ('' for all rows) (default: train)")
+    p.add_argument("--val-split", default="val", help="split for validation (default: val)")
+    p.add_argument("--val-fraction", **fraction, default=0.05,
+                   help="seeded val share when the corpus has no split column (default: 0.05)")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--init-from", help="fine-tune from this model (folder, shipped name or hub id)")
+    p.add_argument("--codec", choices=["expanded", "compact"], default="expanded")
+    p.add_argument("--seq-length", **positive_int, default=32,
+                   help="tokens per sequence incl. [BOS]/[EOS]; longer formulas are skipped (default: 32)")
+    p.add_argument("--hidden-size", **positive_int, default=128)
+    p.add_argument("--layers", dest="num_layers", **positive_int, default=4)
+    p.add_argument("--heads", dest="num_heads", **positive_int, default=4)
+    p.add_argument("--intermediate-size", **positive_int, default=512)
+    p.add_argument("--dropout", **half_open_unit, default=0.1)
+    p.add_argument("--schedule", choices=["loglinear", "linear", "spindle", "sqrt", "cosine"],
+                   help="noise schedule: loglinear (default), linear or spindle for diffusion-bert; sqrt (default), "
+                   "cosine or linear for diffusion-lm")
+    p.add_argument("--embedding-dim", **positive_int, default=16,
+                   help="diffusion-lm: token embedding dimension (default: 16)")
+    p.add_argument("--diffusion-steps", **positive_int, default=2000,
+                   help="diffusion-lm: training steps T (default: 2000)")
+    p.add_argument("--loss-weighting", choices=["elbo", "uniform"], default="elbo", help="diffusion-bert loss weighting")
+    p.add_argument("--time-conditioning", action="store_true", help="condition the denoiser on t")
+    p.add_argument("--only-valid", choices=["cdvae", "smact"],
+                   help="train only on the formulas that pass this validity protocol (the count dropped is reported)")
+    p.add_argument("--validity-conditioning", action="store_true",
+                   help="start each training formula with [VALID]/[INVALID] (its cdvae validity) so that "
+                   "sampling can ask for valid formulas; with --init-from, extends an unconditional model")
+    p.add_argument("--batch-size", **positive_int, default=256, help="sequences per process per micro-batch")
+    p.add_argument("--grad-accum", **positive_int, default=1)
+    p.add_argument("--lr", **positive_float, default=1e-3)
+    p.add_argument("--weight-decay", **non_negative_float, default=0.01)
+    p.add_argument("--warmup-steps", **non_negative_int, default=500)
+    p.add_argument("--max-steps", **positive_int, default=10000)
+    p.add_argument("--stop-at-step", **positive_int, help="stop early with a checkpoint (schedule unchanged)")
+    p.add_argument("--ema-decay", **half_open_unit, default=0.999)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--eval-every", **non_negative_int, default=500, help="0: never")
+    p.add_argument("--eval-samples", **non_negative_int, default=256)
+    p.add_argument("--save-every", **non_negative_int, default=500, help="0: only at the end")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--seed", type=int, default=0)
+    add_progress(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "sample",
+        help="generate formulas with a diffusion model (default: the shipped Diffusion-BERT)",
+        description="Sample formulas, check them, and write OUTPUT/formulas.csv (raw sample, reduced formula, "
+        "parse status, validity and reason under both protocols, novelty vs the model's training formulas) "
+        "and OUTPUT/run_config.json. Element constraints are enforced inside the sampler.",
+    )
+    p.add_argument("--model", default=None, help="model folder, shipped name (diffusion-bert, diffusion-lm) or hub id "
+                   "(default: diffusion-bert); the model's config says which family it is")
+    p.add_argument("-n", **positive_int, default=1000, help="number of samples (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
+    p.add_argument("--steps", **positive_int, help="denoising steps (default: 32 for diffusion-bert, chosen by "
+                   "measurement in benchmarks/diffusion_bert.md; the model's own default for diffusion-lm)")
+    p.add_argument("--method", choices=["ddpm", "ddim"], help="diffusion-lm: reverse process (default: the model's)")
+    p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help="diffusion-lm: snap each predicted x0 to the nearest allowed token embedding (default: the model's)")
+    p.add_argument("--noise-scale", **unit_interval, help="diffusion-lm: multiply the reverse-process noise by this "
+                   "factor in [0, 1]; below 1 samples nearer the modes, like a temperature (default: the model's)")
+    p.add_argument("--batch-size", **positive_int, default=1000, help="samples denoised together (default: 1000)")
+    p.add_argument("--temperature", **positive_float, default=1.0,
+                   help="diffusion-bert: softmax temperature (default: 1.0)")
+    p.add_argument("--top-k", **positive_int, help="diffusion-bert: draw only from the K most likely tokens")
+    p.add_argument("--top-p", **probability,
+                   help="diffusion-bert: draw only from the smallest set with probability >= P")
+    p.add_argument("--elements", help="only these elements, e.g. Li,Mn,O")
+    p.add_argument("--require", help="every sample contains these, e.g. Li")
+    p.add_argument("--exclude", help="never these, e.g. Pb,Cd")
+    p.add_argument("--max-elements", **positive_int, help="at most this many distinct elements")
+    p.add_argument("--condition", choices=["auto", "valid", "invalid", "none"], default="auto",
+                   help="start token of a validity-conditioned model: valid, invalid or none (unconditional); "
+                   "auto = valid for such a model, none otherwise")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="denoiser precision: auto = bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 "
+                   "CPUs, recent GPUs), else float32 (default: auto)")
+    p.add_argument("--threads", **positive_int, help="torch CPU threads (default: torch's choice)")
+    add_progress(p)
+    p.add_argument("-o", "--output", type=Path, default=Path("samples"), help="output directory (default: samples)")
+    p.set_defaults(func=cmd_sample)

@@ -1,0 +1,135 @@
+"""What several commands share: checked numeric option types, the relaxation options, the command line as
+typed, corpus specs (``PATH@SPLIT``) and dataclass-driven argument mapping."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+PROTOCOL_CHOICES = ("cdvae", "smact", "both")
+DEFAULT_POTENTIAL = "M3GNet-MP-2021.2.8-PES"  # structure.pipeline.DEFAULT_POTENTIAL (kept import-free for --help)
+
+
+# ------------------------------------------------------------------------------------ numeric types
+class OptionError(ValueError):
+    """A numeric option outside its range; :func:`composition_lm.cli.main` reports it and returns 2."""
+
+
+class _Checked(argparse.Action):
+    """Stores a converted value after checking its range while the command line is parsed, so that a bad
+    number ends in one clear line and exit code 2 before any work, not in a traceback later."""
+
+    def __init__(self, option_strings, dest, check=None, what: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.check, self.what = check, what
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not self.check(values):
+            raise OptionError(f"argument {option_string}: {self.dest.replace('_', ' ')} must be {self.what}, "
+                              f"got {values}")
+        setattr(namespace, self.dest, values)
+
+
+def _checked(kind, check, what: str) -> dict:
+    """``add_argument`` keywords for a number converted by ``kind`` and accepted when ``check(value)``
+    (NaN fails every range)."""
+    return {"type": kind, "action": _Checked, "check": check, "what": what}
+
+
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number > 0")
+non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+unit_interval = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+fraction = _checked(float, lambda v: 0 < v < 1, "in (0, 1)")
+probability = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+half_open_unit = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+# --------------------------------------------------------------------------------- shared options
+def add_relax_arguments(p: argparse.ArgumentParser) -> None:
+    """The M3GNet relaxation options of ``structure``, ``cdvae sample`` and ``compare``."""
+    p.add_argument("--relax", action="store_true", help="relax every structure with an M3GNet potential (FIRE, cell + positions)")
+    p.add_argument("--potential", default=DEFAULT_POTENTIAL,
+                   help=f"matgl hub name or local model folder (default: {DEFAULT_POTENTIAL})")
+    p.add_argument("--fmax", **positive_float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
+    p.add_argument("--max-steps", **positive_int, default=500, help="FIRE steps per structure (default: 500)")
+    p.add_argument("--workers", **positive_int, default=1, help="relaxation worker processes (default: 1)")
+    p.add_argument("--references", type=Path, metavar="DB",
+                   help="template store whose single-element structures give the elemental reference energies for "
+                   "formation energies (default: the --templates store, else pymatgen's AFLOW prototypes)")
+
+
+def relaxer(args: argparse.Namespace, references=None):
+    """The :class:`structure.Relaxer` of the relaxation options (None without ``--relax``), built before any
+    other work so that a bad potential fails at once. Elemental references: ``--references``, else
+    ``references`` (a store or folder), else the AFLOW prototypes, cached beside that store or the output."""
+    if not args.relax:
+        return None
+    from structure import Relaxer
+
+    return Relaxer(args.potential, fmax=args.fmax, max_steps=args.max_steps,
+                   references=args.references if args.references is not None else references, cache_dir=args.output)
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# ------------------------------------------------------------------------------------ small helpers
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed, recorded in run configs and model cards."""
+    argv = getattr(args, "_argv", None)
+    return "composition-gen " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def protocols(choice: str) -> tuple[str, ...]:
+    from evaluation.validity import protocols_of
+
+    return protocols_of(choice)
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``PATH@SPLIT`` -> (PATH, SPLIT); a path that exists as written is taken whole."""
+    if "@" in spec and not Path(spec).exists():
+        path, split = spec.rsplit("@", 1)
+        return path, split
+    return spec, None
+
+
+def load_spec(spec: str, column: str | None = None) -> tuple[str, list[str]]:
+    """(a short name, the distinct formulas) of a corpus given as ``PATH`` or ``PATH@SPLIT``."""
+    from composition_lm.data import load_corpus
+
+    path, split = split_spec(spec)
+    ds, report = load_corpus(path, column=column, split=split, dedupe=True)
+    name = Path(path).name.split(".")[0] + (f"@{split}" if split else "")
+    print(f"  {name}: {report.n_kept} distinct formulas", file=sys.stderr)
+    return name, ds["formula"]
+
+
+def infer_dataset(path: Path) -> str | None:
+    """The CDVAE dataset a path names (``perov5``, ``carbon24``, ``mp20``), if any."""
+    text = str(path).lower().replace("-", "_")
+    for hint, dataset in (("perov", "perov5"), ("carbon", "carbon24"), ("mp_20", "mp20"), ("mp20", "mp20")):
+        if hint in text:
+            return dataset
+    return None
+
+
+def field_default(cls, name: str):
+    """The default of dataclass ``cls``'s field ``name`` (parser defaults come from the one definition)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def dataclass_arguments(cls, args: argparse.Namespace, **overrides):
+    """An instance of the argument dataclass ``cls`` from the parsed options named like its fields,
+    ``progress`` from ``--no-progress``, then ``overrides``."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if "progress" in {f.name for f in dataclasses.fields(cls)} and hasattr(args, "no_progress"):
+        values["progress"] = not args.no_progress
+    values.update(overrides)
+    return cls(**values)
