@@ -204,6 +204,16 @@ class Relaxer:
         return relax_many(list(structures), self.potential, fmax=self.fmax, max_steps=self.max_steps,
                           workers=workers, progress=progress)
 
+    def energies(self, structures, workers: int = 1, progress: bool = False) -> list:
+        """The energy of each structure as given (no relaxation; status ``not_converged`` with 0 steps, or
+        ``failed`` for a structure that cannot be evaluated), as :class:`~structure.relax.RelaxResult` s."""
+        from structure.relax import relax_many
+
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        return relax_many(list(structures), self.potential, fmax=self.fmax, max_steps=0, workers=workers,
+                          progress=progress)
+
     def formation_energy_per_atom(self, composition, energy_per_atom: float) -> float:
         """eV/atom against the elemental references (``ValueError`` when an element has none)."""
         return self.references.formation_energy_per_atom(composition, energy_per_atom)

@@ -6,6 +6,7 @@ One module per command group, each owning its argparse block:
 * :mod:`~composition_lm.cli.formulas`: ``validate``, ``evaluate``
 * :mod:`~composition_lm.cli.lm`: ``train``, ``sample``
 * :mod:`~composition_lm.cli.structures`: ``templates``, ``structure``, ``evaluate-structures``
+* :mod:`~composition_lm.cli.discovery`: ``stability``
 * :mod:`~composition_lm.cli.cdvae`: ``cdvae train|export|sample``
 * :mod:`~composition_lm.cli.compare`: ``compare``
 * :mod:`~composition_lm.cli.options`: what several commands share (checked numeric types, relaxation options)
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from composition_lm.cli import cdvae, compare, formulas, lm, structures
+from composition_lm.cli import cdvae, compare, discovery, formulas, lm, structures
 
 __all__ = ["build_parser", "main"]
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     structures.add_evaluate_parser(sub)
     lm.add_parsers(sub)
     structures.add_parsers(sub)
+    discovery.add_parsers(sub)
     cdvae.add_parsers(sub)
     compare.add_parsers(sub)
     return parser

@@ -50,9 +50,16 @@ half_open_unit = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 # --------------------------------------------------------------------------------- shared options
-def add_relax_arguments(p: argparse.ArgumentParser) -> None:
-    """The M3GNet relaxation options of ``structure``, ``cdvae sample`` and ``compare``."""
-    p.add_argument("--relax", action="store_true", help="relax every structure with an M3GNet potential (FIRE, cell + positions)")
+def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = False) -> None:
+    """The M3GNet relaxation options of ``structure``, ``cdvae sample``, ``compare`` (off unless ``--relax``)
+    and ``stability`` (on unless ``--no-relax``)."""
+    if relax_by_default:
+        p.add_argument("--relax", action=argparse.BooleanOptionalAction, default=True,
+                       help="relax every structure first (FIRE, cell + positions), or take its energy as given "
+                       "(--no-relax) (default: relax)")
+    else:
+        p.add_argument("--relax", action="store_true",
+                       help="relax every structure with an M3GNet potential (FIRE, cell + positions)")
     p.add_argument("--potential", default=DEFAULT_POTENTIAL,
                    help=f"matgl hub name or local model folder (default: {DEFAULT_POTENTIAL})")
     p.add_argument("--fmax", **positive_float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
