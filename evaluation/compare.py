@@ -25,7 +25,7 @@ import base64
 import html
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +33,44 @@ import numpy as np
 from evaluation.io import json_safe, write_json, write_text
 from evaluation.report import save_figure
 
-__all__ = ["energy_summary", "structure_novelty", "density_histograms", "summary_rows", "comparison_markdown",
+__all__ = ["energy_summary", "structure_novelty", "unique_novel_flags", "density_histograms", "summary_rows", "comparison_markdown",
            "comparison_html", "write_comparison"]
 
 
-def structure_novelty(structures: Sequence, training: Sequence, matcher=None) -> dict:
-    """Uniqueness and novelty of ``structures`` (pymatgen Structures) by ``StructureMatcher``.
-
-    Only structures of the same reduced composition are compared, so the cost is small unless the
-    generator repeats training compositions. ``uniqueness`` = structures matching no earlier one / all;
-    ``novelty`` = unique structures matching no training structure / unique structures."""
+def unique_novel_flags(structures: Sequence, reference: Callable[[str], Sequence] | Mapping[str, Sequence],
+                       matcher=None) -> list[tuple[bool, bool]]:
+    """``(unique, novel)`` per structure (None: neither): unique when it matches no earlier structure, novel
+    when it is unique and matches no reference structure of the same reduced composition (``reference``: a
+    mapping or a callable from reduced formula to structures). ``StructureMatcher`` with pymatgen's defaults
+    (ltol 0.2, stol 0.3, angle_tol 5) unless ``matcher`` is given; only equal compositions are compared."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    matcher = matcher or StructureMatcher()  # pymatgen's defaults: ltol 0.2, stol 0.3, angle_tol 5
+    matcher = matcher or StructureMatcher()
+    lookup = reference if callable(reference) else (lambda key: reference.get(key, ()))
+    seen: dict[str, list] = defaultdict(list)
+    flags = []
+    for s in structures:
+        if s is None:
+            flags.append((False, False))
+            continue
+        key = s.composition.reduced_formula
+        if any(matcher.fit(s, other) for other in seen[key]):
+            flags.append((False, False))
+            continue
+        seen[key].append(s)
+        flags.append((True, not any(matcher.fit(s, other) for other in lookup(key))))
+    return flags
+
+
+def structure_novelty(structures: Sequence, training: Sequence, matcher=None) -> dict:
+    """Uniqueness and novelty of ``structures`` (pymatgen Structures) by ``StructureMatcher``
+    (:func:`unique_novel_flags`): ``uniqueness`` = structures matching no earlier one / all; ``novelty`` =
+    unique structures matching no training structure of the same composition / unique structures."""
     by_formula: dict[str, list] = defaultdict(list)
     for s in training:
         by_formula[s.composition.reduced_formula].append(s)
-    seen: dict[str, list] = defaultdict(list)
-    n_unique = n_novel = 0
-    for s in structures:
-        key = s.composition.reduced_formula
-        if any(matcher.fit(s, other) for other in seen[key]):
-            continue
-        seen[key].append(s)
-        n_unique += 1
-        n_novel += not any(matcher.fit(s, other) for other in by_formula.get(key, ()))
-    n = len(structures)
+    flags = unique_novel_flags(structures, by_formula, matcher)
+    n, n_unique, n_novel = len(structures), sum(u for u, _ in flags), sum(v for _, v in flags)
     return {"n": n, "n_unique": n_unique, "uniqueness": n_unique / n if n else None, "n_novel_unique": n_novel,
             "novelty": n_novel / n_unique if n_unique else None}
 

@@ -41,13 +41,16 @@ class HullResult:
     ``e_hull_per_atom``: eV/atom above the hull (negative below it; NaN when it cannot be placed);
     ``decomposition``: the reference phases it decomposes into with their fractions, e.g.
     ``"0.5 NaCl + 0.5 Na"`` (the candidate's own formula when it lies on or below the hull);
-    ``e_hull_formation``: the hull's formation energy at the candidate's composition; ``reason``: why NaN.
+    ``e_hull_formation``: the hull's formation energy at the candidate's composition; ``reason``: why NaN, or
+    why the value is only a ``lower_bound`` (the reference knows a phase of this very composition but holds
+    no energy for it, so the true hull there may be lower and the candidate's E_hull higher).
     """
 
     e_hull_per_atom: float
     decomposition: str = ""
     e_hull_formation: float = math.nan
     reason: str = ""
+    lower_bound: bool = False  # the table knows the composition without an energy: the true E_hull may be higher
 
 
 def _reduced(formula: str) -> tuple[str, frozenset[str]]:
@@ -77,25 +80,34 @@ class ReferenceHull:
         self.source = source
         self._by_system: dict[frozenset[str], list[tuple[str, str, float]]] = {}
         self._ids = set()
+        self.unpriced: dict[str, list[str]] = {}  # reduced formula -> ids known without an energy
         for formula, e, ident in zip(formulas, e_form_per_atom, ids):
             e = float(e)
-            if not math.isfinite(e):
-                continue
             reduced, elements = _reduced(formula)
+            if not math.isfinite(e):
+                self.unpriced.setdefault(reduced, []).append(ident)
+                continue
             self._by_system.setdefault(elements, []).append((ident, reduced, e))
             self._ids.add(ident)
         self.elements = frozenset(next(iter(s)) for s in self._by_system if len(s) == 1)
+        priced = {f for entries in self._by_system.values() for _, f, _ in entries}
+        self.unpriced = {f: ids for f, ids in self.unpriced.items() if f not in priced}
         self._cache: dict = {}
 
     def __len__(self) -> int:
+        """The number of reference phases with an energy."""
         return sum(len(v) for v in self._by_system.values())
+
+    def formulas(self) -> set[str]:
+        """Every reduced formula the reference knows, with or without an energy."""
+        return {f for entries in self._by_system.values() for _, f, _ in entries} | set(self.unpriced)
 
     # ------------------------------------------------------------------------------------ readers
     @classmethod
     def from_csv(cls, path: str | Path) -> ReferenceHull:
         """A CSV(.gz) with a formula column (``reduced_formula``, ``formula`` or ``composition``) and
-        ``formation_energy_per_atom`` (eV/atom); ``material_id`` (or ``id``) names the entries. Rows without
-        a formation energy are skipped."""
+        ``formation_energy_per_atom`` (eV/atom); ``material_id`` (or ``id``) names the entries. A row without a
+        formation energy records a composition known to exist (its E_hull results are then lower bounds)."""
         import pandas as pd
 
         df = pd.read_csv(path, keep_default_na=False, na_values=[""], comment="#")
@@ -104,7 +116,6 @@ class ReferenceHull:
             raise ValueError(f"{path}: a reference table needs a formula column (reduced_formula, formula or "
                              f"composition) and formation_energy_per_atom (columns: {', '.join(map(str, df.columns))})")
         id_col = next((c for c in ("material_id", "id", "entry_id") if c in df.columns), None)
-        df = df[df["formation_energy_per_atom"].notna()]
         return cls(df[col].astype(str).tolist(), df["formation_energy_per_atom"].astype(float).tolist(),
                    df[id_col].astype(str).tolist() if id_col else None, source=str(path))
 
@@ -199,12 +210,18 @@ class ReferenceHull:
         pd = self.phase_diagram(elements, exclude)
         entry = PDEntry(comp, float(e_form_per_atom) * comp.num_atoms, name="candidate")
         decomp, e_hull = pd.get_decomp_and_e_above_hull(entry, allow_negative=True)
+        e_hull = float(e_hull)
         hull_form = float(e_form_per_atom) - e_hull
         if e_hull <= 1e-12:
             text = f"1 {comp.reduced_formula}"
         else:
             text = " + ".join(f"{amount:.3g} {e.composition.reduced_formula}"
                               for e, amount in sorted(decomp.items(), key=lambda kv: -kv[1]))
+        known = self.unpriced.get(comp.reduced_formula)
+        if known:
+            return HullResult(float(e_hull), text, hull_form, lower_bound=True,
+                              reason=f"E_hull is a lower bound: the reference knows {comp.reduced_formula} "
+                              f"({', '.join(known[:3])}) without an energy")
         return HullResult(float(e_hull), text, hull_form)
 
 

@@ -37,7 +37,7 @@ from evaluation.io import write_json, write_text  # noqa: E402
 MATCH_KW = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
 
 
-def load_or_build(store_path: Path, shared: Path, progress: bool):
+def load_or_build(store_path: Path, shared: Path, progress: bool, ranker_path: Path | None = None):
     from structure.ranking import CompositionRanker, train_ranker
     from structure.io import read_structures
     from structure.templates import TemplateStore
@@ -50,7 +50,9 @@ def load_or_build(store_path: Path, shared: Path, progress: bool):
                                     exclude_tags={"mp20_test"}, source="mp_union.csv.gz", progress=progress)
         store.save(store_path)
         print(f"built store: {len(store)} structures in {time.time() - t:.0f} s", flush=True)
-    if (store_path / "ranker.json").exists():
+    if ranker_path is not None:
+        ranker = CompositionRanker.load(ranker_path)
+    elif (store_path / "ranker.json").exists():
         ranker = CompositionRanker.load(store_path)
     else:
         ranker = train_ranker(store, progress=progress)
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--relax-n", type=int, default=100, help="top-1 predictions relaxed with M3GNet (0: skip)")
     ap.add_argument("--potential", default=str(ROOT.parent / "shared/models/matgl/M3GNet-MP-2021.2.8-PES"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ranker", type=Path, help="use this ranker folder instead of the store's own (trained if missing)")
+    ap.add_argument("--out", default="csp", help="report name: benchmarks/OUT.json and .md (default: csp)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
@@ -81,7 +85,7 @@ def main() -> None:
     from structure.substitution import substitute
     from structure.io import structure_from_cif
 
-    store, ranker = load_or_build(args.store, args.shared, not args.no_progress)
+    store, ranker = load_or_build(args.store, args.shared, not args.no_progress, args.ranker)
     test = pd.read_csv(args.shared / "data/structures/mp_20/test.csv.gz")
     pick = np.sort(np.random.default_rng(args.seed).choice(len(test), size=min(args.n, len(test)), replace=False))
     test = test.iloc[pick]
@@ -170,9 +174,9 @@ def main() -> None:
     for r in per_query:
         r.pop("_top1")
     results["per_query"] = per_query
-    write_json(ROOT / "benchmarks/csp.json", results)
-    write_text(ROOT / "benchmarks/csp.md", markdown(results, args.top_k, args.ceiling_k))
-    print((ROOT / "benchmarks/csp.md").read_text())
+    write_json(ROOT / f"benchmarks/{args.out}.json", results)
+    write_text(ROOT / f"benchmarks/{args.out}.md", markdown(results, args.top_k, args.ceiling_k))
+    print((ROOT / f"benchmarks/{args.out}.md").read_text())
 
 
 def _pct(x) -> str:

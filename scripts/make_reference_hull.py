@@ -6,7 +6,8 @@ attribution; ``evaluation.hull.ReferenceHull`` builds its phase diagrams from it
 ``mp_union.csv.gz`` (MP's MP2020-corrected values, as in MP-20) come first; the entries of
 ``mp_formulas.csv`` that it lacks (an older correction scheme; median 14 meV/atom apart where both exist) fill
 the hull's gaps. An element's entries take their ``e_above_hull``, which for an element is its formation
-energy. Measured on 1,000 MP-20 test entries with their own DFT formation energies, each without its own
+energy. Compositions MP lists that neither source gives an energy for (1,628, such as KBr) are kept without
+one: a candidate there gets its E_hull flagged as a lower bound. Measured on 1,000 MP-20 test entries with their own DFT formation energies, each without its own
 entry, against MP's e_above_hull: mp_union alone MAE 0.0072 eV/atom, F1 (stable) 0.816, 196 unscored;
 mp_formulas alone 0.0125, 0.817; both 0.0090, 0.898, none unscored (benchmarks/stability.md).
 
@@ -68,15 +69,22 @@ def main() -> int:
     union = _with_elements(_union_table(args.shared / "data" / "structures" / "mp_union.csv.gz"))[cols]
     formulas = pd.read_csv(args.shared / "data" / "formulas" / "mp_formulas.csv", keep_default_na=False,
                            na_values=[""], dtype={"reduced_formula": str, "material_id": str})
-    formulas = _with_elements(formulas)[cols]
+    all_formulas = formulas
+    formulas = _with_elements(formulas.copy())[cols]
     df = pd.concat([union.assign(source="mp_union"),
                     formulas[~formulas["material_id"].isin(union["material_id"])].assign(source="mp_formulas")])
+    # compositions MP knows but no source gives an energy for (KBr, ...): kept without an energy, so that a
+    # candidate there gets its E_hull flagged as a lower bound instead of looking stable against a gap
+    unpriced = all_formulas[~all_formulas["reduced_formula"].isin(df["reduced_formula"])]
+    df = pd.concat([df, unpriced.drop_duplicates("reduced_formula")[["material_id", "reduced_formula"]]
+                    .assign(formation_energy_per_atom=float("nan"), source="mp_formulas, no energy")])
     df = df.drop_duplicates("material_id").sort_values(["reduced_formula", "formation_energy_per_atom", "material_id"])
-    df["formation_energy_per_atom"] = df["formation_energy_per_atom"].map(lambda x: f"{x:.6f}")
+    df["formation_energy_per_atom"] = df["formation_energy_per_atom"].map(lambda x: f"{x:.6f}" if x == x else "")
     text = "\n".join(ATTRIBUTION) + "\n" + df.to_csv(index=False, lineterminator="\n")
     with atomic_path(args.output) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as fh:
         fh.write(text.encode("utf-8"))
-    print(f"wrote {len(df)} entries ({(df['source'] == 'mp_union').sum()} from mp_union), "
+    print(f"wrote {len(df)} entries ({(df['source'] == 'mp_union').sum()} from mp_union, "
+          f"{(df['source'] == 'mp_formulas, no energy').sum()} compositions without an energy), "
           f"{df['reduced_formula'].nunique()} reduced formulas to {args.output} ({args.output.stat().st_size / 1e6:.2f} MB)")
     return 0
 

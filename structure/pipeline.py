@@ -95,9 +95,24 @@ def predict_formulas(formulas: list[str], store, ranker, top_k: int = 5, ranking
     return rows
 
 
+#: the compact Materials Project template store shipped in the package (scripts/make_default_templates.py)
+DEFAULT_TEMPLATES = Path(__file__).resolve().parent / "pretrained" / "templates-mp"
+
+
+def default_store() -> TemplateStore:
+    """The shipped compact MP store, else (an installation without it) pymatgen's AFLOW prototypes."""
+    if (DEFAULT_TEMPLATES / "store.json").is_file():
+        return TemplateStore.load(DEFAULT_TEMPLATES)
+    return aflow_store()
+
+
+def _shipped(store: TemplateStore) -> bool:
+    return store.path is not None and DEFAULT_TEMPLATES.resolve() == Path(store.path).resolve()
+
+
 def _as_store(templates) -> TemplateStore:
     if templates is None:
-        return aflow_store()
+        return default_store()
     if isinstance(templates, TemplateStore):
         return templates
     return TemplateStore.load(templates)
@@ -109,7 +124,8 @@ class StructurePredictor:
     elements substituted and the cell scaled.
 
     ``templates``: a :class:`~structure.templates.TemplateStore`, a store folder (``composition-gen templates
-    build``), or None for the 288 AFLOW prototypes pymatgen ships. ``ranker``: a ranker folder for the
+    build``), or None for the compact Materials Project store shipped in the package (pymatgen's 288 AFLOW
+    prototypes in an installation without it). ``ranker``: a ranker folder for the
     ``learned`` ranking (default: the store's own, else the shipped one). ``ranking``: ``learned``, ``plain``
     (descriptor distance) or ``random`` (the baseline).
 
@@ -154,9 +170,9 @@ class Relaxer:
     against elemental references relaxed with the same potential.
 
     ``potential``: a matgl hub name or a local model folder. ``references``: the template store (object or
-    folder) whose single-element structures give the elemental reference energies (default: pymatgen's AFLOW
-    prototypes); they are relaxed on first use and cached in ``elemental_references.json`` in that store's
-    folder, else in ``cache_dir``.
+    folder) whose single-element structures give the elemental reference energies (default: the shipped
+    compact MP store); they are relaxed on first use and cached in ``elemental_references.json`` in that store's
+    folder, else in ``cache_dir``, with at least 500 FIRE steps whatever ``max_steps`` is.
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure import Relaxer
@@ -187,10 +203,13 @@ class Relaxer:
             from structure.relax import ElementalReferences
 
             store = _as_store(self._references)
-            folder = store.path or (Path(self._cache_dir) if self._cache_dir is not None else None)
+            folder = store.path if store.path is not None and not _shipped(store) else (
+                Path(self._cache_dir) if self._cache_dir is not None else None)  # never write into the package
             cache = folder / "elemental_references.json" if folder is not None else None
+            # references get at least 500 FIRE steps: a molecular crystal such as Cl2 needs them, and a
+            # reference that does not converge would leave every compound of its element without E_form
             self._elemental = ElementalReferences(self.potential, elemental_candidates(store), cache_path=cache,
-                                                  fmax=self.fmax, max_steps=self.max_steps)
+                                                  fmax=self.fmax, max_steps=max(self.max_steps, 500))
         return self._elemental
 
     def relax(self, structures, workers: int = 1, progress: bool = False) -> list:

@@ -51,7 +51,20 @@ class StabilityRecord:
     status: str = ""
     reason: str = ""
     correction_per_atom: float = 0.0
+    hull_lower_bound: bool = False  # the reference knows this composition without an energy (see HullResult)
     structure: object = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        """Plain-dict form (the structure as ``Structure.as_dict()``), to travel between processes."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["structure"] = None if self.structure is None else self.structure.as_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StabilityRecord:
+        from pymatgen.core import Structure
+
+        return cls(**{**d, "structure": None if d["structure"] is None else Structure.from_dict(d["structure"])})
 
     def values(self) -> list:
         def cell(v):
@@ -131,6 +144,22 @@ class StabilityScorer:
         self.hull = reference if isinstance(reference, ReferenceHull) else ReferenceHull.load(reference)
         self.relaxer = Relaxer(potential, fmax=fmax, max_steps=max_steps, references=references, cache_dir=cache_dir)
         self.relax_first, self.correction = relax, correction
+        hull_file = None if isinstance(reference, ReferenceHull) and reference is ReferenceHull.default() else (
+            reference.source if isinstance(reference, ReferenceHull) else reference)
+        store_path = getattr(references, "path", references)
+        from structure.pipeline import DEFAULT_TEMPLATES
+
+        if store_path is not None and Path(store_path).resolve() == DEFAULT_TEMPLATES.resolve():
+            store_path = None
+        self._settings = {"potential": str(potential), "reference": None if hull_file is None else str(hull_file),
+                          "relax": relax, "fmax": fmax, "max_steps": max_steps,
+                          "references": None if store_path is None else str(store_path),
+                          "cache_dir": None if cache_dir is None else str(cache_dir), "correction": correction}
+
+    def settings(self) -> dict:
+        """The arguments that rebuild this scorer in another process (paths as strings; the shipped hull and
+        template store as None): what :mod:`structure.distributed` sends to Dask workers."""
+        return dict(self._settings)
 
     def score(self, structures, exclude=None, workers: int = 1, progress: bool = False) -> list[StabilityRecord]:
         """One :class:`StabilityRecord` per structure, in input order (a ``None`` structure, e.g. an
@@ -169,6 +198,7 @@ class StabilityScorer:
         rec.e_form_per_atom = e_form + rec.correction_per_atom
         hull = self.hull.e_above_hull(rec.structure.composition, rec.e_form_per_atom, exclude=exclude)
         rec.e_hull_per_atom, rec.decomposition = hull.e_hull_per_atom, hull.decomposition
+        rec.hull_lower_bound = hull.lower_bound
         if hull.reason:
             notes.append(hull.reason)
         rec.reason = "; ".join(notes)

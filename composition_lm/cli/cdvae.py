@@ -110,7 +110,7 @@ def add_parsers(sub) -> None:
                    help="Langevin step size at the smallest noise (default: the model's)")
     add_relax_arguments(s)
     s.add_argument("--templates", type=Path, metavar="DB",
-                   help="template store for elemental reference structures (default: the AFLOW prototypes)")
+                   help="template store for elemental reference structures (default: the shipped compact MP store)")
     add_progress(s)
     s.add_argument("-o", "--output", type=Path, default=Path("cdvae_samples"), help="output directory")
     s.set_defaults(func=cmd_cdvae_sample)

@@ -1,4 +1,5 @@
-"""``composition-gen stability``: where structures stand against the convex hull."""
+"""``composition-gen stability`` (where structures stand against the convex hull) and ``composition-gen discover``
+(the whole funnel from sampled formulas to stable, unique, novel candidates)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,107 @@ def add_parsers(sub) -> None:
     add_progress(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=cmd_stability)
+    add_discover_parser(sub)
+
+
+# --------------------------------------------------------------------------------------- discover
+def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dict]:
+    """The formulas to screen (sampled now, read back on --resume, or --from a file), the formulas known to
+    the generator, and the seconds sampling took."""
+    import json
+
+    from composition_lm.data import read_samples
+
+    if args.from_file is not None:
+        return read_samples(args.from_file, args.column), None, {}
+    out = args.output
+    sampled = out / "formulas.csv"
+    if args.resume and sampled.is_file():  # the same samples as before the stop
+        from composition_lm.generator import FormulaGenerator
+
+        run = json.loads((out / "run_config.json").read_text())
+        known = FormulaGenerator.from_pretrained(run["model"]).training_formulas()
+        return read_samples(sampled), known, {"sampling_s": run["summary"]["seconds"]}
+    from composition_lm.cli.lm import save_samples
+    from composition_lm.cli.options import command_line
+    from composition_lm.generator import FormulaGenerator
+
+    t0 = time.perf_counter()
+    gen = FormulaGenerator.from_pretrained(args.model)
+    table = gen.generate(args.n, seed=args.seed, elements=args.elements, require=args.require, exclude=args.exclude,
+                         max_elements=args.max_elements, progress=not args.no_progress)
+    run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
+           **table.attrs["sampling"]}
+    summary = save_samples(gen, table, out, run, t0, time.perf_counter())
+    return table["formula"].tolist(), gen.training_formulas(), {"sampling_s": summary["seconds"]}
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from structure import StructurePredictor
+    from structure.discovery import DiscoveryFunnel
+    from structure.stability import StabilityScorer
+
+    if (args.output / "journal.jsonl").exists() and not args.resume:
+        raise FileExistsError(f"{args.output} holds a discovery run: pass --resume to finish it, or choose a new -o")
+    if args.templates is None:
+        print("no --templates given: using the compact Materials Project store shipped in the package",
+              file=sys.stderr)
+    if args.from_file is not None:  # a bad file fails before anything is loaded
+        from composition_lm.data import read_samples
+
+        if not read_samples(args.from_file, args.column):
+            raise ValueError(f"{args.from_file} holds no formulas")
+    predictor = StructurePredictor(args.templates)
+    scorer = StabilityScorer(args.potential, reference=args.reference, fmax=args.fmax, max_steps=args.max_steps,
+                             references=args.references or predictor.store, cache_dir=args.output,
+                             correction=args.correction)
+    formulas, known, seconds = _formulas(args)
+    funnel = DiscoveryFunnel(predictor, scorer, known_formulas=known, top_k=args.top_k, e_hull_max=args.e_hull_max)
+    result = funnel.run(formulas, args.output, resume=args.resume, workers=args.workers,
+                        progress=not args.no_progress, seconds=seconds, scheduler=args.scheduler)
+    c, key = result["counts"], f"{args.e_hull_max:g}"
+    print(" -> ".join(f"{k} {v}" for k, v in c.items()))
+    print(f"SUN rate {100 * result['sun_rate'][key]:.2f} % at E_hull <= {key} eV/atom, "
+          f"{100 * result['sun_rate']['0']:.2f} % at <= 0; {sum(result['seconds'].values()) / 60:.1f} min; "
+          f"wrote candidates.csv, sun.csv, sun_cif.zip, funnel.json, report.md, report.html to {args.output}")
+    return 0
+
+
+def add_discover_parser(sub) -> None:
+    from composition_lm.cli.options import non_negative_float, positive_int
+
+    p = sub.add_parser(
+        "discover", help="the whole funnel: sample -> validity -> templates -> relaxation -> E_hull -> SUN candidates",
+        description="Sample N formulas (or take --from a file), keep the valid ones, give each its top-k template "
+        "structures, relax them with M3GNet, place them on the reference hull, and keep the stable, unique and "
+        "novel ones (SUN). Every result is appended to OUTPUT/journal.jsonl as it finishes, so --resume finishes a "
+        "stopped run with nothing lost or repeated. Writes candidates.csv, sun.csv, sun_cif.zip, funnel.json, "
+        "report.md and report.html.")
+    p.add_argument("--model", default=None, help="formula model (default: diffusion-bert)")
+    p.add_argument("-n", **positive_int, default=1000, help="formulas to sample (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--elements", help="only these elements, e.g. Li,Mn,O")
+    p.add_argument("--require", help="every sample contains these")
+    p.add_argument("--exclude", help="never these")
+    p.add_argument("--max-elements", **positive_int, help="at most this many distinct elements")
+    p.add_argument("--from", dest="from_file", type=Path, metavar="FORMULAS",
+                   help="screen these formulas instead of sampling (any formula file `validate` reads)")
+    p.add_argument("--column", help="formula column of --from")
+    p.add_argument("--templates", type=Path, metavar="DB",
+                   help="template store folder (default: the compact MP store shipped in the package); also the "
+                   "novelty reference, so a larger store (e.g. built from mp_union.csv.gz) judges novelty better")
+    p.add_argument("--top-k", **positive_int, default=1, help="template structures per formula (default: 1)")
+    p.add_argument("--reference", type=Path, metavar="TABLE",
+                   help="reference hull table (default: the shipped Materials Project table)")
+    p.add_argument("--correction", choices=["mp2020", "none"], default="mp2020", help="energy scale (default: mp2020)")
+    p.add_argument("--e-hull-max", **non_negative_float, default=0.1,
+                   help="stable: E_hull at most this, eV/atom (default: 0.1; SUN at 0 is reported too)")
+    add_relax_arguments(p, relax_by_default=True)
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="relax and score on a Dask cluster (tcp://host:8786; e.g. one started by dask-jobqueue on "
+                   "SLURM/PBS) instead of local --workers; needs pip install 'dask[distributed]' and paths the "
+                   "workers can read")
+    p.add_argument("--resume", action="store_true", help="finish the run in OUTPUT from its journal")
+    add_progress(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=cmd_discover)

@@ -67,13 +67,14 @@ def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = Fal
     p.add_argument("--workers", **positive_int, default=1, help="relaxation worker processes (default: 1)")
     p.add_argument("--references", type=Path, metavar="DB",
                    help="template store whose single-element structures give the elemental reference energies for "
-                   "formation energies (default: the --templates store, else pymatgen's AFLOW prototypes)")
+                   "formation energies (default: the --templates store, else the shipped compact MP store)")
 
 
 def relaxer(args: argparse.Namespace, references=None):
     """The :class:`structure.Relaxer` of the relaxation options (None without ``--relax``), built before any
     other work so that a bad potential fails at once. Elemental references: ``--references``, else
-    ``references`` (a store or folder), else the AFLOW prototypes, cached beside that store or the output."""
+    ``references`` (a store or folder), else the shipped compact MP store, cached beside a store of the user's or
+    in the output folder."""
     if not args.relax:
         return None
     from structure import Relaxer

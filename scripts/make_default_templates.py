@@ -1,0 +1,103 @@
+"""Derive the compact template store that ships as the default of `structure` and `discover`.
+
+From the store of ../shared/data/structures/mp_union.csv.gz (53,164 MP structures; built under runs/ if
+missing), keep for every ratio key and structure type a few representatives, and every single-element
+structure (the elemental references). A structure type is approximated by (ratio key, space group from
+spglib at symprec 0.1, number of sites); within a type the lowest-E_hull structure comes first, then the ones
+farthest from those kept in the composition-descriptor space (so the ranker still finds chemically close
+templates). Writes ``structure/pretrained/templates-mp`` (store.json + store.safetensors, with the
+attribution in its metadata).
+
+    python scripts/make_default_templates.py [--per-type 2] [--exclude-tag mp20_test -o runs/compact_no_test.db]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ATTRIBUTION = ("Materials Project structures (c) Materials Project, CC BY 4.0 (A. Jain et al., APL Materials 1, "
+               "011002 (2013)), from the MP-20, MPTS-52 and MP-40 benchmark splits as collected in "
+               "../shared/data/structures/mp_union.csv.gz; representatives chosen by scripts/make_default_templates.py")
+
+
+def structure_type(store, i: int) -> tuple:
+    import spglib
+
+    a, b = int(store.offsets[i]), int(store.offsets[i + 1])
+    cell = (np.asarray(store.lattices[i], float), np.asarray(store.frac[a:b], float),
+            np.asarray(store.numbers[a:b], int))
+    try:
+        sg = spglib.get_symmetry_dataset(cell, symprec=0.1)
+        number = int(sg.number) if sg is not None else 0
+    except Exception:  # spglib fails on a few odd cells: they form a type of their own
+        number = 0
+    return store.keys[i], number, b - a
+
+
+def select(store, per_type: int, rows: list[int]) -> tuple[list[int], int]:
+    """(row numbers of the representatives among ``rows``, in store order; the number of types)."""
+    groups: dict[tuple, list[int]] = {}
+    for i in rows:
+        groups.setdefault(structure_type(store, i), []).append(i)
+    keep: set[int] = {i for i in rows if store.keys[i] == "1"}
+    desc = np.asarray(store.descriptors, float)
+    e = np.asarray(store.e_above_hull, float)
+    for rows in groups.values():
+        rows = sorted(rows, key=lambda i: (np.isnan(e[i]), e[i], i))
+        chosen = [rows[0]]
+        while len(chosen) < min(per_type, len(rows)):
+            rest = [i for i in rows if i not in chosen]
+            dist = [min(np.abs(desc[i] - desc[j]).sum() for j in chosen) for i in rest]
+            chosen.append(rest[int(np.argmax(dist))])
+        keep.update(chosen)
+    return sorted(keep), len(groups)
+
+
+def main() -> int:
+    from structure.io import read_structures
+    from structure.templates import TemplateStore
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--full", type=Path, default=ROOT / "runs" / "mp_union.db", help="the full store (built if missing)")
+    ap.add_argument("--per-type", type=int, default=2)
+    ap.add_argument("--exclude-tag", action="append", default=[], help="leave these split tags out (e.g. mp20_test)")
+    ap.add_argument("-o", "--output", type=Path, default=ROOT / "structure" / "pretrained" / "templates-mp")
+    args = ap.parse_args()
+    t0 = time.time()
+    if not (args.full / "store.json").is_file():
+        TemplateStore.build(read_structures(args.shared / "data/structures/mp_union.csv.gz"),
+                            source="mp_union.csv.gz", progress=False).save(args.full)
+    full = TemplateStore.load(args.full)
+    if args.exclude_tag:
+        ok = [i for i in range(len(full)) if not any(t in full.tags[i].split(";") for t in args.exclude_tag)]
+    else:
+        ok = list(range(len(full)))
+    rows, n_types = select(full, args.per_type, ok)
+    compact = TemplateStore.build(_records(full, rows), source=ATTRIBUTION, progress=False)
+    compact.meta.update({"attribution": ATTRIBUTION, "per_type": args.per_type, "n_types": n_types,
+                         "from_store_size": len(ok), "excluded_tags": args.exclude_tag})
+    compact.save(args.output)
+    size = sum(p.stat().st_size for p in args.output.iterdir()) / 1e6
+    print(f"{len(compact)} of {len(ok)} structures ({n_types} types, {len(compact.ratio_keys())} ratio keys) written "
+          f"to {args.output} ({size:.1f} MB) in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _records(store, rows):
+    from structure.io import Record
+
+    for i in rows:
+        yield Record(store.ids[i], store.structure(i), store.tags[i], float(store.e_above_hull[i]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

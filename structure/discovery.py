@@ -1,0 +1,306 @@
+"""The discovery funnel after sampling: formulas -> validity -> template structures -> M3GNet relaxation ->
+formation energy and energy above the hull -> uniqueness and structural novelty -> SUN.
+
+:class:`DiscoveryFunnel` takes formulas (from any generator, or a user's list), so ``structure`` never
+imports ``composition_lm``; the ``discover`` command composes it with ``FormulaGenerator``.
+
+A sample (one formula) is **SUN** when its best structure (lowest E_hull among its ``top_k`` templates) is
+Stable (``E_hull <= e_hull_max``), Unique (matches no earlier sample's structure) and Novel (matches no
+reference structure of the same reduced composition in the template store, ``StructureMatcher`` with
+pymatgen's defaults; a composition the reference hull knows but whose structures the store lacks is not
+counted novel, since nothing shows it is). Rates are per sample: SUN samples / formulas given.
+
+Runs survive a kill: every structure's result is appended to ``journal.jsonl`` in the output folder as it
+finishes (formula-level outcomes too), and ``run(..., resume=True)`` reads the journal back (a torn last
+line is dropped), does only what is missing, and writes the same outputs as an uninterrupted run.
+
+Outputs (:meth:`DiscoveryFunnel.run`): ``candidates.csv`` (every formula and structure tried, with the stage
+where it left the funnel and why), ``sun.csv`` (SUN samples ranked by E_hull, with their decomposition),
+``sun_cif.zip``, ``funnel.json`` (counts and seconds per stage, SUN rates at 0 and ``e_hull_max``), and the
+report (``report.md``, self-contained ``report.html``) written by :mod:`evaluation.discovery_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.composition import try_parse_formula
+from evaluation.io import append_jsonl
+from evaluation.validity import check_formula
+
+__all__ = ["CANDIDATE_COLUMNS", "DiscoveryFunnel", "read_journal"]
+
+#: ``stage``: the last stage of :data:`STAGES` the candidate reached (``sun``: it passed them all)
+CANDIDATE_COLUMNS = ["index", "formula", "novel_formula", "rank", "template_id", "energy_per_atom", "e_form_per_atom",
+                     "e_hull_per_atom", "decomposition", "relax_status", "best", "unique", "novel", "stable", "sun",
+                     "stage", "reason"]
+STAGES = ("sampled", "parsed", "valid", "with_structure", "relaxed", "on_hull", "stable", "unique", "novel", "sun")
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The records of a journal; a torn last line (a kill in the middle of a write) is dropped and cut off
+    the file, so that appending goes on cleanly."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    records, good = [], 0
+    for line in raw.splitlines(keepends=True):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        if not line.endswith(b"\n"):
+            records.pop()
+            break
+        good += len(line)
+    if good < len(raw):
+        with open(path, "r+b") as fh:
+            fh.truncate(good)
+    return records
+
+
+@dataclass
+class _Task:
+    index: int
+    formula: str
+    rank: int
+    template_id: str
+    structure: object
+
+
+class DiscoveryFunnel:
+    """Formulas to stable, unique, novel candidates.
+
+    ``predictor``: a :class:`structure.StructurePredictor` (its store is also the novelty reference);
+    ``scorer``: a :class:`structure.stability.StabilityScorer`; ``known_formulas``: reduced formulas counted
+    as known for the formula-novelty column (e.g. the generator's training formulas); ``top_k`` templates per
+    formula; ``e_hull_max`` the stability threshold (eV/atom).
+    """
+
+    def __init__(self, predictor, scorer, known_formulas: set[str] | None = None, top_k: int = 1,
+                 e_hull_max: float = 0.1):
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        self.predictor, self.scorer, self.top_k, self.e_hull_max = predictor, scorer, top_k, e_hull_max
+        self.known_compositions = self._hull_formulas()
+        self.known = set(known_formulas or ()) | self.known_compositions
+        self._reference = None
+
+    def _hull_formulas(self) -> set[str]:
+        return self.scorer.hull.formulas()
+
+    def reference_structures(self, formula: str) -> list:
+        """The template store's structures of a reduced formula (the novelty reference)."""
+        if self._reference is None:
+            index: dict[str, list[int]] = {}
+            for i, f in enumerate(self.predictor.store.formulas):
+                index.setdefault(f, []).append(i)
+            self._reference = index
+        return [self.predictor.store.structure(i) for i in self._reference.get(formula, ())]
+
+    # ------------------------------------------------------------------------------------------ run
+    def run(self, formulas: Sequence[str], out_dir: str | Path, resume: bool = False, workers: int = 1,
+            progress: bool = True, chunk: int | None = None, seconds: dict | None = None, scheduler=None) -> dict:
+        """Run the funnel on ``formulas`` into ``out_dir`` (see the module docstring); returns ``funnel.json``'s
+        content. ``resume``: continue from the journal; without it an existing journal is an error.
+        ``seconds``: time spent before the funnel (e.g. ``{"sampling_s": ...}``), reported with its stages.
+        ``scheduler``: a Dask scheduler address, ``Client`` or cluster: relaxation and stability then run on
+        its workers (:mod:`structure.distributed`), results streaming into the same journal."""
+        from tqdm.auto import tqdm
+
+        out = Path(out_dir)
+        journal = out / "journal.jsonl"
+        if journal.exists() and not resume:
+            raise FileExistsError(f"{out} holds a discovery run (journal.jsonl): pass --resume to finish it, or choose "
+                                  "a new output folder")
+        out.mkdir(parents=True, exist_ok=True)
+        records = read_journal(journal)
+        timing = {**(seconds or {}), "templates_s": 0.0, "relaxation_s": 0.0}
+        for rec in records:
+            if rec.get("kind") == "timing":
+                for k, v in rec["seconds"].items():
+                    timing[k] = timing.get(k, 0.0) + v
+        formula_done = {r["index"]: r for r in records if r.get("kind") == "formula"}
+        structure_done = {(r["index"], r["rank"]) for r in records if r.get("kind") == "structure"}
+
+        # stage 1-3: parse, validity, template structures (cheap; journalled per formula)
+        t0 = time.perf_counter()
+        tasks: list[_Task] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, text in enumerate(tqdm(formulas, desc="templates", unit="formula", disable=not progress)):
+                rec = formula_done.get(i)
+                if rec is None:
+                    rec = self._formula_record(i, text)
+                    if rec["stage"] == "with_structure":
+                        rows = self.predictor.predict([rec["formula"]], top_k=self.top_k)
+                        rows = [r for r in rows if r.structure is not None]
+                        if not rows:
+                            rec.update(stage="valid", reason="no template with the same stoichiometric ratios")
+                        rec["templates"] = [[r.rank, r.template_id, r.structure.as_dict()] for r in rows]
+                    append_jsonl(journal, rec)
+                    records.append(rec)
+                for rank, template_id, s in rec.get("templates", []):
+                    if (i, rank) not in structure_done:
+                        tasks.append(_Task(i, rec["formula"], rank, template_id, s))
+        timing["templates_s"] += time.perf_counter() - t0
+        append_jsonl(journal, {"kind": "timing", "seconds": {"templates_s": time.perf_counter() - t0}})
+
+        # stage 4-5: relaxation, formation energy, hull (the cost; journalled per structure)
+        t0 = time.perf_counter()
+        size = chunk or max(4, 4 * workers)
+        parts = [tasks[start:start + size] for start in range(0, len(tasks), size)]
+        if scheduler is not None:
+            from structure.distributed import score_chunks_on_dask
+
+            scored = ((parts[k], recs) for k, recs in score_chunks_on_dask(
+                self.scorer, [[self._structure(t) for t in part] for part in parts], scheduler))
+        else:
+            scored = ((part, self.scorer.score([self._structure(t) for t in part], workers=workers)) for part in parts)
+        with tqdm(total=len(tasks), desc="relax + hull", unit="structure", disable=not progress) as bar:
+            for part, recs in scored:
+                for rec in self._records(part, recs):
+                    append_jsonl(journal, rec)
+                    records.append(rec)
+                bar.update(len(part))
+                append_jsonl(journal, {"kind": "timing", "seconds": {"relaxation_s": time.perf_counter() - t0}})
+                timing["relaxation_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+
+        # stage 6: uniqueness, novelty, SUN; outputs
+        t0 = time.perf_counter()
+        result = self._finish(formulas, records, out, timing)
+        result["seconds"]["novelty_s"] = time.perf_counter() - t0
+        return result
+
+    def _formula_record(self, i: int, text: str) -> dict:
+        f, err = try_parse_formula(text) if text and text.strip() else (None, "empty")
+        if f is None:
+            return {"kind": "formula", "index": i, "formula": text, "stage": "sampled", "reason": f"unparseable: {err}"}
+        formula = str(f)
+        rec = {"kind": "formula", "index": i, "formula": formula, "novel_formula": formula not in self.known}
+        verdict = check_formula(f, "cdvae")
+        if not verdict.valid:
+            return {**rec, "stage": "parsed", "reason": f"fails the cdvae validity check ({verdict.reason})"}
+        return {**rec, "stage": "with_structure", "reason": ""}
+
+    @staticmethod
+    def _structure(task: _Task):
+        from pymatgen.core import Structure
+
+        return Structure.from_dict(task.structure) if isinstance(task.structure, dict) else task.structure
+
+    @staticmethod
+    def _records(tasks: list[_Task], scored: list) -> list[dict]:
+        out = []
+        for t, r in zip(tasks, scored):
+            out.append({"kind": "structure", "index": t.index, "rank": t.rank, "formula": t.formula,
+                        "template_id": t.template_id, "energy_per_atom": _num(r.energy_per_atom),
+                        "e_form_per_atom": _num(r.e_form_per_atom), "e_hull_per_atom": _num(r.e_hull_per_atom),
+                        "decomposition": r.decomposition, "relax_status": r.status, "reason": r.reason,
+                        "hull_lower_bound": r.hull_lower_bound,
+                        "structure": r.structure.as_dict() if r.structure is not None and r.status != "failed" else None})
+        return out
+
+    # --------------------------------------------------------------------------------------- finish
+    def _finish(self, formulas: Sequence[str], records: list[dict], out: Path, timing: dict) -> dict:
+        from pymatgen.core import Structure
+
+        from evaluation.compare import unique_novel_flags
+        from evaluation.discovery_report import write_discovery
+
+        by_formula = {r["index"]: r for r in records if r.get("kind") == "formula"}
+        by_structure: dict[int, list[dict]] = {}
+        for r in records:
+            if r.get("kind") == "structure":
+                by_structure.setdefault(r["index"], []).append(r)
+        rows = []
+        best_structs, best_rows = [], []
+        for i in range(len(formulas)):
+            f = by_formula[i]
+            structs = sorted(by_structure.get(i, []), key=lambda r: r["rank"])
+            if not structs:
+                rows.append(self._row(f, None, stage=f["stage"], reason=f["reason"]))
+                continue
+            scored = [s for s in structs if s["e_hull_per_atom"] is not None]
+            best = min(scored, key=lambda s: s["e_hull_per_atom"]) if scored else None
+            for s in structs:
+                row = self._row(f, s, stage="relaxed" if s["relax_status"] != "failed" else "with_structure",
+                                reason=s["reason"])
+                if s["e_hull_per_atom"] is not None:
+                    row["stage"] = "on_hull"
+                row["best"] = s is best
+                rows.append(row)
+                if s is best:
+                    best_rows.append(row)
+                    best_structs.append(Structure.from_dict(s["structure"]))
+        flags = unique_novel_flags(best_structs, self.reference_structures)
+        for row, (unique, novel) in zip(best_rows, flags):
+            # a composition the reference hull knows, but whose structures the template store lacks, cannot be
+            # shown novel: count it as known rather than claim a discovery
+            unknown_structure = novel and row["formula"] in self.known_compositions and \
+                not self.reference_structures(row["formula"])
+            novel = novel and not unknown_structure
+            # a lower bound (a known composition the reference holds no energy for) never counts as stable
+            stable = row["e_hull_per_atom"] <= self.e_hull_max + 1e-12 and not row["hull_lower_bound"]
+            row.update(stable=stable, unique=unique, novel=novel, sun=stable and unique and novel)
+            row["stage"] = ("sun" if row["sun"] else "novel" if stable and unique else "unique" if stable
+                            else "on_hull")
+            if not row["sun"]:
+                why = ("not novel: a known composition whose structures the template store lacks" if stable and unique
+                       and unknown_structure else
+                       "not novel: matches a known structure" if stable and unique else
+                       "not unique: matches an earlier sample" if stable else
+                       "" if row["hull_lower_bound"] else f"E_hull {row['e_hull_per_atom']:.3f} > {self.e_hull_max:g} eV/atom")
+                row["reason"] = "; ".join(x for x in (row["reason"], why) if x)
+        counts = self._counts(formulas, rows)
+        sun_rows = sorted((r for r in rows if r.get("sun")), key=lambda r: r["e_hull_per_atom"])
+        sun_at_0 = sum(1 for r in rows if r.get("sun") and r["e_hull_per_atom"] <= 1e-12)
+        for r in rows:
+            r.pop("hull_lower_bound", None)
+        n = len(formulas)
+        seconds = {**timing}
+        cpu_hours = sum(seconds.values()) / 3600
+        result = {
+            "n_formulas": n, "e_hull_max": self.e_hull_max, "top_k": self.top_k, "counts": counts,
+            "sun_rate": {f"{self.e_hull_max:g}": len(sun_rows) / n if n else 0.0, "0": sun_at_0 / n if n else 0.0},
+            "sun_per_cpu_hour": {f"{self.e_hull_max:g}": len(sun_rows) / cpu_hours if cpu_hours else None,
+                                 "0": sun_at_0 / cpu_hours if cpu_hours else None},
+            "seconds": seconds, "reference_hull": self.scorer.hull.source,
+            "templates": str(self.predictor.store.path or "pymatgen AFLOW prototypes"),
+        }
+        write_discovery(out, rows, sun_rows, {r["index"]: s for r, s in zip(best_rows, best_structs)}, result,
+                        CANDIDATE_COLUMNS, self.scorer.hull)
+        return result
+
+    @staticmethod
+    def _row(f: dict, s: dict | None, stage: str, reason: str) -> dict:
+        row = {c: None for c in CANDIDATE_COLUMNS}
+        row.update(index=f["index"], formula=f["formula"], novel_formula=f.get("novel_formula"), stage=stage,
+                   reason=reason)
+        if s is not None:
+            row.update({k: s[k] for k in ("rank", "template_id", "energy_per_atom", "e_form_per_atom",
+                                          "e_hull_per_atom", "decomposition", "relax_status")})
+            row["hull_lower_bound"] = s.get("hull_lower_bound", False)
+        return row
+
+    @staticmethod
+    def _counts(formulas, rows) -> dict:
+        best = {r["index"]: r for r in rows if r.get("best")}
+        first = {}
+        for r in rows:
+            first.setdefault(r["index"], r)
+        reached = {i: (best.get(i) or first[i])["stage"] for i in range(len(formulas))}
+        order = {s: k for k, s in enumerate(STAGES)}
+        return {stage: sum(order[reached[i]] >= order[stage] for i in reached) for stage in STAGES}
+
+
+def _num(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+

@@ -1,0 +1,123 @@
+"""`composition-gen discover`: the funnel end to end on a tiny run, its outputs, resume after a kill, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from composition_lm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+POTENTIAL = REPO.parent / "shared" / "models" / "matgl" / "M3GNet-MP-2021.2.8-PES"
+FORMULAS = ["NaCl", "KCl", "NaBr", "KBr", "NaF", "KF", "NaCl", "Xx2", "NaCl2"]
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(not POTENTIAL.is_dir(), reason="needs the M3GNet weights in ../shared")]
+
+
+def _argv(src: Path, out: Path, *extra: str) -> list[str]:
+    return ["discover", "--from", str(src), "--potential", str(POTENTIAL), "--max-steps", "60", "--no-progress",
+            "-o", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One uninterrupted run on FORMULAS (its elemental references are reused by the other tests)."""
+    root = tmp_path_factory.mktemp("discover")
+    src = root / "formulas.txt"
+    src.write_text("\n".join(FORMULAS) + "\n")
+    assert main(_argv(src, root / "out")) == 0
+    return src, root / "out"
+
+
+def test_every_formula_has_a_row_with_its_stage(run):
+    _, out = run
+    table = pd.read_csv(out / "candidates.csv", keep_default_na=False)
+    assert table["index"].tolist() == list(range(len(FORMULAS)))  # top-k 1: one row per formula, in order
+    by = {i: r for i, r in table.iterrows()}
+    assert by[7]["stage"] == "sampled" and "unparseable" in by[7]["reason"]
+    assert by[8]["stage"] == "parsed" and "validity" in by[8]["reason"]
+    assert str(by[6]["unique"]) == "False" and by[6]["sun"] in (False, "False")  # NaCl again: not unique
+    kbr = by[3]  # MP knows KBr, but the reference table holds no energy for it: never counted stable
+    assert "lower bound" in kbr["reason"] and str(kbr["stable"]) == "False"
+    nacl = by[0]  # known composition, known structure: not novel (it is the AFLOW rock-salt prototype itself)
+    assert nacl["decomposition"] and str(nacl["novel_formula"]) == "False"
+    assert nacl["e_hull_per_atom"] != ""
+
+
+def test_funnel_counts_rates_and_report(run):
+    _, out = run
+    funnel = json.loads((out / "funnel.json").read_text())
+    counts = list(funnel["counts"].values())
+    assert counts[0] == len(FORMULAS) and counts == sorted(counts, reverse=True)
+    sun = pd.read_csv(out / "sun.csv", keep_default_na=False)
+    assert funnel["counts"]["sun"] == len(sun)
+    assert funnel["sun_rate"]["0.1"] == pytest.approx(len(sun) / len(FORMULAS))
+    assert sun["e_hull_per_atom"].tolist() == sorted(sun["e_hull_per_atom"].tolist())
+    with zipfile.ZipFile(out / "sun_cif.zip") as zf:
+        assert len(zf.namelist()) == len(sun)
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and 'src="http' not in page
+    assert {"templates_s", "relaxation_s"} <= set(funnel["seconds"])
+
+
+def test_resume_after_a_kill_loses_and_repeats_nothing(run, tmp_path):
+    src, done = run
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(done / "elemental_references.json", out / "elemental_references.json")
+    proc = subprocess.Popen([sys.executable, "-m", "composition_lm.cli", *_argv(src, out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "journal.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and '"kind": "structure"' in journal.read_text():
+            break
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(journal, "a") as fh:  # a kill in the middle of a write leaves a torn last line
+        fh.write('{"kind": "structure", "index": 99, "ra')
+    assert main(_argv(src, out)) == 2  # an existing run is not overwritten without --resume
+    assert main(_argv(src, out, "--resume")) == 0
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    keys = [(r["index"], r["rank"]) for r in records if r["kind"] == "structure"]
+    assert len(keys) == len(set(keys)) == 7  # seven valid samples with a template, each scored once
+    assert (out / "candidates.csv").read_text() == (done / "candidates.csv").read_text()
+    assert (out / "sun.csv").read_text() == (done / "sun.csv").read_text()
+
+
+def test_discover_bad_input(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(_argv(empty, tmp_path / "o")) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["discover", "-n", "0", "-o", str(tmp_path / "o")]) == 2
+    assert main(["discover", "--from", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o2")]) == 2
+
+
+def test_dask_local_cluster_gives_the_same_candidates(run, tmp_path):
+    pytest.importorskip("distributed")
+    from distributed import LocalCluster
+
+    src, done = run
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(done / "elemental_references.json", out / "elemental_references.json")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        assert main(_argv(src, out, "--scheduler", cluster.scheduler_address)) == 0
+    assert (out / "candidates.csv").read_text() == (done / "candidates.csv").read_text()
+    keys = [(r["index"], r["rank"]) for r in map(json.loads, (out / "journal.jsonl").read_text().splitlines())
+            if r["kind"] == "structure"]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 7
