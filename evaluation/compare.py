@@ -33,7 +33,7 @@ import numpy as np
 from evaluation.io import json_safe, write_json, write_text
 from evaluation.report import save_figure
 
-__all__ = ["energy_summary", "structure_novelty", "unique_novel_flags", "density_histograms", "summary_rows", "comparison_markdown",
+__all__ = ["energy_summary", "structure_novelty", "sun_summary", "unique_novel_flags", "density_histograms", "summary_rows", "comparison_markdown",
            "comparison_html", "write_comparison"]
 
 
@@ -73,6 +73,20 @@ def structure_novelty(structures: Sequence, training: Sequence, matcher=None) ->
     n, n_unique, n_novel = len(structures), sum(u for u, _ in flags), sum(v for _, v in flags)
     return {"n": n, "n_unique": n_unique, "uniqueness": n_unique / n if n else None, "n_novel_unique": n_novel,
             "novelty": n_novel / n_unique if n_unique else None}
+
+
+def sun_summary(e_hull: Sequence, flags: Sequence[tuple[bool, bool]], n_samples: int, seconds: float,
+                thresholds: Sequence[float] = (0.0, 0.1)) -> dict:
+    """SUN counts and rates of a generator's structures: ``e_hull[i]`` (eV/atom, NaN when not placed) and
+    ``flags[i]`` = (unique, novel) per structure; a structure is SUN at threshold t when E_hull <= t and it is
+    unique and novel. Rates are per generated sample (``n_samples``) and per hour of the path's wall time."""
+    out: dict = {"n_samples": n_samples, "n_with_e_hull": int(sum(1 for e in e_hull if e == e)), "seconds": seconds}
+    for t in thresholds:
+        n = sum(1 for e, (u, v) in zip(e_hull, flags) if e == e and e <= t + 1e-12 and u and v)
+        n_stable = sum(1 for e in e_hull if e == e and e <= t + 1e-12)
+        out[f"{t:g}"] = {"n_stable": n_stable, "n_sun": n, "sun_rate": n / n_samples if n_samples else None,
+                         "sun_per_hour": n / (seconds / 3600) if seconds else None}
+    return out
 
 
 def _finite_values(values) -> np.ndarray:
@@ -141,6 +155,9 @@ _ROWS: list[tuple[str, tuple, str]] = [
     ("mean energy (eV/atom)", ("energy", "energy_per_atom", "mean"), "f"),
     ("mean formation energy (eV/atom)", ("energy", "formation_energy_per_atom", "mean"), "f"),
     ("fraction with formation energy < 0", ("energy", "frac_negative_formation"), "%"),
+    ("SUN rate per sample, E_hull <= 0", ("sun", "0", "sun_rate"), "%"),
+    ("SUN rate per sample, E_hull <= 0.1 eV/atom", ("sun", "0.1", "sun_rate"), "%"),
+    ("SUN per hour of wall time, E_hull <= 0.1", ("sun", "0.1", "sun_per_hour"), "f"),
     ("wall time of the path (s)", ("timing", "generate_s"), "s"),
     ("wall time per valid structure (s)", ("timing", "per_valid_structure_s"), "s3"),
 ]

@@ -172,7 +172,7 @@ class Relaxer:
     ``potential``: a matgl hub name or a local model folder. ``references``: the template store (object or
     folder) whose single-element structures give the elemental reference energies (default: the shipped
     compact MP store); they are relaxed on first use and cached in ``elemental_references.json`` in that store's
-    folder, else in ``cache_dir``, with at least 500 FIRE steps whatever ``max_steps`` is.
+    folder, else in ``cache_dir``, with ``reference_max_steps`` FIRE steps (default: ``max_steps``).
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure import Relaxer
@@ -184,7 +184,7 @@ class Relaxer:
     """
 
     def __init__(self, potential: str | Path = DEFAULT_POTENTIAL, fmax: float = 0.05, max_steps: int = 500,
-                 references=None, cache_dir: str | Path | None = None):
+                 references=None, cache_dir: str | Path | None = None, reference_max_steps: int | None = None):
         from structure.relax import load_potential
 
         if fmax <= 0:
@@ -193,6 +193,7 @@ class Relaxer:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
         load_potential(potential)  # a bad potential fails here, before any other work
         self.potential, self.fmax, self.max_steps = potential, fmax, max_steps
+        self.reference_max_steps = reference_max_steps or max_steps
         self._references, self._cache_dir = references, cache_dir
         self._elemental = None
 
@@ -206,10 +207,8 @@ class Relaxer:
             folder = store.path if store.path is not None and not _shipped(store) else (
                 Path(self._cache_dir) if self._cache_dir is not None else None)  # never write into the package
             cache = folder / "elemental_references.json" if folder is not None else None
-            # references get at least 500 FIRE steps: a molecular crystal such as Cl2 needs them, and a
-            # reference that does not converge would leave every compound of its element without E_form
             self._elemental = ElementalReferences(self.potential, elemental_candidates(store), cache_path=cache,
-                                                  fmax=self.fmax, max_steps=max(self.max_steps, 500))
+                                                  fmax=self.fmax, max_steps=self.reference_max_steps)
         return self._elemental
 
     def relax(self, structures, workers: int = 1, progress: bool = False) -> list:

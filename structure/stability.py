@@ -142,7 +142,10 @@ class StabilityScorer:
         if correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
         self.hull = reference if isinstance(reference, ReferenceHull) else ReferenceHull.load(reference)
-        self.relaxer = Relaxer(potential, fmax=fmax, max_steps=max_steps, references=references, cache_dir=cache_dir)
+        # references get at least 500 FIRE steps: a molecular crystal such as Cl2 needs them, and a reference
+        # that does not converge would leave every compound of its element without a formation energy
+        self.relaxer = Relaxer(potential, fmax=fmax, max_steps=max_steps, references=references, cache_dir=cache_dir,
+                               reference_max_steps=max(max_steps, 500))
         self.relax_first, self.correction = relax, correction
         hull_file = None if isinstance(reference, ReferenceHull) and reference is ReferenceHull.default() else (
             reference.source if isinstance(reference, ReferenceHull) else reference)

@@ -51,6 +51,17 @@ def test_energy_summary_skips_missing_values_and_counts_negative_formation():
     assert energy_summary([], [], 0)["frac_negative_formation"] is None
 
 
+def test_sun_summary_counts_stable_unique_novel():
+    from evaluation.compare import sun_summary
+
+    e_hull = [-0.1, 0.05, 0.2, float("nan"), 0.0]
+    flags = [(True, True), (True, True), (True, True), (True, True), (True, False)]
+    r = sun_summary(e_hull, flags, n_samples=10, seconds=3600)
+    assert r["n_with_e_hull"] == 4
+    assert r["0"]["n_stable"] == 2 and r["0"]["n_sun"] == 1  # the E_hull 0 one is not novel
+    assert r["0.1"]["n_sun"] == 2 and r["0.1"]["sun_rate"] == 0.2 and r["0.1"]["sun_per_hour"] == 2
+
+
 def test_density_histograms_share_edges_and_sum_to_one():
     h = density_histograms({"test": [1.0, 2.0, 3.0], "a": [2.5, 2.5], "empty": []}, bins=10)
     assert len(h["bin_edges"]) == 11
@@ -211,3 +222,6 @@ def test_compare_with_relaxation_reports_energies_from_the_structures_csv(tiny_r
     assert energy["energy_per_atom"]["mean"] == pytest.approx(table["energy_per_atom"].mean(), abs=1e-4)
     # the 60 training structures hold no element alone: the AFLOW prototypes give the references
     assert (dest / "references" / "store.json").is_file()
+    sun = json.loads((dest / "metrics.json").read_text())["generators"]["cdvae-run"]["sun"]
+    assert sun["n_samples"] == 2 and 0 <= sun["0.1"]["n_sun"] <= sun["0.1"]["n_stable"] <= sun["n_with_e_hull"] <= 2
+    assert sun["0"]["n_sun"] <= sun["0.1"]["n_sun"] and sun["0.1"]["sun_rate"] == sun["0.1"]["n_sun"] / 2

@@ -305,7 +305,7 @@ def test_random_ranking_is_seeded(db, tmp_path):
     assert sorted(a[:10]) == sorted(c[:10])  # the same ten templates, another order
 
 
-def test_structure_with_the_aflow_default(tmp_path, capsys):
+def test_structure_with_the_shipped_default(tmp_path, capsys):
     learned = (DEFAULT_RANKER / "ranker.json").is_file()
     src = _write_formulas(tmp_path / "formulas.csv", ["KBr", "SrTiO3"])
     args = ["structure", str(src), "--top-k", "1", "-o", str(tmp_path / "out"), "--no-progress"]
@@ -313,16 +313,25 @@ def test_structure_with_the_aflow_default(tmp_path, capsys):
         args += ["--ranking", "plain"]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "no --templates given" in err and "AFLOW" in err
+    assert "no --templates given" in err and "compact Materials Project store" in err
     rows = _read_csv(tmp_path / "out" / "structures.csv")
     assert [(r["formula"], r["rank"], r["status"]) for r in rows] == [("KBr", "1", "predicted"),
                                                                        ("SrTiO3", "1", "predicted")]
-    if not learned:
-        assert rows[0]["template_id"] == "AB_cF8_225_a_b:NaCl" and rows[0]["template_formula"] == "NaCl"
+    assert rows[0]["template_id"].startswith(("mp-", "mvc-"))  # a Materials Project structure
     with zipfile.ZipFile(tmp_path / "out" / "structures_cif.zip") as zf:
         for r in rows:
             s = Structure.from_str(zf.read(f"{int(r['index']):05d}_{r['formula']}_rank1.cif").decode(), fmt="cif")
             assert s.composition.reduced_formula == r["formula"]
+
+
+def test_the_shipped_store_and_its_aflow_fallback(monkeypatch, tmp_path):
+    import structure.pipeline as pipeline
+
+    shipped = pipeline.default_store()
+    assert len(shipped) > 9000 and "CC BY 4.0" in shipped.meta["attribution"]
+    assert len(shipped.rows_with_key("1")) > 80  # every MP elemental structure: the elemental references
+    monkeypatch.setattr(pipeline, "DEFAULT_TEMPLATES", tmp_path / "none")
+    assert len(pipeline.default_store()) == 288  # an installation without it falls back to the AFLOW prototypes
 
 
 @pytest.mark.parametrize("case", ["missing formulas", "top-k 0", "not a store", "missing store", "no ranker",

@@ -50,7 +50,7 @@ def _score_generator(gen_dir: Path, samples: list[str], context: dict, args: arg
     """The metric suite of one generator's outputs in ``gen_dir`` (see :mod:`evaluation.compare`)."""
     import pandas as pd
 
-    from evaluation.compare import energy_summary, structure_novelty
+    from evaluation.compare import energy_summary, structure_novelty, unique_novel_flags
     from evaluation.metrics import formula_set_metrics
     from evaluation.structures import composition_validity, evaluate_structures, structure_validity
     from structure.io import read_generated_structures
@@ -64,6 +64,8 @@ def _score_generator(gen_dir: Path, samples: list[str], context: dict, args: arg
             structures, context["reference"], dataset=context["cov_dataset"], compscaler=context["compscaler"],
             workers=args.workers, cache_dir=context["cache"], progress=not args.no_progress)
         out["structure_novelty"] = structure_novelty(readable, context["training_structures"])
+        if args.relax:
+            out["_flags"] = unique_novel_flags(structures, context["training_by_formula"])
         valid = [s for s in readable if structure_validity(s)[0] and composition_validity(s)[0]]
         out["densities"] = [float(s.density) for s in valid]
     if args.relax:
@@ -71,6 +73,32 @@ def _score_generator(gen_dir: Path, samples: list[str], context: dict, args: arg
         with_structure = table[table["status"].isin(["converged", "not_converged", "failed"])]
         out["energy"] = energy_summary(with_structure["energy_per_atom"].tolist(),
                                        with_structure["formation_energy_per_atom"].tolist(), len(with_structure))
+        out["_e_hull"] = _e_hull(with_structure, structures, context["hull"])
+    return out
+
+
+def _e_hull(rows, structures: list, hull) -> list[float]:
+    """E_hull (eV/atom; NaN when not placed, or only a lower bound) of each relaxed structure: its M3GNet
+    formation energy with MP2020 corrections on the reference hull, as `stability` computes it."""
+    import math
+
+    from structure.stability import mp2020_correction
+
+    out = []
+    for (_, row), s in zip(rows.iterrows(), structures):
+        e, ef = row["energy_per_atom"], row["formation_energy_per_atom"]
+        if s is None or row["status"] == "failed" or not (math.isfinite(e) and math.isfinite(ef)):
+            out.append(math.nan)
+            continue
+        r = hull.e_above_hull(s.composition, ef + mp2020_correction(s, e)[0])
+        out.append(math.nan if r.lower_bound else r.e_hull_per_atom)
+    return out
+
+
+def _by_formula(structures) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for s in structures:
+        out.setdefault(s.composition.reduced_formula, []).append(s)
     return out
 
 
@@ -127,7 +155,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import platform
 
     from composition_lm.data import read_samples
-    from evaluation.compare import density_histograms, summary_rows, write_comparison
+    from evaluation.compare import density_histograms, summary_rows, sun_summary, write_comparison
+    from evaluation.hull import ReferenceHull
     from evaluation.structures import DEFAULT_COMPSCALER
     from structure import StructurePredictor
     from structure.cdvae.model import resolve_model
@@ -164,7 +193,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "train_formulas": load_spec(str(files["train"]))[1], "test_formulas": load_spec(str(files["test"]))[1],
         "reference": [r.structure for r in read_structures(files["test"])],
         "training_structures": [r.structure for r in training], "cov_dataset": cov_dataset,
+        "training_by_formula": _by_formula(r.structure for r in training),
         "compscaler": compscaler, "cache": args.cache or out.resolve().parent / ".fingerprint_cache",
+        "hull": ReferenceHull.load(args.reference) if args.relax else None,
     }
     store_dir = args.templates or out / "templates"
     if args.templates is None and _store_source(store_dir) != str(files["train"]):  # none yet, or of other data
@@ -211,6 +242,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for g in generators.values():
         n_valid = (g.get("structure_metrics") or {}).get("n_valid") or 0
         g["timing"]["per_valid_structure_s"] = g["timing"]["generate_s"] / n_valid if n_valid else None
+        e_hull, flags = g.pop("_e_hull", None), g.pop("_flags", None)
+        if e_hull is not None:
+            g["sun"] = sun_summary(e_hull, flags or [], args.n, g["timing"]["generate_s"])
     densities = {"test": [float(s.density) for s in context["reference"]]}
     densities.update({n: g.pop("densities") for n, g in generators.items() if "densities" in g})
     result = {
@@ -268,6 +302,8 @@ def add_parsers(sub) -> None:
                    help="a template store built from the training split (default: build one into OUTPUT/templates, "
                    "or reuse it when there)")
     add_relax_arguments(p)
+    p.add_argument("--reference", type=Path, metavar="TABLE",
+                   help="with --relax: reference hull for E_hull and the SUN rate (default: the shipped MP table)")
     p.add_argument("--cov-dataset", choices=["mp20", "perov5", "carbon24"],
                    help="COV cut-offs to use (default: guessed from the --dataset path, else mp20)")
     p.add_argument("--compscaler", type=Path, help="CDVAE's Magpie constants (default: the copy shipped in the package)")
