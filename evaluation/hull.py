@@ -79,7 +79,6 @@ class ReferenceHull:
         ids = [str(i) for i in ids] if ids is not None else [f"ref-{i}" for i in range(len(formulas))]
         self.source = source
         self._by_system: dict[frozenset[str], list[tuple[str, str, float]]] = {}
-        self._ids = set()
         self.unpriced: dict[str, list[str]] = {}  # reduced formula -> ids known without an energy
         for formula, e, ident in zip(formulas, e_form_per_atom, ids):
             e = float(e)
@@ -88,7 +87,6 @@ class ReferenceHull:
                 self.unpriced.setdefault(reduced, []).append(ident)
                 continue
             self._by_system.setdefault(elements, []).append((ident, reduced, e))
-            self._ids.add(ident)
         self.elements = frozenset(next(iter(s)) for s in self._by_system if len(s) == 1)
         priced = {f for entries in self._by_system.values() for _, f, _ in entries}
         self.unpriced = {f: ids for f, ids in self.unpriced.items() if f not in priced}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -95,9 +96,11 @@ def main() -> int:
     if not (args.templates / "store.json").is_file():
         assert cli(["templates", "build", str(args.shared / "data/structures/mp_union.csv.gz"), "-o",
                     str(args.templates), "--no-progress"]) == 0
-    out = ROOT / "runs" / "discover" / f"{args.model}-n{args.n}-seed{args.seed}"
+    os.chdir(ROOT)  # the command it records names paths relative to the repository, so a reader can rerun it
+    out = Path("runs") / "discover" / f"{args.model}-n{args.n}-seed{args.seed}"
     argv = ["discover", "--model", args.model, "-n", str(args.n), "--seed", str(args.seed), "--templates",
-            str(args.templates), "--potential", str(args.shared / "models/matgl/M3GNet-MP-2021.2.8-PES"),
+            os.path.relpath(args.templates, ROOT), "--potential",
+            os.path.relpath(args.shared / "models/matgl/M3GNet-MP-2021.2.8-PES", ROOT),
             "--workers", str(args.workers), "--no-progress", "-o", str(out)]
     t0 = time.perf_counter()
     if cli(argv + (["--resume"] if args.resume else [])) != 0:

@@ -103,7 +103,7 @@ def main() -> int:
 
     from evaluation.hull import ReferenceHull
     from structure.io import structure_from_cif
-    from structure.stability import StabilityScorer, mp2020_correction
+    from structure.stability import StabilityScorer, correction_per_atom
 
     args.runs.mkdir(parents=True, exist_ok=True)
     test = pd.read_csv(args.shared / "data/structures/mp_20/test.csv.gz")
@@ -150,9 +150,7 @@ def main() -> int:
                     e_form.append(math.nan)
                     reasons.append(f"no formation energy: {err}")
                     continue
-                if correction == "mp2020":
-                    ef += mp2020_correction(final, e)[0]
-                e_form.append(ef)
+                e_form.append(ef + correction_per_atom(final, e, correction)[0])
                 reasons.append("")
             score(f"M3GNet {mode}, {correction}", e_form, seconds, reasons)
 

@@ -88,12 +88,9 @@ class DiscoveryFunnel:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.predictor, self.scorer, self.top_k, self.e_hull_max = predictor, scorer, top_k, e_hull_max
-        self.known_compositions = self._hull_formulas()
+        self.known_compositions = scorer.hull.formulas()
         self.known = set(known_formulas or ()) | self.known_compositions
         self._reference = None
-
-    def _hull_formulas(self) -> set[str]:
-        return self.scorer.hull.formulas()
 
     def reference_structures(self, formula: str) -> list:
         """The template store's structures of a reduced formula (the novelty reference)."""
@@ -272,7 +269,7 @@ class DiscoveryFunnel:
             "sun_rate": {f"{self.e_hull_max:g}": len(sun_rows) / n if n else 0.0, "0": sun_at_0 / n if n else 0.0},
             "sun_per_cpu_hour": {f"{self.e_hull_max:g}": len(sun_rows) / cpu_hours if cpu_hours else None,
                                  "0": sun_at_0 / cpu_hours if cpu_hours else None},
-            "seconds": seconds, "reference_hull": self.scorer.hull.source,
+            "seconds": seconds, "reference_hull": _hull_name(self.scorer.hull),
             "templates": str(self.predictor.store.path or "pymatgen AFLOW prototypes"),
         }
         write_discovery(out, rows, sun_rows, {r["index"]: s for r, s in zip(best_rows, best_structs)}, result,
@@ -299,6 +296,14 @@ class DiscoveryFunnel:
         reached = {i: (best.get(i) or first[i])["stage"] for i in range(len(formulas))}
         order = {s: k for k, s in enumerate(STAGES)}
         return {stage: sum(order[reached[i]] >= order[stage] for i in reached) for stage in STAGES}
+
+
+def _hull_name(hull) -> str:
+    """The reference hull as a reader can find it again: the shipped table by its place in the package."""
+    from evaluation.hull import DEFAULT_HULL
+
+    shipped = Path(hull.source).resolve() == DEFAULT_HULL.resolve() if hull.source else False
+    return "evaluation/data/mp_hull.csv.gz (shipped)" if shipped else hull.source
 
 
 def _num(x: float) -> float | None:

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from evaluation.hull import ReferenceHull
 
-__all__ = ["CORRECTIONS", "STABILITY_COLUMNS", "StabilityRecord", "StabilityScorer", "mp2020_correction"]
+__all__ = ["CORRECTIONS", "STABILITY_COLUMNS", "StabilityRecord", "StabilityScorer", "correction_per_atom",
+           "mp2020_correction"]
 
 CORRECTIONS = ("mp2020", "none")
 STABILITY_COLUMNS = ["index", "formula", "energy_per_atom", "e_form_per_atom", "e_hull_per_atom", "decomposition",
@@ -83,7 +84,6 @@ def mp2020_correction(structure, energy_per_atom: float) -> tuple[float, str]:
     """``(correction in eV/atom, "")`` that ``MaterialsProject2020Compatibility`` adds to a structure computed
     as MP would have (GGA+U with MP's U values for an oxide or fluoride of a U element, else GGA), or
     ``(0.0, reason)`` when the scheme rejects it."""
-    from pymatgen.entries.compatibility import MaterialsProject2020Compatibility
     from pymatgen.entries.computed_entries import ComputedStructureEntry
 
     symbols = {el.symbol for el in structure.composition.elements}
@@ -102,6 +102,15 @@ def mp2020_correction(structure, energy_per_atom: float) -> tuple[float, str]:
     if processed is None:
         return 0.0, "MP2020 compatibility rejects this composition: uncorrected energy"
     return float(processed.correction_per_atom), ""
+
+
+def correction_per_atom(structure, energy_per_atom: float, correction: str = "mp2020") -> tuple[float, str]:
+    """What puts an M3GNet formation energy on the reference hull's scale under the energy scale
+    ``correction`` (:data:`CORRECTIONS`): :func:`mp2020_correction` for ``mp2020``, ``(0.0, "")`` for ``none``.
+    The one definition :class:`StabilityScorer`, ``compare`` and the stability benchmark share."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+    return mp2020_correction(structure, energy_per_atom) if correction == "mp2020" else (0.0, "")
 
 
 _COMPAT = None
@@ -194,10 +203,9 @@ class StabilityScorer:
         except ValueError as err:
             rec.reason = "; ".join([*notes, f"no formation energy: {err}"])
             return rec
-        if self.correction == "mp2020":
-            rec.correction_per_atom, why = mp2020_correction(rec.structure, result.energy_per_atom)
-            if why:
-                notes.append(why)
+        rec.correction_per_atom, why = correction_per_atom(rec.structure, result.energy_per_atom, self.correction)
+        if why:
+            notes.append(why)
         rec.e_form_per_atom = e_form + rec.correction_per_atom
         hull = self.hull.e_above_hull(rec.structure.composition, rec.e_form_per_atom, exclude=exclude)
         rec.e_hull_per_atom, rec.decomposition = hull.e_hull_per_atom, hull.decomposition

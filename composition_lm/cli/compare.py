@@ -82,7 +82,7 @@ def _e_hull(rows, structures: list, hull) -> list[float]:
     formation energy with MP2020 corrections on the reference hull, as `stability` computes it."""
     import math
 
-    from structure.stability import mp2020_correction
+    from structure.stability import correction_per_atom
 
     out = []
     for (_, row), s in zip(rows.iterrows(), structures):
@@ -90,7 +90,7 @@ def _e_hull(rows, structures: list, hull) -> list[float]:
         if s is None or row["status"] == "failed" or not (math.isfinite(e) and math.isfinite(ef)):
             out.append(math.nan)
             continue
-        r = hull.e_above_hull(s.composition, ef + mp2020_correction(s, e)[0])
+        r = hull.e_above_hull(s.composition, ef + correction_per_atom(s, e)[0])
         out.append(math.nan if r.lower_bound else r.e_hull_per_atom)
     return out
 
