@@ -2,6 +2,7 @@
 
     python scripts/bench_compare.py --dataset perov5 --relax
     python scripts/bench_compare.py --dataset mp20
+    python scripts/bench_compare.py --dataset mp20 --relax --no-coverage --workers 2 --out-name compare_mp20_sun
 
 Runs the compare command into runs/compare/<dataset> (the generators' structures, the template store and
 the fingerprint cache stay there: they are derived from ../shared and not committed) and copies the report
@@ -45,10 +46,13 @@ def main() -> int:
     ap.add_argument("--relax", action="store_true", help="relax both paths with the shared M3GNet-MP-2021.2.8-PES")
     ap.add_argument("--relax-max-steps", type=int, default=300)
     ap.add_argument("--workers", type=int, default=1, help="relaxation and fingerprint processes (default: 1)")
+    ap.add_argument("--no-coverage", action="store_true", help="skip COV-R / COV-P (no fingerprints)")
+    ap.add_argument("--optimizer", default="FIRE", help="relaxation optimizer (default: FIRE)")
+    ap.add_argument("--out-name", help="folder under benchmarks/ (default: compare_<dataset>)")
     args = ap.parse_args()
 
     folder, train_split, cdvae = DATASETS[args.dataset]
-    work = ROOT / "runs" / "compare" / args.dataset
+    work = ROOT / "runs" / "compare" / (args.out_name or args.dataset)
     cmd = ["compare", "--dataset", str(args.shared / "data/structures" / folder), "--train-split", train_split]
     for lm in args.lm or ["diffusion-bert", "diffusion-lm"]:
         cmd += ["--lm", lm]
@@ -56,13 +60,15 @@ def main() -> int:
             "--cache", str(ROOT / "runs/cdvae/fingerprints"), "--no-progress", "-o", str(work)]
     if args.relax:
         cmd += ["--relax", "--potential", str(args.shared / "models/matgl/M3GNet-MP-2021.2.8-PES"),
-                "--max-steps", str(args.relax_max_steps)]
+                "--max-steps", str(args.relax_max_steps), "--optimizer", args.optimizer]
+    if args.no_coverage:
+        cmd.append("--no-coverage")
     print("composition-gen " + shlex.join(cmd), flush=True)
     t = time.perf_counter()
     subprocess.run([*EXE, *cmd], check=True, cwd=ROOT)
     seconds = time.perf_counter() - t
 
-    dest = ROOT / "benchmarks" / f"compare_{args.dataset}"
+    dest = ROOT / "benchmarks" / (args.out_name or f"compare_{args.dataset}")
     dest.mkdir(parents=True, exist_ok=True)
     metrics = json.loads((work / "metrics.json").read_text())
     names = [*REPORT_FILES, *sorted(p.name for p in work.glob("*.png"))]

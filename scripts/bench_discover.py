@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 import warnings
@@ -27,19 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchlib import command_line  # noqa: E402
+from scripts.benchlib import command_line, cpu  # noqa: E402
 
 from evaluation.io import write_json, write_text  # noqa: E402
-
-
-def cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor()
-    model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags")), [])
-    return f"{model} ({', '.join(f for f in flags if f.startswith(('avx512_bf16', 'amx_bf16', 'avx2')))})"
 
 
 def rediscovery(out: Path, shared: Path) -> dict:

@@ -49,6 +49,17 @@ def time_sample_command(model: str, n: int, repeats: int, tmp: Path) -> dict:
             "sample_command": "composition-gen " + shlex.join(cmd[3:])}
 
 
+def cpu() -> str:
+    """The CPU as ``lscpu`` names it, with the flags that change matrix throughput (AVX2, AVX512-BF16, AMX)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return platform.processor()
+    model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in out.splitlines() if ln.startswith("Flags")), [])
+    return f"{model} ({', '.join(f for f in flags if f.startswith(('avx512_bf16', 'amx_bf16', 'avx2')))})"
+
+
 def command_line(script: str) -> str:
     """How this benchmark was run: ``python scripts/NAME ARGS``."""
     return "python scripts/" + Path(script).name + " " + shlex.join(sys.argv[1:])

@@ -173,6 +173,8 @@ class Relaxer:
     folder) whose single-element structures give the elemental reference energies (default: the shipped
     compact MP store); they are relaxed on first use and cached in ``elemental_references.json`` in that store's
     folder, else in ``cache_dir``, with ``reference_max_steps`` FIRE steps (default: ``max_steps``).
+    ``optimizer``: ``"FIRE"`` (as ``matgl.ext.ase.Relaxer``), ``"LBFGS"`` or ``"BFGS"``; ``batch_size``: structures
+    per batched forward pass in each process (:mod:`structure.batched`).
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure import Relaxer
@@ -184,15 +186,22 @@ class Relaxer:
     """
 
     def __init__(self, potential: str | Path = DEFAULT_POTENTIAL, fmax: float = 0.05, max_steps: int = 500,
-                 references=None, cache_dir: str | Path | None = None, reference_max_steps: int | None = None):
+                 references=None, cache_dir: str | Path | None = None, reference_max_steps: int | None = None,
+                 optimizer: str = "FIRE", batch_size: int = 1):
+        from structure.batched import OPTIMIZERS
         from structure.relax import load_potential
 
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if fmax <= 0:
             raise ValueError(f"fmax must be positive, got {fmax}")
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
         load_potential(potential)  # a bad potential fails here, before any other work
         self.potential, self.fmax, self.max_steps = potential, fmax, max_steps
+        self.optimizer, self.batch_size = optimizer, batch_size
         self.reference_max_steps = reference_max_steps or max_steps
         self._references, self._cache_dir = references, cache_dir
         self._elemental = None
@@ -220,7 +229,7 @@ class Relaxer:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         return relax_many(list(structures), self.potential, fmax=self.fmax, max_steps=self.max_steps,
-                          workers=workers, progress=progress)
+                          workers=workers, progress=progress, optimizer=self.optimizer, batch_size=self.batch_size)
 
     def energies(self, structures, workers: int = 1, progress: bool = False) -> list:
         """The energy of each structure as given (no relaxation; status ``not_converged`` with 0 steps, or
@@ -230,7 +239,7 @@ class Relaxer:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         return relax_many(list(structures), self.potential, fmax=self.fmax, max_steps=0, workers=workers,
-                          progress=progress)
+                          progress=progress, batch_size=self.batch_size)
 
     def formation_energy_per_atom(self, composition, energy_per_atom: float) -> float:
         """eV/atom against the elemental references (``ValueError`` when an element has none)."""

@@ -20,6 +20,9 @@ Relaxation
     ``fmax`` (eV/Å), or after ``max_steps`` steps. ``RelaxResult.max_force`` is the largest such row
     norm at the end, i.e. the value compared with ``fmax``. A small factory passed to ``Relaxer`` as its
     optimizer builds that same FIRE and keeps it, which gives the step count and the convergence flag.
+    :func:`relax_many` runs the same optimizer, filter and convergence test through
+    :func:`structure.batched.relax_batched`, which can put several structures into one forward pass and can
+    swap FIRE for LBFGS; :func:`relax_structure` stays the one-by-one reference it is measured against.
 
 Statuses (one :class:`RelaxResult` per structure; never an exception for a bad structure)
     ``converged``      forces below ``fmax``; ``reason`` is ``""``.
@@ -33,7 +36,8 @@ Statuses (one :class:`RelaxResult` per structure; never an exception for a bad s
                        or the relaxation raised (``reason`` is the exception text).
 
 Workers
-    :func:`relax_many` keeps input order. ``workers=1`` (or a single structure) relaxes in this process
+    :func:`relax_many` keeps input order. With ``workers>1`` each task is a chunk of at most ``batch_size`` structures, small
+    enough that every worker gets at least four tasks (uneven relaxations then even out). ``workers=1`` (or a single structure) relaxes in this process
     with one torch thread (restored afterwards): graphs of a few atoms gain nothing from more threads,
     and on a busy 2-core machine default threads were measured 10-40x slower. ``workers>1`` starts a ``multiprocessing`` pool with the ``spawn``
     context; spawn re-imports the caller's main module, so call it from an importable script whose work
@@ -344,10 +348,22 @@ def _run_fire(
         warnings.filterwarnings("ignore", message="Please use atoms.calc", category=FutureWarning)
         out = Relaxer(potential, optimizer=fire, relax_cell=relax_cell).relax(structure, fmax=fmax, steps=max_steps)
     final: Structure = out["final_structure"]
-    trajectory = out["trajectory"]
-    steps = fire.optimizer.nsteps
-    energy = trajectory.energies[-1] / len(final)
+    energy = out["trajectory"].energies[-1] / len(final)
     forces = np.linalg.norm(fire.target.get_forces(), axis=1)
+    return _classify(final, energy, forces, fire.optimizer.converged(), fire.optimizer.nsteps, fmax, initial_volume)
+
+
+def _classify(
+    final: Structure,
+    energy: float,
+    forces: np.ndarray,
+    converged: bool,
+    steps: int,
+    fmax: float,
+    initial_volume: float,
+) -> RelaxResult:
+    """The :class:`RelaxResult` of a finished FIRE run (``forces``: the row norms FIRE compared with ``fmax``);
+    shared by the one-by-one and the batched (:mod:`structure.batched`) relaxations."""
     if not math.isfinite(energy):
         return _failed("non-finite energy", initial_volume, steps)
     if not np.isfinite(forces).all():
@@ -356,7 +372,7 @@ def _run_fire(
     if exploded is not None:
         return _failed(f"structure exploded: {exploded}", initial_volume, steps)
     max_force = float(forces.max())
-    if fire.optimizer.converged():
+    if converged:
         return RelaxResult(final, energy, "converged", "", steps, max_force, initial_volume, final.volume)
     reason = f"not converged after {steps} steps (max force {max_force:.3g} eV/Å > fmax {fmax:g})"
     return RelaxResult(final, energy, "not_converged", reason, steps, max_force, initial_volume, final.volume)
@@ -382,8 +398,13 @@ def relax_many(
     max_steps: int = 500,
     workers: int = 1,
     progress: bool = True,
+    optimizer: str = "FIRE",
+    batch_size: int = 1,
 ) -> list[RelaxResult]:
     """Relax structures in input order, in this process (``workers=1``) or in a spawned pool.
+
+    Every structure goes through :func:`structure.batched.relax_batched` (the same FIRE, filter and
+    convergence test as :func:`relax_structure`, whose energies it reproduces to ~1e-5 eV/atom).
 
     Args:
         structures: inputs; each travels as ``Structure.as_dict()`` (also when ``workers=1``).
@@ -391,33 +412,51 @@ def relax_many(
         fmax, max_steps: as for :func:`relax_structure`; the cell is relaxed.
         workers: number of processes; each worker is single-threaded (see the module docstring).
         progress: show a tqdm progress bar.
+        optimizer: ``"FIRE"`` (matgl's ``Relaxer``), ``"LBFGS"`` or ``"BFGS"`` (:data:`structure.batched.OPTIMIZERS`).
+        batch_size: structures per forward pass in each process (1: one by one).
     """
     from tqdm.auto import tqdm
 
+    from structure.batched import OPTIMIZERS
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load_potential(potential)  # validates the name here, before any worker starts
     payloads = [s.as_dict() for s in structures]
-    bar = functools.partial(tqdm, total=len(payloads), desc="relax", unit="structure", disable=not progress)
-    if workers <= 1 or len(payloads) <= 1:  # a pool is not worth starting for one structure
-        import torch
+    settings = {"fmax": fmax, "max_steps": max_steps, "optimizer": optimizer, "batch_size": batch_size}
+    with tqdm(total=len(payloads), desc="relax", unit="structure", disable=not progress) as bar:
+        if workers <= 1 or len(payloads) <= 1:  # a pool is not worth starting for one structure
+            import torch
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # graphs of a few atoms: extra threads only contend (measured 10-40x slower)
-        try:
-            return [_relax_payload(p, loaded, fmax, max_steps) for p in bar(payloads)]
-        finally:
-            torch.set_num_threads(threads)
-    task = functools.partial(_worker_relax, fmax=fmax, max_steps=max_steps)
-    context = multiprocessing.get_context("spawn")
-    with _single_threaded_children():
-        pool = context.Pool(min(workers, len(payloads)), initializer=_init_worker, initargs=(potential_key(potential),))
-    with pool:
-        rows = list(bar(pool.imap(task, payloads)))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # graphs of a few atoms: extra threads only contend (measured 10-40x slower)
+            try:
+                return _relax_payloads(payloads, loaded, settings, on_result=lambda *_: bar.update())
+            finally:
+                torch.set_num_threads(threads)
+        size = max(1, min(batch_size, math.ceil(len(payloads) / (4 * workers))))  # >= 4 tasks per worker: balance
+        chunks = [payloads[i:i + size] for i in range(0, len(payloads), size)]
+        task = functools.partial(_worker_relax, settings=settings)
+        context = multiprocessing.get_context("spawn")
+        with _single_threaded_children():
+            pool = context.Pool(min(workers, len(chunks)), initializer=_init_worker,
+                                initargs=(potential_key(potential),))
+        rows = []
+        with pool:
+            for part in pool.imap(task, chunks):
+                rows += part
+                bar.update(len(part))
     return [RelaxResult.from_dict(row) for row in rows]
 
 
-def _relax_payload(payload: dict, potential, fmax: float, max_steps: int) -> RelaxResult:
-    """Relax a structure given as ``Structure.as_dict()``."""
-    return relax_structure(Structure.from_dict(payload), potential, fmax=fmax, max_steps=max_steps)
+def _relax_payloads(payloads: list[dict], potential, settings: dict, on_result=None) -> list[RelaxResult]:
+    """Relax structures given as ``Structure.as_dict()`` with :func:`structure.batched.relax_batched`."""
+    from structure.batched import relax_batched
+
+    structures = [Structure.from_dict(p) for p in payloads]
+    return relax_batched(structures, potential, on_result=on_result, **settings)
 
 
 @contextlib.contextmanager
@@ -447,11 +486,11 @@ def _init_worker(key: str) -> None:
         _WORKER["error"] = err
 
 
-def _worker_relax(payload: dict, fmax: float, max_steps: int) -> dict[str, Any]:
-    """Pool task: relax one structure dict with the worker's potential; the result as a dict."""
+def _worker_relax(payloads: list[dict], settings: dict) -> list[dict[str, Any]]:
+    """Pool task: relax a chunk of structure dicts with the worker's potential; the results as dicts."""
     if "error" in _WORKER:
         raise _WORKER["error"]
-    return _relax_payload(payload, _WORKER["potential"], fmax, max_steps).as_dict()
+    return [r.as_dict() for r in _relax_payloads(payloads, _WORKER["potential"], settings)]
 
 
 # --------------------------------------------------------------------------------------------- references

@@ -132,7 +132,8 @@ class StabilityScorer:
     table path (CSV of formula + formation_energy_per_atom, or a JSON list of pymatgen entries) or None for
     the shipped MP table. ``references``: the template store (object or folder) whose single-element
     structures give the elemental energies (default: pymatgen's AFLOW prototypes). ``relax``: relax first
-    (FIRE, cell + positions) or evaluate the structures as given.
+    (cell + positions) or evaluate the structures as given. ``optimizer`` and ``batch_size``: as for
+    :class:`~structure.Relaxer`.
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure.stability import StabilityScorer
@@ -145,7 +146,7 @@ class StabilityScorer:
 
     def __init__(self, potential: str | Path = "M3GNet-MP-2021.2.8-PES", reference=None, relax: bool = True,
                  fmax: float = 0.05, max_steps: int = 500, references=None, cache_dir: str | Path | None = None,
-                 correction: str = "mp2020"):
+                 correction: str = "mp2020", optimizer: str = "FIRE", batch_size: int = 1):
         from structure.pipeline import Relaxer
 
         if correction not in CORRECTIONS:
@@ -154,7 +155,7 @@ class StabilityScorer:
         # references get at least 500 FIRE steps: a molecular crystal such as Cl2 needs them, and a reference
         # that does not converge would leave every compound of its element without a formation energy
         self.relaxer = Relaxer(potential, fmax=fmax, max_steps=max_steps, references=references, cache_dir=cache_dir,
-                               reference_max_steps=max(max_steps, 500))
+                               reference_max_steps=max(max_steps, 500), optimizer=optimizer, batch_size=batch_size)
         self.relax_first, self.correction = relax, correction
         hull_file = None if isinstance(reference, ReferenceHull) and reference is ReferenceHull.default() else (
             reference.source if isinstance(reference, ReferenceHull) else reference)
@@ -166,7 +167,8 @@ class StabilityScorer:
         self._settings = {"potential": str(potential), "reference": None if hull_file is None else str(hull_file),
                           "relax": relax, "fmax": fmax, "max_steps": max_steps,
                           "references": None if store_path is None else str(store_path),
-                          "cache_dir": None if cache_dir is None else str(cache_dir), "correction": correction}
+                          "cache_dir": None if cache_dir is None else str(cache_dir), "correction": correction,
+                          "optimizer": optimizer, "batch_size": batch_size}
 
     def settings(self) -> dict:
         """The arguments that rebuild this scorer in another process (paths as strings; the shipped hull and

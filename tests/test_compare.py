@@ -213,9 +213,13 @@ def test_compare_with_relaxation_reports_energies_from_the_structures_csv(tiny_r
     dest = tmp_path / "relaxed"
     assert main(["compare", "--dataset", str(data), "--cdvae", str(out.parent / "run" / "model"), "-n", "2",
                  "--seed", "3", "--templates", str(out / "templates"), "--relax", "--potential", str(potential),
-                 "--max-steps", "20", "--no-plots", "--no-progress", "--cache", str(out.parent / "fp"),
+                 "--max-steps", "20", "--optimizer", "lbfgs", "--no-coverage", "--no-plots", "--no-progress",
                  "-o", str(dest)]) == 0
-    energy = json.loads((dest / "metrics.json").read_text())["generators"]["cdvae-run"]["energy"]
+    metrics = json.loads((dest / "metrics.json").read_text())["generators"]["cdvae-run"]
+    assert metrics["structure_metrics"]["cov_recall"] is None  # --no-coverage: no fingerprints at all
+    assert metrics["structure_metrics"]["validity_includes_fingerprints"] is False
+    assert not (dest.parent / ".fingerprint_cache").exists()
+    energy = metrics["energy"]
     table = pd.read_csv(dest / "cdvae-run" / "structures.csv")
     assert set(table["status"]) <= {"converged", "not_converged", "failed"}
     assert energy["n_with_energy"] == table["energy_per_atom"].notna().sum() > 0

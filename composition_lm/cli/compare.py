@@ -62,7 +62,8 @@ def _score_generator(gen_dir: Path, samples: list[str], context: dict, args: arg
     if structures:
         out["structure_metrics"] = evaluate_structures(
             structures, context["reference"], dataset=context["cov_dataset"], compscaler=context["compscaler"],
-            workers=args.workers, cache_dir=context["cache"], progress=not args.no_progress)
+            workers=args.workers, cache_dir=context["cache"], progress=not args.no_progress,
+            coverage_metrics=not args.no_coverage)
         out["structure_novelty"] = structure_novelty(readable, context["training_structures"])
         if args.relax:
             out["_flags"] = unique_novel_flags(structures, context["training_by_formula"])
@@ -309,6 +310,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--compscaler", type=Path, help="CDVAE's Magpie constants (default: the copy shipped in the package)")
     p.add_argument("--cache", type=Path, metavar="DIR",
                    help="fingerprint cache of the test structures (default: .fingerprint_cache beside OUTPUT)")
+    p.add_argument("--no-coverage", action="store_true",
+                   help="skip the CrystalNN / Magpie fingerprints: no COV-R / COV-P (their test-set fingerprints cost "
+                   "about 0.05-0.5 s per structure on first use), everything else as usual")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (the HTML then has tables only)")
     add_progress(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output directory")

@@ -63,7 +63,13 @@ def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = Fal
     p.add_argument("--potential", default=DEFAULT_POTENTIAL,
                    help=f"matgl hub name or local model folder (default: {DEFAULT_POTENTIAL})")
     p.add_argument("--fmax", **positive_float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
-    p.add_argument("--max-steps", **positive_int, default=500, help="FIRE steps per structure (default: 500)")
+    p.add_argument("--max-steps", **positive_int, default=500, help="optimizer steps per structure (default: 500)")
+    p.add_argument("--optimizer", type=str.upper, choices=("FIRE", "LBFGS", "BFGS"), default="FIRE",
+                   help="ASE optimizer: FIRE as matgl's Relaxer, or LBFGS (same minima in fewer force calls; "
+                   "see benchmarks/relax.md) (default: FIRE)")
+    p.add_argument("--relax-batch-size", **positive_int, default=1,
+                   help="structures per batched M3GNet forward pass in each process: 1.3x faster on near-minimum "
+                   "structures on one CPU core, no gain on far-from-minimum ones (benchmarks/relax.md) (default: 1)")
     p.add_argument("--workers", **positive_int, default=1, help="relaxation worker processes (default: 1)")
     p.add_argument("--references", type=Path, metavar="DB",
                    help="template store whose single-element structures give the elemental reference energies for "
@@ -79,7 +85,8 @@ def relaxer(args: argparse.Namespace, references=None):
         return None
     from structure import Relaxer
 
-    return Relaxer(args.potential, fmax=args.fmax, max_steps=args.max_steps,
+    return Relaxer(args.potential, fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer,
+                   batch_size=args.relax_batch_size,
                    references=args.references if args.references is not None else references, cache_dir=args.output)
 
 

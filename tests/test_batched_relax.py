@@ -1,0 +1,96 @@
+"""Batched relaxation (structure.batched): one forward pass for many structures must give each structure the
+answer of matgl's one-by-one Relaxer, keep failures to the structure that failed, and check its arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("m3gnet_legacy")
+
+import numpy as np  # noqa: E402
+from pymatgen.core import Lattice, Structure  # noqa: E402
+
+from structure import batched  # noqa: E402
+from structure.relax import load_potential, relax_many, relax_structure  # noqa: E402
+
+MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "matgl" / "M3GNet-MP-2021.2.8-PES"
+
+if not MODEL_DIR.is_dir():
+    pytest.skip(f"shared matgl model missing: {MODEL_DIR}", allow_module_level=True)
+
+
+def rock_salt(a: float) -> Structure:
+    conventional = Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    return conventional.get_primitive_structure()
+
+
+def rattled_perovskite(seed: int) -> Structure:
+    cubic = Structure.from_spacegroup("Pm-3m", Lattice.cubic(3.95), ["Sr", "Ti", "O"],
+                                      [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0]])
+    rng = np.random.default_rng(seed)
+    return Structure(cubic.lattice, cubic.species, cubic.cart_coords + rng.normal(0, 0.05, (len(cubic), 3)),
+                     coords_are_cartesian=True)
+
+
+def overlapping() -> Structure:
+    return Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.05, 0, 0]])
+
+
+@pytest.fixture(scope="module")
+def potential():
+    return load_potential(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return [rock_salt(5.4), rattled_perovskite(0), overlapping(), rock_salt(5.9), rattled_perovskite(1)]
+
+
+@pytest.fixture(scope="module")
+def one_by_one(inputs, potential):
+    return [relax_structure(s, potential, max_steps=200) for s in inputs]
+
+
+def test_batch_reproduces_one_by_one_relaxer(inputs, potential, one_by_one):
+    done = []
+    out = batched.relax_batched(inputs, potential, max_steps=200, batch_size=3, on_result=lambda i, r: done.append(i))
+    assert sorted(done) == list(range(len(inputs)))
+    assert [r.status for r in out] == [r.status for r in one_by_one]
+    assert out[2].status == "failed" and out[2].reason == one_by_one[2].reason
+    for a, b in zip(one_by_one, out):
+        if a.status != "failed":
+            assert b.steps == a.steps  # the same FIRE, step for step
+            assert b.energy_per_atom == pytest.approx(a.energy_per_atom, abs=1e-4)
+            assert b.final_volume == pytest.approx(a.final_volume, rel=1e-3)
+
+
+def test_lbfgs_reaches_the_same_minimum(inputs, potential, one_by_one):
+    out = relax_many(inputs, str(MODEL_DIR), max_steps=200, optimizer="LBFGS", batch_size=2, progress=False)
+    for a, b in zip(one_by_one, out):
+        assert b.status == a.status
+        if a.status == "converged":
+            assert b.energy_per_atom == pytest.approx(a.energy_per_atom, abs=0.002)
+
+
+def test_an_error_in_the_batch_fails_only_its_structure(inputs, potential, one_by_one, monkeypatch):
+    real = batched._evaluate
+
+    def evaluate(items, pot):
+        if any(item.index == 1 and item.optimizer.nsteps == 2 for item in items):
+            raise RuntimeError("boom")
+        real(items, pot)
+
+    monkeypatch.setattr(batched, "_evaluate", evaluate)
+    out = batched.relax_batched(inputs, potential, max_steps=200, batch_size=5)
+    assert out[1].status == "failed" and out[1].reason == "RuntimeError: boom" and out[1].steps == 2
+    for k in (0, 3, 4):
+        assert out[k].energy_per_atom == pytest.approx(one_by_one[k].energy_per_atom, abs=1e-4)
+
+
+def test_bad_arguments(potential):
+    with pytest.raises(ValueError, match="batch_size"):
+        batched.relax_batched([rock_salt(5.6)], potential, batch_size=0)
+    with pytest.raises(ValueError, match="unknown optimizer 'SD'"):
+        relax_many([rock_salt(5.6)], str(MODEL_DIR), optimizer="SD", progress=False)
