@@ -8,7 +8,7 @@ farthest from those kept in the composition-descriptor space (so the ranker stil
 templates). Writes ``structure/pretrained/templates-mp`` (store.json + store.safetensors, with the
 attribution in its metadata).
 
-    python scripts/make_default_templates.py [--per-type 2] [--exclude-tag mp20_test -o runs/compact_no_test.db]
+    python scripts/make_default_templates.py [--per-type 1] [--exclude-tag mp20_test -o runs/compact_no_test.db]
 """
 
 from __future__ import annotations
@@ -28,25 +28,11 @@ ATTRIBUTION = ("Materials Project structures (c) Materials Project, CC BY 4.0 (A
                "../shared/data/structures/mp_union.csv.gz; representatives chosen by scripts/make_default_templates.py")
 
 
-def structure_type(store, i: int) -> tuple:
-    import spglib
-
-    a, b = int(store.offsets[i]), int(store.offsets[i + 1])
-    cell = (np.asarray(store.lattices[i], float), np.asarray(store.frac[a:b], float),
-            np.asarray(store.numbers[a:b], int))
-    try:
-        sg = spglib.get_symmetry_dataset(cell, symprec=0.1)
-        number = int(sg.number) if sg is not None else 0
-    except Exception:  # spglib fails on a few odd cells: they form a type of their own
-        number = 0
-    return store.keys[i], number, b - a
-
-
 def select(store, per_type: int, rows: list[int]) -> tuple[list[int], int]:
     """(row numbers of the representatives among ``rows``, in store order; the number of types)."""
     groups: dict[tuple, list[int]] = {}
     for i in rows:
-        groups.setdefault(structure_type(store, i), []).append(i)
+        groups.setdefault(store.prototypes[i], []).append(i)
     keep: set[int] = {i for i in rows if store.keys[i] == "1"}
     desc = np.asarray(store.descriptors, float)
     e = np.asarray(store.e_above_hull, float)
@@ -67,8 +53,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
-    ap.add_argument("--full", type=Path, default=ROOT / "runs" / "mp_union.db", help="the full store (built if missing)")
-    ap.add_argument("--per-type", type=int, default=2)
+    ap.add_argument("--full", type=Path, default=ROOT / "runs" / "mp_union_v2.db", help="the full store (built if missing)")
+    ap.add_argument("--per-type", type=int, default=1)
     ap.add_argument("--exclude-tag", action="append", default=[], help="leave these split tags out (e.g. mp20_test)")
     ap.add_argument("-o", "--output", type=Path, default=ROOT / "structure" / "pretrained" / "templates-mp")
     args = ap.parse_args()
@@ -82,7 +68,9 @@ def main() -> int:
     else:
         ok = list(range(len(full)))
     rows, n_types = select(full, args.per_type, ok)
-    compact = TemplateStore.build(_records(full, rows), source=ATTRIBUTION, progress=False)
+    compact = full.subset(rows)
+    compact.prototype_counts = np.bincount(full.prototype_ids[ok], minlength=len(full))[full.prototype_ids[rows]]
+    compact.meta.update({"source": ATTRIBUTION})
     compact.meta.update({"attribution": ATTRIBUTION, "per_type": args.per_type, "n_types": n_types,
                          "from_store_size": len(ok), "excluded_tags": args.exclude_tag})
     compact.save(args.output)
@@ -90,13 +78,6 @@ def main() -> int:
     print(f"{len(compact)} of {len(ok)} structures ({n_types} types, {len(compact.ratio_keys())} ratio keys) written "
           f"to {args.output} ({size:.1f} MB) in {time.time() - t0:.0f} s")
     return 0
-
-
-def _records(store, rows):
-    from structure.io import Record
-
-    for i in rows:
-        yield Record(store.ids[i], store.structure(i), store.tags[i], float(store.e_above_hull[i]))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,19 @@ composition is two blocks, both built from one per-element property table (pymat
 * **statistics block** -- the atom-fraction-weighted mean, minimum, maximum and standard deviation
   of each property over the composition (Magpie-style), for what the alignment cannot see.
 
-:data:`PROPERTIES` lists the properties: Pauling electronegativity, periodic row, group, atomic radius
-(Å), Mendeleev number, atomic number, the mean ionic radius over common oxidation states (Å) and the
-number of valence electrons as the group implies. Missing values (e.g. the electronegativity of He)
-are filled with the property's mean over the elements that have it.
+:data:`PROPERTIES` lists the properties. The first eight (:data:`BASIC_PROPERTIES`, from pymatgen):
+Pauling electronegativity, periodic row, group, atomic radius (Å), Mendeleev number, atomic number,
+the mean ionic radius over common oxidation states (Å) and the number of valence electrons as the group
+implies. Then twelve from the Magpie element table that matminer ships (Ward et al. 2016; the element
+properties CSPML's XenonPy descriptors also draw on): melting point, covalent radius, s/p/d/f valence
+electrons, unfilled valence states, ground-state volume per atom, band gap and magnetic moment of the
+elemental solid, the element's space group number, and first ionisation energy. Missing values (e.g.
+the electronegativity of He) are filled with the property's mean over the elements that have it.
+:func:`property_columns` gives the descriptor columns of any subset of properties, so a ranker can be
+trained on the basic eight alone (the comparison of ``benchmarks/csp.md``).
+
+Descriptors are a pure function of the reduced composition: template stores compute them when loaded
+(:func:`descriptors_of`, cached per formula) instead of storing them.
 
 The ranker (:mod:`structure.ranking`) learns which of these differences matter; the same table also
 gives the element dissimilarity used for substitution (:func:`element_dissimilarity`).
@@ -30,11 +39,14 @@ import numpy as np
 from pymatgen.core import Composition, Element
 
 MAX_ELEMENTS = 8
-PROPERTIES = ("electronegativity", "row", "group", "atomic_radius", "mendeleev_no", "Z", "ionic_radius", "valence")
+BASIC_PROPERTIES = ("electronegativity", "row", "group", "atomic_radius", "mendeleev_no", "Z", "ionic_radius", "valence")
+MAGPIE_PROPERTIES = ("MeltingT", "CovalentRadius", "NsValence", "NpValence", "NdValence", "NfValence", "NUnfilled",
+                     "GSvolume_pa", "GSbandgap", "GSmagmom", "SpaceGroupNumber", "FirstIonizationEnergy")
+PROPERTIES = BASIC_PROPERTIES + MAGPIE_PROPERTIES
 N_PROPS = len(PROPERTIES)
 STATS = ("mean", "min", "max", "std")
 DESCRIPTOR_SIZE = MAX_ELEMENTS * N_PROPS + len(STATS) * N_PROPS
-DESCRIPTOR_VERSION = 1
+DESCRIPTOR_VERSION = 2
 
 
 def _raw_properties(el: Element) -> list[float]:
@@ -53,8 +65,18 @@ def _raw_properties(el: Element) -> list[float]:
         ionic = [r for r in ionic if not math.isnan(r)]
         group = el.group
         valence = group if group <= 2 else (group - 10 if group >= 13 else group)
-        return [num(el.X), float(el.row), float(group), radius, num(el.mendeleev_no), float(el.Z),
-                float(np.mean(ionic)) if ionic else math.nan, float(valence)]
+        basic = [num(el.X), float(el.row), float(group), radius, num(el.mendeleev_no), float(el.Z),
+                 float(np.mean(ionic)) if ionic else math.nan, float(valence)]
+    magpie = _magpie()
+    return basic + [num(magpie[p].get(el.symbol)) for p in MAGPIE_PROPERTIES]
+
+
+@functools.cache
+def _magpie() -> dict:
+    """matminer's Magpie element table (read from the files matminer installs; no network)."""
+    from matminer.utils.data import MagpieData
+
+    return MagpieData().all_elemental_props
 
 
 @functools.cache
@@ -72,6 +94,27 @@ def property_table() -> tuple[dict[str, int], np.ndarray]:
 def property_scale() -> np.ndarray:
     """Standard deviation of each property over the elements (to put dissimilarities on one scale)."""
     return property_table()[1].std(axis=0)
+
+
+def property_columns(properties=PROPERTIES) -> np.ndarray:
+    """Descriptor columns (aligned slots and statistics) that belong to ``properties``."""
+    unknown = set(properties) - set(PROPERTIES)
+    if unknown:
+        raise ValueError(f"unknown descriptor properties {sorted(unknown)}; known: {', '.join(PROPERTIES)}")
+    pick = [PROPERTIES.index(p) for p in properties]
+    blocks = MAX_ELEMENTS + len(STATS)
+    return np.array([b * N_PROPS + p for b in range(blocks) for p in pick], dtype=np.int64)
+
+
+def descriptors_of(formulas) -> np.ndarray:
+    """``[len(formulas), DESCRIPTOR_SIZE]`` float32 descriptors, each distinct formula computed once."""
+    cache: dict[str, np.ndarray] = {}
+    out = np.zeros((len(formulas), DESCRIPTOR_SIZE), dtype=np.float32)
+    for i, f in enumerate(formulas):
+        if f not in cache:
+            cache[f] = descriptor(f)
+        out[i] = cache[f]
+    return out
 
 
 def element_properties(symbol: str) -> np.ndarray:

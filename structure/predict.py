@@ -5,7 +5,7 @@ score them (``learned``: the store's :class:`~structure.ranking.CompositionRanke
 untrained descriptor distance; ``random``: a seeded random order, the baseline), and turn the best
 ``top_k`` into structures of the query by element substitution and volume scaling
 (:func:`~structure.substitution.substitute`). By default the best templates are first collapsed into
-structure types, each type scored by the pooled similarity of its templates (:func:`group_by_type`):
+structure types (their prototype labels), each type scored by the pooled similarity of its templates (:func:`group_by_type`):
 a type that several close templates share beats a lone slightly closer template, and the ``top_k``
 predictions are ``top_k`` different types.
 """
@@ -56,7 +56,7 @@ def rank_templates(store: TemplateStore, composition: Composition | str, ranking
             if ranker is None:
                 raise ValueError("the learned ranking needs a ranker (train one with `composition-gen templates "
                                  "train-ranker`, or use ranking='plain')")
-            scores = ranker.scores(query, store.descriptors[rows])
+            scores = ranker.rank(store, query, rows)
     order = np.argsort(-scores, kind="stable")
     return rows[order], scores[order]
 
@@ -83,19 +83,27 @@ def group_by_type(store: TemplateStore, rows: np.ndarray, scores: np.ndarray, po
                   temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Collapse the ``pool`` best templates into structure types and rank the types.
 
-    Templates are grouped greedily in ranked order (a template joins the first group whose best member it
-    matches on anonymized species, with :data:`structure.ranking.MATCHER_KW`); a group scores
-    ``T * logsumexp(scores / T)`` over its members, so a type that several close templates share
-    outranks a lone slightly closer one. Returns ``(representative rows, group scores)``, best first: one
-    template per type (its best-scored member), then the templates beyond the pool in their order.
+    Templates are grouped by their prototype label (:func:`structure.templates.prototype_label`, computed
+    when the store was built); a group scores ``T * logsumexp(scores / T)`` over its members, so a type
+    that several close templates share outranks a lone slightly closer one. Returns ``(representative
+    rows, group scores)``, best first: one template per type (its best-scored member), then the templates
+    beyond the pool in their order.
     """
-    from structure.ranking import MATCHER_KW, label_structure_types
-
     head = min(pool, len(rows))
-    labels = label_structure_types([store.structure(int(r)) for r in rows[:head]], MATCHER_KW)
-    reps = [int(np.flatnonzero(labels == t)[0]) for t in range(labels.max() + 1)] if head else []
-    members = [scores[:head][labels == t].astype(np.float64) for t in range(len(reps))]
-    agg = np.array([temperature * np.logaddexp.reduce(m / temperature) for m in members])
-    order = np.argsort(-agg, kind="stable")
-    head_rows = rows[np.array(reps, dtype=np.int64)[order]] if reps else rows[:0]
-    return np.concatenate([head_rows, rows[pool:]]), np.concatenate([agg[order], scores[pool:]])
+    if head == 0:
+        return rows, scores
+    labels = store.prototype_ids[rows[:head]]
+    types, first = np.unique(labels, return_index=True)
+    agg = np.array([temperature * np.logaddexp.reduce(scores[:head][labels == t].astype(np.float64) / temperature)
+                    for t in types])
+    order = np.lexsort((first, -agg))  # best pooled score first; ties: the type met first
+    return np.concatenate([rows[first[order]], rows[pool:]]), np.concatenate([agg[order], scores[pool:]])
+
+
+def rerank_by_energy(energies) -> list[int]:
+    """Positions of candidates ordered by energy per atom, lowest first (physics re-ranking of relaxed
+    template structures). Candidates without a finite energy (not relaxed, relaxation failed) are kept,
+    after every relaxed one, in their original order: nothing is dropped."""
+    finite = [i for i, e in enumerate(energies) if e is not None and np.isfinite(e)]
+    rest = [i for i, e in enumerate(energies) if e is None or not np.isfinite(e)]
+    return sorted(finite, key=lambda i: (energies[i], i)) + rest

@@ -10,8 +10,15 @@ folder, load it in seconds::
     s = store.structure(rows[0])               # a pymatgen Structure
 
 A store folder holds ``store.safetensors`` (lattices, atomic numbers and fractional coordinates of all
-structures packed in flat arrays, and the descriptor matrix) and ``store.json`` (ids, reduced formulas,
-ratio keys, tags, energies above hull, provenance). Nothing is pickled. A ranker
+structures packed in flat arrays, energies above hull, space group numbers and Wyckoff-site counts) and
+``store.json`` (ids, reduced formulas, ratio keys, tags, prototype labels, provenance). Nothing is
+pickled. Composition descriptors are computed when the store is loaded (a pure function of the formula,
+about a second for 44k structures), so a store outlives descriptor changes.
+
+Each structure carries a **prototype label** (:func:`prototype_label`): anonymised formula, space group
+(spglib, ``symprec`` 0.1) and the Wyckoff letters of each element's sites, e.g. ``ABC3_221_b_a_d`` for
+a cubic perovskite: the anonymised structure type, computed once at build time. Rankings group
+templates by it and the ranker's labels and its prototype-held-out check come from it. A ranker
 (:mod:`structure.ranking`) trained on the store may sit beside them (``ranker.safetensors`` +
 ``ranker.json``).
 
@@ -34,10 +41,38 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.io import write_json
-from structure.descriptors import DESCRIPTOR_SIZE, DESCRIPTOR_VERSION, MAX_ELEMENTS, descriptor, ratio_key
+from structure.descriptors import MAX_ELEMENTS, descriptors_of, ratio_key
 from structure.io import Record
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+SYMPREC = 0.1  # spglib tolerance of the prototype labels
+
+
+def prototype_label(structure) -> tuple[str, int, int]:
+    """``(label, space group number, number of Wyckoff sites)`` of an ordered structure (see the module
+    docstring). The elements' Wyckoff strings are ordered by (reduced amount, string), so the label does
+    not depend on which elements occupy the sites. A cell spglib cannot analyse gets space group 0 and
+    a label from its site count."""
+    import warnings
+
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    comp = structure.composition
+    anon = comp.anonymized_formula
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sga = SpacegroupAnalyzer(structure, symprec=SYMPREC)
+            sym = sga.get_symmetrized_structure()
+            number = int(sga.get_space_group_number())
+    except Exception:  # spglib fails on a few odd cells
+        return f"{anon}_0_{len(structure)}", 0, len(structure)
+    per_element: dict[str, list[str]] = {}
+    for sites, wyckoff in zip(sym.equivalent_sites, sym.wyckoff_symbols):
+        per_element.setdefault(sites[0].specie.symbol, []).append(wyckoff[-1])
+    amounts = comp.reduced_composition
+    parts = sorted((amounts[el], "".join(sorted(w))) for el, w in per_element.items())
+    return f"{anon}_{number}_" + "_".join(w for _, w in parts), number, len(sym.wyckoff_symbols)
 
 
 def _aflow_records() -> Iterator[Record]:
@@ -67,14 +102,18 @@ class TemplateStore:
     formulas: list[str]
     keys: list[str]
     tags: list[str]
+    prototypes: list[str]  # prototype_label of each structure
     e_above_hull: np.ndarray
+    spacegroups: np.ndarray  # [N] space group numbers (0: spglib failed)
+    n_wyckoff: np.ndarray  # [N] symmetrically distinct sites
     lattices: np.ndarray  # [N, 3, 3]
     offsets: np.ndarray  # [N + 1] into numbers / frac
     numbers: np.ndarray  # [M] atomic numbers
     frac: np.ndarray  # [M, 3]
-    descriptors: np.ndarray  # [N, DESCRIPTOR_SIZE] float32
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    descriptors: np.ndarray = field(default=None, repr=False)  # [N, DESCRIPTOR_SIZE] float32, computed
+    prototype_counts: np.ndarray = field(default=None, repr=False)  # [N] how often each row's prototype occurs
     _index: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +121,11 @@ class TemplateStore:
         for i, k in enumerate(self.keys):
             groups.setdefault(k, []).append(i)
         self._index = {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
+        if self.descriptors is None:
+            self.descriptors = descriptors_of(self.formulas)
+        self.prototype_ids = np.unique(np.asarray(self.prototypes, dtype=object), return_inverse=True)[1].astype(np.int64)
+        if self.prototype_counts is None:  # a subset (e.g. the compact store) keeps its source store's counts
+            self.prototype_counts = np.bincount(self.prototype_ids)[self.prototype_ids]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,7 +140,8 @@ class TemplateStore:
         from tqdm.auto import tqdm
 
         exclude_ids, exclude_tags = set(exclude_ids), set(exclude_tags)
-        cols: dict[str, list] = {k: [] for k in ("ids", "formulas", "keys", "tags", "ehull", "lat", "num", "frac", "desc")}
+        cols: dict[str, list] = {k: [] for k in ("ids", "formulas", "keys", "tags", "proto", "ehull", "sg", "wyck",
+                                                 "lat", "num", "frac")}
         skipped = {"excluded id": 0, "excluded tag": 0, "disordered": 0, "too many elements": 0}
         for rec in tqdm(records, desc="templates", unit="structure", disable=not progress):
             if rec.id in exclude_ids:
@@ -117,19 +162,36 @@ class TemplateStore:
             cols["formulas"].append(comp.reduced_formula)
             cols["keys"].append(ratio_key(comp))
             cols["tags"].append(rec.tags)
+            label, number, n_wyckoff = prototype_label(s)
+            cols["proto"].append(label)
             cols["ehull"].append(rec.e_above_hull)
+            cols["sg"].append(number)
+            cols["wyck"].append(n_wyckoff)
             cols["lat"].append(s.lattice.matrix)
             cols["num"].append(np.array([site.specie.Z for site in s], dtype=np.int32))
             cols["frac"].append(s.frac_coords)
-            cols["desc"].append(descriptor(comp))
         if not cols["ids"]:
             raise ValueError("no structures left to build a template store from")
         sizes = np.array([len(n) for n in cols["num"]], dtype=np.int64)
-        meta = {"version": STORE_VERSION, "descriptor_version": DESCRIPTOR_VERSION, "source": source,
+        meta = {"version": STORE_VERSION, "symprec": SYMPREC, "source": source,
                 "exclude_tags": sorted(exclude_tags), "n_excluded_ids_given": len(exclude_ids), "skipped": skipped}
-        return cls(cols["ids"], cols["formulas"], cols["keys"], cols["tags"], np.array(cols["ehull"], dtype=np.float64),
-                   np.stack(cols["lat"]), np.concatenate([[0], np.cumsum(sizes)]), np.concatenate(cols["num"]),
-                   np.concatenate(cols["frac"]), np.stack(cols["desc"]), meta)
+        return cls(cols["ids"], cols["formulas"], cols["keys"], cols["tags"], cols["proto"],
+                   np.array(cols["ehull"], dtype=np.float64), np.array(cols["sg"], dtype=np.int64),
+                   np.array(cols["wyck"], dtype=np.int64), np.stack(cols["lat"]),
+                   np.concatenate([[0], np.cumsum(sizes)]), np.concatenate(cols["num"]), np.concatenate(cols["frac"]), meta)
+
+    def subset(self, rows) -> TemplateStore:
+        """A new (unsaved) store of ``rows``, in the given order. It keeps this store's prototype counts, so
+        a compact store of representatives tells a ranker how common each prototype is in its source."""
+        rows = np.asarray(rows, dtype=np.int64)
+        sizes = self.offsets[rows + 1] - self.offsets[rows]
+        atoms = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in rows]) if len(rows) else np.zeros(0, int)
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        return TemplateStore(pick(self.ids), pick(self.formulas), pick(self.keys), pick(self.tags), pick(self.prototypes),
+                             self.e_above_hull[rows], self.spacegroups[rows], self.n_wyckoff[rows], self.lattices[rows],
+                             np.concatenate([[0], np.cumsum(sizes)]), self.numbers[atoms], self.frac[atoms],
+                             dict(self.meta), descriptors=self.descriptors[rows],
+                             prototype_counts=self.prototype_counts[rows])
 
     # ---- persistence
     def save(self, path: str | Path) -> Path:
@@ -144,10 +206,12 @@ class TemplateStore:
         try:
             save_file({"lattices": torch.from_numpy(self.lattices), "offsets": torch.from_numpy(self.offsets),
                        "numbers": torch.from_numpy(self.numbers), "frac": torch.from_numpy(self.frac),
-                       "descriptors": torch.from_numpy(self.descriptors),
-                       "e_above_hull": torch.from_numpy(self.e_above_hull)}, str(tmp / "store.safetensors"))
+                       "e_above_hull": torch.from_numpy(self.e_above_hull),
+                       "spacegroups": torch.from_numpy(self.spacegroups), "n_wyckoff": torch.from_numpy(self.n_wyckoff),
+                       "prototype_counts": torch.from_numpy(np.asarray(self.prototype_counts, dtype=np.int64))},
+                      str(tmp / "store.safetensors"))
             write_json(tmp / "store.json", {"meta": self.meta, "ids": self.ids, "formulas": self.formulas,
-                                            "keys": self.keys, "tags": self.tags})
+                                            "keys": self.keys, "tags": self.tags, "prototypes": self.prototypes})
             if self.path is not None and self.path.resolve() == path.resolve():
                 for name in ("ranker.safetensors", "ranker.json"):
                     if (path / name).exists():
@@ -168,14 +232,13 @@ class TemplateStore:
             raise FileNotFoundError(f"{path} is not a template store (expected store.json and store.safetensors; "
                                     "build one with `composition-gen templates build`)")
         info = json.loads((path / "store.json").read_text())
-        if info["meta"].get("descriptor_version") != DESCRIPTOR_VERSION:
-            raise ValueError(f"{path} was built with descriptor version {info['meta'].get('descriptor_version')}; "
-                             f"this code uses {DESCRIPTOR_VERSION}: rebuild it")
+        if info["meta"].get("version") != STORE_VERSION:
+            raise ValueError(f"{path} is a version {info['meta'].get('version')} template store; this code reads version "
+                             f"{STORE_VERSION} (with prototype labels): rebuild it with `composition-gen templates build`")
         t = load_file(str(path / "store.safetensors"))
-        if t["descriptors"].shape[1] != DESCRIPTOR_SIZE:
-            raise ValueError(f"{path}: descriptor size {t['descriptors'].shape[1]} != {DESCRIPTOR_SIZE}; rebuild it")
-        return cls(info["ids"], info["formulas"], info["keys"], info["tags"], t["e_above_hull"], t["lattices"],
-                   t["offsets"], t["numbers"], t["frac"], t["descriptors"], info["meta"], path)
+        return cls(info["ids"], info["formulas"], info["keys"], info["tags"], info["prototypes"], t["e_above_hull"],
+                   t["spacegroups"], t["n_wyckoff"], t["lattices"], t["offsets"], t["numbers"], t["frac"],
+                   info["meta"], path, prototype_counts=t.get("prototype_counts"))
 
     # ---- queries
     def candidates(self, composition) -> np.ndarray:

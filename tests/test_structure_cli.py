@@ -130,26 +130,21 @@ def test_templates_build_then_train_ranker(cif_dir, tmp_path, capsys):
     assert store.meta["skipped"]["excluded tag"] == 3 and store.meta["skipped"]["excluded id"] == 2
     assert not (out / "ranker.json").exists()
 
-    assert main(["templates", "train-ranker", str(out), "--epochs", "3", "--queries", "4", "--shortlist", "3",
-                 "--seed", "1", "--no-progress"]) == 0
+    assert main(["templates", "train-ranker", str(out), "--epochs", "3", "--seed", "1", "--no-progress"]) == 0
     assert "ranker trained" in capsys.readouterr().out
     info = json.loads((out / "ranker.json").read_text())
     assert info["trained"]["epochs"] == 3 and info["trained"]["seed"] == 1
-    assert info["trained"]["n_queries_train"] + info["trained"]["n_queries_heldout"] == 4
-    assert info["trained"]["shortlist"] == 3
-    assert sorted(os.listdir(out)) == ["ranker.json", "ranker.safetensors", "ranker_labels.json", "store.json",
-                                       "store.safetensors"]
+    assert info["template_features"] and info["loss"] == "listwise" and len(info["properties"]) == 20
+    assert sorted(os.listdir(out)) == ["ranker.json", "ranker.safetensors", "store.json", "store.safetensors"]
     assert TemplateStore.load(out).ids == store.ids
 
-    # more labelled queries: a second batch, then a retrain that uses both (each query once)
-    assert main(["templates", "label", str(out), "--queries", "5", "--shortlist", "3", "--seed", "2",
+    # the CSPML formulation on the basic properties, saved elsewhere; a prototype fold held out and reported
+    assert main(["templates", "train-ranker", str(out), "--epochs", "2", "--loss", "pairwise", "--properties", "basic",
+                 "--no-template-features", "--holdout-fold", "0", "--ranker-output", str(tmp_path / "r"),
                  "--no-progress"]) == 0
-    assert "5 distinct labelled queries" in capsys.readouterr().out  # 4 + 5 drawn from the 5 structures
-    assert (out / "ranker_labels-seed2-n5.json").is_file()
-    assert main(["templates", "train-ranker", str(out), "--epochs", "3", "--queries", "4", "--shortlist", "3",
-                 "--seed", "1", "--no-progress"]) == 0
-    info = json.loads((out / "ranker.json").read_text())
-    assert info["trained"]["n_queries_train"] + info["trained"]["n_queries_heldout"] == 5
+    info = json.loads((tmp_path / "r" / "ranker.json").read_text())
+    assert info["loss"] == "pairwise" and len(info["properties"]) == 8 and not info["template_features"]
+    assert info["trained"]["n_holdout_prototypes"] >= 0
 
 
 def test_templates_errors(tmp_path, capsys):

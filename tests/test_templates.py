@@ -36,13 +36,13 @@ from structure.ranking import (
     CompositionRanker,
     RankerConfig,
     label_structure_types,
-    labelled_shortlists,
     plain_distance_scores,
-    shortlist,
+    prototype_lists,
+    template_features,
     train_ranker,
 )
 from structure.substitution import assign_elements, substitute
-from structure.templates import TemplateStore, aflow_store
+from structure.templates import TemplateStore, aflow_store, prototype_label
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,6 +220,28 @@ def test_build_packs_every_structure(store):
     assert store.meta["skipped"] == {"excluded id": 0, "excluded tag": 0, "disordered": 0, "too many elements": 0}
 
 
+def test_prototype_labels_name_the_structure_type(store):
+    label = {store.ids[i]: store.prototypes[i] for i in range(len(store))}
+    assert label["rs-NaCl"] == "AB_225_a_b" and label["cscl-CsCl"] == "AB_221_a_b"
+    assert label["zb-ZnS"] == "AB_216_a_c" and label["pv-CaTiO3"] == "ABC3_221_a_b_c"
+    by_type: dict[str, set] = {}
+    for i in store.candidates("NaCl"):
+        by_type.setdefault(type_of(store, i), set()).add(store.prototypes[i])
+    assert all(len(v) == 1 for v in by_type.values()) and len(set().union(*by_type.values())) == 3
+    rs = store.ids.index("rs-NaCl")
+    assert store.spacegroups[rs] == 225 and store.n_wyckoff[rs] == 2 and store.prototype_counts[rs] == 8
+    # the label ignores the cell setting and which elements sit on the sites
+    assert prototype_label(rock_salt("K", "Br", 6.6).get_primitive_structure())[0] == label["rs-NaCl"]
+
+
+def test_subset_keeps_rows_and_structures(store):
+    sub = store.subset([17, 0])
+    assert sub.ids == ["cor-Al2O3", "rs-NaCl"] and sub.prototypes == [store.prototypes[17], store.prototypes[0]]
+    assert _same_structure(sub.structure(0), store.structure(17)) and _same_structure(sub.structure(1), store.structure(0))
+    np.testing.assert_array_equal(sub.descriptors[1], store.descriptors[0])
+    assert sub.prototype_counts.tolist() == [1, 8]  # the source store's counts: rock salt is common there
+
+
 def test_candidates_are_exactly_the_ratio_matched_templates(store):
     one_one = {r.id for r in tiny_records() if ratio_key(r.structure.composition) == "1-1"}
     assert len(one_one) == 16
@@ -242,6 +264,9 @@ def test_save_load_roundtrip(store, tmp_path):
     assert (loaded.keys, loaded.tags) == (store.keys, store.tags)
     np.testing.assert_array_equal(loaded.descriptors, store.descriptors)
     np.testing.assert_array_equal(loaded.e_above_hull, store.e_above_hull)
+    assert loaded.prototypes == store.prototypes
+    np.testing.assert_array_equal(loaded.spacegroups, store.spacegroups)
+    np.testing.assert_array_equal(loaded.n_wyckoff, store.n_wyckoff)
     assert loaded.ratio_keys() == store.ratio_keys()
     assert loaded.meta["source"] == "tiny test store"
     for i in range(len(store)):
@@ -494,52 +519,48 @@ def test_label_structure_types_separates_the_three_ab_types(store):
     assert len(set().union(*by_type.values())) == 3  # ... and a different one for each
 
 
-def test_labelled_shortlists(store):
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
-    from structure.ranking import MATCHER_KW
-
-    matcher = StructureMatcher(**MATCHER_KW)
-    lists = labelled_shortlists(store, n_queries=100, size=50, seed=0)
+def test_prototype_lists(store):
+    lists = prototype_lists(store, near=5, far=3, seed=0)
     one_one = set(store.candidates("NaCl").tolist())
-    assert len(lists) == 16 and {x["query"] for x in lists} == one_one  # only groups with another structure
+    assert {x["query"] for x in lists} == one_one  # only groups with another structure
     for x in lists:
-        assert x["query"] not in x["rows"] and set(x["rows"].tolist()) == one_one - {x["query"]}
-        q = store.structure(x["query"])
-        assert x["labels"].tolist() == [matcher.fit_anonymous(store.structure(r), q) for r in x["rows"]]
-        for r, label in zip(x["rows"], x["labels"]):  # same type always matches; CsCl never matches rock salt
-            if type_of(store, r) == type_of(store, x["query"]):
-                assert label
-            if {type_of(store, r), type_of(store, x["query"])} == {"CsCl", "rock salt"}:
-                assert not label
-    near = shortlist(store, lists[0]["query"], 3)
-    scores = plain_distance_scores(store.descriptors[lists[0]["query"]], store.descriptors[near])
-    assert len(near) == 3 and np.all(np.diff(scores) <= 0)
-    assert len(labelled_shortlists(store, n_queries=4, seed=1)) == 4
+        assert x["query"] not in x["rows"] and set(x["rows"].tolist()) <= one_one and len(x["rows"]) == 8
+        assert len(set(x["rows"].tolist())) == 8
+        expected = [type_of(store, r) == type_of(store, x["query"]) for r in x["rows"]]
+        assert x["labels"].tolist() == expected
+        near = plain_distance_scores(store.descriptors[x["query"]], store.descriptors[x["rows"][:5]])
+        assert np.all(np.diff(near) <= 0)  # the near part comes nearest first
+        rest = set(one_one) - {x["query"]} - set(x["rows"][:5].tolist())
+        assert min(-plain_distance_scores(store.descriptors[x["query"]], store.descriptors[sorted(rest)])) >= -near[-1] - 1e-9
+    cscl = frozenset({store.prototypes[store.ids.index("cscl-CsCl")]})
+    for x in prototype_lists(store, exclude_prototypes=cscl):
+        assert not any(type_of(store, r) == "CsCl" for r in x["rows"])
 
 
-def test_label_structure_types_ignores_the_cell_setting():
-    conv = rock_salt("Na", "Cl", 5.64)
-    prim = rock_salt("K", "Br", 6.6).get_primitive_structure()
-    assert len(conv) == 8 and len(prim) == 2
-    assert label_structure_types([conv, prim]).tolist() == [0, 0]
-
-
-@pytest.fixture(scope="module")
-def lists(store):
-    return labelled_shortlists(store, n_queries=100, seed=0)
+def test_template_features(store):
+    f = template_features(store)
+    assert f.shape == (len(store), 13) and np.isfinite(f).all()
+    rs, cs = store.ids.index("rs-NaCl"), store.ids.index("cscl-CsCl")
+    assert f[rs, 0] == pytest.approx(np.log1p(8)) and f[cs, 0] == pytest.approx(np.log1p(4))
+    assert f[rs, 1] == pytest.approx(np.log(8 / 16))
+    assert f[rs, 6:].sum() == 1 and f[rs, -1] == 1  # cubic
 
 
 @pytest.fixture(scope="module")
-def ranker(store, lists):
-    return train_ranker(store, lists=lists, seed=0, epochs=20, heldout_fraction=0.0)
+def ranker(store):
+    return train_ranker(store, seed=0, epochs=80, heldout_fraction=0.0)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_learned_ranking_puts_the_right_type_first(store, lists, ranker, seed):
-    model = ranker if seed == 0 else train_ranker(store, lists=lists, seed=seed, epochs=20, heldout_fraction=0.0)
+@pytest.mark.parametrize("seed, loss, properties", [(0, "listwise", "all"), (1, "listwise", "all"),
+                                                    (0, "pairwise", "all"), (0, "listwise", "basic")])
+def test_learned_ranking_puts_the_right_type_first(store, ranker, seed, loss, properties):
+    from structure.descriptors import BASIC_PROPERTIES, PROPERTIES
+
+    config = RankerConfig(properties=list(PROPERTIES if properties == "all" else BASIC_PROPERTIES), loss=loss)
+    model = ranker if (seed, loss, properties) == (0, "listwise", "all") else train_ranker(
+        store, config, seed=seed, epochs=80, heldout_fraction=0.0)
     t = model.config.trained
-    assert t["seed"] == seed and t["epochs"] == 20 and t["n_queries_train"] == 16 and t["loss"] == "listwise"
+    assert t["seed"] == seed and t["epochs"] == 80 and t["n_queries_train"] == 16 and model.config.loss == loss
     for query, expected in (("NaBr", "rock salt"), ("RbBr", "rock salt"), ("CsI", "CsCl"), ("ZnSe", "zinc blende")):
         rows, scores = rank_templates(store, query, "learned", model)
         assert len(rows) == 16 and np.all(np.diff(scores) <= 0)
@@ -547,37 +568,41 @@ def test_learned_ranking_puts_the_right_type_first(store, lists, ranker, seed):
 
 
 def test_untrained_ranker_ranks_like_the_plain_distance(store):
-    from structure.ranking import RankerConfig
-
     untrained = CompositionRanker(RankerConfig())
     q = descriptor("NaBr")
-    np.testing.assert_allclose(untrained.scores(q, store.descriptors), plain_distance_scores(q, store.descriptors),
+    rows = np.arange(len(store))
+    np.testing.assert_allclose(untrained.rank(store, q, rows), plain_distance_scores(q, store.descriptors),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_trained_ranker_learns_something(store, ranker):
     q = descriptor("CsI")
-    assert not np.allclose(ranker.scores(q, store.descriptors), plain_distance_scores(q, store.descriptors))
+    rows = np.arange(len(store))
+    assert not np.allclose(ranker.rank(store, q, rows), plain_distance_scores(q, store.descriptors))
 
 
-def test_label_cache_is_reused(store, lists, tmp_path):
-    from structure.ranking import load_labels, save_labels
-
-    settings = {"n_queries": 100, "size": 50, "seed": 0}
-    save_labels(lists, tmp_path / "labels.json", settings)
-    back = load_labels(tmp_path / "labels.json", settings)
-    assert [x["query"] for x in back] == [x["query"] for x in lists]
-    assert all((a["rows"] == b["rows"]).all() and (a["labels"] == b["labels"]).all() for a, b in zip(back, lists))
-    assert load_labels(tmp_path / "labels.json", {**settings, "seed": 1}) is None  # other settings: relabel
-    assert load_labels(tmp_path / "missing.json", settings) is None
+def test_ranker_config_is_checked():
+    with pytest.raises(ValueError, match="plain distance"):
+        RankerConfig(properties=["Z", "row"])
+    with pytest.raises(ValueError, match="unknown descriptor properties"):
+        RankerConfig(properties=["electronegativity", "row", "group", "atomic_radius", "colour"])
+    with pytest.raises(ValueError, match="loss must be"):
+        RankerConfig(loss="hinge")
 
 
-def test_held_out_metrics_are_reported(store, lists):
-    t = train_ranker(store, lists=lists, seed=0, epochs=5, heldout_fraction=0.25).config.trained
-    assert t["n_queries_heldout"] == 4 and t["n_queries_train"] == 12
+def test_held_out_metrics_are_reported(store):
+    t = train_ranker(store, seed=0, epochs=5, heldout_fraction=0.25).config.trained
+    assert t["heldout_n"] == 4 and t["n_queries_train"] == 12
     for k in ("heldout_top1", "heldout_top10", "heldout_top1_plain_distance", "heldout_ceiling"):
         assert 0 <= t[k] <= 1
     assert t["heldout_top1"] <= t["heldout_top10"] <= t["heldout_ceiling"]
+
+
+def test_prototype_held_out_check(store):
+    zb = frozenset({store.prototypes[store.ids.index("zb-ZnS")]})
+    t = train_ranker(store, seed=0, epochs=5, heldout_fraction=0.0, holdout_prototypes=zb).config.trained
+    assert t["n_queries_train"] == 12 and t["heldout_prototypes_n"] == 4  # the zinc blendes, checked apart
+    assert 0 <= t["heldout_prototypes_top1"] <= t["heldout_prototypes_top10"] <= 1
 
 
 def test_ranker_save_load_gives_identical_scores(store, ranker, tmp_path):
@@ -586,14 +611,15 @@ def test_ranker_save_load_gives_identical_scores(store, ranker, tmp_path):
     loaded = CompositionRanker.load(tmp_path / "r")
     assert loaded.config == ranker.config and not loaded.training
     q = descriptor("NaBr")
-    np.testing.assert_array_equal(loaded.scores(q, store.descriptors), ranker.scores(q, store.descriptors))
+    rows = np.arange(len(store))
+    np.testing.assert_array_equal(loaded.rank(store, q, rows), ranker.rank(store, q, rows))
     with pytest.raises(FileNotFoundError, match="no ranker"):
         CompositionRanker.load(tmp_path / "missing")
 
 
 def test_train_ranker_needs_both_classes():
     only_rock_salt = TemplateStore.build([Record(f"{a}{b}", rock_salt(a, b, x)) for a, b, x in ROCK_SALT[:4]])
-    with pytest.raises(ValueError, match="both a matching and a non-matching template"):
+    with pytest.raises(ValueError, match="both a template of its prototype and one of another"):
         train_ranker(only_rock_salt, seed=0, epochs=1)
 
 
@@ -643,18 +669,15 @@ def test_predict(store, ranker):
 
 
 def test_grouping_by_type_gives_distinct_types_ranked_by_pooled_similarity(store, ranker):
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
     from structure.predict import group_by_type
-    from structure.ranking import MATCHER_KW
 
     rows, scores = rank_templates(store, "NaBr", "learned", ranker)
     grouped, pooled = group_by_type(store, rows, scores, pool=len(rows))
-    assert np.all(np.diff(pooled) <= 0) and 1 < len(grouped) < len(rows)
-    matcher = StructureMatcher(**MATCHER_KW)
-    for i, a in enumerate(grouped):  # one template per type: no two representatives match
-        for b in grouped[i + 1:]:
-            assert not matcher.fit_anonymous(store.structure(int(a)), store.structure(int(b)))
+    assert np.all(np.diff(pooled) <= 0) and len(grouped) == 3  # one template per type: its best-scored member
+    assert {type_of(store, r) for r in grouped} == {"rock salt", "CsCl", "zinc blende"}
+    for r, p in zip(grouped, pooled):
+        members = [i for i, row in enumerate(rows) if store.prototypes[row] == store.prototypes[r]]
+        assert r == rows[members[0]] and p == pytest.approx(np.logaddexp.reduce(scores[members].astype(np.float64)))
     # every template joins a group, so the pooled score of a type is at least its best member's
     assert pooled[0] >= scores.max() - 1e-9
     assert {type_of(store, r) for r in grouped} >= {"CsCl"}
@@ -663,6 +686,15 @@ def test_grouping_by_type_gives_distinct_types_ranked_by_pooled_similarity(store
     assert same.tolist() == rows.tolist() and np.allclose(s1, scores)
     preds = predict(store, "NaBr", top_k=10, ranking="learned", ranker=ranker)  # default: grouped
     assert [p.template_row for p in preds] == grouped.tolist() and len(preds) == len(grouped)
+
+
+def test_energy_reranking_keeps_every_candidate():
+    from structure.predict import rerank_by_energy
+
+    assert rerank_by_energy([-3.0, -5.0, -4.0]) == [1, 2, 0]
+    # a failed (None) or exploded (nan) relaxation keeps its candidate, after the relaxed ones, in order
+    assert rerank_by_energy([None, -1.0, float("nan"), -2.0, -2.0]) == [3, 4, 1, 0, 2]
+    assert rerank_by_energy([]) == []
 
 
 def test_default_ranker_scores_the_tiny_store(store):

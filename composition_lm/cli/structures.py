@@ -35,30 +35,25 @@ def cmd_templates_build(args: argparse.Namespace) -> int:
 
 
 def _train_ranker(store, args: argparse.Namespace) -> int:
-    from structure.ranking import train_ranker
+    from structure.descriptors import BASIC_PROPERTIES, PROPERTIES
+    from structure.ranking import RankerConfig, prototype_folds, train_ranker
 
-    ranker = train_ranker(store, seed=args.seed, epochs=args.epochs, n_queries=args.queries, size=args.shortlist,
-                          workers=args.workers, progress=not args.no_progress)
-    ranker.save(store.path)
+    config = RankerConfig(properties=list(BASIC_PROPERTIES if args.properties == "basic" else PROPERTIES),
+                          template_features=not args.no_template_features, loss=args.loss)
+    holdout = prototype_folds(store, 5, args.holdout_fold) if args.holdout_fold is not None else frozenset()
+    ranker = train_ranker(store, config, seed=args.seed, epochs=args.epochs, n_queries=args.queries,
+                          holdout_prototypes=holdout, progress=not args.no_progress)
+    ranker.save(args.ranker_output or store.path)
     t = ranker.config.trained
     nan = float("nan")
-    print(f"ranker trained on {t['n_queries_train']} labelled queries in {t['seconds']:.0f} s; on "
-          f"{t['n_queries_heldout']} held-out queries: top-1 {t.get('heldout_top1', nan):.3f} (plain distance "
+    print(f"ranker trained on {t['n_lists_used']} labelled queries ({t['n_pairs']} pairs) in {t['seconds']:.0f} s; on "
+          f"{t.get('heldout_n', 0)} held-out queries: top-1 {t.get('heldout_top1', nan):.3f} (plain distance "
           f"{t.get('heldout_top1_plain_distance', nan):.3f}), top-10 {t.get('heldout_top10', nan):.3f} (plain "
-          f"{t.get('heldout_top10_plain_distance', nan):.3f}); saved beside the store in {store.path}")
-    return 0
-
-
-def cmd_templates_label(args: argparse.Namespace) -> int:
-    from structure.ranking import add_labels, cached_labels
-    from structure.templates import TemplateStore
-
-    store = TemplateStore.load(args.store)
-    path = add_labels(store, args.queries, size=args.shortlist, seed=args.seed, workers=args.workers,
-                      progress=not args.no_progress)
-    print(f"labelled {args.queries} queries into {path}; the store now holds {len(cached_labels(store, args.shortlist))} "
-          f"distinct labelled queries (shortlist {args.shortlist}); retrain with `composition-gen templates "
-          f"train-ranker {args.store}`")
+          f"{t.get('heldout_top10_plain_distance', nan):.3f})")
+    if "heldout_prototypes_n" in t:
+        print(f"on {t['heldout_prototypes_n']} queries of {len(holdout)} held-out prototypes: top-1 "
+              f"{t['heldout_prototypes_top1']:.3f} (plain {t['heldout_prototypes_top1_plain_distance']:.3f})")
+    print(f"saved in {args.ranker_output or store.path}")
     return 0
 
 
@@ -209,30 +204,27 @@ def _add_templates_parser(sub) -> None:
     t.add_argument("--train-ranker", action="store_true", help="also train the ranker (see train-ranker)")
     t.set_defaults(func=cmd_templates_build)
     r = tsub.add_parser("train-ranker", help="train the learned composition-similarity ranker of a store",
-                        description="Use store structures as queries: label each one's shortlist of ratio-matching "
-                        "templates with StructureMatcher (anonymized), train the ranker on descriptor differences with "
-                        "a listwise loss, report held-out hit rates next to the plain distance's, and save "
-                        "ranker.safetensors + ranker.json in the store folder. Labels are cached there (ranker_labels*.json); "
-                        "every cached batch is used, so add queries with `templates label`.")
+                        description="Use store structures as queries, each against the templates of its ratio group "
+                        "(the nearest by plain distance plus random others); a template is a positive when it has the "
+                        "query's prototype label (anonymised formula, space group, Wyckoff letters), so labelling costs "
+                        "nothing. Train the ranker on descriptor differences and template features, report held-out "
+                        "hit rates next to the plain distance's, and save ranker.safetensors + ranker.json in the "
+                        "store folder (or --ranker-output).")
     r.add_argument("store", type=Path, metavar="DB")
     r.set_defaults(func=cmd_templates_train_ranker)
-    lab = tsub.add_parser("label", help="label more store structures as ranker training queries",
-                          description="Draw --queries store structures with --seed, label each one's shortlist with "
-                          "StructureMatcher and cache them in the store folder (ranker_labels-seed<S>-n<N>.json). "
-                          "train-ranker then trains on every cached batch (each query once).")
-    lab.add_argument("store", type=Path, metavar="DB")
-    lab.set_defaults(func=cmd_templates_label)
-    for q in (t, r, lab):
-        q.add_argument("--seed", type=int, default=0,
-                       help="seed of the query draw (label) or of the query draw and training (build, train-ranker)")
-        q.add_argument("--queries", **positive_int, default=1500,
-                       help="store structures used as training queries; train-ranker labels them only when the store "
-                       "holds no cached labels yet (default: 1500)")
-        if q is not lab:
-            q.add_argument("--epochs", **positive_int, default=30)
-        q.add_argument("--shortlist", **positive_int, default=50,
-                       help="templates per query, nearest by plain distance, labelled by StructureMatcher (default: 50)")
-        q.add_argument("--workers", **positive_int, default=1, help="labelling processes (default: 1)")
+    for q in (t, r):
+        q.add_argument("--seed", type=int, default=0, help="seed of the query draw and of training (default: 0)")
+        q.add_argument("--queries", **positive_int, help="at most this many store structures as queries (default: all)")
+        q.add_argument("--epochs", **positive_int, default=10, help="passes over the queries (default: 10)")
+        q.add_argument("--loss", choices=("listwise", "pairwise"), default="listwise",
+                       help="listwise softmax over each query's list, or CSPML's pairwise classifier (default: listwise)")
+        q.add_argument("--properties", choices=("all", "basic"), default="all",
+                       help="descriptor properties: all twenty, or the basic eight from pymatgen (default: all)")
+        q.add_argument("--no-template-features", action="store_true",
+                       help="composition differences only (no prototype frequency, symmetry, E_hull of the template)")
+        q.add_argument("--holdout-fold", type=int, choices=range(5), metavar="F",
+                       help="leave prototype fold F (of 5, by label hash) out of training and report the ranker on it")
+        q.add_argument("--ranker-output", type=Path, metavar="DIR", help="save the ranker here instead of the store folder")
         add_progress(q)
 
 
