@@ -73,7 +73,7 @@ def main() -> int:
     compact.meta.update({"source": ATTRIBUTION})
     compact.meta.update({"attribution": ATTRIBUTION, "per_type": args.per_type, "n_types": n_types,
                          "from_store_size": len(ok), "excluded_tags": args.exclude_tag})
-    compact.save(args.output)
+    compact.save(args.output, compact=True)
     size = sum(p.stat().st_size for p in args.output.iterdir()) / 1e6
     print(f"{len(compact)} of {len(ok)} structures ({n_types} types, {len(compact.ratio_keys())} ratio keys) written "
           f"to {args.output} ({size:.1f} MB) in {time.time() - t0:.0f} s")

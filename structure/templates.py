@@ -45,6 +45,7 @@ from structure.descriptors import MAX_ELEMENTS, descriptors_of, ratio_key
 from structure.io import Record
 
 STORE_VERSION = 2
+FIXED_POINT = 65536  # fractional coordinates of a compact store: uint16 steps of 1 / FIXED_POINT
 SYMPREC = 0.1  # spglib tolerance of the prototype labels
 
 
@@ -194,21 +195,27 @@ class TemplateStore:
                              prototype_counts=self.prototype_counts[rows])
 
     # ---- persistence
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, compact: bool = False) -> Path:
         """Write the store folder (into a temporary folder, renamed into place). A ranker already saved in
-        an existing folder at ``path`` is kept only if ``self.path`` is that folder."""
-        import torch
-        from safetensors.torch import save_file
+        an existing folder at ``path`` is kept only if ``self.path`` is that folder. ``compact`` stores
+        fractional coordinates as 16-bit fixed point (wrapped into [0, 1), steps of 1/65536: under 0.001 Å
+        in a 50 Å cell), lattices as float32 and atomic numbers as bytes: a third of the size, for the
+        store shipped in the package."""
+        from safetensors.numpy import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        if compact:
+            frac = np.round(np.mod(self.frac, 1.0) * FIXED_POINT).astype(np.int64) % FIXED_POINT
+            arrays = {"lattices": self.lattices.astype(np.float32), "numbers": self.numbers.astype(np.uint8),
+                      "frac": frac.astype(np.uint16)}
+        else:
+            arrays = {"lattices": self.lattices, "numbers": self.numbers, "frac": self.frac}
         try:
-            save_file({"lattices": torch.from_numpy(self.lattices), "offsets": torch.from_numpy(self.offsets),
-                       "numbers": torch.from_numpy(self.numbers), "frac": torch.from_numpy(self.frac),
-                       "e_above_hull": torch.from_numpy(self.e_above_hull),
-                       "spacegroups": torch.from_numpy(self.spacegroups), "n_wyckoff": torch.from_numpy(self.n_wyckoff),
-                       "prototype_counts": torch.from_numpy(np.asarray(self.prototype_counts, dtype=np.int64))},
+            save_file({**arrays, "offsets": self.offsets, "e_above_hull": self.e_above_hull,
+                       "spacegroups": self.spacegroups, "n_wyckoff": self.n_wyckoff,
+                       "prototype_counts": np.asarray(self.prototype_counts, dtype=np.int64)},
                       str(tmp / "store.safetensors"))
             write_json(tmp / "store.json", {"meta": self.meta, "ids": self.ids, "formulas": self.formulas,
                                             "keys": self.keys, "tags": self.tags, "prototypes": self.prototypes})
@@ -236,6 +243,10 @@ class TemplateStore:
             raise ValueError(f"{path} is a version {info['meta'].get('version')} template store; this code reads version "
                              f"{STORE_VERSION} (with prototype labels): rebuild it with `composition-gen templates build`")
         t = load_file(str(path / "store.safetensors"))
+        if t["frac"].dtype == np.uint16:  # a compact store (see save)
+            t["frac"] = t["frac"].astype(np.float64) / FIXED_POINT
+        t["lattices"] = t["lattices"].astype(np.float64, copy=False)
+        t["numbers"] = t["numbers"].astype(np.int32, copy=False)
         return cls(info["ids"], info["formulas"], info["keys"], info["tags"], info["prototypes"], t["e_above_hull"],
                    t["spacegroups"], t["n_wyckoff"], t["lattices"], t["offsets"], t["numbers"], t["frac"],
                    info["meta"], path, prototype_counts=t.get("prototype_counts"))

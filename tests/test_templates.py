@@ -274,6 +274,35 @@ def test_save_load_roundtrip(store, tmp_path):
     np.testing.assert_array_equal(loaded.candidates("KBr"), store.candidates("KBr"))
 
 
+def test_compact_save_keeps_structures_within_fixed_point_resolution(store, tmp_path):
+    from safetensors.numpy import load_file
+
+    store.save(tmp_path / "full")
+    store.save(tmp_path / "compact", compact=True)
+    raw = load_file(str(tmp_path / "compact" / "store.safetensors"))
+    assert raw["frac"].dtype == np.uint16 and raw["numbers"].dtype == np.uint8 and raw["lattices"].dtype == np.float32
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    assert size(tmp_path / "compact") < size(tmp_path / "full")
+    back = TemplateStore.load(tmp_path / "compact")
+    assert back.ids == store.ids and back.prototypes == store.prototypes
+    np.testing.assert_array_equal(back.numbers, store.numbers)
+    np.testing.assert_allclose(back.lattices, store.lattices, rtol=1e-6)
+    wrapped = np.mod(store.frac, 1.0)
+    delta = np.abs(back.frac - wrapped)
+    assert np.minimum(delta, 1 - delta).max() <= 0.5 / 65536 + 1e-12
+    for i in range(len(store)):
+        assert _fit_anonymous(back.structure(i), store.structure(i))
+
+
+def test_old_store_version_is_a_clear_error(store, tmp_path):
+    store.save(tmp_path / "db")
+    info = json.loads((tmp_path / "db" / "store.json").read_text())
+    info["meta"]["version"] = 1
+    (tmp_path / "db" / "store.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="rebuild it"):
+        TemplateStore.load(tmp_path / "db")
+
+
 def test_exclude_ids_and_tags():
     recs = tiny_records()
     recs.append(Record("rs-RbI", rock_salt("Rb", "I", 7.34), tags="a;mp20_test"))
@@ -686,6 +715,16 @@ def test_grouping_by_type_gives_distinct_types_ranked_by_pooled_similarity(store
     assert same.tolist() == rows.tolist() and np.allclose(s1, scores)
     preds = predict(store, "NaBr", top_k=10, ranking="learned", ranker=ranker)  # default: grouped
     assert [p.template_row for p in preds] == grouped.tolist() and len(preds) == len(grouped)
+
+
+def test_same_inputs_give_the_same_order(store, ranker):
+    a = [p.template_row for p in predict(store, "NaBr", top_k=10, ranker=ranker)]
+    b = [p.template_row for p in predict(TemplateStore.build(tiny_records()), "NaBr", top_k=10, ranker=ranker)]
+    assert a == b and len(a) == 3
+    rows_1, scores_1 = rank_templates(store, "CsI", "learned", ranker)
+    rows_2, scores_2 = rank_templates(store, "CsI", "learned", ranker)
+    np.testing.assert_array_equal(rows_1, rows_2)
+    np.testing.assert_array_equal(scores_1, scores_2)
 
 
 def test_energy_reranking_keeps_every_candidate():
