@@ -120,7 +120,7 @@ def evaluate(store, queries, rankings, top_k: int, ceiling: str | None, ceiling_
             t = time.perf_counter()
             rows, scores = rank_templates(store, comp, kind, ranker, seed=seed)
             if grouped and len(rows) > 1:
-                rows, _ = group_by_type(store, rows, scores)
+                rows, _ = group_by_type(store, rows, scores, **(grouped if isinstance(grouped, dict) else {}))
             for row in rows[:top_k]:  # the timed part: rank + substitute top-k
                 substitute(store.structure(int(row)), comp)
             seconds[name] += time.perf_counter() - t
@@ -216,6 +216,8 @@ def main() -> None:
     ap.add_argument("--potential", default=str(ROOT.parent / "shared/models/matgl/M3GNet-MP-2021.2.8-PES"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="csp", help="report name: benchmarks/OUT.json and .md (default: csp)")
+    ap.add_argument("--group-grid", action="store_true",
+                    help="also score the default ranker grouped with pool 10/20/50 and temperature 0.5/1/2")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
 
@@ -238,6 +240,9 @@ def main() -> None:
     for name in main_names:
         rankings += [(name, "learned", rankers[name], False), (name + "+types", "learned", rankers[name], True)]
     default = DEFAULT + "+types" if DEFAULT in rankers else None
+    if args.group_grid and default:
+        rankings += [(f"{DEFAULT}+types(pool={p},T={t})", "learned", rankers[DEFAULT], {"pool": p, "temperature": t})
+                     for p in (10, 20, 50) for t in (0.5, 1.0, 2.0) if (p, t) != (20, 1.0)]
     t0 = time.time()
     per_query, seconds = evaluate(store, queries, rankings, args.top_k, default, args.ceiling_k, args.seed, progress)
     results = {"meta": {"command": "python scripts/" + Path(__file__).name + " " + shlex.join(sys.argv[1:]),
@@ -295,6 +300,9 @@ def _row(label: str, r: dict, k: int) -> str:
 
 
 def _label(name: str) -> str:
+    if "+types(" in name:
+        base, params = name.split("+types(")
+        return LABELS.get(base, base) + f", grouped by prototype ({params.rstrip(')').replace(',', ', ')})"
     base, grouped = name.removesuffix("+types"), name.endswith("+types")
     text = {"random": "random ratio-matching template", "plain": "plain L1 distance"}.get(base, LABELS.get(base, base))
     return text + (", grouped by prototype" if grouped else "")
