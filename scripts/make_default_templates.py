@@ -1,14 +1,17 @@
 """Derive the compact template store that ships as the default of `structure` and `discover`.
 
-From the store of ../shared/data/structures/mp_union.csv.gz (53,164 MP structures; built under runs/ if
-missing), keep for every ratio key and structure type a few representatives, and every single-element
-structure (the elemental references). A structure type is approximated by (ratio key, space group from
-spglib at symprec 0.1, number of sites); within a type the lowest-E_hull structure comes first, then the ones
-farthest from those kept in the composition-descriptor space (so the ranker still finds chemically close
-templates). Writes ``structure/pretrained/templates-mp`` (store.json + store.safetensors, with the
-attribution in its metadata).
+From the store of ../shared/data/structures/mp_union.csv.gz (53,164 MP structures with their prototype
+labels; built under runs/ if missing), write every structure in the compact format (16-bit fixed-point
+fractional coordinates, float32 lattices: 13.5 MB instead of 34 MB; see ``TemplateStore.save``), or with
+``--per-type K`` at most K structures per prototype label (the lowest-E_hull one first, then the ones
+farthest from those kept in the composition-descriptor space) plus every single-element structure.
+Measured on MP-20 (benchmarks/csp.md, csp_compact.md): thinning costs top-1 accuracy (one per prototype
+38.8 %, twenty per prototype 49.2 %, every structure 64.6 %), because the common prototypes need
+chemically close templates, so the default keeps every structure. The store keeps each prototype's count
+in the full store (a ranker feature). Writes ``structure/pretrained/templates-mp`` (store.json +
+store.safetensors, with the attribution in its metadata).
 
-    python scripts/make_default_templates.py [--per-type 1] [--exclude-tag mp20_test -o runs/compact_no_test.db]
+    python scripts/make_default_templates.py [--per-type K] [--exclude-tag mp20_test -o runs/compact_no_test.db]
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--full", type=Path, default=ROOT / "runs" / "mp_union_v2.db", help="the full store (built if missing)")
-    ap.add_argument("--per-type", type=int, default=1)
+    ap.add_argument("--per-type", type=int, default=None,
+                    help="keep at most this many structures per prototype (default: every structure)")
     ap.add_argument("--exclude-tag", action="append", default=[], help="leave these split tags out (e.g. mp20_test)")
     ap.add_argument("-o", "--output", type=Path, default=ROOT / "structure" / "pretrained" / "templates-mp")
     args = ap.parse_args()
@@ -67,7 +71,10 @@ def main() -> int:
         ok = [i for i in range(len(full)) if not any(t in full.tags[i].split(";") for t in args.exclude_tag)]
     else:
         ok = list(range(len(full)))
-    rows, n_types = select(full, args.per_type, ok)
+    if args.per_type is None:
+        rows, n_types = ok, len({full.prototypes[i] for i in ok})
+    else:
+        rows, n_types = select(full, args.per_type, ok)
     compact = full.subset(rows)
     compact.prototype_counts = np.bincount(full.prototype_ids[ok], minlength=len(full))[full.prototype_ids[rows]]
     compact.meta.update({"source": ATTRIBUTION})

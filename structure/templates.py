@@ -206,17 +206,18 @@ class TemplateStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        arrays = {"lattices": self.lattices, "numbers": self.numbers, "frac": self.frac, "offsets": self.offsets,
+                  "e_above_hull": self.e_above_hull, "spacegroups": self.spacegroups, "n_wyckoff": self.n_wyckoff,
+                  "prototype_counts": np.asarray(self.prototype_counts, dtype=np.int64)}
         if compact:
             frac = np.round(np.mod(self.frac, 1.0) * FIXED_POINT).astype(np.int64) % FIXED_POINT
-            arrays = {"lattices": self.lattices.astype(np.float32), "numbers": self.numbers.astype(np.uint8),
-                      "frac": frac.astype(np.uint16)}
-        else:
-            arrays = {"lattices": self.lattices, "numbers": self.numbers, "frac": self.frac}
+            arrays.update({"lattices": self.lattices.astype(np.float32), "numbers": self.numbers.astype(np.uint8),
+                           "frac": frac.astype(np.uint16), "offsets": self.offsets.astype(np.int32),
+                           "e_above_hull": self.e_above_hull.astype(np.float32),
+                           "spacegroups": self.spacegroups.astype(np.uint8), "n_wyckoff": self.n_wyckoff.astype(np.int16),
+                           "prototype_counts": arrays["prototype_counts"].astype(np.int32)})
         try:
-            save_file({**arrays, "offsets": self.offsets, "e_above_hull": self.e_above_hull,
-                       "spacegroups": self.spacegroups, "n_wyckoff": self.n_wyckoff,
-                       "prototype_counts": np.asarray(self.prototype_counts, dtype=np.int64)},
-                      str(tmp / "store.safetensors"))
+            save_file(arrays, str(tmp / "store.safetensors"))
             write_json(tmp / "store.json", {"meta": self.meta, "ids": self.ids, "formulas": self.formulas,
                                             "keys": self.keys, "tags": self.tags, "prototypes": self.prototypes})
             if self.path is not None and self.path.resolve() == path.resolve():
@@ -245,8 +246,11 @@ class TemplateStore:
         t = load_file(str(path / "store.safetensors"))
         if t["frac"].dtype == np.uint16:  # a compact store (see save)
             t["frac"] = t["frac"].astype(np.float64) / FIXED_POINT
-        t["lattices"] = t["lattices"].astype(np.float64, copy=False)
-        t["numbers"] = t["numbers"].astype(np.int32, copy=False)
+        for name, dtype in (("lattices", np.float64), ("numbers", np.int32), ("offsets", np.int64),
+                            ("e_above_hull", np.float64), ("spacegroups", np.int64), ("n_wyckoff", np.int64)):
+            t[name] = t[name].astype(dtype, copy=False)
+        if "prototype_counts" in t:
+            t["prototype_counts"] = t["prototype_counts"].astype(np.int64, copy=False)
         return cls(info["ids"], info["formulas"], info["keys"], info["tags"], info["prototypes"], t["e_above_hull"],
                    t["spacegroups"], t["n_wyckoff"], t["lattices"], t["offsets"], t["numbers"], t["frac"],
                    info["meta"], path, prototype_counts=t.get("prototype_counts"))

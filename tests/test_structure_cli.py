@@ -323,7 +323,8 @@ def test_the_shipped_store_and_its_aflow_fallback(monkeypatch, tmp_path):
     import structure.pipeline as pipeline
 
     shipped = pipeline.default_store()
-    assert len(shipped) > 9000 and "CC BY 4.0" in shipped.meta["attribution"]
+    assert len(shipped) == 53164 and "CC BY 4.0" in shipped.meta["attribution"]
+    assert shipped.meta.get("per_type") is None and len(set(shipped.prototypes)) > 12000
     assert len(shipped.rows_with_key("1")) > 80  # every MP elemental structure: the elemental references
     monkeypatch.setattr(pipeline, "DEFAULT_TEMPLATES", tmp_path / "none")
     assert len(pipeline.default_store()) == 288  # an installation without it falls back to the AFLOW prototypes
