@@ -242,7 +242,7 @@ def _add_structure_parser(sub) -> None:
     p.add_argument("--column", help="formula column (default: formula)")
     p.add_argument("--templates", type=Path, metavar="DB",
                    help="template store folder (default: the compact Materials Project store shipped in the package: "
-                   "9,163 structures, every ratio key and structure type of 53,164 MP structures)")
+                   "all 53,164 MP structures of mp_union.csv.gz in 13.5 MB)")
     p.add_argument("--ranker", type=Path, help="ranker folder (default: the store's own, else the shipped one)")
     p.add_argument("--ranking", choices=["learned", "plain", "random"], default="learned",
                    help="learned: the ranker; plain: descriptor L1 distance; random: a seeded random order")
