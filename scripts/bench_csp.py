@@ -182,10 +182,10 @@ def rerank(store, per_query, truths, name: str, ks, n: int, args) -> dict:
     for qi, r in enumerate(chosen):
         truth = truths[r["material_id"]]
         res = by_query[qi]
-        match = [matcher.fit(x.structure if x.structure is not None else structures[owners.index(qi) + i], truth)
+        match = [bool(matcher.fit(x.structure if x.structure is not None else structures[owners.index(qi) + i], truth))
                  for i, x in enumerate(res)]
-        match_unrelaxed = [matcher.fit(structures[owners.index(qi) + i], truth) for i in range(len(res))]
-        energies = [x.energy_per_atom if x.status == "converged" else None for x in res]
+        match_unrelaxed = [bool(matcher.fit(structures[owners.index(qi) + i], truth)) for i in range(len(res))]
+        energies = [float(x.energy_per_atom) if x.status == "converged" else None for x in res]
         r["rerank"] = {"energies": energies, "match": match}
         hit_first += match[0]
         for k in ks:
