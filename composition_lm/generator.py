@@ -120,7 +120,8 @@ class FormulaGenerator:
                  max_elements: int | None = None, batch_size: int = 1000, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, condition: str | None = "auto",
                  method: str | None = None, clamp: bool | None = None, noise_scale: float | None = None,
-                 dtype: str = "auto", progress: bool = False):
+                 dtype: str = "auto", validity: str = "cdvae", validity_rounds: int = 10, validity_t: float = 0.5,
+                 progress: bool = False):
         """``n`` formulas as a ``pandas.DataFrame`` with the columns of ``formulas.csv``
         (:data:`FORMULA_COLUMNS`): the raw sample, its reduced formula, parse status, element and atom
         counts, validity and reason under both protocols, and ``is_novel`` against the training formulas.
@@ -130,11 +131,17 @@ class FormulaGenerator:
         ``top_p`` and ``condition`` (``"valid"``, ``"invalid"`` or None for a validity-conditioned model;
         ``"auto"``: valid when the model has the condition); Diffusion-LM takes ``method`` (ddpm/ddim),
         ``clamp`` and ``noise_scale``; ``steps`` and these default to the model's settings. ``dtype``:
-        ``auto``, ``float32`` or ``bfloat16``. One ``torch.Generator`` seeded with ``seed`` drives everything:
-        the same arguments give the same table. ``table.attrs["sampling"]`` records every setting used."""
+        ``auto``, ``float32`` or ``bfloat16``. ``validity`` (``cdvae``, the default, ``smact`` or ``none``)
+        is enforced inside the sampler: a row that fails the protocol is re-noised to ``validity_t`` and
+        denoised again, at most ``validity_rounds`` times (:mod:`composition_lm.valid_sampling`); a row
+        that still fails is kept, flagged by its ``valid_<protocol>`` column and counted in
+        ``table.attrs["validity"]``; ``none`` gives the raw samples. One ``torch.Generator`` seeded with
+        ``seed`` drives everything: the same arguments give the same table. ``table.attrs["sampling"]``
+        records every setting used."""
         import pandas as pd
 
         from composition_lm.sampling import Constraints, generate
+        from composition_lm.valid_sampling import RepairStats, ValiditySettings
         from evaluation.validity import check_formulas
 
         if n < 1:
@@ -143,9 +150,12 @@ class FormulaGenerator:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         constraints = Constraints(elements=_elements(elements) or None, require=_elements(require),
                                   exclude=_elements(exclude), max_elements=max_elements)
+        guard = ValiditySettings(validity, validity_rounds, validity_t)
+        stats = RepairStats()
         samples = generate(self.loaded, n, steps=steps, batch_size=batch_size, seed=seed, temperature=temperature,
                            top_k=top_k, top_p=top_p, constraints=constraints, progress=progress, dtype=dtype,
-                           condition=condition, method=method, clamp=clamp, noise_scale=noise_scale)
+                           condition=condition, method=method, clamp=clamp, noise_scale=noise_scale,
+                           validity=guard, stats=stats)
         formulas = [f for _, f, _ in samples if f is not None]
         verdicts = {p: dict(zip(formulas, check_formulas(formulas, p))) for p in ("cdvae", "smact")}
         train = self.training_formulas()
@@ -164,8 +174,18 @@ class FormulaGenerator:
         table.attrs["sampling"] = {
             "n": n, "seed": seed, **self.sampling_settings(steps, method, clamp, noise_scale), "batch_size": batch_size,
             "dtype": dtype, "temperature": temperature, "top_k": top_k, "top_p": top_p, "condition": condition,
-            "constraints": constraints.as_dict(),
+            "constraints": constraints.as_dict(), "validity": guard.as_dict(),
         }
+        table.attrs["validity"] = stats.as_dict()
+        if guard.protocol != "none":
+            failing = int((~table[f"valid_{guard.protocol}"]).sum())
+            table.attrs["validity"]["failing_rows"] = failing
+            if failing:
+                import warnings
+
+                warnings.warn(f"{failing} of {n} samples still fail the {guard.protocol} protocol after "
+                              f"{guard.rounds} repair rounds; they are kept and flagged (valid_{guard.protocol} "
+                              "is False)", stacklevel=2)
         return table
 
     def summary(self, table) -> dict:

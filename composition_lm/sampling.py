@@ -21,6 +21,7 @@ Every sampler takes a ``torch.Generator``; the same generator state gives the sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,10 +29,18 @@ import torch
 from composition_lm.formula import FormulaError, get_codec
 from composition_lm.models import is_gaussian
 from composition_lm.tokenizer import BOS, COUNT_OFFSET, ELEMENT_OFFSET, EOS, MASK, PAD
+from composition_lm.valid_sampling import (
+    RepairStats,
+    RowValidator,
+    ValiditySettings,
+    renoise_gaussian,
+    renoise_masked,
+    repair,
+)
 from evaluation.composition import ATOMIC_NUMBER, ELEMENTS, Formula
 
-__all__ = ["ConstraintError", "Constraints", "LogitRules", "decode_samples", "generate", "sample_gaussian_diffusion",
-           "sample_masked_diffusion"]
+__all__ = ["ConstraintError", "Constraints", "LogitRules", "decode_samples", "denoise_gaussian", "denoise_masked",
+           "generate", "sample_gaussian_diffusion", "sample_masked_diffusion"]
 
 
 class ConstraintError(ValueError):
@@ -260,38 +269,40 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.inference_mode()
-def sample_masked_diffusion(
+def denoise_masked(
     model,
-    n: int,
+    x: torch.Tensor,
     steps: int,
     generator: torch.Generator,
     rules: LogitRules,
+    t_start: float = 1.0,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     time_conditioning: bool = False,
     autocast_dtype: torch.dtype | None = None,
-    start_token: int = BOS,
+    counter: list[int] | None = None,
 ) -> torch.Tensor:
-    """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion denoiser in ``steps`` steps.
-
-    ``start_token`` stands at position 0: ``[BOS]``, or a condition token (``[VALID]``) for a
-    validity-conditioned model."""
-    device = next(model.parameters()).device
-    x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
-    x[:, 0] = start_token
+    """The reverse process from time ``t_start`` to 0 in ``steps`` steps on rows ``x`` (``[B, L]`` ids
+    whose masked positions are ``[MASK]``): each step reveals every masked position with probability
+    ``(t - s) / t``; revealed tokens are carried through. ``counter[0]`` (if given) is increased by the
+    number of rows the denoiser evaluates."""
+    device = x.device
+    n = x.shape[0]
     static = rules.static.to(device)
 
     def predict(rows: torch.Tensor, t: float) -> torch.Tensor:
+        if counter is not None:
+            counter[0] += len(rows)
         with _autocast(device, autocast_dtype):
             tt = torch.full((len(rows),), t, device=device) if time_conditioning else None
             logits = model(x[rows], tt).float()
         return _filter_logits(logits.masked_fill(~static, -torch.inf), temperature, top_k, top_p)
 
-    probs = predict(torch.arange(n, device=device), 1.0)
+    probs = predict(torch.arange(n, device=device), t_start)
     last = x.clone()
     for i in range(steps):
-        t, s = 1 - i / steps, 1 - (i + 1) / steps
+        t, s = t_start * (1 - i / steps), t_start * (1 - (i + 1) / steps)
         # MDLM's cache, per row: a time-agnostic denoiser gives the same answer for an unchanged row
         stale = torch.ones(n, dtype=torch.bool, device=device) if time_conditioning else (x != last).any(1)
         stale &= (x == MASK).any(1)  # a finished row needs no prediction
@@ -308,11 +319,78 @@ def sample_masked_diffusion(
     return x
 
 
+@torch.inference_mode()
+def sample_masked_diffusion(
+    model,
+    n: int,
+    steps: int,
+    generator: torch.Generator,
+    rules: LogitRules,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    time_conditioning: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    start_token: int = BOS,
+    counter: list[int] | None = None,
+) -> torch.Tensor:
+    """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion denoiser in ``steps`` steps.
+
+    ``start_token`` stands at position 0: ``[BOS]``, or a condition token (``[VALID]``) for a
+    validity-conditioned model."""
+    device = next(model.parameters()).device
+    x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
+    x[:, 0] = start_token
+    return denoise_masked(model, x, steps, generator, rules, 1.0, temperature, top_k, top_p, time_conditioning,
+                          autocast_dtype, counter)
+
+
 def _nearest_tokens(x: torch.Tensor, emb: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """``-|x - E_v|^2`` for every token ``v`` (``[B, L, V]``); tokens not ``allowed`` ([L, V]) get -inf."""
     x32, e32 = x.float(), emb.float()
     scores = 2 * x32 @ e32.t() - (e32 * e32).sum(-1) - (x32 * x32).sum(-1, keepdim=True)
     return scores if allowed is None else scores.masked_fill(~allowed, -torch.inf)
+
+
+@torch.inference_mode()
+def denoise_gaussian(
+    model,
+    x: torch.Tensor,
+    schedule,
+    k_start: int,
+    generator: torch.Generator,
+    rules: LogitRules,
+    method: str = "ddpm",
+    clamp: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    noise_scale: float = 1.0,
+    counter: list[int] | None = None,
+) -> torch.Tensor:
+    """Token ids (``[B, L]``) from ``x`` (``[B, L, D]``, at chain index ``k_start`` of the respaced
+    ``schedule``): the reverse chain down to ``x_0``, rounded to the nearest tokens the rules allow.
+
+    Constraints act twice: clamping snaps each predicted ``x_0`` to the nearest embedding allowed at
+    its position, and the final rounding takes the nearest token the rules allow (left to right,
+    so that ``require``/``max_elements`` hold)."""
+    device = x.device
+    n = x.shape[0]
+    emb = model.embedding_matrix.detach()
+    static = rules.static.to(device)
+
+    def predict_x0(x: torch.Tensor, k: int) -> torch.Tensor:
+        if counter is not None:
+            counter[0] += n
+        with _autocast(device, autocast_dtype):
+            x0 = model(x, schedule.timesteps[k].to(device).expand(n)).float()
+        return emb[_nearest_tokens(x0, emb, static).argmax(-1)] if clamp else x0
+
+    for k in reversed(range(k_start + 1)):
+        x = schedule.step(predict_x0(x, k), k, x, generator, method, noise_scale=noise_scale)
+    ids = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
+    ids[:, 0] = BOS
+    choose = torch.ones_like(ids, dtype=torch.bool)
+    choose[:, 0] = False
+    return rules.assign(ids, _nearest_tokens(x, emb, static), choose, generator, greedy=True)
 
 
 @torch.inference_mode()
@@ -326,33 +404,17 @@ def sample_gaussian_diffusion(
     clamp: bool = False,
     autocast_dtype: torch.dtype | None = None,
     noise_scale: float = 1.0,
+    counter: list[int] | None = None,
 ) -> torch.Tensor:
     """``n`` sequences (``[n, L]`` token ids) from a Diffusion-LM model: a respaced ``steps``-step
     DDPM/DDIM chain from ``N(0, I)``, with the clamping trick if ``clamp`` and the reverse-process noise
-    scaled by ``noise_scale``, rounded to tokens.
-
-    Constraints act twice: clamping snaps each predicted ``x_0`` to the nearest embedding allowed at
-    its position, and the final rounding takes the nearest token the rules allow (left to right,
-    so that ``require``/``max_elements`` hold)."""
+    scaled by ``noise_scale``, rounded to tokens (:func:`denoise_gaussian`)."""
     device = next(model.parameters()).device
     cfg = model.config
     schedule = cfg.gaussian_schedule().respace(steps)
-    emb = model.embedding_matrix.detach()
-    static = rules.static.to(device)
     x = torch.randn((n, rules.length, cfg.embedding_dim), generator=generator, device=device)
-
-    def predict_x0(x: torch.Tensor, k: int) -> torch.Tensor:
-        with _autocast(device, autocast_dtype):
-            x0 = model(x, schedule.timesteps[k].to(device).expand(n)).float()
-        return emb[_nearest_tokens(x0, emb, static).argmax(-1)] if clamp else x0
-
-    for k in reversed(range(len(schedule))):
-        x = schedule.step(predict_x0(x, k), k, x, generator, method, noise_scale=noise_scale)
-    ids = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
-    ids[:, 0] = BOS
-    choose = torch.ones_like(ids, dtype=torch.bool)
-    choose[:, 0] = False
-    return rules.assign(ids, _nearest_tokens(x, emb, static), choose, generator, greedy=True)
+    return denoise_gaussian(model, x, schedule, len(schedule) - 1, generator, rules, method, clamp, autocast_dtype,
+                            noise_scale, counter)
 
 
 def decode_samples(ids: torch.Tensor, codec_name: str, max_count: int = 200) -> list[tuple[str, Formula | None, str]]:
@@ -412,6 +474,8 @@ def generate(
     method: str | None = None,
     clamp: bool | None = None,
     noise_scale: float | None = None,
+    validity: ValiditySettings | None = None,
+    stats: RepairStats | None = None,
 ) -> list[tuple[str, Formula | None, str]]:
     """``n`` formulas from a model, in batches. ``loaded`` is a :class:`composition_lm.models.LoadedModel`
     or the model itself (anything with ``.config`` and parameters).
@@ -421,6 +485,9 @@ def generate(
     values in its config). One ``torch.Generator`` seeded with ``seed`` drives every batch, so the same arguments give the
     same samples. ``condition``: ``"valid"``, ``"invalid"`` or ``None`` (unconditional) for a
     validity-conditioned model; ``"auto"`` is ``"valid"`` for such a model and ``None`` otherwise.
+    ``validity`` (:class:`~composition_lm.valid_sampling.ValiditySettings`; None: raw samples) makes the
+    sampler re-noise and re-denoise every row that fails the protocol, at most ``validity.rounds``
+    times (:func:`~composition_lm.valid_sampling.repair`); ``stats``, if given, receives what that cost.
     Returns ``(raw text, formula or None, parse error)`` per sample.
     """
     from tqdm.auto import tqdm
@@ -445,17 +512,43 @@ def generate(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     autocast_dtype = resolve_dtype(dtype, device)
+    time_conditioning = getattr(cfg, "time_conditioning", False)
+    schedule = cfg.gaussian_schedule().respace(steps) if gaussian else None
+    guard = validity if validity is not None and validity.active else None
+    validator = RowValidator(guard.protocol, cfg.codec, cfg.max_count) if guard else None
+
+    def redo(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Failing rows re-noised to ``guard.t`` and denoised again; also the denoiser evaluations."""
+        calls = [0]
+        if gaussian:
+            x0 = model.embedding_matrix.detach()[rows]
+            xk, k = renoise_gaussian(schedule, x0, guard.t, generator)
+            out = denoise_gaussian(model, xk, schedule, k, generator, rules, method, clamp, autocast_dtype,
+                                   noise_scale, calls)
+        else:
+            out = denoise_masked(model, renoise_masked(rows, guard.t, generator), max(1, math.ceil(steps * guard.t)),
+                                 generator, rules, guard.t, temperature, top_k, top_p, time_conditioning,
+                                 autocast_dtype, calls)
+        return out, calls[0]
+
     out: list[tuple[str, Formula | None, str]] = []
     with tqdm(total=n, desc="sample", unit="formula", disable=not progress) as bar:
         while len(out) < n:
             k = min(batch_size, n - len(out))
+            calls = [0]
             if gaussian:
                 ids = sample_gaussian_diffusion(model, k, steps, generator, rules, method, clamp, autocast_dtype,
-                                                noise_scale)
+                                                noise_scale, calls)
             else:
                 ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
-                                              time_conditioning=getattr(cfg, "time_conditioning", False),
-                                              autocast_dtype=autocast_dtype, start_token=start_token)
+                                              time_conditioning=time_conditioning, autocast_dtype=autocast_dtype,
+                                              start_token=start_token, counter=calls)
+            batch_stats = RepairStats(samples=k)
+            if guard:
+                ids, _, _, batch_stats = repair(ids, validator, redo, guard.rounds)
+            batch_stats.denoiser_rows_first_pass = calls[0]
+            if stats is not None:
+                stats.add(batch_stats)
             out += decode_samples(ids, cfg.codec, cfg.max_count)
             bar.update(k)
     return out

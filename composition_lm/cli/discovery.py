@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from composition_lm.cli.options import add_progress, add_relax_arguments
+from composition_lm.cli.options import add_progress, add_relax_arguments, add_validity_arguments
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
@@ -86,9 +86,10 @@ def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dic
     t0 = time.perf_counter()
     gen = FormulaGenerator.from_pretrained(args.model)
     table = gen.generate(args.n, seed=args.seed, elements=args.elements, require=args.require, exclude=args.exclude,
-                         max_elements=args.max_elements, progress=not args.no_progress)
+                         max_elements=args.max_elements, validity=args.validity, validity_rounds=args.validity_rounds,
+                         validity_t=args.validity_t, progress=not args.no_progress)
     run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
-           **table.attrs["sampling"]}
+           **table.attrs["sampling"], "validity_repair": table.attrs["validity"]}
     summary = save_samples(gen, table, out, run, t0, time.perf_counter())
     return table["formula"].tolist(), gen.training_formulas(), {"sampling_s": summary["seconds"]}
 
@@ -141,6 +142,7 @@ def add_discover_parser(sub) -> None:
     p.add_argument("--require", help="every sample contains these")
     p.add_argument("--exclude", help="never these")
     p.add_argument("--max-elements", **positive_int, help="at most this many distinct elements")
+    add_validity_arguments(p)
     p.add_argument("--from", dest="from_file", type=Path, metavar="FORMULAS",
                    help="screen these formulas instead of sampling (any formula file `validate` reads)")
     p.add_argument("--column", help="formula column of --from")

@@ -8,9 +8,20 @@ import sys
 import time
 from pathlib import Path
 
-from composition_lm.cli.options import (add_progress, command_line, dataclass_arguments, fraction, half_open_unit,
-                                        non_negative_float, non_negative_int, positive_float, positive_int,
-                                        probability, unit_interval)
+from composition_lm.cli.options import (
+    add_progress,
+    add_validity_arguments,
+    command_line,
+    dataclass_arguments,
+    fraction,
+    half_open_unit,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    unit_interval,
+)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -30,7 +41,8 @@ def sampler_options(args: argparse.Namespace) -> dict:
     """The sampling options of ``sample`` as :meth:`FormulaGenerator.generate` keywords."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
             "condition": None if args.condition == "none" else args.condition, "method": args.method,
-            "clamp": args.clamp, "noise_scale": args.noise_scale}
+            "clamp": args.clamp, "noise_scale": args.noise_scale, "validity": args.validity,
+            "validity_rounds": args.validity_rounds, "validity_t": args.validity_t}
 
 
 def save_samples(gen, table, out_dir: Path, run: dict, started: float, sampled: float) -> dict:
@@ -74,7 +86,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          progress=not args.no_progress, **options)
     t_sample = time.perf_counter()
     run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
-           **table.attrs["sampling"], "condition": args.condition}
+           **table.attrs["sampling"], "condition": args.condition, "validity_repair": table.attrs["validity"]}
     summary = save_samples(gen, table, args.output, run, t0, t_sample)
     train_set = gen.training_formulas()
     print(f"{summary['n_samples']} samples from {gen.path.name} ({gen.model_type}) in {summary['seconds']:.1f} s "
@@ -86,6 +98,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"  novel       {summary['novelty']:.3f} of unique (vs {len(train_set)} training formulas)")
         print(f"  valid+novel+unique  {summary['valid_novel_unique_cdvae']} "
               f"({summary['valid_novel_unique_per_s']:.0f}/s)")
+    repair = run["validity_repair"]
+    if args.validity != "none":
+        print(f"  sampler     {repair['failed_first_pass']} rows failed {args.validity} after the first pass, "
+              f"{repair['failing_rows']} still fail after {args.validity_rounds} repair rounds (flagged); "
+              f"{repair['extra_denoiser_rows_per_sample']:.2f} extra denoiser rows per sample")
     constraints = run["constraints"]
     if any(constraints.values()):
         print(f"  constraints {json.dumps(constraints)}")
@@ -189,6 +206,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="denoiser precision: auto = bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 "
                    "CPUs, recent GPUs), else float32 (default: auto)")
+    add_validity_arguments(p)
     p.add_argument("--threads", **positive_int, help="torch CPU threads (default: torch's choice)")
     add_progress(p)
     p.add_argument("-o", "--output", type=Path, default=Path("samples"), help="output directory (default: samples)")

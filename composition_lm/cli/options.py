@@ -76,6 +76,22 @@ def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = Fal
                    "formation energies (default: the --templates store, else the shipped compact MP store)")
 
 
+def add_validity_arguments(p: argparse.ArgumentParser) -> None:
+    """``--validity``, ``--validity-rounds``, ``--validity-t``: validity enforced inside the sampler."""
+    from composition_lm.valid_sampling import VALIDITY_CHOICES
+
+    p.add_argument("--validity", choices=VALIDITY_CHOICES, default="cdvae",
+                   help="every sample passes this protocol, enforced while sampling: a failing row is re-noised "
+                   "and denoised again (cdvae: CDVAE's smact_validity rule; smact: SMACT's defaults; none: raw "
+                   "samples, as before) (default: cdvae)")
+    p.add_argument("--validity-rounds", **non_negative_int, default=10,
+                   help="repair budget: rounds of re-noising a failing row; rows still failing after it are kept "
+                   "and flagged (default: 10)")
+    p.add_argument("--validity-t", **probability, default=0.5,
+                   help="re-noising level of a failing row in (0, 1]: the share of its tokens re-masked "
+                   "(diffusion-bert) or the chain time its embeddings are re-noised to (diffusion-lm) (default: 0.5)")
+
+
 def relaxer(args: argparse.Namespace, references=None):
     """The :class:`structure.Relaxer` of the relaxation options (None without ``--relax``), built before any
     other work so that a bad potential fails at once. Elemental references: ``--references``, else

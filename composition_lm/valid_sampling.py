@@ -1,0 +1,193 @@
+"""Chemical validity inside the sampler: a validator of token rows and the remasking repair loop.
+
+Element constraints are logit masks (:mod:`composition_lm.sampling`); validity cannot be one, because
+it is a property of the whole formula. It is enforced the way ReMDM (Wang et al. 2025) corrects a
+masked-diffusion sample: after a batch is denoised, every row that fails the chosen protocol is
+re-noised to an intermediate time ``t`` and denoised again, a few rounds at most. Three pieces:
+
+* :class:`RowValidator` -- a pure function from a batch of token rows to pass/fail and a reason per
+  row (the protocol of :mod:`evaluation.validity`, each reduced formula checked once per process);
+* :func:`renoise_masked` -- the forward process of the masked sampler applied to a row's content
+  (a pure function): each position from 1 to the row's end is masked with probability ``t``;
+  :func:`renoise_gaussian` -- the Gaussian forward process ``q(x_k | x_0)`` on the rows' token embeddings;
+* :func:`repair` -- the loop: validate, re-noise and re-denoise the failing rows, validate again,
+  until every row passes or ``rounds`` are spent. Rows that still fail are returned as they are (the
+  caller flags and counts them); nothing is dropped or replaced by extra samples.
+
+The model-specific "denoise from time t" steps live in :mod:`composition_lm.sampling`
+(:func:`~composition_lm.sampling.denoise_masked`, :func:`~composition_lm.sampling.denoise_gaussian`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from composition_lm.tokenizer import EOS, MASK, PAD
+
+__all__ = ["VALIDITY_CHOICES", "RepairStats", "RowValidator", "ValiditySettings", "renoise_gaussian",
+           "renoise_masked", "repair"]
+
+#: ``--validity`` choices: a protocol of :mod:`evaluation.validity` enforced while sampling, or none
+VALIDITY_CHOICES = ("cdvae", "smact", "none")
+
+
+@dataclass
+class ValiditySettings:
+    """How the sampler enforces validity: ``protocol`` (``cdvae``, ``smact`` or ``none``), the repair
+    budget ``rounds`` and the re-noising level ``t`` (the share of a failing row's content re-masked,
+    or the Gaussian chain's time to which its embeddings are re-noised)."""
+
+    protocol: str = "cdvae"
+    rounds: int = 10
+    t: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.protocol not in VALIDITY_CHOICES:
+            raise ValueError(f"validity must be one of {', '.join(VALIDITY_CHOICES)}, got {self.protocol!r}")
+        if self.rounds < 0:
+            raise ValueError(f"repair rounds must be >= 0, got {self.rounds}")
+        if not 0 < self.t <= 1:
+            raise ValueError(f"the re-noising level t must lie in (0, 1], got {self.t}")
+
+    @property
+    def active(self) -> bool:
+        return self.protocol != "none" and self.rounds > 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RepairStats:
+    """What the sampler did, summed over batches: samples, denoiser evaluations (rows x forward passes) of
+    the first pass, rows that failed after it, rows still failing after the budget, re-denoised rows (a
+    row repaired in three rounds counts three times), the denoiser evaluations spent on them and the
+    failing rows at the start of each round."""
+
+    samples: int = 0
+    denoiser_rows_first_pass: int = 0
+    failed_first_pass: int = 0
+    failed_after_budget: int = 0
+    rows_resampled: int = 0
+    denoiser_rows: int = 0
+    rounds_used: int = 0
+    per_round_failing: list[int] = field(default_factory=list)
+
+    def add(self, other: RepairStats) -> None:
+        self.samples += other.samples
+        self.denoiser_rows_first_pass += other.denoiser_rows_first_pass
+        self.failed_first_pass += other.failed_first_pass
+        self.failed_after_budget += other.failed_after_budget
+        self.rows_resampled += other.rows_resampled
+        self.denoiser_rows += other.denoiser_rows
+        self.rounds_used = max(self.rounds_used, other.rounds_used)
+        for i, k in enumerate(other.per_round_failing):
+            if i < len(self.per_round_failing):
+                self.per_round_failing[i] += k
+            else:
+                self.per_round_failing.append(k)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        n = max(self.samples, 1)
+        out["extra_denoiser_rows_per_sample"] = self.denoiser_rows / n
+        out["first_pass_denoiser_rows_per_sample"] = self.denoiser_rows_first_pass / n
+        return out
+
+
+class RowValidator:
+    """``validator(ids) -> (ok, reasons)``: whether each token row (``[B, L]``) decodes to a formula that
+    passes ``protocol``, and why not (``""`` when it passes). A pure function of the rows; the verdict
+    on each reduced formula is memoised by :func:`evaluation.validity.check_formulas`."""
+
+    def __init__(self, protocol: str, codec: str, max_count: int = 200):
+        from evaluation.validity import protocols_of
+
+        if protocol == "none":
+            raise ValueError("a RowValidator needs a protocol (cdvae or smact)")
+        protocols_of(protocol)  # a clear error on an unknown name
+        self.protocol, self.codec, self.max_count = protocol, codec, max_count
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        from composition_lm.sampling import decode_samples
+        from evaluation.validity import check_formulas
+
+        decoded = decode_samples(ids, self.codec, self.max_count)
+        formulas = [f for _, f, _ in decoded if f is not None]
+        verdicts = iter(check_formulas(formulas, self.protocol, workers=1))
+        ok, reasons = [], []
+        for _, f, err in decoded:
+            if f is None:
+                ok.append(False)
+                reasons.append(f"unparseable: {err}")
+                continue
+            v = next(verdicts)
+            ok.append(v.valid)
+            reasons.append(v.reason)
+        return torch.tensor(ok, dtype=torch.bool, device=ids.device), reasons
+
+
+def _row_ends(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first [EOS]/[PAD] after position 0, or the last position."""
+    length = x.shape[1]
+    pos = torch.arange(length, device=x.device)
+    ended = ((x == EOS) | (x == PAD)) & (pos[None] >= 1)
+    return torch.where(ended, pos, torch.full_like(pos, length - 1)).min(1).values
+
+
+def renoise_masked(x: torch.Tensor, t: float, generator: torch.Generator) -> torch.Tensor:
+    """``x_t`` from finished rows ``x`` (``[B, L]``) under the masked sampler's linear schedule: every
+    content position (1 up to the row's first [EOS]/[PAD], inclusive) is masked with probability ``t``,
+    at least one per row; when a row's end is masked, the [PAD] tail after it is masked too, so the
+    row may also grow. Pure: ``x`` is not modified."""
+    length = x.shape[1]
+    pos = torch.arange(length, device=x.device)
+    end = _row_ends(x)
+    content = (pos[None] >= 1) & (pos[None] <= end[:, None])
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    masked = content & (u < t)
+    none = ~masked.any(1)
+    if bool(none.any()):  # at least one: the content position with the smallest draw
+        first = u.masked_fill(~content, 2.0).argmin(1)
+        masked[none.nonzero().squeeze(1), first[none]] = True
+    end_masked = masked.gather(1, end[:, None]).squeeze(1)
+    masked |= end_masked[:, None] & (pos[None] > end[:, None])
+    return torch.where(masked, torch.full_like(x, MASK), x)
+
+
+def renoise_gaussian(schedule, x0: torch.Tensor, t: float, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """``(x_k, k)``: token embeddings ``x0`` (``[B, L, D]``) re-noised by ``q(x_k | x_0)`` to the chain
+    index ``k`` nearest the fraction ``t`` of the (respaced) chain ``schedule``."""
+    k = min(len(schedule) - 1, max(0, math.ceil(t * len(schedule)) - 1))
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return schedule.add_noise(x0, torch.full((x0.shape[0],), k), noise), k
+
+
+def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
+           rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[str], RepairStats]:
+    """The repair loop: ``(ids, ok, reasons, stats)`` after re-doing the failing rows of ``ids`` with
+    ``redo(rows) -> (new rows, denoiser evaluations)`` (re-noise and denoise again) for at most
+    ``rounds`` rounds. Rows that pass are never touched again; rows that still fail stay in place."""
+    ids = ids.clone()
+    ok, reasons = validator(ids)
+    stats = RepairStats(samples=len(ids), failed_first_pass=int((~ok).sum()))
+    for r in range(rounds):
+        bad = (~ok).nonzero().squeeze(1)
+        if bad.numel() == 0:
+            break
+        stats.per_round_failing.append(int(bad.numel()))
+        new, calls = redo(ids[bad])
+        ids[bad] = new
+        ok_new, why = validator(new)
+        ok[bad] = ok_new
+        for i, row in enumerate(bad.tolist()):
+            reasons[row] = why[i]
+        stats.rows_resampled += int(bad.numel())
+        stats.denoiser_rows += calls
+        stats.rounds_used = r + 1
+    stats.failed_after_budget = int((~ok).sum())
+    return ids, ok, reasons, stats

@@ -1,0 +1,212 @@
+"""Validity enforced inside the sampler (issue 17): every method x both shipped formula models.
+
+1. Quality (in-process, 10,000 samples, seed 0, scored by `formula_set_metrics`, the definition `evaluate`
+   uses, against mp_formulas.csv train (novelty), val (distributions) and test (recovery)): raw sampling and
+   remasking repair at several re-noising levels t (and, for Diffusion-BERT, fewer sampling steps), with the
+   budget curve (validity after each repair round) and the extra denoiser rows each method costs.
+2. Speed (the whole `composition-gen sample` command, model load included, paired with the autoregressive
+   anchor `../shared/anchors/ar_gpt2/sample.py` in the same repeat): valid-novel-unique formulas/s as a ratio
+   to the anchor's, min/median/max over repeats, on the CPU named in the report.
+
+Results are appended to benchmarks/validity_sampling.jsonl as they finish (a rerun skips what is there);
+the report is benchmarks/validity_sampling.{md,json}.
+
+Run: python scripts/bench_validity_sampling.py [--n 10000] [--repeats 3] [--shared ../shared]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import ROOT, EXE, cpu
+from evaluation.io import write_json, write_text
+
+#: quality configurations: (model, label, generate keywords)
+QUALITY = [
+    ("diffusion-bert", "raw (--validity none)", {"validity": "none"}),
+    ("diffusion-bert", "remask t=0.25", {"validity_t": 0.25}),
+    ("diffusion-bert", "remask t=0.5 (default)", {"validity_t": 0.5}),
+    ("diffusion-bert", "remask t=1 (whole row)", {"validity_t": 1.0}),
+    ("diffusion-bert", "remask t=0.5, --validity smact", {"validity": "smact"}),
+    ("diffusion-bert", "remask t=0.5, 16 steps", {"steps": 16}),
+    ("diffusion-bert", "remask t=0.5, 8 steps", {"steps": 8}),
+    ("diffusion-bert", "remask t=0.5, 4 steps", {"steps": 4}),
+    ("diffusion-lm", "raw (--validity none)", {"validity": "none"}),
+    ("diffusion-lm", "re-noise t=0.25", {"validity_t": 0.25}),
+    ("diffusion-lm", "re-noise t=0.5 (default)", {"validity_t": 0.5}),
+    ("diffusion-lm", "re-noise t=1 (whole row)", {"validity_t": 1.0}),
+    ("diffusion-lm", "re-noise t=0.5, 25 steps", {"steps": 25}),
+]
+#: whole-command speed configurations: (label, extra `sample` arguments)
+SPEED = [
+    ("Diffusion-BERT, defaults", ["--model", "diffusion-bert"]),
+    ("Diffusion-BERT, --validity none", ["--model", "diffusion-bert", "--validity", "none"]),
+    ("Diffusion-BERT, 8 steps", ["--model", "diffusion-bert", "--steps", "8"]),
+    ("Diffusion-LM, defaults", ["--model", "diffusion-lm"]),
+    ("Diffusion-LM, --validity none", ["--model", "diffusion-lm", "--validity", "none"]),
+]
+TARGETS = {"validity_cdvae": 0.98, "validity_smact": 0.95, "uniqueness": 0.98, "novelty": 0.88, "element_js": 0.01,
+           "n_elements_wasserstein": 0.15}
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _done(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def quality(model: str, label: str, kw: dict, n: int, seed: int, corpus: dict) -> dict:
+    import warnings
+
+    from composition_lm.generator import FormulaGenerator
+    from evaluation.metrics import formula_set_metrics
+
+    gen = FormulaGenerator.from_pretrained(model)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = gen.generate(n, seed=seed, **kw)
+    seconds = time.perf_counter() - t
+    m = formula_set_metrics(table["formula"].tolist(), corpus["train"], {"test": corpus["test"]}, corpus["val"],
+                            protocols=("cdvae", "smact"))
+    repair = table.attrs["validity"]
+    failing = repair["per_round_failing"] + [repair["failed_after_budget"]]
+    return {"kind": "quality", "model": model, "label": label, "kwargs": kw, "n": n, "seed": seed,
+            "validity_cdvae": m["validity"]["cdvae"]["raw"], "validity_smact": m["validity"]["smact"]["raw"],
+            "uniqueness": m["uniqueness"], "novelty": m["novelty"],
+            "element_js": m["distribution"]["element_js"],
+            "n_elements_wasserstein": m["distribution"]["n_elements_wasserstein"],
+            "recovery_test": m["recovery"]["test"]["recovery"], "valid_novel_unique": m["valid_novel_unique"]["cdvae"],
+            "seconds_in_process": seconds, "repair": repair,
+            "budget_curve": [1 - f / n for f in failing] if kw.get("validity") != "none" else []}
+
+
+def _anchor_vnu(csv: Path, corpus: dict) -> int:
+    import pandas as pd
+
+    from evaluation.metrics import formula_set_metrics
+
+    m = formula_set_metrics(pd.read_csv(csv)["formula"].fillna("").tolist(), corpus["train"], protocols=("cdvae",))
+    return m["valid_novel_unique"]["cdvae"]
+
+
+def speed_repeat(r: int, n: int, shared: Path, corpus: dict, tmp: Path) -> dict:
+    """One repeat: the anchor, then every SPEED configuration, each timed as a whole command."""
+    out = {"kind": "speed", "repeat": r, "n": n}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, str(shared / "anchors/ar_gpt2/sample.py"), "-n", str(n), "--seed", "0", "-o",
+                    str(tmp / "ar.csv")], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out["anchor"] = {"seconds": time.perf_counter() - t, "vnu": _anchor_vnu(tmp / "ar.csv", corpus)}
+    for label, extra in SPEED:
+        d = tmp / f"s{r}"
+        cmd = [*EXE, "sample", "-n", str(n), "--seed", "0", "--no-progress", "-o", str(d), *extra]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dt = time.perf_counter() - t
+        summary = json.loads((d / "run_config.json").read_text())["summary"]
+        out[label] = {"seconds": dt, "vnu": summary["valid_novel_unique_cdvae"],
+                      "command": "composition-gen " + shlex.join(["sample", "-n", str(n), "--seed", "0", *extra])}
+        print(f"  repeat {r} {label}: {dt:.1f} s", flush=True)
+    return out
+
+
+def _spread(v: list[float]) -> str:
+    v = sorted(v)
+    return f"{v[0]:.2f} / {v[len(v) // 2]:.2f} / {v[-1]:.2f}"
+
+
+def report(records: list[dict], args) -> None:
+    q = [r for r in records if r["kind"] == "quality"]
+    s = [r for r in records if r["kind"] == "speed"]
+    lines = ["# Validity inside the sampler (issue 17)", "",
+             f"`python scripts/bench_validity_sampling.py --n {args.n} --repeats {args.repeats}`; CPU {cpu()}; "
+             f"{args.n} samples, seed {args.seed}, scored against `mp_formulas.csv` (train: novelty; val: "
+             "distributions; test: recovery) by `formula_set_metrics`, the definition `evaluate` uses.", "",
+             "## Every method, both models", "",
+             "| model | method | validity cdvae | validity smact | uniqueness | novelty | element JS | #elements W | "
+             "recovery (test) | failing after 1st pass | still failing | extra denoiser rows / sample | s (in process) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in q:
+        rep = r["repair"]
+        lines.append(f"| {r['model']} | {r['label']} | {r['validity_cdvae']:.4f} | {r['validity_smact']:.4f} | "
+                     f"{r['uniqueness']:.4f} | {r['novelty']:.4f} | {r['element_js']:.4f} | "
+                     f"{r['n_elements_wasserstein']:.3f} | {r['recovery_test']:.4f} | {rep['failed_first_pass']} | "
+                     f"{rep['failed_after_budget']} | {rep['extra_denoiser_rows_per_sample']:.2f} | "
+                     f"{r['seconds_in_process']:.1f} |")
+    lines += ["", f"Targets: validity cdvae >= {TARGETS['validity_cdvae']}, smact >= {TARGETS['validity_smact']}, "
+              f"uniqueness >= {TARGETS['uniqueness']}, novelty >= {TARGETS['novelty']}, element JS <= "
+              f"{TARGETS['element_js']}, #elements W <= {TARGETS['n_elements_wasserstein']}; recovery >= raw.", "",
+              "## Budget curves (cdvae validity after each repair round)", "",
+              "| model | method | after round 0, 1, 2, ... |", "|---|---|---|"]
+    for r in q:
+        if r["budget_curve"]:
+            lines.append(f"| {r['model']} | {r['label']} | {', '.join(f'{v:.4f}' for v in r['budget_curve'])} |")
+    if s:
+        lines += ["", "## Speed: the whole command against the autoregressive anchor, same repeat", "",
+                  f"{len(s)} repeats; each runs `python ../shared/anchors/ar_gpt2/sample.py -n {args.n} --seed 0` "
+                  "(its valid-novel-unique count scored the same way) and then each command below. Ratio = "
+                  "(valid-novel-unique/s of the command) / (the anchor's, same repeat).", "",
+                  "| command | seconds (min / median / max) | valid-novel-unique | ratio to anchor (min / median / max) |",
+                  "|---|---:|---:|---:|",
+                  f"| anchor (AR GPT-2) | {_spread([r['anchor']['seconds'] for r in s])} | {s[0]['anchor']['vnu']} | 1 |"]
+        for label, _ in SPEED:
+            ratios = [(r[label]["vnu"] / r[label]["seconds"]) / (r["anchor"]["vnu"] / r["anchor"]["seconds"]) for r in s]
+            lines.append(f"| `{s[0][label]['command']}` | {_spread([r[label]['seconds'] for r in s])} | "
+                         f"{s[0][label]['vnu']} | {_spread(ratios)} |")
+    write_text(ROOT / "benchmarks/validity_sampling.md", "\n".join(lines) + "\n")
+    write_json(ROOT / "benchmarks/validity_sampling.json", {"cpu": cpu(), "records": records})
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="speed repeats (0: skip the speed part)")
+    ap.add_argument("--only", choices=["quality", "speed"], help="run one part only")
+    ap.add_argument("--fresh", action="store_true", help="discard earlier results instead of resuming")
+    args = ap.parse_args()
+    from composition_lm.cli.options import load_spec
+
+    log = ROOT / "benchmarks/validity_sampling.jsonl"
+    if args.fresh and log.exists():
+        log.unlink()
+    corpus_path = args.shared / "data/formulas/mp_formulas.csv"
+    corpus = {split: load_spec(f"{corpus_path}@{split}")[1] for split in ("train", "val", "test")}
+    records = _done(log)
+    have = {(r["model"], r["label"]) for r in records if r["kind"] == "quality" and r["n"] == args.n}
+    if args.only != "speed":
+        for model, label, kw in QUALITY:
+            if (model, label) in have:
+                continue
+            rec = quality(model, label, kw, args.n, args.seed, corpus)
+            print(f"{model} {label}: cdvae {rec['validity_cdvae']:.4f} JS {rec['element_js']:.4f} "
+                  f"W {rec['n_elements_wasserstein']:.3f} novelty {rec['novelty']:.4f} "
+                  f"{rec['seconds_in_process']:.1f} s", flush=True)
+            _append(log, rec)
+            records.append(rec)
+    if args.only != "quality":
+        done = {r["repeat"] for r in records if r["kind"] == "speed" and r["n"] == args.n}
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.repeats):
+                if r in done:
+                    continue
+                rec = speed_repeat(r, args.n, args.shared, corpus, Path(tmp))
+                _append(log, rec)
+                records.append(rec)
+    report(records, args)
+
+
+if __name__ == "__main__":
+    main()
