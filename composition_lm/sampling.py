@@ -517,18 +517,19 @@ def generate(
     guard = validity if validity is not None and validity.active else None
     validator = RowValidator(guard.protocol, cfg.codec, cfg.max_count) if guard else None
 
-    def redo(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Failing rows re-noised to ``guard.t`` and denoised again; also the denoiser evaluations."""
+    def redo(rows: torch.Tensor, round_: int) -> tuple[torch.Tensor, int]:
+        """Failing rows re-noised to the round's level and denoised again; also the denoiser evaluations."""
         calls = [0]
+        t = guard.level(round_)
         if gaussian:
             x0 = model.embedding_matrix.detach()[rows]
-            xk, k = renoise_gaussian(schedule, x0, guard.t, generator)
+            xk, k = renoise_gaussian(schedule, x0, t, generator)
             out = denoise_gaussian(model, xk, schedule, k, generator, rules, method, clamp, autocast_dtype,
                                    noise_scale, calls)
         else:
-            out = denoise_masked(model, renoise_masked(rows, guard.t, generator), max(1, math.ceil(steps * guard.t)),
-                                 generator, rules, guard.t, temperature, top_k, top_p, time_conditioning,
-                                 autocast_dtype, calls)
+            out = denoise_masked(model, renoise_masked(rows, t, generator), max(1, math.ceil(steps * t)),
+                                 generator, rules, t, temperature, top_k, top_p, time_conditioning, autocast_dtype,
+                                 calls)
         return out, calls[0]
 
     out: list[tuple[str, Formula | None, str]] = []

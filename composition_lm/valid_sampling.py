@@ -38,8 +38,8 @@ VALIDITY_CHOICES = ("cdvae", "smact", "none")
 @dataclass
 class ValiditySettings:
     """How the sampler enforces validity: ``protocol`` (``cdvae``, ``smact`` or ``none``), the repair
-    budget ``rounds`` and the re-noising level ``t`` (the share of a failing row's content re-masked,
-    or the Gaussian chain's time to which its embeddings are re-noised)."""
+    budget ``rounds`` and the first round's re-noising level ``t`` (the share of a failing row's content
+    re-masked, or the Gaussian chain's time to which its embeddings are re-noised; :meth:`level`)."""
 
     protocol: str = "cdvae"
     rounds: int = 10
@@ -56,6 +56,12 @@ class ValiditySettings:
     @property
     def active(self) -> bool:
         return self.protocol != "none" and self.rounds > 0
+
+    def level(self, round_: int) -> float:
+        """The re-noising level of repair round ``round_`` (0-based): ``t`` in the first round, rising
+        linearly to 1 (the whole row re-drawn) in the last, so a row whose tokens cannot be balanced by
+        a partial correction still gets a fresh draw within the budget."""
+        return self.t + (1.0 - self.t) * round_ / max(self.rounds - 1, 1)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -167,10 +173,10 @@ def renoise_gaussian(schedule, x0: torch.Tensor, t: float, generator: torch.Gene
     return schedule.add_noise(x0, torch.full((x0.shape[0],), k), noise), k
 
 
-def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
+def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]],
            rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[str], RepairStats]:
     """The repair loop: ``(ids, ok, reasons, stats)`` after re-doing the failing rows of ``ids`` with
-    ``redo(rows) -> (new rows, denoiser evaluations)`` (re-noise and denoise again) for at most
+    ``redo(rows, round) -> (new rows, denoiser evaluations)`` (re-noise and denoise again) for at most
     ``rounds`` rounds. Rows that pass are never touched again; rows that still fail stay in place."""
     ids = ids.clone()
     ok, reasons = validator(ids)
@@ -180,7 +186,7 @@ def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor]
         if bad.numel() == 0:
             break
         stats.per_round_failing.append(int(bad.numel()))
-        new, calls = redo(ids[bad])
+        new, calls = redo(ids[bad], r)
         ids[bad] = new
         ok_new, why = validator(new)
         ok[bad] = ok_new

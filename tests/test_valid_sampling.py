@@ -1,0 +1,170 @@
+"""Validity inside the sampler: the row validator, the re-noising functions, the repair loop, and the
+shipped models sampling only valid formulas when asked (issue 17)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from composition_lm.cli import main as cli
+from composition_lm.generator import FormulaGenerator
+from composition_lm.tokenizer import BOS, ELEMENT_OFFSET, EOS, MASK, PAD
+from composition_lm.valid_sampling import (RepairStats, RowValidator, ValiditySettings, renoise_masked, repair)
+from evaluation.composition import ATOMIC_NUMBER
+from evaluation.validity import check_formula
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+L = 12
+
+
+def _row(*symbols: str) -> list[int]:
+    ids = [BOS] + [ELEMENT_OFFSET + ATOMIC_NUMBER[s] - 1 for s in symbols] + [EOS]
+    return ids + [PAD] * (L - len(ids))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return FormulaGenerator.from_pretrained("diffusion-bert")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return FormulaGenerator.from_pretrained("diffusion-lm")
+
+
+# ---------------------------------------------------------------------------------------- validator
+def test_row_validator_says_why():
+    rows = torch.tensor([_row("Na", "Cl"), _row("Na", "Cl", "Cl"), _row("He", "Ne"), _row("Fe")])
+    ok, reasons = RowValidator("cdvae", "expanded")(rows)
+    assert ok.tolist() == [True, False, False, True]
+    assert reasons[0] == "" and reasons[3] == ""
+    assert reasons[1] == check_formula("NaCl2", "cdvae").reason == "no charge-neutral combination"
+    assert "oxidation states" in reasons[2]
+    with pytest.raises(ValueError, match="protocol"):
+        RowValidator("none", "expanded")
+
+
+# ------------------------------------------------------------------------------------ re-noising
+def test_renoise_masked_is_pure_and_masks_content_only():
+    x = torch.tensor([_row("Li", "Mn", "O", "O"), _row("Na", "Cl"), _row("Fe")] * 50)
+    before = x.clone()
+    g = torch.Generator().manual_seed(0)
+    y = renoise_masked(x, 0.5, g)
+    assert torch.equal(x, before)  # pure
+    assert (y[:, 0] == BOS).all()
+    masked = y == MASK
+    assert masked.any(1).all()  # at least one position per row
+    unchanged = ~masked
+    assert torch.equal(y[unchanged], x[unchanged])  # the rest carried through
+    ends = (x == EOS).float().argmax(1)
+    pos = torch.arange(L)
+    # a masked position beyond the end only where the end itself was masked (the row may grow)
+    beyond = masked & (pos[None] > ends[:, None])
+    end_masked = masked[torch.arange(len(x)), ends]
+    assert not beyond[~end_masked].any()
+    assert beyond[end_masked].any()
+    share = (masked & (pos[None] <= ends[:, None])).sum() / ((pos[None] >= 1) & (pos[None] <= ends[:, None])).sum()
+    assert 0.4 < float(share) < 0.65
+    full = renoise_masked(x, 1.0, torch.Generator().manual_seed(0))
+    assert (full[:, 1:] == MASK).all()  # t = 1: the whole row is noise again
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="validity"):
+        ValiditySettings("neutral")
+    with pytest.raises(ValueError, match="t must"):
+        ValiditySettings(t=0.0)
+    assert not ValiditySettings("none").active and not ValiditySettings(rounds=0).active
+    levels = [ValiditySettings(rounds=5, t=0.5).level(r) for r in range(5)]
+    assert levels == [0.5, 0.625, 0.75, 0.875, 1.0]  # rising to a whole-row re-draw in the last round
+
+
+# ------------------------------------------------------------------------------------- repair loop
+def test_repair_touches_only_failing_rows_and_counts():
+    good, bad = _row("Na", "Cl"), _row("Na", "Cl", "Cl")
+    ids = torch.tensor([good, bad, good, bad])
+    calls = []
+
+    def redo(rows, round_):  # turns a row valid on its second re-draw
+        assert round_ == len(calls)
+        calls.append(len(rows))
+        out = rows.clone()
+        if len(calls) >= 2:
+            out[:] = torch.tensor(_row("K", "Br"))
+        return out, 3 * len(rows)
+
+    out, ok, reasons, stats = repair(ids, RowValidator("cdvae", "expanded"), redo, rounds=5)
+    assert ok.all() and reasons == [""] * 4
+    assert torch.equal(out[0], ids[0]) and torch.equal(out[2], ids[2])
+    assert torch.equal(out[1], torch.tensor(_row("K", "Br")))
+    assert calls == [2, 2]
+    assert (stats.failed_first_pass, stats.failed_after_budget, stats.rows_resampled, stats.denoiser_rows,
+            stats.rounds_used, stats.per_round_failing) == (2, 0, 4, 12, 2, [2, 2])
+
+
+def test_repair_budget_ends_with_flagged_rows():
+    ids = torch.tensor([_row("He", "Ne")] * 3)
+    out, ok, reasons, stats = repair(ids, RowValidator("cdvae", "expanded"), lambda r, _: (r.clone(), 0), rounds=4)
+    assert not ok.any() and all("oxidation states" in r for r in reasons)
+    assert stats.failed_after_budget == 3 and stats.rounds_used == 4 and torch.equal(out, ids)
+    total = RepairStats()
+    total.add(stats)
+    total.add(stats)
+    assert total.failed_after_budget == 6 and total.per_round_failing == [6, 6, 6, 6]
+
+
+# ------------------------------------------------------------------------------- shipped models
+@pytest.mark.parametrize("protocol", ["cdvae", "smact"])
+@pytest.mark.parametrize("which", ["bert", "lm"])
+def test_every_sample_passes_when_asked(which, protocol, request):
+    gen = request.getfixturevalue(which)
+    table = gen.generate(150 if which == "bert" else 60, seed=0, validity=protocol, batch_size=150)
+    assert table[f"valid_{protocol}"].all(), table.loc[~table[f"valid_{protocol}"], ["formula", f"reason_{protocol}"]]
+    assert table.attrs["validity"]["failing_rows"] == 0
+    assert table.attrs["sampling"]["validity"]["protocol"] == protocol
+
+
+@pytest.mark.parametrize("which", ["bert", "lm"])
+def test_valid_samples_keep_element_constraints(which, request):
+    gen = request.getfixturevalue(which)
+    n = 60 if which == "bert" else 30
+    table = gen.generate(n, seed=1, require="Li", max_elements=3, batch_size=n)
+    assert table["valid_cdvae"].all()
+    assert all("Li" in f for f in table["formula"]) and (table["n_elements"] <= 3).all()
+    few = gen.generate(n, seed=2, elements="Na,Cl", batch_size=n)  # few valid formulas exist: NaCl, Na, Cl
+    assert few["valid_cdvae"].all()
+    assert set(few["formula"]) <= {"NaCl", "Na", "Cl"}
+
+
+def test_impossible_request_ends_with_flagged_rows(bert):
+    with pytest.warns(UserWarning, match="still fail"):
+        table = bert.generate(8, seed=0, elements="He,Ne", require="He,Ne", validity_rounds=3)
+    assert len(table) == 8 and not table["valid_cdvae"].any()  # kept, flagged, counted
+    assert table.attrs["validity"]["failing_rows"] == 8
+    assert table.attrs["validity"]["failed_after_budget"] == 8
+
+
+def test_rows_valid_on_the_first_pass_are_the_raw_samples(bert):
+    raw = bert.generate(200, seed=3, validity="none", batch_size=200)
+    guarded = bert.generate(200, seed=3, batch_size=200)
+    first_pass_ok = raw["valid_cdvae"].to_numpy()
+    assert (guarded["sample"].to_numpy()[first_pass_ok] == raw["sample"].to_numpy()[first_pass_ok]).all()
+    assert (guarded["sample"].to_numpy()[~first_pass_ok] != raw["sample"].to_numpy()[~first_pass_ok]).any()
+    assert raw.attrs["validity"]["rows_resampled"] == 0
+    again = bert.generate(200, seed=3, batch_size=200)
+    assert again["sample"].tolist() == guarded["sample"].tolist()  # same seed, same samples
+
+
+def test_sample_cli_records_validity(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli(["sample", "-n", "40", "--seed", "0", "--validity", "smact", "--validity-rounds", "20",
+                    "--no-progress", "-o", str(tmp_path / "s")]) == 0
+    run = json.loads((tmp_path / "s/run_config.json").read_text())
+    assert run["validity"] == {"protocol": "smact", "rounds": 20, "t": 0.5}
+    assert run["validity_repair"]["failing_rows"] == 0 and run["summary"]["validity_smact"] == 1.0
+    assert cli(["sample", "-n", "4", "--validity-t", "0", "-o", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
