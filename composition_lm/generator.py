@@ -120,8 +120,8 @@ class FormulaGenerator:
                  max_elements: int | None = None, batch_size: int = 1000, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, condition: str | None = "auto",
                  method: str | None = None, clamp: bool | None = None, noise_scale: float | None = None,
-                 dtype: str = "auto", validity: str = "cdvae", validity_rounds: int = 10, validity_t: float = 0.5,
-                 progress: bool = False):
+                 dtype: str = "auto", validity: str = "cdvae", validity_rounds: int = 10, validity_t: float = 1.0,
+                 validity_keep_elements: bool = True, progress: bool = False):
         """``n`` formulas as a ``pandas.DataFrame`` with the columns of ``formulas.csv``
         (:data:`FORMULA_COLUMNS`): the raw sample, its reduced formula, parse status, element and atom
         counts, validity and reason under both protocols, and ``is_novel`` against the training formulas.
@@ -133,7 +133,8 @@ class FormulaGenerator:
         ``clamp`` and ``noise_scale``; ``steps`` and these default to the model's settings. ``dtype``:
         ``auto``, ``float32`` or ``bfloat16``. ``validity`` (``cdvae``, the default, ``smact`` or ``none``)
         is enforced inside the sampler: a row that fails the protocol is re-noised to ``validity_t`` and
-        denoised again, at most ``validity_rounds`` times (:mod:`composition_lm.valid_sampling`); a row
+        denoised again, at most ``validity_rounds`` times, keeping its number of distinct elements
+        unless ``validity_keep_elements`` is False (:mod:`composition_lm.valid_sampling`); a row
         that still fails is kept, flagged by its ``valid_<protocol>`` column and counted in
         ``table.attrs["validity"]``; ``none`` gives the raw samples. One ``torch.Generator`` seeded with
         ``seed`` drives everything: the same arguments give the same table. ``table.attrs["sampling"]``
@@ -150,7 +151,7 @@ class FormulaGenerator:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         constraints = Constraints(elements=_elements(elements) or None, require=_elements(require),
                                   exclude=_elements(exclude), max_elements=max_elements)
-        guard = ValiditySettings(validity, validity_rounds, validity_t)
+        guard = ValiditySettings(validity, validity_rounds, validity_t, validity_keep_elements)
         stats = RepairStats()
         samples = generate(self.loaded, n, steps=steps, batch_size=batch_size, seed=seed, temperature=temperature,
                            top_k=top_k, top_p=top_p, constraints=constraints, progress=progress, dtype=dtype,

@@ -546,7 +546,7 @@ def generate(
                                               start_token=start_token, counter=calls)
             batch_stats = RepairStats(samples=k)
             if guard:
-                ids, _, _, batch_stats = repair(ids, validator, redo, guard.rounds)
+                ids, _, _, batch_stats = repair(ids, validator, redo, guard.rounds, guard.keep_elements)
             batch_stats.denoiser_rows_first_pass = calls[0]
             if stats is not None:
                 stats.add(batch_stats)

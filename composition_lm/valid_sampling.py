@@ -29,7 +29,7 @@ import torch
 from composition_lm.tokenizer import EOS, MASK, PAD
 
 __all__ = ["VALIDITY_CHOICES", "RepairStats", "RowValidator", "ValiditySettings", "renoise_gaussian",
-           "renoise_masked", "repair"]
+           "element_counts", "renoise_masked", "repair"]
 
 #: ``--validity`` choices: a protocol of :mod:`evaluation.validity` enforced while sampling, or none
 VALIDITY_CHOICES = ("cdvae", "smact", "none")
@@ -39,11 +39,16 @@ VALIDITY_CHOICES = ("cdvae", "smact", "none")
 class ValiditySettings:
     """How the sampler enforces validity: ``protocol`` (``cdvae``, ``smact`` or ``none``), the repair
     budget ``rounds`` and the first round's re-noising level ``t`` (the share of a failing row's content
-    re-masked, or the Gaussian chain's time to which its embeddings are re-noised; :meth:`level`)."""
+    re-masked, or the Gaussian chain's time to which its embeddings are re-noised; :meth:`level`).
+    With ``keep_elements`` a repaired row is accepted only when it has as many distinct elements as the
+    row it replaces (in the first half of the rounds; the second half takes any valid row), so the number-of-elements distribution of the samples stays the model's own
+    (valid formulas have more elements on average than invalid ones: without it, enforcing validity
+    shifts that distribution; ``benchmarks/validity_sampling.md``)."""
 
     protocol: str = "cdvae"
     rounds: int = 10
-    t: float = 0.5
+    t: float = 1.0
+    keep_elements: bool = True  # a repaired row must keep its number of distinct elements
 
     def __post_init__(self) -> None:
         if self.protocol not in VALIDITY_CHOICES:
@@ -137,6 +142,21 @@ class RowValidator:
         return torch.tensor(ok, dtype=torch.bool, device=ids.device), reasons
 
 
+def element_counts(ids: torch.Tensor) -> torch.Tensor:
+    """``[B]`` number of distinct element tokens before each row's first [EOS]/[PAD] (either codec)."""
+    from composition_lm.tokenizer import ELEMENT_OFFSET
+    from evaluation.composition import ELEMENTS
+
+    n_el = len(ELEMENTS)
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    live = (pos[None] >= 1) & (pos[None] <= _row_ends(ids)[:, None])  # the end itself is no element
+    is_el = live & (ids >= ELEMENT_OFFSET) & (ids < ELEMENT_OFFSET + n_el)
+    idx = torch.where(is_el, ids - ELEMENT_OFFSET, torch.full_like(ids, n_el))
+    present = torch.zeros(ids.shape[0], n_el + 1, dtype=torch.bool, device=ids.device)
+    present.scatter_(1, idx, True)
+    return present[:, :n_el].sum(1)
+
+
 def _row_ends(x: torch.Tensor) -> torch.Tensor:
     """Index of each row's first [EOS]/[PAD] after position 0, or the last position."""
     length = x.shape[1]
@@ -174,11 +194,14 @@ def renoise_gaussian(schedule, x0: torch.Tensor, t: float, generator: torch.Gene
 
 
 def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]],
-           rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[str], RepairStats]:
+           rounds: int, keep_elements: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str], RepairStats]:
     """The repair loop: ``(ids, ok, reasons, stats)`` after re-doing the failing rows of ``ids`` with
     ``redo(rows, round) -> (new rows, denoiser evaluations)`` (re-noise and denoise again) for at most
-    ``rounds`` rounds. Rows that pass are never touched again; rows that still fail stay in place."""
+    ``rounds`` rounds. Rows that pass are never touched again; rows that still fail stay in place. With
+    ``keep_elements``, a re-done row passes only if it also has its original row's number of distinct
+    elements, in the first half of the rounds; the second half accepts any valid row."""
     ids = ids.clone()
+    want = element_counts(ids) if keep_elements else None
     ok, reasons = validator(ids)
     stats = RepairStats(samples=len(ids), failed_first_pass=int((~ok).sum()))
     for r in range(rounds):
@@ -189,6 +212,12 @@ def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor,
         new, calls = redo(ids[bad], r)
         ids[bad] = new
         ok_new, why = validator(new)
+        if want is not None and r < rounds // 2:  # the second half of the budget takes any valid row
+            got = element_counts(new)
+            drift = ok_new & (got != want[bad])
+            why = [f"valid, but {int(g)} elements where the sample had {int(w)}" if d else y
+                   for y, d, g, w in zip(why, drift.tolist(), got, want[bad])]
+            ok_new = ok_new & ~drift
         ok[bad] = ok_new
         for i, row in enumerate(bad.tolist()):
             reasons[row] = why[i]

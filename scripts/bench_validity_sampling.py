@@ -2,7 +2,8 @@
 
 1. Quality (in-process, 10,000 samples, seed 0, scored by `formula_set_metrics`, the definition `evaluate`
    uses, against mp_formulas.csv train (novelty), val (distributions) and test (recovery)): raw sampling and
-   remasking repair at several re-noising levels t (and, for Diffusion-BERT, fewer sampling steps), with the
+   remasking repair at several first-round re-noising levels t, with and without keeping each row's number of
+   elements (and, for Diffusion-BERT, fewer sampling steps), with the
    budget curve (validity after each repair round) and the extra denoiser rows each method costs.
 2. Speed (the whole `composition-gen sample` command, model load included, paired with the autoregressive
    anchor `../shared/anchors/ar_gpt2/sample.py` in the same repeat): valid-novel-unique formulas/s as a ratio
@@ -32,23 +33,22 @@ from evaluation.io import write_json, write_text
 QUALITY = [
     ("diffusion-bert", "raw (--validity none)", {"validity": "none"}),
     ("diffusion-bert", "remask t=0.25", {"validity_t": 0.25}),
-    ("diffusion-bert", "remask t=0.5 (default)", {"validity_t": 0.5}),
-    ("diffusion-bert", "remask t=1 (whole row)", {"validity_t": 1.0}),
-    ("diffusion-bert", "remask t=0.5, --validity smact", {"validity": "smact"}),
-    ("diffusion-bert", "remask t=0.5, 16 steps", {"steps": 16}),
-    ("diffusion-bert", "remask t=0.5, 8 steps", {"steps": 8}),
-    ("diffusion-bert", "remask t=0.5, 4 steps", {"steps": 4}),
+    ("diffusion-bert", "remask t=0.5", {"validity_t": 0.5}),
+    ("diffusion-bert", "re-draw t=1 (default)", {}),
+    ("diffusion-bert", "remask t=0.5, any #elements", {"validity_t": 0.5, "validity_keep_elements": False}),
+    ("diffusion-bert", "remask t=0.5, --validity smact", {"validity_t": 0.5, "validity": "smact"}),
+    ("diffusion-bert", "remask t=0.5, 16 steps", {"validity_t": 0.5, "steps": 16}),
     ("diffusion-lm", "raw (--validity none)", {"validity": "none"}),
     ("diffusion-lm", "re-noise t=0.25", {"validity_t": 0.25}),
-    ("diffusion-lm", "re-noise t=0.5 (default)", {"validity_t": 0.5}),
-    ("diffusion-lm", "re-noise t=1 (whole row)", {"validity_t": 1.0}),
-    ("diffusion-lm", "re-noise t=0.5, 25 steps", {"steps": 25}),
+    ("diffusion-lm", "re-noise t=0.5", {"validity_t": 0.5}),
+    ("diffusion-lm", "re-draw t=1 (default)", {}),
+    ("diffusion-lm", "re-noise t=0.5, any #elements", {"validity_t": 0.5, "validity_keep_elements": False}),
 ]
 #: whole-command speed configurations: (label, extra `sample` arguments)
 SPEED = [
     ("Diffusion-BERT, defaults", ["--model", "diffusion-bert"]),
     ("Diffusion-BERT, --validity none", ["--model", "diffusion-bert", "--validity", "none"]),
-    ("Diffusion-BERT, 8 steps", ["--model", "diffusion-bert", "--steps", "8"]),
+    ("Diffusion-BERT, any #elements", ["--model", "diffusion-bert", "--validity-any-elements"]),
     ("Diffusion-LM, defaults", ["--model", "diffusion-lm"]),
     ("Diffusion-LM, --validity none", ["--model", "diffusion-lm", "--validity", "none"]),
 ]

@@ -105,6 +105,29 @@ def test_repair_touches_only_failing_rows_and_counts():
             stats.rounds_used, stats.per_round_failing) == (2, 0, 4, 12, 2, [2, 2])
 
 
+def test_element_counts_and_keep_elements():
+    from composition_lm.valid_sampling import element_counts
+
+    ids = torch.tensor([_row("Na", "Cl"), _row("Li", "Mn", "O", "O"), _row("Fe"), [BOS] + [ELEMENT_OFFSET] * (L - 1)])
+    assert element_counts(ids).tolist() == [2, 3, 1, 1]
+    bad = torch.tensor([_row("Na", "Cl", "Cl")])
+
+    def to_ternary(rows, round_):  # valid, but with three elements where the sample had two
+        return torch.tensor([_row("Li", "Co", "O", "O")] * len(rows)), 0
+
+    _, ok, reasons, stats = repair(bad, RowValidator("cdvae", "expanded"), to_ternary, rounds=1, keep_elements=True)
+    assert ok.all()  # a budget of one round has no first half: any valid row
+    _, ok, reasons, stats = repair(bad, RowValidator("cdvae", "expanded"), to_ternary, rounds=4, keep_elements=True)
+    assert ok.all() and stats.per_round_failing == [1, 1, 1]  # refused in rounds 1-2, taken in round 3
+    binary = torch.tensor([_row("K", "Br")])
+    _, ok, reasons, stats = repair(bad, RowValidator("cdvae", "expanded"),
+                                   lambda rows, r: (binary if r == 1 else to_ternary(rows, r)[0], 0), rounds=4,
+                                   keep_elements=True)
+    assert ok.all() and stats.per_round_failing == [1, 1]
+    _, ok, _, _ = repair(bad, RowValidator("cdvae", "expanded"), to_ternary, rounds=2, keep_elements=False)
+    assert ok.all()
+
+
 def test_repair_budget_ends_with_flagged_rows():
     ids = torch.tensor([_row("He", "Ne")] * 3)
     out, ok, reasons, stats = repair(ids, RowValidator("cdvae", "expanded"), lambda r, _: (r.clone(), 0), rounds=4)
@@ -149,12 +172,16 @@ def test_impossible_request_ends_with_flagged_rows(bert):
 
 def test_rows_valid_on_the_first_pass_are_the_raw_samples(bert):
     raw = bert.generate(200, seed=3, validity="none", batch_size=200)
-    guarded = bert.generate(200, seed=3, batch_size=200)
+    guarded = bert.generate(200, seed=3, batch_size=200, validity_t=0.5)
     first_pass_ok = raw["valid_cdvae"].to_numpy()
+    kept = (guarded["n_elements"].to_numpy() == raw["n_elements"].to_numpy())[~first_pass_ok].mean()
+    loose = bert.generate(200, seed=3, batch_size=200, validity_t=0.5, validity_keep_elements=False)
+    kept_loose = (loose["n_elements"].to_numpy() == raw["n_elements"].to_numpy())[~first_pass_ok].mean()
+    assert kept > kept_loose + 0.1  # repaired rows keep their number of elements far more often
     assert (guarded["sample"].to_numpy()[first_pass_ok] == raw["sample"].to_numpy()[first_pass_ok]).all()
     assert (guarded["sample"].to_numpy()[~first_pass_ok] != raw["sample"].to_numpy()[~first_pass_ok]).any()
     assert raw.attrs["validity"]["rows_resampled"] == 0
-    again = bert.generate(200, seed=3, batch_size=200)
+    again = bert.generate(200, seed=3, batch_size=200, validity_t=0.5)
     assert again["sample"].tolist() == guarded["sample"].tolist()  # same seed, same samples
 
 
@@ -164,7 +191,7 @@ def test_sample_cli_records_validity(tmp_path):
         assert cli(["sample", "-n", "40", "--seed", "0", "--validity", "smact", "--validity-rounds", "20",
                     "--no-progress", "-o", str(tmp_path / "s")]) == 0
     run = json.loads((tmp_path / "s/run_config.json").read_text())
-    assert run["validity"] == {"protocol": "smact", "rounds": 20, "t": 0.5}
+    assert run["validity"] == {"protocol": "smact", "rounds": 20, "t": 1.0, "keep_elements": True}
     assert run["validity_repair"]["failing_rows"] == 0 and run["summary"]["validity_smact"] == 1.0
     assert cli(["sample", "-n", "4", "--validity-t", "0", "-o", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()

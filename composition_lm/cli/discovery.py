@@ -87,7 +87,8 @@ def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dic
     gen = FormulaGenerator.from_pretrained(args.model)
     table = gen.generate(args.n, seed=args.seed, elements=args.elements, require=args.require, exclude=args.exclude,
                          max_elements=args.max_elements, validity=args.validity, validity_rounds=args.validity_rounds,
-                         validity_t=args.validity_t, progress=not args.no_progress)
+                         validity_t=args.validity_t, validity_keep_elements=args.validity_keep_elements,
+                         progress=not args.no_progress)
     run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
            **table.attrs["sampling"], "validity_repair": table.attrs["validity"]}
     summary = save_samples(gen, table, out, run, t0, time.perf_counter())

@@ -42,7 +42,8 @@ def sampler_options(args: argparse.Namespace) -> dict:
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
             "condition": None if args.condition == "none" else args.condition, "method": args.method,
             "clamp": args.clamp, "noise_scale": args.noise_scale, "validity": args.validity,
-            "validity_rounds": args.validity_rounds, "validity_t": args.validity_t}
+            "validity_rounds": args.validity_rounds, "validity_t": args.validity_t,
+            "validity_keep_elements": args.validity_keep_elements}
 
 
 def save_samples(gen, table, out_dir: Path, run: dict, started: float, sampled: float) -> dict:

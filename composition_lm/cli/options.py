@@ -87,9 +87,14 @@ def add_validity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validity-rounds", **non_negative_int, default=10,
                    help="repair budget: rounds of re-noising a failing row; rows still failing after it are kept "
                    "and flagged (default: 10)")
-    p.add_argument("--validity-t", **probability, default=0.5,
+    p.add_argument("--validity-t", **probability, default=1.0,
                    help="re-noising level of a failing row in (0, 1]: the share of its tokens re-masked "
-                   "(diffusion-bert) or the chain time its embeddings are re-noised to (diffusion-lm) (default: 0.5)")
+                   "(diffusion-bert) or the chain time its embeddings are re-noised to (diffusion-lm); later rounds "
+                   "rise to 1, a whole-row re-draw (default: 1, the best of those measured in "
+                   "benchmarks/validity_sampling.md)")
+    p.add_argument("--validity-any-elements", dest="validity_keep_elements", action="store_false",
+                   help="accept a repaired row whatever its number of elements (default: it keeps the sample's own "
+                   "number, so that enforcing validity does not shift the #elements distribution)")
 
 
 def relaxer(args: argparse.Namespace, references=None):
