@@ -33,6 +33,7 @@ from composition_lm.valid_sampling import (
     RepairStats,
     RowValidator,
     ValiditySettings,
+    element_presence,
     renoise_gaussian,
     renoise_masked,
     repair,
@@ -125,15 +126,6 @@ class LogitRules:
         self.dynamic = bool(c.require or c.max_elements or self.compact)
 
     # ----------------------------------------------------------------------------------------------
-    def _element_state(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, E] bool: which elements occur in ``x`` (non-element tokens ignored)."""
-        n_el = len(ELEMENTS)
-        is_el = (x >= ELEMENT_OFFSET) & (x < ELEMENT_OFFSET + n_el)
-        idx = torch.where(is_el, x - ELEMENT_OFFSET, torch.full_like(x, n_el))  # non-elements -> spare column
-        present = torch.zeros(x.shape[0], n_el + 1, dtype=torch.bool, device=x.device)
-        present.scatter_(1, idx, True)
-        return present[:, :n_el]
-
     @staticmethod
     def _draw(scores: torch.Tensor, allowed: torch.Tensor, generator, greedy: bool) -> torch.Tensor:
         """One token per row among ``allowed``: drawn from probabilities ``scores`` (uniform over the
@@ -173,13 +165,13 @@ class LogitRules:
             e, dec, xr = end[rows], decided[rows], x[rows]
             # only elements before the end count; elements before j decide whether [EOS] may go here
             before_end = dec & (pos[None] < e[:, None])
-            pr = self._element_state(torch.where(before_end, xr, torch.full_like(xr, PAD)))
+            pr = element_presence(torch.where(before_end, xr, torch.full_like(xr, PAD)))
 
             def end_fits(p: int) -> torch.Tensor:
                 """Could the sequence end at ``p``: do the required elements missing before ``p`` fit
                 in the undecided slots before it?"""
                 before = dec & (pos[None] < p)
-                have = self._element_state(torch.where(before, xr, torch.full_like(xr, PAD)))
+                have = element_presence(torch.where(before, xr, torch.full_like(xr, PAD)))
                 free = (~dec & slot_pos[None] & (pos[None] < p)).sum(1)
                 return (required[None] & ~have).sum(1) <= free
 

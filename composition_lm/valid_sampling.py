@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from composition_lm.tokenizer import EOS, MASK, PAD
+from composition_lm.tokenizer import ELEMENT_OFFSET, EOS, MASK, PAD
+from evaluation.composition import ELEMENTS
 
-__all__ = ["VALIDITY_CHOICES", "RepairStats", "RowValidator", "ValiditySettings", "renoise_gaussian",
-           "element_counts", "renoise_masked", "repair"]
+__all__ = ["VALIDITY_CHOICES", "RepairStats", "RowValidator", "ValiditySettings", "element_counts", "element_presence",
+           "renoise_gaussian", "renoise_masked", "repair"]
 
 #: ``--validity`` choices: a protocol of :mod:`evaluation.validity` enforced while sampling, or none
 VALIDITY_CHOICES = ("cdvae", "smact", "none")
@@ -146,19 +147,21 @@ class RowValidator:
         return torch.tensor(ok, dtype=torch.bool, device=ids.device), reasons
 
 
+def element_presence(x: torch.Tensor) -> torch.Tensor:
+    """``[B, E]`` bool: which elements occur in the token rows ``x`` (non-element tokens ignored)."""
+    n_el = len(ELEMENTS)
+    is_el = (x >= ELEMENT_OFFSET) & (x < ELEMENT_OFFSET + n_el)
+    idx = torch.where(is_el, x - ELEMENT_OFFSET, torch.full_like(x, n_el))  # non-elements -> spare column
+    present = torch.zeros(x.shape[0], n_el + 1, dtype=torch.bool, device=x.device)
+    present.scatter_(1, idx, True)
+    return present[:, :n_el]
+
+
 def element_counts(ids: torch.Tensor) -> torch.Tensor:
     """``[B]`` number of distinct element tokens before each row's first [EOS]/[PAD] (either codec)."""
-    from composition_lm.tokenizer import ELEMENT_OFFSET
-    from evaluation.composition import ELEMENTS
-
-    n_el = len(ELEMENTS)
     pos = torch.arange(ids.shape[1], device=ids.device)
     live = (pos[None] >= 1) & (pos[None] <= _row_ends(ids)[:, None])  # the end itself is no element
-    is_el = live & (ids >= ELEMENT_OFFSET) & (ids < ELEMENT_OFFSET + n_el)
-    idx = torch.where(is_el, ids - ELEMENT_OFFSET, torch.full_like(ids, n_el))
-    present = torch.zeros(ids.shape[0], n_el + 1, dtype=torch.bool, device=ids.device)
-    present.scatter_(1, idx, True)
-    return present[:, :n_el].sum(1)
+    return element_presence(torch.where(live, ids, torch.full_like(ids, PAD))).sum(1)
 
 
 def _row_ends(x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, EXE, cpu
+from benchlib import EXE, ROOT, cpu
+from benchlib import _spread as spread
+
 from evaluation.io import write_json, write_text
 
 #: quality configurations: (model, label, generate keywords)
@@ -120,9 +122,9 @@ def speed_repeat(r: int, n: int, shared: Path, corpus: dict, tmp: Path) -> dict:
     return out
 
 
-def _spread(v: list[float]) -> str:
-    v = sorted(v)
-    return f"{v[0]:.2f} / {v[len(v) // 2]:.2f} / {v[-1]:.2f}"
+def _spread(values: list[float]) -> str:
+    v = spread(values)
+    return f"{v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f}"
 
 
 def report(records: list[dict], args) -> None:

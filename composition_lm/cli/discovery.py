@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from composition_lm.cli.options import add_progress, add_relax_arguments, add_validity_arguments
+from composition_lm.cli.options import add_progress, add_relax_arguments, add_validity_arguments, validity_options
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
@@ -86,9 +86,7 @@ def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dic
     t0 = time.perf_counter()
     gen = FormulaGenerator.from_pretrained(args.model)
     table = gen.generate(args.n, seed=args.seed, elements=args.elements, require=args.require, exclude=args.exclude,
-                         max_elements=args.max_elements, validity=args.validity, validity_rounds=args.validity_rounds,
-                         validity_t=args.validity_t, validity_keep_elements=args.validity_keep_elements,
-                         progress=not args.no_progress)
+                         max_elements=args.max_elements, progress=not args.no_progress, **validity_options(args))
     run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
            **table.attrs["sampling"], "validity_repair": table.attrs["validity"]}
     summary = save_samples(gen, table, out, run, t0, time.perf_counter())

@@ -21,6 +21,7 @@ from composition_lm.cli.options import (
     positive_int,
     probability,
     unit_interval,
+    validity_options,
 )
 
 
@@ -41,9 +42,7 @@ def sampler_options(args: argparse.Namespace) -> dict:
     """The sampling options of ``sample`` as :meth:`FormulaGenerator.generate` keywords."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
             "condition": None if args.condition == "none" else args.condition, "method": args.method,
-            "clamp": args.clamp, "noise_scale": args.noise_scale, "validity": args.validity,
-            "validity_rounds": args.validity_rounds, "validity_t": args.validity_t,
-            "validity_keep_elements": args.validity_keep_elements}
+            "clamp": args.clamp, "noise_scale": args.noise_scale, **validity_options(args)}
 
 
 def save_samples(gen, table, out_dir: Path, run: dict, started: float, sampled: float) -> dict:

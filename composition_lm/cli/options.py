@@ -97,6 +97,12 @@ def add_validity_arguments(p: argparse.ArgumentParser) -> None:
                    "number, so that enforcing validity does not shift the #elements distribution)")
 
 
+def validity_options(args: argparse.Namespace) -> dict:
+    """The options of :func:`add_validity_arguments` as :meth:`FormulaGenerator.generate` keywords."""
+    return {"validity": args.validity, "validity_rounds": args.validity_rounds, "validity_t": args.validity_t,
+            "validity_keep_elements": args.validity_keep_elements}
+
+
 def relaxer(args: argparse.Namespace, references=None):
     """The :class:`structure.Relaxer` of the relaxation options (None without ``--relax``), built before any
     other work so that a bad potential fails at once. Elemental references: ``--references``, else
