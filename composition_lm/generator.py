@@ -121,7 +121,7 @@ class FormulaGenerator:
                  top_k: int | None = None, top_p: float | None = None, condition: str | None = "auto",
                  method: str | None = None, clamp: bool | None = None, noise_scale: float | None = None,
                  dtype: str = "auto", validity: str = "cdvae", validity_rounds: int = 10, validity_t: float = 1.0,
-                 validity_keep_elements: bool = True, progress: bool = False):
+                 validity_keep_elements: bool = True, validity_exact: bool = True, progress: bool = False):
         """``n`` formulas as a ``pandas.DataFrame`` with the columns of ``formulas.csv``
         (:data:`FORMULA_COLUMNS`): the raw sample, its reduced formula, parse status, element and atom
         counts, validity and reason under both protocols, and ``is_novel`` against the training formulas.
@@ -132,8 +132,9 @@ class FormulaGenerator:
         ``"auto"``: valid when the model has the condition); Diffusion-LM takes ``method`` (ddpm/ddim),
         ``clamp`` and ``noise_scale``; ``steps`` and these default to the model's settings. ``dtype``:
         ``auto``, ``float32`` or ``bfloat16``. ``validity`` (``cdvae``, the default, ``smact`` or ``none``)
-        is enforced inside the sampler: a row that fails the protocol is re-noised to ``validity_t`` and
-        denoised again, at most ``validity_rounds`` times, keeping its number of distinct elements
+        is enforced inside the sampler: the last token revealed in a row that would complete it invalid is
+        drawn again among the tokens that make it valid (exact decoding; off with ``validity_exact=False``),
+        and a row that still fails the protocol is re-noised to ``validity_t`` and denoised again, at most ``validity_rounds`` times, keeping its number of distinct elements
         unless ``validity_keep_elements`` is False (:mod:`composition_lm.valid_sampling`); a row
         that still fails is kept, flagged by its ``valid_<protocol>`` column and counted in
         ``table.attrs["validity"]``; ``none`` gives the raw samples. One ``torch.Generator`` seeded with
@@ -151,7 +152,7 @@ class FormulaGenerator:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         constraints = Constraints(elements=_elements(elements) or None, require=_elements(require),
                                   exclude=_elements(exclude), max_elements=max_elements)
-        guard = ValiditySettings(validity, validity_rounds, validity_t, validity_keep_elements)
+        guard = ValiditySettings(validity, validity_rounds, validity_t, validity_keep_elements, validity_exact)
         stats = RepairStats()
         samples = generate(self.loaded, n, steps=steps, batch_size=batch_size, seed=seed, temperature=temperature,
                            top_k=top_k, top_p=top_p, constraints=constraints, progress=progress, dtype=dtype,

@@ -30,6 +30,7 @@ from composition_lm.formula import FormulaError, get_codec
 from composition_lm.models import is_gaussian
 from composition_lm.tokenizer import BOS, COUNT_OFFSET, ELEMENT_OFFSET, EOS, MASK, PAD
 from composition_lm.valid_sampling import (
+    ExactDecoder,
     RepairStats,
     RowValidator,
     ValiditySettings,
@@ -37,6 +38,7 @@ from composition_lm.valid_sampling import (
     renoise_gaussian,
     renoise_masked,
     repair,
+    row_ends,
 )
 from evaluation.composition import ATOMIC_NUMBER, ELEMENTS, Formula
 
@@ -126,6 +128,17 @@ class LogitRules:
         self.dynamic = bool(c.require or c.max_elements or self.compact)
 
     # ----------------------------------------------------------------------------------------------
+    def elements_ok(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: finished rows ``x`` that hold every required element and at most
+        ``max_elements`` distinct ones (elements before each row's end)."""
+        pos = torch.arange(x.shape[1], device=x.device)
+        live = (pos[None] >= 1) & (pos[None] < row_ends(x)[:, None])
+        present = element_presence(torch.where(live, x, torch.full_like(x, PAD)))
+        ok = ~(self.required.to(x.device)[None] & ~present).any(1)
+        if self.max_elements is not None:
+            ok &= present.sum(1) <= self.max_elements
+        return ok
+
     @staticmethod
     def _draw(scores: torch.Tensor, allowed: torch.Tensor, generator, greedy: bool) -> torch.Tensor:
         """One token per row among ``allowed``: drawn from probabilities ``scores`` (uniform over the
@@ -274,11 +287,13 @@ def denoise_masked(
     time_conditioning: bool = False,
     autocast_dtype: torch.dtype | None = None,
     counter: list[int] | None = None,
+    exact: ExactDecoder | None = None,
 ) -> torch.Tensor:
     """The reverse process from time ``t_start`` to 0 in ``steps`` steps on rows ``x`` (``[B, L]`` ids
     whose masked positions are ``[MASK]``): each step reveals every masked position with probability
     ``(t - s) / t``; revealed tokens are carried through. ``counter[0]`` (if given) is increased by the
-    number of rows the denoiser evaluates."""
+    number of rows the denoiser evaluates. ``exact`` (an :class:`ExactDecoder`) re-draws the last
+    revealed token of each row the step completed invalid, among the tokens that make it valid."""
     device = x.device
     n = x.shape[0]
     static = rules.static.to(device)
@@ -303,11 +318,14 @@ def denoise_masked(
             probs[rows], last[rows] = predict(rows, t), x[rows]
         # linear marginal alpha(t) = 1 - t: a masked token is revealed now with prob (t - s) / t
         reveal = (x == MASK) & (torch.rand(x.shape, generator=generator, device=device) < (t - s) / t)
+        before = x
         x = rules.assign(x, probs, reveal, generator)
         # everything after a row's first [EOS]/[PAD] is [PAD] with certainty: reveal it now, so the
         # denoiser sees the length, and finished rows need no further predictions
         ended = (x == EOS) | (x == PAD)
         x = torch.where(((ended.cumsum(1) - ended.long()) > 0) & (x == MASK), torch.full_like(x, PAD), x)
+        if exact is not None:
+            x = exact(before, x, probs)
     return x
 
 
@@ -325,6 +343,7 @@ def sample_masked_diffusion(
     autocast_dtype: torch.dtype | None = None,
     start_token: int = BOS,
     counter: list[int] | None = None,
+    exact: ExactDecoder | None = None,
 ) -> torch.Tensor:
     """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion denoiser in ``steps`` steps.
 
@@ -334,7 +353,7 @@ def sample_masked_diffusion(
     x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
     x[:, 0] = start_token
     return denoise_masked(model, x, steps, generator, rules, 1.0, temperature, top_k, top_p, time_conditioning,
-                          autocast_dtype, counter)
+                          autocast_dtype, counter, exact)
 
 
 def _nearest_tokens(x: torch.Tensor, emb: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -357,13 +376,15 @@ def denoise_gaussian(
     autocast_dtype: torch.dtype | None = None,
     noise_scale: float = 1.0,
     counter: list[int] | None = None,
+    exact: ExactDecoder | None = None,
 ) -> torch.Tensor:
     """Token ids (``[B, L]``) from ``x`` (``[B, L, D]``, at chain index ``k_start`` of the respaced
     ``schedule``): the reverse chain down to ``x_0``, rounded to the nearest tokens the rules allow.
 
     Constraints act twice: clamping snaps each predicted ``x_0`` to the nearest embedding allowed at
     its position, and the final rounding takes the nearest token the rules allow (left to right,
-    so that ``require``/``max_elements`` hold)."""
+    so that ``require``/``max_elements`` hold). ``exact`` (an :class:`ExactDecoder`) then rounds the
+    last content position(s) of each invalid row to the nearest token that makes it valid."""
     device = x.device
     n = x.shape[0]
     emb = model.embedding_matrix.detach()
@@ -382,7 +403,9 @@ def denoise_gaussian(
     ids[:, 0] = BOS
     choose = torch.ones_like(ids, dtype=torch.bool)
     choose[:, 0] = False
-    return rules.assign(ids, _nearest_tokens(x, emb, static), choose, generator, greedy=True)
+    scores = _nearest_tokens(x, emb, static)
+    out = rules.assign(ids, scores, choose, generator, greedy=True)
+    return out if exact is None else exact(ids, out, scores, greedy=True)
 
 
 @torch.inference_mode()
@@ -397,6 +420,7 @@ def sample_gaussian_diffusion(
     autocast_dtype: torch.dtype | None = None,
     noise_scale: float = 1.0,
     counter: list[int] | None = None,
+    exact: ExactDecoder | None = None,
 ) -> torch.Tensor:
     """``n`` sequences (``[n, L]`` token ids) from a Diffusion-LM model: a respaced ``steps``-step
     DDPM/DDIM chain from ``N(0, I)``, with the clamping trick if ``clamp`` and the reverse-process noise
@@ -406,7 +430,7 @@ def sample_gaussian_diffusion(
     schedule = cfg.gaussian_schedule().respace(steps)
     x = torch.randn((n, rules.length, cfg.embedding_dim), generator=generator, device=device)
     return denoise_gaussian(model, x, schedule, len(schedule) - 1, generator, rules, method, clamp, autocast_dtype,
-                            noise_scale, counter)
+                            noise_scale, counter, exact)
 
 
 def decode_samples(ids: torch.Tensor, codec_name: str, max_count: int = 200) -> list[tuple[str, Formula | None, str]]:
@@ -434,6 +458,10 @@ def decode_samples(ids: torch.Tensor, codec_name: str, max_count: int = 200) -> 
             out.append((raw, None, str(err)))
     return out
 
+
+
+#: the exact decoder's generator is seeded with the run's seed plus this
+EXACT_SEED_OFFSET = 7919
 
 
 def resolve_sampling_settings(cfg, steps: int | None = None, method: str | None = None,
@@ -508,6 +536,9 @@ def generate(
     schedule = cfg.gaussian_schedule().respace(steps) if gaussian else None
     guard = validity if validity is not None and validity.active else None
     validator = RowValidator(guard.protocol, cfg.codec, cfg.max_count) if guard else None
+    # the exact decoder draws from a generator of its own: rows it leaves alone are the raw samples
+    exact = (ExactDecoder(validator, rules, torch.Generator(device=device).manual_seed(seed + EXACT_SEED_OFFSET))
+             if guard and guard.exact else None)
 
     def redo(rows: torch.Tensor, round_: int) -> tuple[torch.Tensor, int]:
         """Failing rows re-noised to the round's level and denoised again; also the denoiser evaluations."""
@@ -517,11 +548,11 @@ def generate(
             x0 = model.embedding_matrix.detach()[rows]
             xk, k = renoise_gaussian(schedule, x0, t, generator)
             out = denoise_gaussian(model, xk, schedule, k, generator, rules, method, clamp, autocast_dtype,
-                                   noise_scale, calls)
+                                   noise_scale, calls, exact)
         else:
             out = denoise_masked(model, renoise_masked(rows, t, generator), max(1, math.ceil(steps * t)),
                                  generator, rules, t, temperature, top_k, top_p, time_conditioning, autocast_dtype,
-                                 calls)
+                                 calls, exact)
         return out, calls[0]
 
     out: list[tuple[str, Formula | None, str]] = []
@@ -531,11 +562,11 @@ def generate(
             calls = [0]
             if gaussian:
                 ids = sample_gaussian_diffusion(model, k, steps, generator, rules, method, clamp, autocast_dtype,
-                                                noise_scale, calls)
+                                                noise_scale, calls, exact)
             else:
                 ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
                                               time_conditioning=time_conditioning, autocast_dtype=autocast_dtype,
-                                              start_token=start_token, counter=calls)
+                                              start_token=start_token, counter=calls, exact=exact)
             batch_stats = RepairStats(samples=k)
             if guard:
                 ids, _, _, batch_stats = repair(ids, validator, redo, guard.rounds, guard.keep_elements)
@@ -544,4 +575,7 @@ def generate(
                 stats.add(batch_stats)
             out += decode_samples(ids, cfg.codec, cfg.max_count)
             bar.update(k)
+    if stats is not None and exact is not None:
+        stats.exact_fixed += exact.stats["fixed"]
+        stats.exact_candidates += exact.stats["candidates"]
     return out

@@ -12,6 +12,11 @@ and #elements distributions closest to the raw model's). Three pieces:
 * :func:`renoise_masked` -- the forward process of the masked sampler applied to a row's content
   (a pure function): each position from 1 to the row's end is masked with probability ``t``;
   :func:`renoise_gaussian` -- the Gaussian forward process ``q(x_k | x_0)`` on the rows' token embeddings;
+* :class:`ExactDecoder` -- exact decoding of a row's last revealed token: when a step completes a row
+  that fails, one token revealed in that step (the rightmost content token first) is drawn again from
+  the denoiser's distribution restricted to the tokens that make the row valid (including [EOS], which
+  ends the row there). A row that passed is untouched, so each completed row's last-drawn token follows
+  ``p(v | row valid)`` exactly (over the ``top_k`` most probable tokens);
 * :func:`repair` -- the loop: validate, re-noise and re-denoise the failing rows, validate again,
   until every row passes or ``rounds`` are spent. Rows are corrected in place; those that still fail
   are returned as they are (the caller flags and counts them), never dropped. With ``t = 1`` a failing
@@ -33,8 +38,8 @@ import torch
 from composition_lm.tokenizer import ELEMENT_OFFSET, EOS, MASK, PAD
 from evaluation.composition import ELEMENTS
 
-__all__ = ["VALIDITY_CHOICES", "RepairStats", "RowValidator", "ValiditySettings", "element_counts", "element_presence",
-           "renoise_gaussian", "renoise_masked", "repair"]
+__all__ = ["VALIDITY_CHOICES", "ExactDecoder", "RepairStats", "RowValidator", "ValiditySettings", "element_counts", "element_presence",
+           "renoise_gaussian", "renoise_masked", "repair", "row_ends"]
 
 #: ``--validity`` choices: a protocol of :mod:`evaluation.validity` enforced while sampling, or none
 VALIDITY_CHOICES = ("cdvae", "smact", "none")
@@ -46,14 +51,17 @@ class ValiditySettings:
     budget ``rounds`` and the first round's re-noising level ``t`` (the share of a failing row's content
     re-masked, or the Gaussian chain's time to which its embeddings are re-noised; :meth:`level`).
     With ``keep_elements`` a repaired row is accepted only when it has as many distinct elements as the
-    row it replaces (in the first half of the rounds; the second half takes any valid row), so the number-of-elements distribution of the samples stays the model's own
-    (valid formulas have more elements on average than invalid ones: without it, enforcing validity
-    shifts that distribution; ``benchmarks/validity_sampling.md``)."""
+    row it replaces (in the first half of the rounds; the second half takes any valid row), so the
+    number-of-elements distribution of the samples stays the model's own (valid formulas have more
+    elements on average than invalid ones: without it, enforcing validity shifts that distribution;
+    ``benchmarks/validity_sampling.md``). With ``exact`` the sampler also decodes each row's last revealed
+    token exactly (:class:`ExactDecoder`), which leaves fewer rows to repair."""
 
     protocol: str = "cdvae"
     rounds: int = 10
     t: float = 1.0
     keep_elements: bool = True  # a repaired row must keep its number of distinct elements
+    exact: bool = True  # exact decoding of each completed row's last revealed token (ExactDecoder)
 
     def __post_init__(self) -> None:
         if self.protocol not in VALIDITY_CHOICES:
@@ -65,7 +73,7 @@ class ValiditySettings:
 
     @property
     def active(self) -> bool:
-        return self.protocol != "none" and self.rounds > 0
+        return self.protocol != "none" and (self.rounds > 0 or self.exact)
 
     def level(self, round_: int) -> float:
         """The re-noising level of repair round ``round_`` (0-based): ``t`` in the first round, rising
@@ -92,6 +100,8 @@ class RepairStats:
     denoiser_rows: int = 0
     rounds_used: int = 0
     per_round_failing: list[int] = field(default_factory=list)
+    exact_fixed: int = 0  # rows the exact decoder made valid (first pass and repair rounds)
+    exact_candidates: int = 0  # candidate rows it validated
 
     def add(self, other: RepairStats) -> None:
         self.samples += other.samples
@@ -101,6 +111,8 @@ class RepairStats:
         self.rows_resampled += other.rows_resampled
         self.denoiser_rows += other.denoiser_rows
         self.rounds_used = max(self.rounds_used, other.rounds_used)
+        self.exact_fixed += other.exact_fixed
+        self.exact_candidates += other.exact_candidates
         for i, k in enumerate(other.per_round_failing):
             if i < len(self.per_round_failing):
                 self.per_round_failing[i] += k
@@ -160,11 +172,11 @@ def element_presence(x: torch.Tensor) -> torch.Tensor:
 def element_counts(ids: torch.Tensor) -> torch.Tensor:
     """``[B]`` number of distinct element tokens before each row's first [EOS]/[PAD] (either codec)."""
     pos = torch.arange(ids.shape[1], device=ids.device)
-    live = (pos[None] >= 1) & (pos[None] <= _row_ends(ids)[:, None])  # the end itself is no element
+    live = (pos[None] >= 1) & (pos[None] <= row_ends(ids)[:, None])  # the end itself is no element
     return element_presence(torch.where(live, ids, torch.full_like(ids, PAD))).sum(1)
 
 
-def _row_ends(x: torch.Tensor) -> torch.Tensor:
+def row_ends(x: torch.Tensor) -> torch.Tensor:
     """Index of each row's first [EOS]/[PAD] after position 0, or the last position."""
     length = x.shape[1]
     pos = torch.arange(length, device=x.device)
@@ -179,7 +191,7 @@ def renoise_masked(x: torch.Tensor, t: float, generator: torch.Generator) -> tor
     row may also grow. Pure: ``x`` is not modified."""
     length = x.shape[1]
     pos = torch.arange(length, device=x.device)
-    end = _row_ends(x)
+    end = row_ends(x)
     content = (pos[None] >= 1) & (pos[None] <= end[:, None])
     u = torch.rand(x.shape, generator=generator, device=x.device)
     masked = content & (u < t)
@@ -233,3 +245,100 @@ def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor,
         stats.rounds_used = r + 1
     stats.failed_after_budget = int((~ok).sum())
     return ids, ok, reasons, stats
+
+
+class ExactDecoder:
+    """``decoder(before, after, scores, greedy) -> rows``: exact decoding of the token a row
+    was completed with.
+
+    ``before`` and ``after`` are the rows (``[B, L]``) before and after a sampler step, ``scores``
+    (``[B, L, V]``) the probabilities the step drew from (or, with ``greedy``, any scores whose best
+    allowed token was taken). For each row that has no [MASK] after the step and fails the validator,
+    the rightmost content token revealed in the step is drawn again among the ``top_k`` highest-scoring
+    tokens allowed at its position that make the row valid (an [EOS] there ends the row, the rest
+    becomes [PAD]), in proportion to their scores (the best with ``greedy``); if none does, the next
+    revealed token to the left is tried, ``positions`` in all. Rows that pass are returned as they
+    are, so the re-drawn token follows ``p(v | the row is valid)`` exactly within the top ``top_k``.
+    ``rules`` (:class:`~composition_lm.sampling.LogitRules`) supplies the static token mask and the element
+    constraints (``require``/``max_elements``) a changed row must still meet. Rows that no single
+    re-draw can make valid stay as they are (the repair loop takes them). ``stats`` counts the rows
+    examined, fixed and the candidate rows validated. ``generator`` drives its draws: a generator of its
+    own (seeded from the run's seed), so that the sampler's stream, and with it every row the decoder
+    leaves alone, is the same as without it."""
+
+    def __init__(self, validator: RowValidator, rules, generator: torch.Generator, top_k: int = 32,
+                 positions: int = 2):
+        self.validator, self.rules, self.generator = validator, rules, generator
+        self.top_k, self.positions = top_k, positions
+        self.stats = {"completed_failing": 0, "fixed": 0, "candidates": 0}
+
+    def __call__(self, before: torch.Tensor, after: torch.Tensor, scores: torch.Tensor,
+                 greedy: bool = False) -> torch.Tensor:
+        done = (before == MASK).any(1) & ~(after == MASK).any(1)
+        rows = done.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return after
+        ok, _ = self.validator(after[rows])
+        bad = rows[~ok]
+        if bad.numel() == 0:
+            return after
+        self.stats["completed_failing"] += int(bad.numel())
+        x = after.clone()
+        length = x.shape[1]
+        pos = torch.arange(length, device=x.device)
+        # content positions (before the row's end) that this step revealed
+        revealed = (before[bad] == MASK) & (pos[None] >= 1) & (pos[None] < row_ends(x[bad])[:, None])
+        for _ in range(self.positions):
+            todo = revealed.any(1)
+            if not bool(todo.any()):
+                break
+            sub = bad[todo]
+            j = torch.where(revealed[todo], pos[None], torch.full_like(pos[None], -1)).max(1).values
+            cand, weight = self._candidates(x[sub], j, scores[sub, j], greedy)  # [n, K, L], [n, K]
+            n, k = weight.shape
+            flat = cand.reshape(n * k, length)
+            live = weight.reshape(-1) > -torch.inf if greedy else weight.reshape(-1) > 0
+            valid = torch.zeros(n * k, dtype=torch.bool, device=x.device)
+            idx = live.nonzero().squeeze(1)
+            if idx.numel():
+                v_ok, _ = self.validator(flat[idx])
+                valid[idx] = v_ok & self.rules.elements_ok(flat[idx])
+                self.stats["candidates"] += int(idx.numel())
+            valid = valid.reshape(n, k)
+            fixed = valid.any(1)
+            if bool(fixed.any()):
+                w = weight[fixed]
+                if greedy:
+                    pick = w.masked_fill(~valid[fixed], -torch.inf).argmax(1)
+                else:
+                    pick = torch.multinomial(w * valid[fixed], 1, generator=self.generator).squeeze(1)
+                x[sub[fixed]] = cand[fixed, pick]
+                self.stats["fixed"] += int(fixed.sum())
+            # fixed rows are done; the others try the next revealed position to the left
+            still = todo.clone()
+            still[todo.nonzero().squeeze(1)[fixed]] = False
+            revealed[todo.nonzero().squeeze(1), j] = False
+            revealed &= still[:, None]
+        return x
+
+    def _candidates(self, rows: torch.Tensor, j: torch.Tensor, scores: torch.Tensor,
+                    greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``[n, K, L]`` with position ``j`` set to each of the ``top_k`` best allowed tokens other
+        than the current one ([EOS] ends the row there), and the tokens' scores ``[n, K]`` (-inf/0 for
+        empty slots)."""
+        n, length = rows.shape
+        allowed = self.rules.static.to(rows.device)[j].clone()  # [n, V]
+        allowed[:, PAD] = False  # [EOS] stands for ending the row here
+        allowed.scatter_(1, rows.gather(1, j[:, None]), False)
+        empty = -torch.inf if greedy else 0.0
+        s = scores.float().masked_fill(~allowed, empty)
+        if not greedy:
+            s = s.masked_fill(~torch.isfinite(s), 0.0)
+        k = min(self.top_k, s.shape[1])
+        weight, tok = s.topk(k, dim=1)
+        cand = rows[:, None, :].repeat(1, k, 1)
+        cand.scatter_(2, j[:, None, None].expand(n, k, 1), tok[:, :, None])
+        pos = torch.arange(length, device=rows.device)
+        tail = (tok == EOS)[:, :, None] & (pos[None, None] > j[:, None, None])
+        cand = torch.where(tail, torch.full_like(cand, PAD), cand)
+        return cand, weight

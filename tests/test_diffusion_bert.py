@@ -557,3 +557,22 @@ def test_cli_sample_records_its_own_command(trained, tmp_path, monkeypatch):
                  "--no-progress"]) == 0
     cmd = json.loads((out / "run_config.json").read_text())["command"]
     assert "sample" in cmd and "--seed 4" in cmd, cmd
+
+
+@pytest.mark.parametrize("codec", ["expanded", "compact"])
+@pytest.mark.parametrize("constraints", [Constraints(), Constraints(elements=["Na", "Cl", "K", "Br", "O"], max_elements=2)])
+def test_validity_inside_the_sampler_both_codecs(codec, constraints, trained, trained_compact):
+    from composition_lm.valid_sampling import RepairStats, ValiditySettings
+    from evaluation.validity import check_formulas
+
+    lm = load_model((trained if codec == "expanded" else trained_compact) / "model")
+    stats = RepairStats()
+    out = generate(lm, 120, steps=16, seed=0, constraints=constraints, progress=False,
+                   validity=ValiditySettings("cdvae", rounds=30), stats=stats)
+    formulas = [f for _, f, _ in out]
+    assert None not in formulas and all(r.valid for r in check_formulas(formulas, "cdvae"))
+    _check_all(out, constraints)
+    assert stats.exact_fixed + stats.rows_resampled > 0  # the tiny model needs the sampler's help
+    raw = generate(lm, 120, steps=16, seed=0, constraints=constraints, progress=False)
+    assert raw == generate(lm, 120, steps=16, seed=0, constraints=constraints, progress=False,
+                           validity=ValiditySettings("none"))  # none: the raw samples, exactly

@@ -744,3 +744,20 @@ def test_family_specific_sampling_options_are_refused():
         with pytest.raises(ValueError, match="Diffusion-LM"):
             generate(bert, 2, steps=2, progress=False, **kw)
     assert len(generate(bert, 2, steps=2, progress=False, temperature=0.8)) == 2
+
+
+@pytest.mark.parametrize("codec", ["expanded", "compact"])
+def test_validity_inside_the_sampler_both_codecs(codec, trained, trained_compact):
+    from composition_lm.valid_sampling import RepairStats, ValiditySettings
+    from evaluation.validity import check_formulas
+
+    lm = load_model((trained if codec == "expanded" else trained_compact) / "model")
+    c = Constraints(elements=["Na", "Cl", "K", "Br", "O"], max_elements=2)
+    stats = RepairStats()
+    for constraints in (Constraints(), c):
+        out = generate(lm, 40, steps=10, seed=0, constraints=constraints, progress=False,
+                       validity=ValiditySettings("cdvae", rounds=30), stats=stats)
+        formulas = [f for _, f, _ in out]
+        assert None not in formulas and all(r.valid for r in check_formulas(formulas, "cdvae"))
+        _check_all(out, constraints)
+    assert stats.exact_fixed + stats.rows_resampled > 0  # the tiny model needs the sampler's help

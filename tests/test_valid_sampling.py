@@ -77,7 +77,8 @@ def test_settings_are_checked():
         ValiditySettings("neutral")
     with pytest.raises(ValueError, match="t must"):
         ValiditySettings(t=0.0)
-    assert not ValiditySettings("none").active and not ValiditySettings(rounds=0).active
+    assert not ValiditySettings("none").active and not ValiditySettings(rounds=0, exact=False).active
+    assert ValiditySettings(rounds=0).active  # exact decoding alone still acts
     levels = [ValiditySettings(rounds=5, t=0.5).level(r) for r in range(5)]
     assert levels == [0.5, 0.625, 0.75, 0.875, 1.0]  # rising to a whole-row re-draw in the last round
 
@@ -172,17 +173,23 @@ def test_impossible_request_ends_with_flagged_rows(bert):
 
 def test_rows_valid_on_the_first_pass_are_the_raw_samples(bert):
     raw = bert.generate(200, seed=3, validity="none", batch_size=200)
-    guarded = bert.generate(200, seed=3, batch_size=200, validity_t=0.5)
+    guarded = bert.generate(200, seed=3, batch_size=200, validity_t=0.5, validity_exact=False)
     first_pass_ok = raw["valid_cdvae"].to_numpy()
     kept = (guarded["n_elements"].to_numpy() == raw["n_elements"].to_numpy())[~first_pass_ok].mean()
-    loose = bert.generate(200, seed=3, batch_size=200, validity_t=0.5, validity_keep_elements=False)
+    loose = bert.generate(200, seed=3, batch_size=200, validity_t=0.5, validity_keep_elements=False,
+                          validity_exact=False)
     kept_loose = (loose["n_elements"].to_numpy() == raw["n_elements"].to_numpy())[~first_pass_ok].mean()
     assert kept > kept_loose + 0.1  # repaired rows keep their number of elements far more often
     assert (guarded["sample"].to_numpy()[first_pass_ok] == raw["sample"].to_numpy()[first_pass_ok]).all()
     assert (guarded["sample"].to_numpy()[~first_pass_ok] != raw["sample"].to_numpy()[~first_pass_ok]).any()
     assert raw.attrs["validity"]["rows_resampled"] == 0
-    again = bert.generate(200, seed=3, batch_size=200, validity_t=0.5)
+    again = bert.generate(200, seed=3, batch_size=200, validity_t=0.5, validity_exact=False)
     assert again["sample"].tolist() == guarded["sample"].tolist()  # same seed, same samples
+    exact = bert.generate(200, seed=3, batch_size=200)  # the default: exact decoding, then repair
+    assert (exact["sample"].to_numpy()[first_pass_ok] == raw["sample"].to_numpy()[first_pass_ok]).all()
+    assert exact["valid_cdvae"].all() and exact.attrs["validity"]["exact_fixed"] > 0
+    # exact decoding leaves fewer rows to the repair loop than there were invalid raw rows
+    assert exact.attrs["validity"]["failed_first_pass"] < (~first_pass_ok).sum()
 
 
 def test_sample_cli_records_validity(tmp_path):
@@ -191,7 +198,95 @@ def test_sample_cli_records_validity(tmp_path):
         assert cli(["sample", "-n", "40", "--seed", "0", "--validity", "smact", "--validity-rounds", "20",
                     "--no-progress", "-o", str(tmp_path / "s")]) == 0
     run = json.loads((tmp_path / "s/run_config.json").read_text())
-    assert run["validity"] == {"protocol": "smact", "rounds": 20, "t": 1.0, "keep_elements": True}
+    assert run["validity"] == {"protocol": "smact", "rounds": 20, "t": 1.0, "keep_elements": True, "exact": True}
     assert run["validity_repair"]["failing_rows"] == 0 and run["summary"]["validity_smact"] == 1.0
+    assert cli(["sample", "-n", "4", "--seed", "0", "--no-exact-decoding", "--no-progress", "-o", str(tmp_path / "ne")]) == 0
+    assert json.loads((tmp_path / "ne/run_config.json").read_text())["validity"]["exact"] is False
     assert cli(["sample", "-n", "4", "--validity-t", "0", "-o", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------- exact decoding
+def _exact(codec="expanded", seed=0, **constraints):
+    from composition_lm.sampling import Constraints, LogitRules
+    from composition_lm.tokenizer import vocabulary_size
+    from composition_lm.valid_sampling import ExactDecoder
+
+    rules = LogitRules(Constraints(**constraints), codec, L, vocabulary_size(200), 200)
+    return ExactDecoder(RowValidator("cdvae", codec), rules, torch.Generator().manual_seed(seed))
+
+
+def _el(sym: str) -> int:
+    return ELEMENT_OFFSET + ATOMIC_NUMBER[sym] - 1
+
+
+def _probs(n: int, pos: int, weights: dict[int, float]) -> torch.Tensor:
+    from composition_lm.tokenizer import vocabulary_size
+
+    p = torch.zeros(n, L, vocabulary_size(200))
+    for tok, w in weights.items():
+        p[:, pos, tok] = w
+    return p
+
+
+def test_exact_decoding_draws_the_last_token_among_valid_completions():
+    n = 2000
+    after = torch.tensor([_row("Na", "Cl", "Cl")] * n)  # NaCl2: fails
+    before = after.clone()
+    before[:, 3] = MASK  # the step revealed position 3 only
+    # p(Cl) = 0.6 (invalid), p([EOS]) = 0.3 (NaCl), p(O) = 0.1 (NaClO, Cl+ below O-2)
+    probs = _probs(n, 3, {_el("Cl"): 0.6, EOS: 0.3, _el("O"): 0.1})
+    dec = _exact()
+    out = dec(before, after, probs)
+    assert (out[:, :3] == after[:, :3]).all()  # only the last revealed token changes
+    ended = out[:, 3] == EOS
+    assert ((out[:, 3] == _el("O")) | ended).all()
+    assert (out[ended, 4:] == PAD).all()
+    assert abs(float(ended.float().mean()) - 0.75) < 0.04  # p(v | valid): 0.3 / (0.3 + 0.1)
+    assert dec.stats["fixed"] == n and dec.stats["completed_failing"] == n
+    greedy = _exact()(before, after, probs.log(), greedy=True)  # scores: the best valid one
+    assert (greedy[:, 3] == EOS).all()
+
+
+def test_exact_decoding_leaves_passing_unfinished_and_old_rows_alone():
+    good = torch.tensor([_row("Na", "Cl")])
+    bad = torch.tensor([_row("Na", "Cl", "Cl")])
+    before_good = good.clone()
+    before_good[:, 2] = MASK
+    unfinished_before, unfinished = bad.clone(), bad.clone()
+    unfinished_before[:, 2] = MASK
+    unfinished[:, 1] = MASK  # still has a mask after the step: not complete
+    old = bad.clone()  # completed in an earlier step: nothing revealed now
+    before = torch.cat([before_good, unfinished_before, old])
+    after = torch.cat([good, unfinished, old])
+    probs = _probs(3, 2, {EOS: 1.0}) + _probs(3, 1, {EOS: 1.0})
+    dec = _exact()
+    assert torch.equal(dec(before, after, probs), after)
+    assert dec.stats["fixed"] == 0 and dec.stats["completed_failing"] == 0  # the old row is not "completed now"
+
+
+def test_exact_decoding_keeps_required_elements_and_falls_back_left():
+    n = 400
+    after = torch.tensor([_row("Na", "Cl", "Cl")] * n)
+    before = after.clone()
+    before[:, 2:4] = MASK  # positions 2 and 3 revealed in this step
+    # position 3 has no valid alternative (Na2Cl); position 2 has [EOS] (Na alone) and O (NaOCl)
+    probs = _probs(n, 3, {_el("Cl"): 0.5, _el("Na"): 0.5}) + _probs(n, 2, {_el("Cl"): 0.2, EOS: 0.4, _el("O"): 0.4})
+    out = {tuple(r) for r in _exact()(before, after, probs).tolist()}
+    assert out == {tuple(_row("Na")), tuple(_row("Na", "O", "Cl"))}  # fell back to position 2
+    out = {tuple(r) for r in _exact(require=["Cl"])(before, after, probs).tolist()}
+    assert out == {tuple(_row("Na", "O", "Cl"))}  # "Na" alone would drop the required Cl
+    blocked = _exact(require=["Cl"], max_elements=2)  # NaOCl would break max_elements
+    assert torch.equal(blocked(before, after, probs), after) and blocked.stats["fixed"] == 0
+
+
+def test_exact_decoding_compact_codec_fixes_the_count():
+    from composition_lm.tokenizer import COUNT_OFFSET
+
+    row = [BOS, _el("Na"), COUNT_OFFSET + 1, _el("Cl"), COUNT_OFFSET + 2, EOS] + [PAD] * (L - 6)  # Na1 Cl2
+    after = torch.tensor([row] * 20)
+    before = after.clone()
+    before[:, 4] = MASK
+    probs = _probs(20, 4, {COUNT_OFFSET + 2: 0.7, COUNT_OFFSET + 3: 0.2, COUNT_OFFSET + 1: 0.1})
+    out = _exact("compact")(before, after, probs)
+    assert (out[:, 4] == COUNT_OFFSET + 1).all()  # Na1 Cl1: the only valid count among those with mass

@@ -77,11 +77,13 @@ def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = Fal
 
 
 def add_validity_arguments(p: argparse.ArgumentParser) -> None:
-    """``--validity``, ``--validity-rounds``, ``--validity-t``: validity enforced inside the sampler."""
+    """``--validity``, ``--validity-rounds``, ``--validity-t``, ``--validity-any-elements``,
+    ``--no-exact-decoding``: validity enforced inside the sampler."""
     from composition_lm.valid_sampling import VALIDITY_CHOICES
 
     p.add_argument("--validity", choices=VALIDITY_CHOICES, default="cdvae",
-                   help="every sample passes this protocol, enforced while sampling: a failing row is re-noised "
+                   help="every sample passes this protocol, enforced while sampling: the token that would complete a "
+                   "row invalid is re-drawn among those that make it valid, and a row still failing is re-noised "
                    "and denoised again (cdvae: CDVAE's smact_validity rule; smact: SMACT's defaults; none: raw "
                    "samples, as before) (default: cdvae)")
     p.add_argument("--validity-rounds", **non_negative_int, default=10,
@@ -95,12 +97,16 @@ def add_validity_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validity-any-elements", dest="validity_keep_elements", action="store_false",
                    help="accept a repaired row whatever its number of elements (default: it keeps the sample's own "
                    "number, so that enforcing validity does not shift the #elements distribution)")
+    p.add_argument("--no-exact-decoding", dest="validity_exact", action="store_false",
+                   help="do not re-draw the last revealed token of a row that would end invalid among the tokens "
+                   "that make it valid (exact decoding, on by default with --validity: it leaves few rows to the "
+                   "costlier re-noising repair)")
 
 
 def validity_options(args: argparse.Namespace) -> dict:
     """The options of :func:`add_validity_arguments` as :meth:`FormulaGenerator.generate` keywords."""
     return {"validity": args.validity, "validity_rounds": args.validity_rounds, "validity_t": args.validity_t,
-            "validity_keep_elements": args.validity_keep_elements}
+            "validity_keep_elements": args.validity_keep_elements, "validity_exact": args.validity_exact}
 
 
 def relaxer(args: argparse.Namespace, references=None):
