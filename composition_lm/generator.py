@@ -121,7 +121,8 @@ class FormulaGenerator:
                  top_k: int | None = None, top_p: float | None = None, condition: str | None = "auto",
                  method: str | None = None, clamp: bool | None = None, noise_scale: float | None = None,
                  dtype: str = "auto", validity: str = "cdvae", validity_rounds: int = 10, validity_t: float = 1.0,
-                 validity_keep_elements: bool = True, validity_exact: bool = True, progress: bool = False):
+                 validity_keep_elements: bool = True, validity_exact: bool = True, guidance: float | None = None,
+                 progress: bool = False):
         """``n`` formulas as a ``pandas.DataFrame`` with the columns of ``formulas.csv``
         (:data:`FORMULA_COLUMNS`): the raw sample, its reduced formula, parse status, element and atom
         counts, validity and reason under both protocols, and ``is_novel`` against the training formulas.
@@ -129,7 +130,8 @@ class FormulaGenerator:
         ``elements`` (only these), ``require`` (every sample contains these), ``exclude`` and
         ``max_elements`` are enforced inside the sampler. Diffusion-BERT takes ``temperature``, ``top_k``,
         ``top_p`` and ``condition`` (``"valid"``, ``"invalid"`` or None for a validity-conditioned model;
-        ``"auto"``: valid when the model has the condition); Diffusion-LM takes ``method`` (ddpm/ddim),
+        ``"auto"``: valid when the model has the condition) and ``guidance`` (classifier-free guidance
+        scale towards that condition; None or 1: plain conditional sampling); Diffusion-LM takes ``method`` (ddpm/ddim),
         ``clamp`` and ``noise_scale``; ``steps`` and these default to the model's settings. ``dtype``:
         ``auto``, ``float32`` or ``bfloat16``. ``validity`` (``cdvae``, the default, ``smact`` or ``none``)
         is enforced inside the sampler: the last token revealed in a row that would complete it invalid is
@@ -157,7 +159,7 @@ class FormulaGenerator:
         samples = generate(self.loaded, n, steps=steps, batch_size=batch_size, seed=seed, temperature=temperature,
                            top_k=top_k, top_p=top_p, constraints=constraints, progress=progress, dtype=dtype,
                            condition=condition, method=method, clamp=clamp, noise_scale=noise_scale,
-                           validity=guard, stats=stats)
+                           validity=guard, stats=stats, guidance=guidance)
         formulas = [f for _, f, _ in samples if f is not None]
         verdicts = {p: dict(zip(formulas, check_formulas(formulas, p))) for p in ("cdvae", "smact")}
         train = self.training_formulas()
@@ -175,7 +177,7 @@ class FormulaGenerator:
         table = table.astype({"n_elements": "Int64", "n_atoms": "Int64", "is_novel": "boolean"})
         table.attrs["sampling"] = {
             "n": n, "seed": seed, **self.sampling_settings(steps, method, clamp, noise_scale), "batch_size": batch_size,
-            "dtype": dtype, "temperature": temperature, "top_k": top_k, "top_p": top_p, "condition": condition,
+            "dtype": dtype, "temperature": temperature, "top_k": top_k, "top_p": top_p, "condition": condition, "guidance": guidance,
             "constraints": constraints.as_dict(), "validity": guard.as_dict(),
         }
         table.attrs["validity"] = stats.as_dict()

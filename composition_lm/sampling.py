@@ -288,23 +288,39 @@ def denoise_masked(
     autocast_dtype: torch.dtype | None = None,
     counter: list[int] | None = None,
     exact: ExactDecoder | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """The reverse process from time ``t_start`` to 0 in ``steps`` steps on rows ``x`` (``[B, L]`` ids
     whose masked positions are ``[MASK]``): each step reveals every masked position with probability
     ``(t - s) / t``; revealed tokens are carried through. ``counter[0]`` (if given) is increased by the
     number of rows the denoiser evaluates. ``exact`` (an :class:`ExactDecoder`) re-draws the last
-    revealed token of each row the step completed invalid, among the tokens that make it valid."""
+    revealed token of each row the step completed invalid, among the tokens that make it valid.
+
+    ``guidance`` (classifier-free guidance, Schiff et al. 2024; rows must start with a condition token):
+    the denoiser is also run with ``[BOS]`` at position 0 (unconditional) and the tokens are drawn from
+    ``p(x | c)^gamma * p(x)^(1 - gamma)``, renormalised (``gamma = 1``: plain conditional sampling, at
+    one forward pass)."""
     device = x.device
     n = x.shape[0]
     static = rules.static.to(device)
+    guided = guidance is not None and guidance != 1.0
 
     def predict(rows: torch.Tensor, t: float) -> torch.Tensor:
+        inputs = x[rows]
+        if guided:  # the same rows with the unconditional start token, in the same forward pass
+            plain = inputs.clone()
+            plain[:, 0] = BOS
+            inputs = torch.cat([inputs, plain])
         if counter is not None:
-            counter[0] += len(rows)
+            counter[0] += len(inputs)
         with _autocast(device, autocast_dtype):
-            tt = torch.full((len(rows),), t, device=device) if time_conditioning else None
-            logits = model(x[rows], tt).float()
-        return _filter_logits(logits.masked_fill(~static, -torch.inf), temperature, top_k, top_p)
+            tt = torch.full((len(inputs),), t, device=device) if time_conditioning else None
+            logits = model(inputs, tt).float().masked_fill(~static, -torch.inf)
+        if guided:
+            cond, uncond = logits.log_softmax(-1).chunk(2)
+            logits = guidance * cond + (1 - guidance) * uncond
+            logits = logits.masked_fill(~static, -torch.inf)  # -inf - -inf: keep disallowed tokens out
+        return _filter_logits(logits, temperature, top_k, top_p)
 
     probs = predict(torch.arange(n, device=device), t_start)
     last = x.clone()
@@ -344,16 +360,17 @@ def sample_masked_diffusion(
     start_token: int = BOS,
     counter: list[int] | None = None,
     exact: ExactDecoder | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion denoiser in ``steps`` steps.
 
     ``start_token`` stands at position 0: ``[BOS]``, or a condition token (``[VALID]``) for a
-    validity-conditioned model."""
+    validity-conditioned model, optionally with classifier-free ``guidance`` (:func:`denoise_masked`)."""
     device = next(model.parameters()).device
     x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
     x[:, 0] = start_token
     return denoise_masked(model, x, steps, generator, rules, 1.0, temperature, top_k, top_p, time_conditioning,
-                          autocast_dtype, counter, exact)
+                          autocast_dtype, counter, exact, guidance)
 
 
 def _nearest_tokens(x: torch.Tensor, emb: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -496,6 +513,7 @@ def generate(
     noise_scale: float | None = None,
     validity: ValiditySettings | None = None,
     stats: RepairStats | None = None,
+    guidance: float | None = None,
 ) -> list[tuple[str, Formula | None, str]]:
     """``n`` formulas from a model, in batches. ``loaded`` is a :class:`composition_lm.models.LoadedModel`
     or the model itself (anything with ``.config`` and parameters).
@@ -506,8 +524,11 @@ def generate(
     same samples. ``condition``: ``"valid"``, ``"invalid"`` or ``None`` (unconditional) for a
     validity-conditioned model; ``"auto"`` is ``"valid"`` for such a model and ``None`` otherwise.
     ``validity`` (:class:`~composition_lm.valid_sampling.ValiditySettings`; None: raw samples) makes the
-    sampler re-noise and re-denoise every row that fails the protocol, at most ``validity.rounds``
+    sampler decode each row's last revealed token exactly (:class:`~composition_lm.valid_sampling.ExactDecoder`)
+    and re-noise and re-denoise every row that still fails the protocol, at most ``validity.rounds``
     times (:func:`~composition_lm.valid_sampling.repair`); ``stats``, if given, receives what that cost.
+    ``guidance``: classifier-free guidance scale towards ``condition`` (Diffusion-BERT with a condition;
+    :func:`denoise_masked`).
     Returns ``(raw text, formula or None, parse error)`` per sample.
     """
     from tqdm.auto import tqdm
@@ -527,6 +548,13 @@ def generate(
         if condition == "auto":
             condition = "valid" if getattr(cfg, "validity_conditioning", False) else None
         start_token = cfg.start_token_id(condition)
+        if guidance is not None and condition is None:
+            raise ValueError("guidance needs a condition to guide towards: a validity-conditioned model sampled "
+                             "with condition valid or invalid")
+    if guidance is not None and gaussian:
+        raise ValueError("classifier-free guidance applies to Diffusion-BERT models")
+    if guidance is not None and guidance < 0:
+        raise ValueError(f"the guidance scale must be >= 0, got {guidance}")
     steps, method, clamp, noise_scale = resolve_sampling_settings(cfg, steps, method, clamp, noise_scale).values()
     rules = LogitRules(constraints or Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
     device = next(model.parameters()).device
@@ -552,7 +580,7 @@ def generate(
         else:
             out = denoise_masked(model, renoise_masked(rows, t, generator), max(1, math.ceil(steps * t)),
                                  generator, rules, t, temperature, top_k, top_p, time_conditioning, autocast_dtype,
-                                 calls, exact)
+                                 calls, exact, guidance)
         return out, calls[0]
 
     out: list[tuple[str, Formula | None, str]] = []
@@ -566,7 +594,7 @@ def generate(
             else:
                 ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
                                               time_conditioning=time_conditioning, autocast_dtype=autocast_dtype,
-                                              start_token=start_token, counter=calls, exact=exact)
+                                              start_token=start_token, counter=calls, exact=exact, guidance=guidance)
             batch_stats = RepairStats(samples=k)
             if guard:
                 ids, _, _, batch_stats = repair(ids, validator, redo, guard.rounds, guard.keep_elements)

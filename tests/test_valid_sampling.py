@@ -290,3 +290,44 @@ def test_exact_decoding_compact_codec_fixes_the_count():
     probs = _probs(20, 4, {COUNT_OFFSET + 2: 0.7, COUNT_OFFSET + 3: 0.2, COUNT_OFFSET + 1: 0.1})
     out = _exact("compact")(before, after, probs)
     assert (out[:, 4] == COUNT_OFFSET + 1).all()  # Na1 Cl1: the only valid count among those with mass
+
+
+# ------------------------------------------------------------------------- classifier-free guidance
+class _TwoMinds(torch.nn.Module):
+    """A fake denoiser: at position 1, p(Li) = 0.8 after [VALID] and 0.5 after [BOS]; [EOS] after."""
+
+    def __init__(self, vocab: int, valid_id: int):
+        super().__init__()
+        self.vocab, self.valid_id = vocab, valid_id
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t=None):
+        logits = torch.full((x.shape[0], x.shape[1], self.vocab), -30.0)
+        cond = (x[:, 0] == self.valid_id)[:, None]
+        logits[:, 1, _el("Li")] = torch.where(cond, torch.tensor(0.8).log(), torch.tensor(0.5).log()).squeeze(1)
+        logits[:, 1, _el("Na")] = torch.where(cond, torch.tensor(0.2).log(), torch.tensor(0.5).log()).squeeze(1)
+        logits[:, 2, EOS] = 0.0
+        return logits
+
+
+@pytest.mark.parametrize("gamma,p_li", [(1.0, 0.8), (0.0, 0.5), (2.0, 0.64 / 0.5 / (0.64 / 0.5 + 0.04 / 0.5))])
+def test_guidance_draws_from_the_tilted_distribution(gamma, p_li):
+    from composition_lm.sampling import Constraints, LogitRules, sample_masked_diffusion
+    from composition_lm.tokenizer import condition_token_ids, vocabulary_size
+
+    vocab, valid = vocabulary_size(200, condition_tokens=True), condition_token_ids(200)["valid"]
+    rules = LogitRules(Constraints(), "expanded", 3, vocab, 200)
+    n = 4000
+    counter = [0]
+    x = sample_masked_diffusion(_TwoMinds(vocab, valid), n, 1, torch.Generator().manual_seed(0), rules,
+                                start_token=valid, counter=counter, guidance=gamma)
+    share = float((x[:, 1] == _el("Li")).float().mean())
+    assert abs(share - p_li) < 0.025, share
+    assert (x[:, 2] == EOS).all() and (x[:, 0] == valid).all()
+    assert counter[0] == (n if gamma == 1.0 else 2 * n)  # one step: guidance costs a second pass, gamma 1 not
+
+
+def test_guidance_needs_a_condition(bert):
+    with pytest.raises(ValueError, match="guidance needs a condition"):
+        bert.generate(4, guidance=2.0)
+    assert bert.generate(6, seed=0, guidance=None)["sample"].tolist() == bert.generate(6, seed=0)["sample"].tolist()

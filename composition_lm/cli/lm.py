@@ -42,7 +42,7 @@ def sampler_options(args: argparse.Namespace) -> dict:
     """The sampling options of ``sample`` as :meth:`FormulaGenerator.generate` keywords."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
             "condition": None if args.condition == "none" else args.condition, "method": args.method,
-            "clamp": args.clamp, "noise_scale": args.noise_scale, **validity_options(args)}
+            "clamp": args.clamp, "noise_scale": args.noise_scale, "guidance": args.guidance, **validity_options(args)}
 
 
 def save_samples(gen, table, out_dir: Path, run: dict, started: float, sampled: float) -> dict:
@@ -203,6 +203,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--condition", choices=["auto", "valid", "invalid", "none"], default="auto",
                    help="start token of a validity-conditioned model: valid, invalid or none (unconditional); "
                    "auto = valid for such a model, none otherwise")
+    p.add_argument("--guidance", type=float, metavar="GAMMA",
+                   help="classifier-free guidance towards --condition: tokens drawn from p(x|c)^GAMMA p(x)^(1-GAMMA) "
+                   "(two denoiser passes per step; 1 = plain conditional sampling; default: none)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="denoiser precision: auto = bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 "
                    "CPUs, recent GPUs), else float32 (default: auto)")
