@@ -569,25 +569,28 @@ def generate(
              if guard and guard.exact else None)
 
     def redo(rows: torch.Tensor, round_: int) -> tuple[torch.Tensor, int]:
-        """Failing rows re-noised to the round's level and denoised again; also the denoiser evaluations."""
+        """Failing rows re-noised to the round's level and denoised again (``batch_size`` rows at a
+        time); also the denoiser evaluations."""
         calls = [0]
         t = guard.level(round_)
-        if gaussian:
-            x0 = model.embedding_matrix.detach()[rows]
-            xk, k = renoise_gaussian(schedule, x0, t, generator)
-            out = denoise_gaussian(model, xk, schedule, k, generator, rules, method, clamp, autocast_dtype,
-                                   noise_scale, calls, exact)
-        else:
-            out = denoise_masked(model, renoise_masked(rows, t, generator), max(1, math.ceil(steps * t)),
-                                 generator, rules, t, temperature, top_k, top_p, time_conditioning, autocast_dtype,
-                                 calls, exact, guidance)
-        return out, calls[0]
+        done = []
+        for part in rows.split(batch_size):
+            if gaussian:
+                x0 = model.embedding_matrix.detach()[part]
+                xk, k = renoise_gaussian(schedule, x0, t, generator)
+                done.append(denoise_gaussian(model, xk, schedule, k, generator, rules, method, clamp, autocast_dtype,
+                                             noise_scale, calls, exact))
+            else:
+                done.append(denoise_masked(model, renoise_masked(part, t, generator), max(1, math.ceil(steps * t)),
+                                           generator, rules, t, temperature, top_k, top_p, time_conditioning,
+                                           autocast_dtype, calls, exact, guidance))
+        return torch.cat(done), calls[0]
 
-    out: list[tuple[str, Formula | None, str]] = []
+    batches = []
+    calls = [0]
     with tqdm(total=n, desc="sample", unit="formula", disable=not progress) as bar:
-        while len(out) < n:
-            k = min(batch_size, n - len(out))
-            calls = [0]
+        while sum(len(b) for b in batches) < n:
+            k = min(batch_size, n - sum(len(b) for b in batches))
             if gaussian:
                 ids = sample_gaussian_diffusion(model, k, steps, generator, rules, method, clamp, autocast_dtype,
                                                 noise_scale, calls, exact)
@@ -595,14 +598,16 @@ def generate(
                 ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
                                               time_conditioning=time_conditioning, autocast_dtype=autocast_dtype,
                                               start_token=start_token, counter=calls, exact=exact, guidance=guidance)
-            batch_stats = RepairStats(samples=k)
-            if guard:
-                ids, _, _, batch_stats = repair(ids, validator, redo, guard.rounds, guard.keep_elements)
-            batch_stats.denoiser_rows_first_pass = calls[0]
-            if stats is not None:
-                stats.add(batch_stats)
-            out += decode_samples(ids, cfg.codec, cfg.max_count)
+            batches.append(ids)
             bar.update(k)
+    ids = torch.cat(batches)
+    run_stats = RepairStats(samples=n)
+    if guard:  # one repair loop over every batch's failing rows: few, so pooled into full batches
+        ids, _, _, run_stats = repair(ids, validator, redo, guard.rounds, guard.keep_elements)
+    run_stats.denoiser_rows_first_pass = calls[0]
+    if stats is not None:
+        stats.add(run_stats)
+    out = decode_samples(ids, cfg.codec, cfg.max_count)
     if stats is not None and exact is not None:
         stats.exact_fixed += exact.stats["fixed"]
         stats.exact_candidates += exact.stats["candidates"]

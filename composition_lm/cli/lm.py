@@ -100,7 +100,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
               f"({summary['valid_novel_unique_per_s']:.0f}/s)")
     repair = run["validity_repair"]
     if args.validity != "none":
-        print(f"  sampler     {repair['failed_first_pass']} rows failed {args.validity} after the first pass, "
+        print(f"  sampler     {repair['exact_fixed']} rows made valid by exact decoding; "
+              f"{repair['failed_first_pass']} rows failed {args.validity} after the first pass, "
               f"{repair['failing_rows']} still fail after {args.validity_rounds} repair rounds (flagged); "
               f"{repair['extra_denoiser_rows_per_sample']:.2f} extra denoiser rows per sample")
     constraints = run["constraints"]
