@@ -565,8 +565,8 @@ def generate(
     guard = validity if validity is not None and validity.active else None
     validator = RowValidator(guard.protocol, cfg.codec, cfg.max_count) if guard else None
     # the exact decoder draws from a generator of its own: rows it leaves alone are the raw samples
-    exact = (ExactDecoder(validator, rules, torch.Generator(device=device).manual_seed(seed + EXACT_SEED_OFFSET))
-             if guard and guard.exact else None)
+    exact = (ExactDecoder(validator, rules, torch.Generator(device=device).manual_seed(seed + EXACT_SEED_OFFSET),
+                          keep_elements=guard.keep_elements) if guard and guard.exact else None)
 
     def redo(rows: torch.Tensor, round_: int) -> tuple[torch.Tensor, int]:
         """Failing rows re-noised to the round's level and denoised again (``batch_size`` rows at a

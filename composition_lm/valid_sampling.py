@@ -1,11 +1,13 @@
 """Chemical validity inside the sampler: a validator of token rows and the remasking repair loop.
 
 Element constraints are logit masks (:mod:`composition_lm.sampling`); validity cannot be one, because
-it is a property of the whole formula. It is enforced the way ReMDM (Wang et al. 2025) corrects a
-masked-diffusion sample: after a batch is denoised, every row that fails the chosen protocol is
-re-noised to a time ``t`` and denoised again, a few rounds at most (``t = 1``, the default, re-draws the
+it is a property of the whole formula. It is enforced in two steps. While sampling, the token that
+completes a row is decoded exactly: if the row fails, that token is drawn again among those that make it
+valid. After sampling, as ReMDM (Wang et al. 2025) corrects a masked-diffusion sample, every row that
+still fails the chosen protocol (all batches' failing rows pooled) is re-noised to a time ``t`` and
+denoised again, a few rounds at most (``t = 1``, the default, re-draws the
 failing row whole; ``benchmarks/validity_sampling.md`` measured 0.25, 0.5 and 1, and 1 kept the element
-and #elements distributions closest to the raw model's). Three pieces:
+and #elements distributions closest to the raw model's). The pieces:
 
 * :class:`RowValidator` -- a pure function from a batch of token rows to pass/fail and a reason per
   row (the protocol of :mod:`evaluation.validity`, each reduced formula checked once per process);
@@ -261,15 +263,18 @@ class ExactDecoder:
     are, so the re-drawn token follows ``p(v | the row is valid)`` exactly within the top ``top_k``.
     ``rules`` (:class:`~composition_lm.sampling.LogitRules`) supplies the static token mask and the element
     constraints (``require``/``max_elements``) a changed row must still meet. Rows that no single
-    re-draw can make valid stay as they are (the repair loop takes them). ``stats`` counts the rows
+    re-draw can make valid stay as they are (the repair loop takes them). With ``keep_elements`` a
+    re-drawn row must keep its number of distinct elements (re-drawing the last token otherwise turns
+    ternaries into quaternaries and tilts the #elements distribution; ``benchmarks/validity_sampling.md``).
+    ``stats`` counts the rows
     examined, fixed and the candidate rows validated. ``generator`` drives its draws: a generator of its
     own (seeded from the run's seed), so that the sampler's stream, and with it every row the decoder
     leaves alone, is the same as without it."""
 
     def __init__(self, validator: RowValidator, rules, generator: torch.Generator, top_k: int = 32,
-                 positions: int = 2):
+                 positions: int = 2, keep_elements: bool = True):
         self.validator, self.rules, self.generator = validator, rules, generator
-        self.top_k, self.positions = top_k, positions
+        self.top_k, self.positions, self.keep_elements = top_k, positions, keep_elements
         self.stats = {"completed_failing": 0, "fixed": 0, "candidates": 0}
 
     def __call__(self, before: torch.Tensor, after: torch.Tensor, scores: torch.Tensor,
@@ -302,7 +307,10 @@ class ExactDecoder:
             idx = live.nonzero().squeeze(1)
             if idx.numel():
                 v_ok, _ = self.validator(flat[idx])
-                valid[idx] = v_ok & self.rules.elements_ok(flat[idx])
+                v_ok &= self.rules.elements_ok(flat[idx])
+                if self.keep_elements:
+                    v_ok &= element_counts(flat[idx]) == element_counts(x[sub]).repeat_interleave(k)[idx]
+                valid[idx] = v_ok
                 self.stats["candidates"] += int(idx.numel())
             valid = valid.reshape(n, k)
             fixed = valid.any(1)

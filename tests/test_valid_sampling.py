@@ -207,13 +207,14 @@ def test_sample_cli_records_validity(tmp_path):
 
 
 # ------------------------------------------------------------------------------- exact decoding
-def _exact(codec="expanded", seed=0, **constraints):
+def _exact(codec="expanded", seed=0, keep_elements=False, **constraints):
     from composition_lm.sampling import Constraints, LogitRules
     from composition_lm.tokenizer import vocabulary_size
     from composition_lm.valid_sampling import ExactDecoder
 
     rules = LogitRules(Constraints(**constraints), codec, L, vocabulary_size(200), 200)
-    return ExactDecoder(RowValidator("cdvae", codec), rules, torch.Generator().manual_seed(seed))
+    return ExactDecoder(RowValidator("cdvae", codec), rules, torch.Generator().manual_seed(seed),
+                        keep_elements=keep_elements)
 
 
 def _el(sym: str) -> int:
@@ -246,6 +247,8 @@ def test_exact_decoding_draws_the_last_token_among_valid_completions():
     assert dec.stats["fixed"] == n and dec.stats["completed_failing"] == n
     greedy = _exact()(before, after, probs.log(), greedy=True)  # scores: the best valid one
     assert (greedy[:, 3] == EOS).all()
+    kept = _exact(keep_elements=True)(before, after, probs)  # NaClO has three elements where NaCl2 had two
+    assert (kept[:, 3] == EOS).all()
 
 
 def test_exact_decoding_leaves_passing_unfinished_and_old_rows_alone():
