@@ -122,7 +122,7 @@ class FormulaGenerator:
                  method: str | None = None, clamp: bool | None = None, noise_scale: float | None = None,
                  dtype: str = "auto", validity: str = "cdvae", validity_rounds: int = 10, validity_t: float = 1.0,
                  validity_keep_elements: bool = True, validity_exact: bool = True, guidance: float | None = None,
-                 progress: bool = False):
+                 targets: str | Sequence | None = None, progress: bool = False):
         """``n`` formulas as a ``pandas.DataFrame`` with the columns of ``formulas.csv``
         (:data:`FORMULA_COLUMNS`): the raw sample, its reduced formula, parse status, element and atom
         counts, validity and reason under both protocols, and ``is_novel`` against the training formulas.
@@ -131,7 +131,9 @@ class FormulaGenerator:
         ``max_elements`` are enforced inside the sampler. Diffusion-BERT takes ``temperature``, ``top_k``,
         ``top_p`` and ``condition`` (``"valid"``, ``"invalid"`` or None for a validity-conditioned model;
         ``"auto"``: valid when the model has the condition) and ``guidance`` (classifier-free guidance
-        scale towards that condition; None or 1: plain conditional sampling); Diffusion-LM takes ``method`` (ddpm/ddim),
+        scale towards that condition or the targets; None or 1: plain conditional sampling) and
+        ``targets``, property windows for a property-conditioned model (``"band_gap=1:3"`` strings or
+        :class:`~composition_lm.conditions.Target`; each sample conditioned on a bin inside each window); Diffusion-LM takes ``method`` (ddpm/ddim),
         ``clamp`` and ``noise_scale``; ``steps`` and these default to the model's settings. ``dtype``:
         ``auto``, ``float32`` or ``bfloat16``. ``validity`` (``cdvae``, the default, ``smact`` or ``none``)
         is enforced inside the sampler: the last token revealed in a row that would complete it invalid is
@@ -154,12 +156,17 @@ class FormulaGenerator:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         constraints = Constraints(elements=_elements(elements) or None, require=_elements(require),
                                   exclude=_elements(exclude), max_elements=max_elements)
+        from composition_lm.conditions import Target, parse_target
+
+        if isinstance(targets, (str, Target)):
+            targets = [targets]
+        targets = [t if isinstance(t, Target) else parse_target(t) for t in targets or []]
         guard = ValiditySettings(validity, validity_rounds, validity_t, validity_keep_elements, validity_exact)
         stats = RepairStats()
         samples = generate(self.loaded, n, steps=steps, batch_size=batch_size, seed=seed, temperature=temperature,
                            top_k=top_k, top_p=top_p, constraints=constraints, progress=progress, dtype=dtype,
                            condition=condition, method=method, clamp=clamp, noise_scale=noise_scale,
-                           validity=guard, stats=stats, guidance=guidance)
+                           validity=guard, stats=stats, guidance=guidance, targets=targets)
         formulas = [f for _, f, _ in samples if f is not None]
         verdicts = {p: dict(zip(formulas, check_formulas(formulas, p))) for p in ("cdvae", "smact")}
         train = self.training_formulas()
@@ -178,6 +185,7 @@ class FormulaGenerator:
         table.attrs["sampling"] = {
             "n": n, "seed": seed, **self.sampling_settings(steps, method, clamp, noise_scale), "batch_size": batch_size,
             "dtype": dtype, "temperature": temperature, "top_k": top_k, "top_p": top_p, "condition": condition, "guidance": guidance,
+            "targets": [str(t) for t in targets],
             "constraints": constraints.as_dict(), "validity": guard.as_dict(),
         }
         table.attrs["validity"] = stats.as_dict()

@@ -289,6 +289,7 @@ def denoise_masked(
     counter: list[int] | None = None,
     exact: ExactDecoder | None = None,
     guidance: float | None = None,
+    conditions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reverse process from time ``t_start`` to 0 in ``steps`` steps on rows ``x`` (``[B, L]`` ids
     whose masked positions are ``[MASK]``): each step reveals every masked position with probability
@@ -299,7 +300,8 @@ def denoise_masked(
     ``guidance`` (classifier-free guidance, Schiff et al. 2024; rows must start with a condition token):
     the denoiser is also run with ``[BOS]`` at position 0 (unconditional) and the tokens are drawn from
     ``p(x | c)^gamma * p(x)^(1 - gamma)``, renormalised (``gamma = 1``: plain conditional sampling, at
-    one forward pass)."""
+    one forward pass). ``conditions`` (``[B, P]`` property bin ids of a property-conditioned model) are
+    the condition c; the unconditional pass sets them to 0 ("not given")."""
     device = x.device
     n = x.shape[0]
     static = rules.static.to(device)
@@ -307,15 +309,18 @@ def denoise_masked(
 
     def predict(rows: torch.Tensor, t: float) -> torch.Tensor:
         inputs = x[rows]
-        if guided:  # the same rows with the unconditional start token, in the same forward pass
+        cond = conditions[rows] if conditions is not None else None
+        if guided:  # the same rows without their condition (start token, properties), in the same pass
             plain = inputs.clone()
             plain[:, 0] = BOS
             inputs = torch.cat([inputs, plain])
+            cond = torch.cat([cond, torch.zeros_like(cond)]) if cond is not None else None
         if counter is not None:
             counter[0] += len(inputs)
         with _autocast(device, autocast_dtype):
             tt = torch.full((len(inputs),), t, device=device) if time_conditioning else None
-            logits = model(inputs, tt).float().masked_fill(~static, -torch.inf)
+            out = model(inputs, tt) if cond is None else model(inputs, tt, conditions=cond)
+            logits = out.float().masked_fill(~static, -torch.inf)
         if guided:
             cond, uncond = logits.log_softmax(-1).chunk(2)
             logits = guidance * cond + (1 - guidance) * uncond
@@ -361,6 +366,7 @@ def sample_masked_diffusion(
     counter: list[int] | None = None,
     exact: ExactDecoder | None = None,
     guidance: float | None = None,
+    conditions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion denoiser in ``steps`` steps.
 
@@ -370,7 +376,7 @@ def sample_masked_diffusion(
     x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
     x[:, 0] = start_token
     return denoise_masked(model, x, steps, generator, rules, 1.0, temperature, top_k, top_p, time_conditioning,
-                          autocast_dtype, counter, exact, guidance)
+                          autocast_dtype, counter, exact, guidance, conditions)
 
 
 def _nearest_tokens(x: torch.Tensor, emb: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -514,6 +520,7 @@ def generate(
     validity: ValiditySettings | None = None,
     stats: RepairStats | None = None,
     guidance: float | None = None,
+    targets: list | None = None,
 ) -> list[tuple[str, Formula | None, str]]:
     """``n`` formulas from a model, in batches. ``loaded`` is a :class:`composition_lm.models.LoadedModel`
     or the model itself (anything with ``.config`` and parameters).
@@ -527,8 +534,9 @@ def generate(
     sampler decode each row's last revealed token exactly (:class:`~composition_lm.valid_sampling.ExactDecoder`)
     and re-noise and re-denoise every row that still fails the protocol, at most ``validity.rounds``
     times (:func:`~composition_lm.valid_sampling.repair`); ``stats``, if given, receives what that cost.
-    ``guidance``: classifier-free guidance scale towards ``condition`` (Diffusion-BERT with a condition;
-    :func:`denoise_masked`).
+    ``targets`` (:class:`~composition_lm.conditions.Target` windows of a property-conditioned Diffusion-BERT):
+    each sample is conditioned on a bin drawn within each window (:func:`~composition_lm.conditions.condition_ids`).
+    ``guidance``: classifier-free guidance scale towards ``condition`` or the targets (:func:`denoise_masked`).
     Returns ``(raw text, formula or None, parse error)`` per sample.
     """
     from tqdm.auto import tqdm
@@ -548,17 +556,22 @@ def generate(
         if condition == "auto":
             condition = "valid" if getattr(cfg, "validity_conditioning", False) else None
         start_token = cfg.start_token_id(condition)
-        if guidance is not None and condition is None:
+        if guidance is not None and condition is None and not targets:
             raise ValueError("guidance needs a condition to guide towards: a validity-conditioned model sampled "
-                             "with condition valid or invalid")
-    if guidance is not None and gaussian:
-        raise ValueError("classifier-free guidance applies to Diffusion-BERT models")
+                             "with condition valid or invalid, or property targets")
+    if (guidance is not None or targets) and gaussian:
+        raise ValueError("classifier-free guidance and property targets apply to Diffusion-BERT models")
     if guidance is not None and guidance < 0:
         raise ValueError(f"the guidance scale must be >= 0, got {guidance}")
     steps, method, clamp, noise_scale = resolve_sampling_settings(cfg, steps, method, clamp, noise_scale).values()
     rules = LogitRules(constraints or Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    conditions = None
+    if targets:
+        from composition_lm.conditions import condition_ids
+
+        conditions = condition_ids(cfg.property_bins(), targets, n, generator).to(device)
     autocast_dtype = resolve_dtype(dtype, device)
     time_conditioning = getattr(cfg, "time_conditioning", False)
     schedule = cfg.gaussian_schedule().respace(steps) if gaussian else None
@@ -568,13 +581,13 @@ def generate(
     exact = (ExactDecoder(validator, rules, torch.Generator(device=device).manual_seed(seed + EXACT_SEED_OFFSET),
                           keep_elements=guard.keep_elements) if guard and guard.exact else None)
 
-    def redo(rows: torch.Tensor, round_: int) -> tuple[torch.Tensor, int]:
-        """Failing rows re-noised to the round's level and denoised again (``batch_size`` rows at a
-        time); also the denoiser evaluations."""
+    def redo(rows: torch.Tensor, round_: int, index: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Failing rows (at positions ``index`` of the run) re-noised to the round's level and denoised
+        again (``batch_size`` rows at a time); also the denoiser evaluations."""
         calls = [0]
         t = guard.level(round_)
         done = []
-        for part in rows.split(batch_size):
+        for part, where in zip(rows.split(batch_size), index.split(batch_size)):
             if gaussian:
                 x0 = model.embedding_matrix.detach()[part]
                 xk, k = renoise_gaussian(schedule, x0, t, generator)
@@ -583,7 +596,8 @@ def generate(
             else:
                 done.append(denoise_masked(model, renoise_masked(part, t, generator), max(1, math.ceil(steps * t)),
                                            generator, rules, t, temperature, top_k, top_p, time_conditioning,
-                                           autocast_dtype, calls, exact, guidance))
+                                           autocast_dtype, calls, exact, guidance,
+                                           None if conditions is None else conditions[where]))
         return torch.cat(done), calls[0]
 
     batches = []
@@ -597,7 +611,9 @@ def generate(
             else:
                 ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
                                               time_conditioning=time_conditioning, autocast_dtype=autocast_dtype,
-                                              start_token=start_token, counter=calls, exact=exact, guidance=guidance)
+                                              start_token=start_token, counter=calls, exact=exact, guidance=guidance,
+                                              conditions=None if conditions is None else
+                                              conditions[sum(len(b) for b in batches):][:k])
             batches.append(ids)
             bar.update(k)
     ids = torch.cat(batches)

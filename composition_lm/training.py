@@ -61,6 +61,8 @@ class TrainingArguments:
     time_conditioning: bool = False
     validity_conditioning: bool = False  # [VALID]/[INVALID] start tokens from the cdvae validity of each formula
     only_valid: str | None = None  # train only on formulas valid under this protocol (cdvae or smact)
+    condition_on: str | None = None  # comma-separated numeric corpus columns to condition on (diffusion-bert)
+    condition_bins: int = 8  # quantile bins per conditioning property
     embedding_dim: int = 16  # diffusion-lm: dimension of the token embeddings the diffusion runs in
     diffusion_steps: int = 2000  # diffusion-lm: training T
     # optimisation
@@ -93,11 +95,15 @@ def _lr_lambda(args: TrainingArguments):
 
 
 def _encode(formulas: list[str], codec, tokenizer, seq_length: int,
-            validity_conditioning: bool = False) -> tuple[torch.Tensor, int]:
+            validity_conditioning: bool = False, kept: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """``[N, seq_length]`` token ids of the formulas that fit, and how many were skipped. With
-    ``validity_conditioning`` the start token is ``[VALID]``/``[INVALID]`` (cdvae protocol)."""
+    ``validity_conditioning`` the start token is ``[VALID]``/``[INVALID]`` (cdvae protocol). ``kept``, if
+    given, receives the positions of the formulas that were encoded."""
     parsed = [parse_formula(f) for f in formulas]
     ids, skipped = encode_formulas(tokenizer, codec, parsed, seq_length)
+    if kept is not None:
+        gone = set(skipped)
+        kept.extend(i for i in range(len(parsed)) if i not in gone)
     out = torch.full((len(ids), seq_length), PAD, dtype=torch.long)
     for i, seq in enumerate(ids):
         out[i, : len(seq)] = torch.tensor(seq)
@@ -112,9 +118,37 @@ def _encode(formulas: list[str], codec, tokenizer, seq_length: int,
     return out, len(skipped)
 
 
-def _config_from_args(args: TrainingArguments, token_info: list[float] | None = None):
+def _property_conditions(args: TrainingArguments, parent=None) -> tuple[list, dict]:
+    """``(bins, {reduced formula: {property: value}})`` for ``--condition-on`` (bins from the parent model
+    when it already has them, else quantiles of the training split); ``([], {})`` without it."""
+    if not args.condition_on:
+        return [], {}
+    from composition_lm.conditions import PropertyBins, corpus_properties
+
+    if args.model_type != "diffusion-bert":
+        raise ValueError("--condition-on is a diffusion-bert option for now (Diffusion-LM conditioning is not built)")
+    names = [n.strip() for n in args.condition_on.split(",") if n.strip()]
+    values = corpus_properties(args.corpus, names, column=args.column, split=args.train_split)
+    have = parent.config.property_bins() if parent is not None and parent.config.property_conditions else None
+    if have:
+        if [b.name for b in have] != names:
+            raise ValueError(f"--init-from model is conditioned on {[b.name for b in have]}, not {names}")
+        return have, values
+    return [PropertyBins.from_values(n, [v[n] for v in values.values()], args.condition_bins) for n in names], values
+
+
+def _condition_ids(bins: list, values: dict, formulas: list[str]) -> torch.Tensor:
+    """``[len(formulas), len(bins)]`` bin ids of each formula's values (0 where unknown)."""
+    rows = [values.get(str(parse_formula(f)), {}) for f in formulas]
+    cols = [b.bin_of([r.get(b.name, float("nan")) for r in rows]) for b in bins]
+    return torch.tensor(list(zip(*cols)), dtype=torch.long).reshape(len(formulas), len(bins))
+
+
+def _config_from_args(args: TrainingArguments, token_info: list[float] | None = None, bins: list | None = None):
     cfg_cls, _, _ = model_classes(args.model_type)
     extra = {"token_info": token_info} if token_info is not None else {}
+    if bins:
+        extra["property_conditions"] = [b.as_dict() for b in bins]
     if args.model_type == "diffusion-lm":
         if args.validity_conditioning:
             raise ValueError("--validity-conditioning is a diffusion-bert option")
@@ -139,19 +173,23 @@ def _config_from_args(args: TrainingArguments, token_info: list[float] | None = 
     )
 
 
-def _build_model(args: TrainingArguments, train_ids: torch.Tensor, vocab_size: int, parent=None):
-    """A fresh model from ``args``, or ``parent`` (the loaded ``--init-from`` model) to fine-tune."""
+def _build_model(args: TrainingArguments, train_ids: torch.Tensor, vocab_size: int, parent=None,
+                 bins: list | None = None):
+    """A fresh model from ``args``, or ``parent`` (the loaded ``--init-from`` model) to fine-tune;
+    ``bins``: property conditions to give it (an unconditional parent is extended with them)."""
     _, model_cls, loss_fn = model_classes(args.model_type)
     if parent is not None:
         if parent.model_type != args.model_type:
             raise ValueError(f"--init-from is a {parent.model_type} model, not {args.model_type}")
+        if bins:
+            parent.model.add_property_conditioning(bins)
         return parent.model.train(), loss_fn
     token_info = None
     if args.schedule == "spindle":
         from composition_lm.schedules import token_information
 
         token_info = token_information(train_ids.tolist(), vocab_size)
-    return model_cls(_config_from_args(args, token_info)), loss_fn
+    return model_cls(_config_from_args(args, token_info, bins)), loss_fn
 
 
 def export_checkpoint(ckpt: str | Path, export: str | Path) -> Path:
@@ -265,7 +303,14 @@ def train(args: TrainingArguments, command: str = "") -> Path:
         train_formulas = kept
         if main:
             print(f"--only-valid {args.only_valid}: dropped {n_invalid_dropped} invalid training formulas, kept {len(kept)}")
-    train_ids, n_skip = _encode(train_formulas, codec, tokenizer, args.seq_length, args.validity_conditioning)
+    bins, values = _property_conditions(args, parent)
+    kept: list[int] = []
+    train_ids, n_skip = _encode(train_formulas, codec, tokenizer, args.seq_length, args.validity_conditioning, kept)
+    train_cond = _condition_ids(bins, values, [train_formulas[i] for i in kept]) if bins else None
+    if main and bins:
+        known = (train_cond > 0).float().mean(0).tolist()
+        print("conditioning on " + ", ".join(f"{b.name} ({b.n_bins} bins, {k:.0%} of formulas labelled)"
+                                             for b, k in zip(bins, known)))
     val_ids, _ = (_encode(val_formulas[:4096], codec, tokenizer, args.seq_length, args.validity_conditioning)
                   if val_formulas else (None, 0))
     if main and n_skip:
@@ -274,7 +319,7 @@ def train(args: TrainingArguments, command: str = "") -> Path:
         raise ValueError("no training formula fits the sequence length")
 
     # ---- model, optimiser
-    model, loss_fn = _build_model(args, train_ids, len(tokenizer.get_vocab()), parent)
+    model, loss_fn = _build_model(args, train_ids, len(tokenizer.get_vocab()), parent, bins)
     n_params = sum(p.numel() for p in model.parameters())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -295,7 +340,10 @@ def train(args: TrainingArguments, command: str = "") -> Path:
         seeded by (seed, step, micro, rank)."""
         idx = epoch_batch(len(train_ids), args.batch_size * world, args.seed, step * args.grad_accum + micro)
         g = torch.Generator(device=device).manual_seed(((args.seed * 1_000_003 + step) * 97 + micro) * world + rank)
-        return loss_fn(model, raw_model.config, train_ids[idx[rank::world]].to(device), g)
+        rows = idx[rank::world]
+        if train_cond is not None:
+            return loss_fn(model, raw_model.config, train_ids[rows].to(device), g, conditions=train_cond[rows].to(device))
+        return loss_fn(model, raw_model.config, train_ids[rows].to(device), g)
 
     state = run_training(
         accelerator, model, opt, sched, ema, LoopSettings.of(args), start_step, out, step_loss,

@@ -214,10 +214,12 @@ def renoise_gaussian(schedule, x0: torch.Tensor, t: float, generator: torch.Gene
     return schedule.add_noise(x0, torch.full((x0.shape[0],), k), noise), k
 
 
-def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]],
+def repair(ids: torch.Tensor, validator: Callable,
+           redo: Callable[[torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, int]],
            rounds: int, keep_elements: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str], RepairStats]:
     """The repair loop: ``(ids, ok, reasons, stats)`` after re-doing the failing rows of ``ids`` with
-    ``redo(rows, round) -> (new rows, denoiser evaluations)`` (re-noise and denoise again) for at most
+    ``redo(rows, round, index) -> (new rows, denoiser evaluations)`` (re-noise and denoise again; ``index``:
+    the rows' positions in ``ids``) for at most
     ``rounds`` rounds. Rows that pass are never touched again; rows that still fail stay in place. With
     ``keep_elements``, a re-done row passes only if it also has its original row's number of distinct
     elements, in the first half of the rounds; the second half accepts any valid row."""
@@ -230,7 +232,7 @@ def repair(ids: torch.Tensor, validator: Callable, redo: Callable[[torch.Tensor,
         if bad.numel() == 0:
             break
         stats.per_round_failing.append(int(bad.numel()))
-        new, calls = redo(ids[bad], r)
+        new, calls = redo(ids[bad], r, bad)
         ids[bad] = new
         ok_new, why = validator(new)
         if want is not None and r < rounds // 2:  # the second half of the budget takes any valid row

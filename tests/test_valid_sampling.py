@@ -89,8 +89,8 @@ def test_repair_touches_only_failing_rows_and_counts():
     ids = torch.tensor([good, bad, good, bad])
     calls = []
 
-    def redo(rows, round_):  # turns a row valid on its second re-draw
-        assert round_ == len(calls)
+    def redo(rows, round_, index):  # turns a row valid on its second re-draw
+        assert round_ == len(calls) and index.tolist() == [1, 3]  # the failing rows' positions
         calls.append(len(rows))
         out = rows.clone()
         if len(calls) >= 2:
@@ -113,7 +113,7 @@ def test_element_counts_and_keep_elements():
     assert element_counts(ids).tolist() == [2, 3, 1, 1]
     bad = torch.tensor([_row("Na", "Cl", "Cl")])
 
-    def to_ternary(rows, round_):  # valid, but with three elements where the sample had two
+    def to_ternary(rows, round_, index=None):  # valid, but with three elements where the sample had two
         return torch.tensor([_row("Li", "Co", "O", "O")] * len(rows)), 0
 
     _, ok, reasons, stats = repair(bad, RowValidator("cdvae", "expanded"), to_ternary, rounds=1, keep_elements=True)
@@ -122,7 +122,7 @@ def test_element_counts_and_keep_elements():
     assert ok.all() and stats.per_round_failing == [1, 1, 1]  # refused in rounds 1-2, taken in round 3
     binary = torch.tensor([_row("K", "Br")])
     _, ok, reasons, stats = repair(bad, RowValidator("cdvae", "expanded"),
-                                   lambda rows, r: (binary if r == 1 else to_ternary(rows, r)[0], 0), rounds=4,
+                                   lambda rows, r, i: (binary if r == 1 else to_ternary(rows, r)[0], 0), rounds=4,
                                    keep_elements=True)
     assert ok.all() and stats.per_round_failing == [1, 1]
     _, ok, _, _ = repair(bad, RowValidator("cdvae", "expanded"), to_ternary, rounds=2, keep_elements=False)
@@ -131,7 +131,7 @@ def test_element_counts_and_keep_elements():
 
 def test_repair_budget_ends_with_flagged_rows():
     ids = torch.tensor([_row("He", "Ne")] * 3)
-    out, ok, reasons, stats = repair(ids, RowValidator("cdvae", "expanded"), lambda r, _: (r.clone(), 0), rounds=4)
+    out, ok, reasons, stats = repair(ids, RowValidator("cdvae", "expanded"), lambda r, _, i: (r.clone(), 0), rounds=4)
     assert not ok.any() and all("oxidation states" in r for r in reasons)
     assert stats.failed_after_budget == 3 and stats.rounds_used == 4 and torch.equal(out, ids)
     total = RepairStats()

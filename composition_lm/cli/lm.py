@@ -42,7 +42,7 @@ def sampler_options(args: argparse.Namespace) -> dict:
     """The sampling options of ``sample`` as :meth:`FormulaGenerator.generate` keywords."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
             "condition": None if args.condition == "none" else args.condition, "method": args.method,
-            "clamp": args.clamp, "noise_scale": args.noise_scale, "guidance": args.guidance, **validity_options(args)}
+            "clamp": args.clamp, "noise_scale": args.noise_scale, "guidance": args.guidance, "targets": args.target, **validity_options(args)}
 
 
 def save_samples(gen, table, out_dir: Path, run: dict, started: float, sampled: float) -> dict:
@@ -153,6 +153,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--time-conditioning", action="store_true", help="condition the denoiser on t")
     p.add_argument("--only-valid", choices=["cdvae", "smact"],
                    help="train only on the formulas that pass this validity protocol (the count dropped is reported)")
+    p.add_argument("--condition-on", metavar="COLUMNS",
+                   help="diffusion-bert: condition on these numeric corpus columns, e.g. band_gap,e_above_hull "
+                   "(quantile bins of each, dropped at random while training so the model also samples "
+                   "unconditionally); with --init-from, extends an unconditional model")
+    p.add_argument("--condition-bins", type=int, default=8, help="quantile bins per conditioning property (default: 8)")
     p.add_argument("--validity-conditioning", action="store_true",
                    help="start each training formula with [VALID]/[INVALID] (its cdvae validity) so that "
                    "sampling can ask for valid formulas; with --init-from, extends an unconditional model")
@@ -204,8 +209,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--condition", choices=["auto", "valid", "invalid", "none"], default="auto",
                    help="start token of a validity-conditioned model: valid, invalid or none (unconditional); "
                    "auto = valid for such a model, none otherwise")
+    p.add_argument("--target", action="append", metavar="NAME=LO:HI",
+                   help="property window for a property-conditioned model (train --condition-on), either bound "
+                   "open, e.g. --target band_gap=1.0:3.0 --target e_above_hull=:0.05; repeatable")
     p.add_argument("--guidance", type=float, metavar="GAMMA",
-                   help="classifier-free guidance towards --condition: tokens drawn from p(x|c)^GAMMA p(x)^(1-GAMMA) "
+                   help="classifier-free guidance towards --condition or --target: tokens drawn from p(x|c)^GAMMA p(x)^(1-GAMMA) "
                    "(two denoiser passes per step; 1 = plain conditional sampling; default: none)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="denoiser precision: auto = bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 "

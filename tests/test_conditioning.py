@@ -1,0 +1,113 @@
+"""Property conditioning of Diffusion-BERT (issue 18): targets, bins, a tiny conditional model on a
+synthetic corpus whose property is a known function of the formula, guidance, save/load, errors."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from composition_lm.cli import main as cli
+from composition_lm.conditions import PropertyBins, Target, condition_ids, corpus_properties, parse_target
+from composition_lm.generator import FormulaGenerator
+from composition_lm.training import TrainingArguments, train
+from evaluation.composition import parse_formula
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ------------------------------------------------------------------------------------ targets, bins
+def test_parse_target_reads_windows_and_rejects_nonsense():
+    assert parse_target("band_gap=1.0:3.0") == Target("band_gap", 1.0, 3.0)
+    assert parse_target("e_above_hull=:0.05") == Target("e_above_hull", -math.inf, 0.05)
+    assert parse_target("band_gap=3:") == Target("band_gap", 3.0, math.inf)
+    assert str(parse_target("e_above_hull=:0.05")) == "e_above_hull=:0.05"
+    for bad in ("band_gap", "band_gap=1", "=1:2", "band_gap=a:2", "band_gap=:", "band_gap=3:1"):
+        with pytest.raises(ValueError, match="target"):
+            parse_target(bad)
+
+
+def test_bins_hold_equal_shares_and_answer_windows():
+    values = np.linspace(0, 8, 801)
+    bins = PropertyBins.from_values("gap", values, n_bins=4)
+    assert bins.n_bins == 4 and bins.edges == pytest.approx((2.0, 4.0, 6.0))
+    assert bins.bin_of([0.5, 2.0, 7.9, float("nan")]).tolist() == [1, 2, 4, 0]
+    assert bins.window_bins(Target("gap", 2.0, 6.0)) == [2, 3]  # bins lying inside the window
+    assert bins.window_bins(Target("gap", 2.5, 3.0)) == [2]  # narrower than a bin: the one it overlaps
+    assert bins.window_bins(Target("gap", 6.0, math.inf)) == [4]
+    metals = PropertyBins.from_values("gap", [0.0] * 60 + list(np.linspace(0.1, 5, 40)), n_bins=8)
+    assert metals.n_bins == 8 and metals.bin_of([0.0, 1e-9]).tolist() == [1, 2]  # the point mass alone
+    assert metals.window_bins(Target("gap", -math.inf, 0.0)) == [1]
+    assert len(set(metals.bin_of(np.linspace(0.1, 5, 40)).tolist())) == 7  # the rest split evenly
+    ids = condition_ids([bins, metals], [Target("gap", 2.0, 6.0)], 1000, torch.Generator().manual_seed(0))
+    assert set(ids[:, 0].tolist()) == {2, 3} and (ids[:, 1] == 0).all()
+    with pytest.raises(ValueError, match="not conditioned on 'gapp'"):
+        condition_ids([bins], [Target("gapp", 1, 2)], 4, torch.Generator())
+
+
+def test_corpus_properties_take_the_ground_state_and_name_missing_columns(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("formula,gap,e_above_hull,split\nTiO2,1.8,0.05,train\nTi2O4,3.0,0.0,train\nNaCl,5,0,val\n")
+    assert corpus_properties(str(path), ["gap"], split="train") == {"TiO2": {"gap": 3.0}}
+    with pytest.raises(ValueError, match="no numeric column band_gap; numeric columns: gap, e_above_hull"):
+        corpus_properties(str(path), ["band_gap"])
+
+
+# ------------------------------------------------------------------- a tiny conditional model
+def _oxygen_fraction(formula: str) -> float:
+    f = parse_formula(formula)
+    return dict(f.counts).get("O", 0) / f.n_atoms
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory, mp_reduced_formulas):
+    """A tiny Diffusion-BERT conditioned on the oxygen fraction of the formula (a known function)."""
+    formulas = [f for f in random.Random(0).sample(mp_reduced_formulas, 4000) if parse_formula(f).n_atoms <= 10]
+    out = tmp_path_factory.mktemp("conditional")
+    corpus = out / "corpus.csv"
+    corpus.write_text("formula,o_fraction\n" + "".join(f"{f},{_oxygen_fraction(f)}\n" for f in formulas))
+    export = train(TrainingArguments(output_dir=str(out / "run"), corpus=str(corpus), train_split=None,
+                                     val_split=None, seq_length=12, hidden_size=48, num_layers=2, num_heads=2,
+                                     intermediate_size=96, batch_size=64, warmup_steps=20, lr=3e-3, max_steps=400,
+                                     eval_every=0, save_every=0, log_every=100, progress=False, dropout=0.0,
+                                     ema_decay=0.95, condition_on="o_fraction", condition_bins=4))
+    return FormulaGenerator.from_pretrained(export)
+
+
+def _hit_rate(table, lo: float) -> float:
+    return float(np.mean([_oxygen_fraction(f) >= lo for f in table["formula"] if f]))
+
+
+def test_asking_for_oxygen_moves_the_hit_rate(conditional):
+    bins = conditional.loaded.model.config.property_bins()
+    assert [b.name for b in bins] == ["o_fraction"] and bins[0].n_bins >= 3  # kept through save/load
+    high = bins[0].edges[-1]
+    plain = conditional.generate(300, seed=0, validity="none")
+    asked = conditional.generate(300, seed=0, validity="none", targets=f"o_fraction={high}:")
+    assert _hit_rate(asked, high) > _hit_rate(plain, high) + 0.15, (_hit_rate(asked, high), _hit_rate(plain, high))
+    none = conditional.generate(300, seed=0, validity="none", targets="o_fraction=:0.0")
+    assert _hit_rate(none, 1e-9) < _hit_rate(plain, 1e-9)  # and for no oxygen at all
+    assert asked.attrs["sampling"]["targets"] == [f"o_fraction={high:g}:"]
+
+
+def test_guidance_one_is_plain_conditional_and_guidance_sharpens(conditional):
+    a = conditional.generate(60, seed=1, validity="none", targets="o_fraction=0.5:")
+    b = conditional.generate(60, seed=1, validity="none", targets="o_fraction=0.5:", guidance=1.0)
+    assert a["sample"].tolist() == b["sample"].tolist()
+    valid = conditional.generate(60, seed=1, targets="o_fraction=0.5:", guidance=2.0)  # with validity on
+    assert valid["valid_cdvae"].all()
+
+
+def test_condition_errors_are_clear(conditional, tmp_path):
+    with pytest.raises(ValueError, match="not conditioned on 'band_gap'; its properties: o_fraction"):
+        conditional.generate(4, targets="band_gap=1:3")
+    with pytest.raises(ValueError, match="NAME=LO:HI"):
+        conditional.generate(4, targets="o_fraction")
+    plain = FormulaGenerator.from_pretrained("diffusion-bert")
+    with pytest.raises(ValueError, match="its properties: none"):
+        plain.generate(4, targets="band_gap=1:3")
+    assert cli(["sample", "-n", "4", "--target", "band_gap=3:1", "-o", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
