@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from composition_lm.cli.options import add_progress, add_relax_arguments, add_validity_arguments, validity_options
+from composition_lm.cli.options import (add_condition_arguments, add_progress, add_relax_arguments,
+                                        add_validity_arguments, condition_options, validity_options)
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
@@ -86,7 +87,8 @@ def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dic
     t0 = time.perf_counter()
     gen = FormulaGenerator.from_pretrained(args.model)
     table = gen.generate(args.n, seed=args.seed, elements=args.elements, require=args.require, exclude=args.exclude,
-                         max_elements=args.max_elements, progress=not args.no_progress, **validity_options(args))
+                         max_elements=args.max_elements, progress=not args.no_progress, **condition_options(args),
+                         **validity_options(args))
     run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
            **table.attrs["sampling"], "validity_repair": table.attrs["validity"]}
     summary = save_samples(gen, table, out, run, t0, time.perf_counter())
@@ -142,6 +144,7 @@ def add_discover_parser(sub) -> None:
     p.add_argument("--exclude", help="never these")
     p.add_argument("--max-elements", **positive_int, help="at most this many distinct elements")
     add_validity_arguments(p)
+    add_condition_arguments(p)
     p.add_argument("--from", dest="from_file", type=Path, metavar="FORMULAS",
                    help="screen these formulas instead of sampling (any formula file `validate` reads)")
     p.add_argument("--column", help="formula column of --from")

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 from composition_lm.cli.options import (
+    add_condition_arguments,
     add_progress,
     add_validity_arguments,
     command_line,
+    condition_options,
     dataclass_arguments,
     fraction,
     half_open_unit,
@@ -42,7 +44,7 @@ def sampler_options(args: argparse.Namespace) -> dict:
     """The sampling options of ``sample`` as :meth:`FormulaGenerator.generate` keywords."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
             "condition": None if args.condition == "none" else args.condition, "method": args.method,
-            "clamp": args.clamp, "noise_scale": args.noise_scale, "guidance": args.guidance, "targets": args.target, **validity_options(args)}
+            "clamp": args.clamp, "noise_scale": args.noise_scale, **condition_options(args), **validity_options(args)}
 
 
 def save_samples(gen, table, out_dir: Path, run: dict, started: float, sampled: float) -> dict:
@@ -209,12 +211,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--condition", choices=["auto", "valid", "invalid", "none"], default="auto",
                    help="start token of a validity-conditioned model: valid, invalid or none (unconditional); "
                    "auto = valid for such a model, none otherwise")
-    p.add_argument("--target", action="append", metavar="NAME=LO:HI",
-                   help="property window for a property-conditioned model (train --condition-on), either bound "
-                   "open, e.g. --target band_gap=1.0:3.0 --target e_above_hull=:0.05; repeatable")
-    p.add_argument("--guidance", type=float, metavar="GAMMA",
-                   help="classifier-free guidance towards --condition or --target: tokens drawn from p(x|c)^GAMMA p(x)^(1-GAMMA) "
-                   "(two denoiser passes per step; 1 = plain conditional sampling; default: none)")
+    add_condition_arguments(p)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="denoiser precision: auto = bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 "
                    "CPUs, recent GPUs), else float32 (default: auto)")

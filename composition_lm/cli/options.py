@@ -103,6 +103,22 @@ def add_validity_arguments(p: argparse.ArgumentParser) -> None:
                    "costlier re-noising repair)")
 
 
+def add_condition_arguments(p: argparse.ArgumentParser) -> None:
+    """``--target`` (property windows) and ``--guidance`` (classifier-free guidance scale)."""
+    p.add_argument("--target", action="append", metavar="NAME=LO:HI",
+                   help="property window for a property-conditioned model (train --condition-on), either bound "
+                   "open, e.g. --target band_gap=1.0:3.0 --target e_above_hull=:0.05; repeatable")
+    p.add_argument("--guidance", type=float, metavar="GAMMA",
+                   help="classifier-free guidance towards --condition or --target: tokens drawn from "
+                   "p(x|c)^GAMMA p(x)^(1-GAMMA) (two denoiser passes per step; 1 = plain conditional sampling; "
+                   "default: none)")
+
+
+def condition_options(args: argparse.Namespace) -> dict:
+    """The options of :func:`add_condition_arguments` as :meth:`FormulaGenerator.generate` keywords."""
+    return {"targets": args.target, "guidance": args.guidance}
+
+
 def validity_options(args: argparse.Namespace) -> dict:
     """The options of :func:`add_validity_arguments` as :meth:`FormulaGenerator.generate` keywords."""
     return {"validity": args.validity, "validity_rounds": args.validity_rounds, "validity_t": args.validity_t,
