@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from composition_lm.cli.options import (add_condition_arguments, add_progress, add_relax_arguments,
-                                        add_validity_arguments, condition_options, validity_options)
+                                        add_validity_arguments, condition_options, model_for, validity_options)
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
@@ -85,7 +85,7 @@ def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dic
     from composition_lm.generator import FormulaGenerator
 
     t0 = time.perf_counter()
-    gen = FormulaGenerator.from_pretrained(args.model)
+    gen = FormulaGenerator.from_pretrained(model_for(args))
     table = gen.generate(args.n, seed=args.seed, elements=args.elements, require=args.require, exclude=args.exclude,
                          max_elements=args.max_elements, progress=not args.no_progress, **condition_options(args),
                          **validity_options(args))

@@ -15,6 +15,7 @@ from composition_lm.cli.options import (
     command_line,
     condition_options,
     dataclass_arguments,
+    model_for,
     fraction,
     half_open_unit,
     non_negative_float,
@@ -81,7 +82,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
-    gen = FormulaGenerator.from_pretrained(args.model)
+    gen = FormulaGenerator.from_pretrained(model_for(args))
     options = sampler_options(args)
     table = gen.generate(args.n, seed=args.seed, steps=args.steps, elements=args.elements, require=args.require,
                          exclude=args.exclude, max_elements=args.max_elements, batch_size=args.batch_size,

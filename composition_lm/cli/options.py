@@ -114,6 +114,14 @@ def add_condition_arguments(p: argparse.ArgumentParser) -> None:
                    "default: none)")
 
 
+def model_for(args: argparse.Namespace) -> str | None:
+    """``--model``, else the shipped property-conditioned model when ``--target`` is given (a user asking for
+    a property need not know which shipped model can answer), else None (the default model)."""
+    from composition_lm.models import CONDITIONAL_MODEL
+
+    return args.model or (CONDITIONAL_MODEL if getattr(args, "target", None) else None)
+
+
 def condition_options(args: argparse.Namespace) -> dict:
     """The options of :func:`add_condition_arguments` as :meth:`FormulaGenerator.generate` keywords."""
     return {"targets": args.target, "guidance": args.guidance}
