@@ -38,7 +38,6 @@ from composition_lm.valid_sampling import (
     renoise_gaussian,
     renoise_masked,
     repair,
-    row_ends,
 )
 from evaluation.composition import ATOMIC_NUMBER, ELEMENTS, Formula
 
@@ -128,13 +127,11 @@ class LogitRules:
         self.dynamic = bool(c.require or c.max_elements or self.compact)
 
     # ----------------------------------------------------------------------------------------------
-    def elements_ok(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B]`` bool: finished rows ``x`` that hold every required element and at most
-        ``max_elements`` distinct ones (elements before each row's end)."""
-        pos = torch.arange(x.shape[1], device=x.device)
-        live = (pos[None] >= 1) & (pos[None] < row_ends(x)[:, None])
-        present = element_presence(torch.where(live, x, torch.full_like(x, PAD)))
-        ok = ~(self.required.to(x.device)[None] & ~present).any(1)
+    def elements_ok(self, present: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: finished rows, given by the elements they hold (``[B, E]``,
+        :func:`~composition_lm.valid_sampling.live_element_presence`), that hold every required element
+        and at most ``max_elements`` distinct ones."""
+        ok = ~(self.required.to(present.device)[None] & ~present).any(1)
         if self.max_elements is not None:
             ok &= present.sum(1) <= self.max_elements
         return ok
@@ -602,9 +599,10 @@ def generate(
 
     batches = []
     calls = [0]
+    done = 0
     with tqdm(total=n, desc="sample", unit="formula", disable=not progress) as bar:
-        while sum(len(b) for b in batches) < n:
-            k = min(batch_size, n - sum(len(b) for b in batches))
+        while done < n:
+            k = min(batch_size, n - done)
             if gaussian:
                 ids = sample_gaussian_diffusion(model, k, steps, generator, rules, method, clamp, autocast_dtype,
                                                 noise_scale, calls, exact)
@@ -612,9 +610,9 @@ def generate(
                 ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
                                               time_conditioning=time_conditioning, autocast_dtype=autocast_dtype,
                                               start_token=start_token, counter=calls, exact=exact, guidance=guidance,
-                                              conditions=None if conditions is None else
-                                              conditions[sum(len(b) for b in batches):][:k])
+                                              conditions=None if conditions is None else conditions[done:done + k])
             batches.append(ids)
+            done += k
             bar.update(k)
     ids = torch.cat(batches)
     run_stats = RepairStats(samples=n)

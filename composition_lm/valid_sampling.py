@@ -41,6 +41,7 @@ from composition_lm.tokenizer import ELEMENT_OFFSET, EOS, MASK, PAD
 from evaluation.composition import ELEMENTS
 
 __all__ = ["VALIDITY_CHOICES", "ExactDecoder", "RepairStats", "RowValidator", "ValiditySettings", "element_counts", "element_presence",
+           "live_element_presence",
            "renoise_gaussian", "renoise_masked", "repair", "row_ends"]
 
 #: ``--validity`` choices: a protocol of :mod:`evaluation.validity` enforced while sampling, or none
@@ -171,11 +172,16 @@ def element_presence(x: torch.Tensor) -> torch.Tensor:
     return present[:, :n_el]
 
 
-def element_counts(ids: torch.Tensor) -> torch.Tensor:
-    """``[B]`` number of distinct element tokens before each row's first [EOS]/[PAD] (either codec)."""
+def live_element_presence(ids: torch.Tensor) -> torch.Tensor:
+    """``[B, E]`` bool: which elements occur before each row's first [EOS]/[PAD] (either codec)."""
     pos = torch.arange(ids.shape[1], device=ids.device)
     live = (pos[None] >= 1) & (pos[None] <= row_ends(ids)[:, None])  # the end itself is no element
-    return element_presence(torch.where(live, ids, torch.full_like(ids, PAD))).sum(1)
+    return element_presence(torch.where(live, ids, torch.full_like(ids, PAD)))
+
+
+def element_counts(ids: torch.Tensor) -> torch.Tensor:
+    """``[B]`` number of distinct element tokens before each row's first [EOS]/[PAD] (either codec)."""
+    return live_element_presence(ids).sum(1)
 
 
 def row_ends(x: torch.Tensor) -> torch.Tensor:
@@ -309,9 +315,10 @@ class ExactDecoder:
             idx = live.nonzero().squeeze(1)
             if idx.numel():
                 v_ok, _ = self.validator(flat[idx])
-                v_ok &= self.rules.elements_ok(flat[idx])
+                present = live_element_presence(flat[idx])
+                v_ok &= self.rules.elements_ok(present)
                 if self.keep_elements:
-                    v_ok &= element_counts(flat[idx]) == element_counts(x[sub]).repeat_interleave(k)[idx]
+                    v_ok &= present.sum(1) == element_counts(x[sub]).repeat_interleave(k)[idx]
                 valid[idx] = v_ok
                 self.stats["candidates"] += int(idx.numel())
             valid = valid.reshape(n, k)
@@ -325,9 +332,10 @@ class ExactDecoder:
                 x[sub[fixed]] = cand[fixed, pick]
                 self.stats["fixed"] += int(fixed.sum())
             # fixed rows are done; the others try the next revealed position to the left
+            tried = todo.nonzero().squeeze(1)
             still = todo.clone()
-            still[todo.nonzero().squeeze(1)[fixed]] = False
-            revealed[todo.nonzero().squeeze(1), j] = False
+            still[tried[fixed]] = False
+            revealed[tried, j] = False
             revealed &= still[:, None]
         return x
 
