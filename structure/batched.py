@@ -27,6 +27,7 @@ reason and the others carry on.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class _InFlight:
     initial_volume: float
     converged: bool = False
     error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    timed_out: bool = False
     forces: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
 
 
@@ -65,6 +68,7 @@ def relax_batched(
     batch_size: int = 1,
     optimizer: str = "FIRE",
     on_result: Callable[[int, object], None] | None = None,
+    time_limit: float | None = None,
 ) -> list:
     """Relax ``structures`` with FIRE, ``batch_size`` of them per forward pass; results in input order.
 
@@ -75,6 +79,11 @@ def relax_batched(
         batch_size: structures in flight at once (>= 1).
         optimizer: one of :data:`OPTIMIZERS` (ASE's defaults for its parameters).
         on_result: called as ``on_result(index, result)`` when each structure finishes (for progress bars).
+        time_limit: seconds a structure may stay in flight; one still running then stops ``not_converged``
+            with its last geometry and says so (None: no limit). Independently, a structure whose volume
+            leaves the ``MAX_VOLUME_FACTOR`` band during the relaxation stops there as ``failed``: a
+            collapsing cell's neighbour graph grows without bound (a run once held 7 GB for 15 minutes on one
+            such structure), and it would fail the final explosion check anyway.
 
     Returns:
         One :class:`~structure.relax.RelaxResult` per input, never an exception for a bad structure.
@@ -116,7 +125,12 @@ def relax_batched(
             flight.append(item)
         if not flight:
             break
-        done = [item for item in flight if item.error or item.converged or item.optimizer.nsteps >= max_steps]
+        if time_limit is not None:
+            now = time.monotonic()
+            for item in flight:
+                item.timed_out = not (item.error or item.converged) and now - item.started > time_limit
+        done = [item for item in flight
+                if item.error or item.converged or item.timed_out or item.optimizer.nsteps >= max_steps]
         for item in done:
             finish(item.index, _result(item, fmax))
         flight = [item for item in flight if item not in done]
@@ -136,6 +150,8 @@ def relax_batched(
         for item in flight:
             if item.error is None:
                 _check(item, fmax)
+            if item.error is None:
+                _guard_volume(item)
     return results
 
 
@@ -200,6 +216,16 @@ def _check(item: _InFlight, fmax: float) -> None:
         item.converged = bool(item.optimizer.converged())
 
 
+def _guard_volume(item: _InFlight) -> None:
+    """Stop a structure whose cell left the ``MAX_VOLUME_FACTOR`` band (collapse or blow-up) mid-relaxation."""
+    from structure.relax import MAX_VOLUME_FACTOR
+
+    ratio = item.atoms.get_volume() / item.initial_volume
+    if not (1 / MAX_VOLUME_FACTOR <= ratio <= MAX_VOLUME_FACTOR):
+        item.error = (f"structure exploded: volume changed by a factor {ratio:.3g} during relaxation "
+                      f"(step {item.optimizer.nsteps})")
+
+
 def _result(item: _InFlight, fmax: float):
     """The :class:`RelaxResult` of a finished structure, classified as ``relax_structure`` does."""
     from pymatgen.io.ase import AseAtomsAdaptor
@@ -211,5 +237,8 @@ def _result(item: _InFlight, fmax: float):
         return _failed(item.error, item.initial_volume, steps)
     final = AseAtomsAdaptor.get_structure(item.atoms)
     energy = item.atoms.get_potential_energy() / len(final)
-    return _classify(final, energy, np.linalg.norm(item.forces, axis=1), item.converged, steps, fmax,
-                     item.initial_volume)
+    result = _classify(final, energy, np.linalg.norm(item.forces, axis=1), item.converged, steps, fmax,
+                       item.initial_volume)
+    if item.timed_out and result.status == "not_converged":
+        result.reason = f"stopped by the time limit after {steps} steps; " + result.reason
+    return result

@@ -174,7 +174,8 @@ class Relaxer:
     compact MP store); they are relaxed on first use and cached in ``elemental_references.json`` in that store's
     folder, else in ``cache_dir``, with ``reference_max_steps`` FIRE steps (default: ``max_steps``).
     ``optimizer``: ``"FIRE"`` (as ``matgl.ext.ase.Relaxer``), ``"LBFGS"`` or ``"BFGS"``; ``batch_size``: structures
-    per batched forward pass in each process (:mod:`structure.batched`).
+    per batched forward pass in each process (:mod:`structure.batched`). ``time_limit``: seconds a structure
+    may take before it stops ``not_converged`` with its last geometry (None: no limit).
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure import Relaxer
@@ -187,7 +188,7 @@ class Relaxer:
 
     def __init__(self, potential: str | Path = DEFAULT_POTENTIAL, fmax: float = 0.05, max_steps: int = 500,
                  references=None, cache_dir: str | Path | None = None, reference_max_steps: int | None = None,
-                 optimizer: str = "FIRE", batch_size: int = 1):
+                 optimizer: str = "FIRE", batch_size: int = 1, time_limit: float | None = None):
         from structure.batched import OPTIMIZERS
         from structure.relax import load_potential
 
@@ -199,9 +200,11 @@ class Relaxer:
             raise ValueError(f"fmax must be positive, got {fmax}")
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        if time_limit is not None and time_limit <= 0:
+            raise ValueError(f"time_limit must be positive, got {time_limit}")
         load_potential(potential)  # a bad potential fails here, before any other work
         self.potential, self.fmax, self.max_steps = potential, fmax, max_steps
-        self.optimizer, self.batch_size = optimizer, batch_size
+        self.optimizer, self.batch_size, self.time_limit = optimizer, batch_size, time_limit
         self.reference_max_steps = reference_max_steps or max_steps
         self._references, self._cache_dir = references, cache_dir
         self._elemental = None
@@ -229,7 +232,8 @@ class Relaxer:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         return relax_many(list(structures), self.potential, fmax=self.fmax, max_steps=self.max_steps,
-                          workers=workers, progress=progress, optimizer=self.optimizer, batch_size=self.batch_size)
+                          workers=workers, progress=progress, optimizer=self.optimizer, batch_size=self.batch_size,
+                          time_limit=self.time_limit)
 
     def energies(self, structures, workers: int = 1, progress: bool = False) -> list:
         """The energy of each structure as given (no relaxation; status ``not_converged`` with 0 steps, or

@@ -400,6 +400,7 @@ def relax_many(
     progress: bool = True,
     optimizer: str = "FIRE",
     batch_size: int = 1,
+    time_limit: float | None = None,
 ) -> list[RelaxResult]:
     """Relax structures in input order, in this process (``workers=1``) or in a spawned pool.
 
@@ -414,6 +415,8 @@ def relax_many(
         progress: show a tqdm progress bar.
         optimizer: ``"FIRE"`` (matgl's ``Relaxer``), ``"LBFGS"`` or ``"BFGS"`` (:data:`structure.batched.OPTIMIZERS`).
         batch_size: structures per forward pass in each process (1: one by one).
+        time_limit: seconds per structure before it stops ``not_converged`` (None: no limit; see
+            :func:`structure.batched.relax_batched`).
     """
     from tqdm.auto import tqdm
 
@@ -425,7 +428,10 @@ def relax_many(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load_potential(potential)  # validates the name here, before any worker starts
     payloads = [s.as_dict() for s in structures]
-    settings = {"fmax": fmax, "max_steps": max_steps, "optimizer": optimizer, "batch_size": batch_size}
+    if time_limit is not None and time_limit <= 0:
+        raise ValueError(f"time_limit must be positive, got {time_limit}")
+    settings = {"fmax": fmax, "max_steps": max_steps, "optimizer": optimizer, "batch_size": batch_size,
+                "time_limit": time_limit}
     with tqdm(total=len(payloads), desc="relax", unit="structure", disable=not progress) as bar:
         if workers <= 1 or len(payloads) <= 1:  # a pool is not worth starting for one structure
             import torch

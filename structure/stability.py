@@ -146,7 +146,8 @@ class StabilityScorer:
 
     def __init__(self, potential: str | Path = "M3GNet-MP-2021.2.8-PES", reference=None, relax: bool = True,
                  fmax: float = 0.05, max_steps: int = 500, references=None, cache_dir: str | Path | None = None,
-                 correction: str = "mp2020", optimizer: str = "FIRE", batch_size: int = 1):
+                 correction: str = "mp2020", optimizer: str = "FIRE", batch_size: int = 1,
+                 time_limit: float | None = None):
         from structure.pipeline import Relaxer
 
         if correction not in CORRECTIONS:
@@ -155,7 +156,8 @@ class StabilityScorer:
         # references get at least 500 FIRE steps: a molecular crystal such as Cl2 needs them, and a reference
         # that does not converge would leave every compound of its element without a formation energy
         self.relaxer = Relaxer(potential, fmax=fmax, max_steps=max_steps, references=references, cache_dir=cache_dir,
-                               reference_max_steps=max(max_steps, 500), optimizer=optimizer, batch_size=batch_size)
+                               reference_max_steps=max(max_steps, 500), optimizer=optimizer, batch_size=batch_size,
+                               time_limit=time_limit)
         self.relax_first, self.correction = relax, correction
         hull_file = None if isinstance(reference, ReferenceHull) and reference is ReferenceHull.default() else (
             reference.source if isinstance(reference, ReferenceHull) else reference)
@@ -168,7 +170,7 @@ class StabilityScorer:
                           "relax": relax, "fmax": fmax, "max_steps": max_steps,
                           "references": None if store_path is None else str(store_path),
                           "cache_dir": None if cache_dir is None else str(cache_dir), "correction": correction,
-                          "optimizer": optimizer, "batch_size": batch_size}
+                          "optimizer": optimizer, "batch_size": batch_size, "time_limit": time_limit}
 
     def settings(self) -> dict:
         """The arguments that rebuild this scorer in another process (paths as strings; the shipped hull and

@@ -94,3 +94,30 @@ def test_bad_arguments(potential):
         batched.relax_batched([rock_salt(5.6)], potential, batch_size=0)
     with pytest.raises(ValueError, match="unknown optimizer 'SD'"):
         relax_many([rock_salt(5.6)], str(MODEL_DIR), optimizer="SD", progress=False)
+
+
+def test_time_limit_stops_a_structure_with_its_last_geometry(inputs, potential):
+    out = batched.relax_batched(inputs, potential, max_steps=200, batch_size=2, time_limit=1e-9)
+    assert out[2].status == "failed"  # the overlapping input never starts
+    for k in (0, 1, 3, 4):
+        assert out[k].status == "not_converged" and out[k].steps == 0
+        assert "stopped by the time limit" in out[k].reason and np.isfinite(out[k].energy_per_atom)
+    with pytest.raises(ValueError, match="time_limit"):
+        relax_many([rock_salt(5.6)], str(MODEL_DIR), time_limit=0, progress=False)
+
+
+def test_a_collapsing_cell_is_stopped_mid_relaxation(inputs, potential, one_by_one, monkeypatch):
+    real = batched._evaluate
+
+    def evaluate(items, pot):
+        for item in items:  # squeeze structure 1 to an eighth of its volume at step 3
+            if item.index == 1 and item.optimizer.nsteps == 3:
+                item.atoms.set_cell(item.atoms.cell * 0.5, scale_atoms=True)
+        real(items, pot)
+
+    monkeypatch.setattr(batched, "_evaluate", evaluate)
+    out = batched.relax_batched(inputs, potential, max_steps=200, batch_size=5)
+    assert out[1].status == "failed" and out[1].steps == 3
+    assert "during relaxation" in out[1].reason and "factor 0.125" in out[1].reason
+    for k in (0, 3, 4):
+        assert out[k].energy_per_atom == pytest.approx(one_by_one[k].energy_per_atom, abs=1e-4)

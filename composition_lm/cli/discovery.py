@@ -19,7 +19,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
     scorer = StabilityScorer(args.potential, reference=args.reference, relax=args.relax, fmax=args.fmax,
                              max_steps=args.max_steps, references=args.references, cache_dir=args.output,
-                             correction=args.correction, optimizer=args.optimizer, batch_size=args.relax_batch_size)
+                             correction=args.correction, optimizer=args.optimizer, batch_size=args.relax_batch_size,
+                             time_limit=args.relax_time_limit)
     structures, source = read_generated_structures(args.structures)
     if not structures:
         raise ValueError(f"{args.structures} holds no structures")
@@ -113,7 +114,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
     predictor = StructurePredictor(args.templates)
     scorer = StabilityScorer(args.potential, reference=args.reference, fmax=args.fmax, max_steps=args.max_steps,
                              references=args.references or predictor.store, cache_dir=args.output,
-                             correction=args.correction, optimizer=args.optimizer, batch_size=args.relax_batch_size)
+                             correction=args.correction, optimizer=args.optimizer, batch_size=args.relax_batch_size,
+                             time_limit=args.relax_time_limit)
     formulas, known, seconds = _formulas(args)
     funnel = DiscoveryFunnel(predictor, scorer, known_formulas=known, top_k=args.top_k, e_hull_max=args.e_hull_max)
     result = funnel.run(formulas, args.output, resume=args.resume, workers=args.workers,

@@ -70,6 +70,9 @@ def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = Fal
     p.add_argument("--relax-batch-size", **positive_int, default=1,
                    help="structures per batched M3GNet forward pass in each process: 1.3x faster on near-minimum "
                    "structures on one CPU core, no gain on far-from-minimum ones (benchmarks/relax.md) (default: 1)")
+    p.add_argument("--relax-time-limit", **positive_float, default=600, metavar="SECONDS",
+                   help="wall-clock seconds one structure may take; one still relaxing then stops as not converged, "
+                   "with its last geometry, so a single pathological structure cannot hold up a run (default: 600)")
     p.add_argument("--workers", **positive_int, default=1, help="relaxation worker processes (default: 1)")
     p.add_argument("--references", type=Path, metavar="DB",
                    help="template store whose single-element structures give the elemental reference energies for "
@@ -143,7 +146,7 @@ def relaxer(args: argparse.Namespace, references=None):
     from structure import Relaxer
 
     return Relaxer(args.potential, fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer,
-                   batch_size=args.relax_batch_size,
+                   batch_size=args.relax_batch_size, time_limit=args.relax_time_limit,
                    references=args.references if args.references is not None else references, cache_dir=args.output)
 
 
