@@ -12,6 +12,12 @@ and :func:`condition_ids` draws, per sample, one of them (each bin about equally
 
 :func:`corpus_properties` reads the numeric columns of a corpus per reduced formula (the ground state, as
 :func:`evaluation.properties.formula_properties` defines it).
+
+Both formula models take conditions the same way (:class:`PropertyConditioned`): one embedding table per
+property, id 0 fixed at zero, the sum over properties added to what the denoiser already adds for the step
+(Diffusion-BERT: every token embedding; Diffusion-LM: the time embedding). While training,
+:func:`drop_conditions` sets each property to "not given" with probability ``property_dropout``, so one
+model samples both conditionally and unconditionally (classifier-free guidance needs both).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["PropertyBins", "Target", "condition_ids", "corpus_properties", "parse_target"]
+__all__ = ["PropertyBins", "PropertyConditioned", "Target", "condition_ids", "corpus_properties", "drop_conditions",
+           "parse_target"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +168,43 @@ def corpus_properties(path: str, names: Sequence[str], column: str | None = None
     if missing:
         raise ValueError(f"{path} has no numeric column {', '.join(missing)}; numeric columns: {', '.join(numeric)}")
     return formula_properties(table, list(names), formula_column=formula_column)
+
+
+def drop_conditions(conditions: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``conditions`` with each entry set to 0 ("not given") independently with probability ``p``."""
+    keep = torch.rand(conditions.shape, generator=generator, device=conditions.device) >= p
+    return conditions * keep
+
+
+class PropertyConditioned:
+    """Mixin of a formula denoiser with ``property_embeddings`` (an ``nn.ModuleList``, one table per property of
+    ``config.property_conditions``, row 0 fixed at zero); the model calls :meth:`init_property_embeddings` in
+    its ``__init__`` and adds :meth:`condition_embedding` where it adds its time embedding."""
+
+    def init_property_embeddings(self, width: int) -> None:
+        self.property_embeddings = nn.ModuleList(
+            nn.Embedding(len(c["edges"]) + 2, width, padding_idx=0) for c in self.config.property_conditions)
+
+    def condition_embedding(self, conditions: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B, width]``: the sum of each property's embedding of its bin id (``conditions``: ``[B, P]``), or
+        None for an unconditional call or a model without conditions."""
+        if conditions is None or not len(self.property_embeddings):
+            return None
+        return sum(emb(conditions[:, j]) for j, emb in enumerate(self.property_embeddings))
+
+    @torch.no_grad()
+    def add_property_conditioning(self, bins: Sequence[PropertyBins]) -> None:
+        """Extend a model with property conditions to fine-tune it (``train --init-from ... --condition-on``);
+        the new embeddings start at zero, so the extended model first behaves exactly like the original one."""
+        if self.config.property_conditions:
+            if [b.as_dict() for b in bins] != self.config.property_conditions:
+                raise ValueError("this model is already conditioned on other properties or bins: "
+                                 f"{[c['name'] for c in self.config.property_conditions]}")
+            return
+        ref = next(self.parameters())
+        width = self.config.hidden_size
+        self.property_embeddings = nn.ModuleList(
+            nn.Embedding(b.n_bins + 1, width, padding_idx=0).to(ref) for b in bins)
+        for emb in self.property_embeddings:
+            emb.weight.zero_()
+        self.config.property_conditions = [b.as_dict() for b in bins]

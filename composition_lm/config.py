@@ -29,6 +29,8 @@ class FormulaBertConfig(BertConfig):
         attention_probs_dropout_prob: float = 0.1,
         codec: str = "expanded",
         max_count: int = 200,
+        property_conditions: list[dict] | None = None,
+        property_dropout: float = 0.1,
         **kwargs,
     ):
         kwargs.setdefault("pad_token_id", PAD)
@@ -49,3 +51,13 @@ class FormulaBertConfig(BertConfig):
         self.seq_length = seq_length
         self.codec = codec
         self.max_count = max_count
+        # property conditions (composition_lm.conditions): {"name", "edges"} per property, in input order,
+        # and the training-time probability of dropping each one to "not given"
+        self.property_conditions = property_conditions or []
+        self.property_dropout = property_dropout
+
+    def property_bins(self) -> list:
+        """The :class:`~composition_lm.conditions.PropertyBins` this model is conditioned on (in order)."""
+        from composition_lm.conditions import PropertyBins
+
+        return [PropertyBins(c["name"], tuple(c["edges"])) for c in self.property_conditions]

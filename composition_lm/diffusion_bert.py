@@ -34,6 +34,7 @@ from transformers import BertModel
 from transformers.models.bert.modeling_bert import BertPreTrainedModel
 
 from composition_lm.schedules import MaskingSchedule, mask_tokens, stratified_uniform
+from composition_lm.conditions import PropertyConditioned, drop_conditions
 from composition_lm.config import FormulaBertConfig
 from composition_lm.tokenizer import BOS, COUNT_OFFSET, MASK, UNK, condition_token_ids, vocabulary_size
 
@@ -56,8 +57,6 @@ class DiffusionBertConfig(FormulaBertConfig):
         loss_weighting: str = "elbo",
         validity_conditioning: bool = False,
         condition_dropout: float = 0.1,
-        property_conditions: list[dict] | None = None,
-        property_dropout: float = 0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -74,15 +73,7 @@ class DiffusionBertConfig(FormulaBertConfig):
         self.loss_weighting = loss_weighting
         self.validity_conditioning = validity_conditioning
         self.condition_dropout = condition_dropout
-        self.property_conditions = property_conditions or []
-        self.property_dropout = property_dropout
         self.mask_token_id = MASK
-
-    def property_bins(self) -> list:
-        """The :class:`~composition_lm.conditions.PropertyBins` this model is conditioned on (in order)."""
-        from composition_lm.conditions import PropertyBins
-
-        return [PropertyBins(c["name"], tuple(c["edges"])) for c in self.property_conditions]
 
     def start_token_id(self, condition: str | None) -> int:
         """Position-0 token: ``[BOS]`` (``condition=None``), ``[VALID]`` or ``[INVALID]``."""
@@ -108,7 +99,7 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class DiffusionBertModel(BertPreTrainedModel):
+class DiffusionBertModel(PropertyConditioned, BertPreTrainedModel):
     """BERT denoiser: ``x_t`` (and optionally ``t``) -> logits over the clean tokens."""
 
     config_class = DiffusionBertConfig
@@ -122,9 +113,7 @@ class DiffusionBertModel(BertPreTrainedModel):
         )
         self.head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.layer_norm_eps),
                                   nn.Linear(h, config.vocab_size))
-        # property conditions: one embedding per bin of each property (id 0, "not given", stays zero)
-        self.property_embeddings = nn.ModuleList(
-            nn.Embedding(len(c["edges"]) + 2, h, padding_idx=0) for c in config.property_conditions)
+        self.init_property_embeddings(h)  # one table per conditioning property (composition_lm.conditions)
         self.post_init()
 
     @property
@@ -139,8 +128,8 @@ class DiffusionBertModel(BertPreTrainedModel):
         """Logits ``[B, L, V]``; ``conditions`` (``[B, n_properties]`` bin ids, 0 = not given) for a
         property-conditioned model (None: unconditional)."""
         embeds = self.bert.embeddings.word_embeddings(input_ids)
-        if conditions is not None and len(self.property_embeddings):
-            cond = sum(emb(conditions[:, j]) for j, emb in enumerate(self.property_embeddings))
+        cond = self.condition_embedding(conditions)
+        if cond is not None:
             embeds = embeds + cond[:, None, :].to(embeds.dtype)
         if self.time_mlp is not None:
             if t is None:
@@ -175,22 +164,6 @@ class DiffusionBertModel(BertPreTrainedModel):
         cfg.vocab_size = new_vocab
         cfg.validity_conditioning = True
 
-    @torch.no_grad()
-    def add_property_conditioning(self, bins) -> None:
-        """Extend a model with property conditions (``PropertyBins``) to fine-tune it; the new embeddings
-        start at zero, so the extended model first behaves exactly like the original one."""
-        if self.config.property_conditions:
-            if [b.as_dict() for b in bins] != self.config.property_conditions:
-                raise ValueError("this model is already conditioned on other properties or bins: "
-                                 f"{[c['name'] for c in self.config.property_conditions]}")
-            return
-        ref = self.bert.embeddings.word_embeddings.weight
-        self.property_embeddings = nn.ModuleList(
-            nn.Embedding(b.n_bins + 1, ref.shape[1], padding_idx=0).to(ref) for b in bins)
-        for emb in self.property_embeddings:
-            emb.weight.zero_()
-        self.config.property_conditions = [b.as_dict() for b in bins]
-
     def training_loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         return masked_diffusion_loss(self, self.config, x0, generator)
 
@@ -219,8 +192,8 @@ def masked_diffusion_loss(
     maskable[:, 0] = False  # [BOS] is never noised
     xt, masked = mask_tokens(x0, t, schedule, config.mask_token_id, generator, maskable)
     if conditions is not None:
-        keep = torch.rand(conditions.shape, generator=generator, device=x0.device) >= config.property_dropout
-        logits = denoiser(xt, t if config.time_conditioning else None, conditions * keep)
+        logits = denoiser(xt, t if config.time_conditioning else None,
+                          drop_conditions(conditions, config.property_dropout, generator))
     else:
         logits = denoiser(xt, t if config.time_conditioning else None)
     ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")

@@ -16,6 +16,11 @@ After Li et al. (2022), as Dong et al. (2023) used it for formulas:
   chain, optionally snapping each predicted ``x_0`` to the nearest allowed embedding (the clamping
   trick), and rounds the result to the nearest allowed token.
 
+Property conditions (``config.property_conditions``, :mod:`composition_lm.conditions`): one embedding per
+bin of each property, added to the time embedding, so every position of every step sees them; dropped to
+"not given" with probability ``property_dropout`` while training. Sampling with classifier-free guidance
+mixes the two predictions of ``x_0``: ``x0_uncond + gamma (x0_cond - x0_uncond)``.
+
 The network's ``forward`` does one of two things: given ``x_t`` and ``t`` it returns the predicted
 ``x_0``; given ``input_ids`` (with ``t`` and the two noise draws) it returns the training loss, so a
 training step is a single forward call (which distributed training wants).
@@ -30,6 +35,7 @@ from transformers import BertModel
 from transformers import initialization as init
 from transformers.models.bert.modeling_bert import BertPreTrainedModel
 
+from composition_lm.conditions import PropertyConditioned, drop_conditions
 from composition_lm.config import FormulaBertConfig
 from composition_lm.diffusion_bert import timestep_embedding
 from composition_lm.schedules import GAUSSIAN_SCHEDULES, GaussianSchedule, stratified_uniform
@@ -73,7 +79,7 @@ class DiffusionLMConfig(FormulaBertConfig):
         return GaussianSchedule(self.schedule, self.diffusion_steps)
 
 
-class DiffusionLMModel(BertPreTrainedModel):
+class DiffusionLMModel(PropertyConditioned, BertPreTrainedModel):
     """Embeddings + BERT denoiser: ``(x_t, t) -> x_0``; with ``input_ids``, the training loss."""
 
     config_class = DiffusionLMConfig
@@ -90,6 +96,7 @@ class DiffusionLMModel(BertPreTrainedModel):
         # BERT reads our projected embeddings (inputs_embeds); its own token table would be unused weight
         self.bert.embeddings.word_embeddings = None
         self.output_proj = nn.Sequential(nn.Linear(h, h), nn.Tanh(), nn.Linear(h, d))
+        self.init_property_embeddings(h)  # added to the time embedding (composition_lm.conditions)
         self.post_init()
 
     def _init_weights(self, module):
@@ -107,26 +114,31 @@ class DiffusionLMModel(BertPreTrainedModel):
         """Rounding logits ``x . E^T + b`` of embedding vectors ``x`` (``[..., d]``)."""
         return x @ self.word_embedding.weight.t() + self.lm_bias
 
-    def denoise(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predicted ``x_0`` (``[B, L, d]``) from ``x_t`` at original diffusion steps ``t`` (``[B]``)."""
+    def denoise(self, xt: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted ``x_0`` (``[B, L, d]``) from ``x_t`` at original diffusion steps ``t`` (``[B]``);
+        ``conditions``: ``[B, P]`` property bin ids (0 = not given) of a property-conditioned model."""
         temb = self.time_mlp(timestep_embedding(t.float() / self.config.diffusion_steps, self.config.hidden_size))
+        cond = self.condition_embedding(conditions)
+        if cond is not None:
+            temb = temb + cond
         hidden = self.bert(inputs_embeds=self.input_proj(xt) + temb[:, None, :].to(xt.dtype)).last_hidden_state
         return self.output_proj(hidden)
 
     def forward(self, xt: torch.Tensor | None = None, t: torch.Tensor | None = None, *,
                 input_ids: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                noise0: torch.Tensor | None = None):
+                noise0: torch.Tensor | None = None, conditions: torch.Tensor | None = None):
         if input_ids is None:
-            return self.denoise(xt, t)
-        return self._e2e_loss(input_ids, t, noise, noise0)
+            return self.denoise(xt, t, conditions)
+        return self._e2e_loss(input_ids, t, noise, noise0, conditions)
 
-    def _e2e_loss(self, ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise0: torch.Tensor):
+    def _e2e_loss(self, ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise0: torch.Tensor,
+                  conditions: torch.Tensor | None = None):
         sched = self.config.gaussian_schedule()  # float64 on the CPU; cheap to rebuild
         x_mean = self.word_embedding(ids)  # [B, L, d]
         # x_0 itself is a draw around the embeddings (Diffusion-LM's q(x_0 | w))
         x0 = x_mean + (1 - sched.alpha_bar[0]).sqrt().item() * noise0
         xt = sched.add_noise(x0, t, noise)
-        x0_hat = self.denoise(xt, t)
+        x0_hat = self.denoise(xt, t, conditions)
         target = torch.where((t == 0)[:, None, None], x_mean, x0)
         mse = ((x0_hat - target) ** 2).mean(dim=(1, 2))
         prior = (sched.alpha_bar[-1].sqrt().item() * x_mean).pow(2).mean(dim=(1, 2))
@@ -140,12 +152,14 @@ class DiffusionLMModel(BertPreTrainedModel):
 
 
 def gaussian_diffusion_loss(
-    denoiser, config: DiffusionLMConfig, x0: torch.Tensor, generator: torch.Generator | None = None
+    denoiser, config: DiffusionLMConfig, x0: torch.Tensor, generator: torch.Generator | None = None,
+    conditions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The end-to-end Diffusion-LM loss of a batch of token sequences ``x0`` (``[B, L]``).
 
-    The randomness (steps ``t`` and two standard normal draws) comes from ``generator``; ``denoiser``
-    is the model as the training loop holds it (possibly wrapped): it is called once.
+    The randomness (steps ``t``, two standard normal draws, condition dropout) comes from ``generator``;
+    ``denoiser`` is the model as the training loop holds it (possibly wrapped): it is called once.
+    ``conditions`` (``[B, P]`` property bin ids) are dropped to 0 with probability ``property_dropout``.
     """
     b, length = x0.shape
     dev = x0.device
@@ -153,4 +167,7 @@ def gaussian_diffusion_loss(
     shape = (b, length, config.embedding_dim)
     noise = torch.randn(shape, generator=generator, device=dev)
     noise0 = torch.randn(shape, generator=generator, device=dev)
-    return denoiser(t=t, input_ids=x0, noise=noise, noise0=noise0)
+    if conditions is None:
+        return denoiser(t=t, input_ids=x0, noise=noise, noise0=noise0)
+    return denoiser(t=t, input_ids=x0, noise=noise, noise0=noise0,
+                    conditions=drop_conditions(conditions, config.property_dropout, generator))

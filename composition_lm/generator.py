@@ -128,12 +128,13 @@ class FormulaGenerator:
         counts, validity and reason under both protocols, and ``is_novel`` against the training formulas.
 
         ``elements`` (only these), ``require`` (every sample contains these), ``exclude`` and
-        ``max_elements`` are enforced inside the sampler. Diffusion-BERT takes ``temperature``, ``top_k``,
+        ``max_elements`` are enforced inside the sampler. ``targets``: property windows for a
+        property-conditioned model of either family (``"band_gap=1:3"`` strings or
+        :class:`~composition_lm.conditions.Target`; each sample conditioned on a bin inside each window), with
+        ``guidance`` (classifier-free guidance scale towards the targets, or towards a validity condition;
+        None or 1: plain conditional sampling). Diffusion-BERT takes ``temperature``, ``top_k``,
         ``top_p`` and ``condition`` (``"valid"``, ``"invalid"`` or None for a validity-conditioned model;
-        ``"auto"``: valid when the model has the condition) and ``guidance`` (classifier-free guidance
-        scale towards that condition or the targets; None or 1: plain conditional sampling) and
-        ``targets``, property windows for a property-conditioned model (``"band_gap=1:3"`` strings or
-        :class:`~composition_lm.conditions.Target`; each sample conditioned on a bin inside each window); Diffusion-LM takes ``method`` (ddpm/ddim),
+        ``"auto"``: valid when the model has the condition); Diffusion-LM takes ``method`` (ddpm/ddim),
         ``clamp`` and ``noise_scale``; ``steps`` and these default to the model's settings. ``dtype``:
         ``auto``, ``float32`` or ``bfloat16``. ``validity`` (``cdvae``, the default, ``smact`` or ``none``)
         is enforced inside the sampler: the last token revealed in a row that would complete it invalid is

@@ -397,9 +397,15 @@ def denoise_gaussian(
     noise_scale: float = 1.0,
     counter: list[int] | None = None,
     exact: ExactDecoder | None = None,
+    guidance: float | None = None,
+    conditions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token ids (``[B, L]``) from ``x`` (``[B, L, D]``, at chain index ``k_start`` of the respaced
     ``schedule``): the reverse chain down to ``x_0``, rounded to the nearest tokens the rules allow.
+
+    ``conditions`` (``[B, P]`` property bin ids) condition each prediction of ``x_0``; with ``guidance``
+    (classifier-free, Ho & Salimans 2022, on the ``x_0`` prediction) the unconditional prediction (all
+    ids 0) comes from the same batched pass and ``x0_uncond + gamma (x0_cond - x0_uncond)`` is used.
 
     Constraints act twice: clamping snaps each predicted ``x_0`` to the nearest embedding allowed at
     its position, and the final rounding takes the nearest token the rules allow (left to right,
@@ -410,11 +416,22 @@ def denoise_gaussian(
     emb = model.embedding_matrix.detach()
     static = rules.static.to(device)
 
+    guided = conditions is not None and guidance is not None and guidance != 1.0
+
     def predict_x0(x: torch.Tensor, k: int) -> torch.Tensor:
+        t = schedule.timesteps[k].to(device)
         if counter is not None:
-            counter[0] += n
+            counter[0] += 2 * n if guided else n
         with _autocast(device, autocast_dtype):
-            x0 = model(x, schedule.timesteps[k].to(device).expand(n)).float()
+            if guided:
+                both = model(torch.cat([x, x]), t.expand(2 * n),
+                             conditions=torch.cat([conditions, torch.zeros_like(conditions)])).float()
+                cond, uncond = both[:n], both[n:]
+                x0 = uncond + guidance * (cond - uncond)
+            elif conditions is not None:
+                x0 = model(x, t.expand(n), conditions=conditions).float()
+            else:
+                x0 = model(x, t.expand(n)).float()
         return emb[_nearest_tokens(x0, emb, static).argmax(-1)] if clamp else x0
 
     for k in reversed(range(k_start + 1)):
@@ -441,16 +458,19 @@ def sample_gaussian_diffusion(
     noise_scale: float = 1.0,
     counter: list[int] | None = None,
     exact: ExactDecoder | None = None,
+    guidance: float | None = None,
+    conditions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``n`` sequences (``[n, L]`` token ids) from a Diffusion-LM model: a respaced ``steps``-step
     DDPM/DDIM chain from ``N(0, I)``, with the clamping trick if ``clamp`` and the reverse-process noise
-    scaled by ``noise_scale``, rounded to tokens (:func:`denoise_gaussian`)."""
+    scaled by ``noise_scale``, rounded to tokens (:func:`denoise_gaussian`, which also takes the property
+    ``conditions`` and ``guidance``)."""
     device = next(model.parameters()).device
     cfg = model.config
     schedule = cfg.gaussian_schedule().respace(steps)
     x = torch.randn((n, rules.length, cfg.embedding_dim), generator=generator, device=device)
     return denoise_gaussian(model, x, schedule, len(schedule) - 1, generator, rules, method, clamp, autocast_dtype,
-                            noise_scale, counter, exact)
+                            noise_scale, counter, exact, guidance, conditions)
 
 
 def decode_samples(ids: torch.Tensor, codec_name: str, max_count: int = 200) -> list[tuple[str, Formula | None, str]]:
@@ -531,9 +551,10 @@ def generate(
     sampler decode each row's last revealed token exactly (:class:`~composition_lm.valid_sampling.ExactDecoder`)
     and re-noise and re-denoise every row that still fails the protocol, at most ``validity.rounds``
     times (:func:`~composition_lm.valid_sampling.repair`); ``stats``, if given, receives what that cost.
-    ``targets`` (:class:`~composition_lm.conditions.Target` windows of a property-conditioned Diffusion-BERT):
-    each sample is conditioned on a bin drawn within each window (:func:`~composition_lm.conditions.condition_ids`).
-    ``guidance``: classifier-free guidance scale towards ``condition`` or the targets (:func:`denoise_masked`).
+    ``targets`` (:class:`~composition_lm.conditions.Target` windows of a property-conditioned model of either
+    family): each sample is conditioned on a bin drawn within each window
+    (:func:`~composition_lm.conditions.condition_ids`). ``guidance``: classifier-free guidance scale towards
+    ``condition`` or the targets (:func:`denoise_masked`, :func:`denoise_gaussian`).
     Returns ``(raw text, formula or None, parse error)`` per sample.
     """
     from tqdm.auto import tqdm
@@ -556,8 +577,8 @@ def generate(
         if guidance is not None and condition is None and not targets:
             raise ValueError("guidance needs a condition to guide towards: a validity-conditioned model sampled "
                              "with condition valid or invalid, or property targets")
-    if (guidance is not None or targets) and gaussian:
-        raise ValueError("classifier-free guidance and property targets apply to Diffusion-BERT models")
+    if gaussian and guidance is not None and not targets:
+        raise ValueError("guidance needs property targets to guide towards (--target NAME=LO:HI)")
     if guidance is not None and guidance < 0:
         raise ValueError(f"the guidance scale must be >= 0, got {guidance}")
     steps, method, clamp, noise_scale = resolve_sampling_settings(cfg, steps, method, clamp, noise_scale).values()
@@ -589,7 +610,8 @@ def generate(
                 x0 = model.embedding_matrix.detach()[part]
                 xk, k = renoise_gaussian(schedule, x0, t, generator)
                 done.append(denoise_gaussian(model, xk, schedule, k, generator, rules, method, clamp, autocast_dtype,
-                                             noise_scale, calls, exact))
+                                             noise_scale, calls, exact, guidance,
+                                             None if conditions is None else conditions[where]))
             else:
                 done.append(denoise_masked(model, renoise_masked(part, t, generator), max(1, math.ceil(steps * t)),
                                            generator, rules, t, temperature, top_k, top_p, time_conditioning,
@@ -605,7 +627,8 @@ def generate(
             k = min(batch_size, n - done)
             if gaussian:
                 ids = sample_gaussian_diffusion(model, k, steps, generator, rules, method, clamp, autocast_dtype,
-                                                noise_scale, calls, exact)
+                                                noise_scale, calls, exact, guidance,
+                                                None if conditions is None else conditions[done:done + k])
             else:
                 ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
                                               time_conditioning=time_conditioning, autocast_dtype=autocast_dtype,

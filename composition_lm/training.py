@@ -61,7 +61,7 @@ class TrainingArguments:
     time_conditioning: bool = False
     validity_conditioning: bool = False  # [VALID]/[INVALID] start tokens from the cdvae validity of each formula
     only_valid: str | None = None  # train only on formulas valid under this protocol (cdvae or smact)
-    condition_on: str | None = None  # comma-separated numeric corpus columns to condition on (diffusion-bert)
+    condition_on: str | None = None  # comma-separated numeric corpus columns to condition on
     condition_bins: int = 8  # quantile bins per conditioning property
     embedding_dim: int = 16  # diffusion-lm: dimension of the token embeddings the diffusion runs in
     diffusion_steps: int = 2000  # diffusion-lm: training T
@@ -125,8 +125,6 @@ def _property_conditions(args: TrainingArguments, parent=None) -> tuple[list, di
         return [], {}
     from composition_lm.conditions import PropertyBins, corpus_properties
 
-    if args.model_type != "diffusion-bert":
-        raise ValueError("--condition-on is a diffusion-bert option for now (Diffusion-LM conditioning is not built)")
     names = [n.strip() for n in args.condition_on.split(",") if n.strip()]
     values = corpus_properties(args.corpus, names, column=args.column, split=args.train_split)
     have = parent.config.property_bins() if parent is not None and parent.config.property_conditions else None

@@ -80,10 +80,12 @@ def relax_batched(
         optimizer: one of :data:`OPTIMIZERS` (ASE's defaults for its parameters).
         on_result: called as ``on_result(index, result)`` when each structure finishes (for progress bars).
         time_limit: seconds a structure may stay in flight; one still running then stops ``not_converged``
-            with its last geometry and says so (None: no limit). Independently, a structure whose volume
-            leaves the ``MAX_VOLUME_FACTOR`` band during the relaxation stops there as ``failed``: a
-            collapsing cell's neighbour graph grows without bound (a run once held 7 GB for 15 minutes on one
-            such structure), and it would fail the final explosion check anyway.
+            with its last geometry and says so (None: no limit; the check falls between steps, so it cannot
+            cut one slow step short). Independently, a structure whose volume leaves the
+            ``MAX_VOLUME_FACTOR`` band, or falls below ``MIN_VOLUME_PER_ATOM``, during the relaxation stops
+            there as ``failed``: a dense cell's neighbour graph grows with the cube of its density (an input
+            at 0.58 Å^3/atom held a discover worker at 7 GB for over 15 minutes), and such a structure
+            would fail the final geometry check anyway.
 
     Returns:
         One :class:`~structure.relax.RelaxResult` per input, never an exception for a bad structure.
@@ -217,12 +219,17 @@ def _check(item: _InFlight, fmax: float) -> None:
 
 
 def _guard_volume(item: _InFlight) -> None:
-    """Stop a structure whose cell left the ``MAX_VOLUME_FACTOR`` band (collapse or blow-up) mid-relaxation."""
-    from structure.relax import MAX_VOLUME_FACTOR
+    """Stop a structure whose cell left the ``MAX_VOLUME_FACTOR`` band (collapse or blow-up) or became denser
+    than ``MIN_VOLUME_PER_ATOM`` mid-relaxation."""
+    from structure.relax import MAX_VOLUME_FACTOR, MIN_VOLUME_PER_ATOM
 
-    ratio = item.atoms.get_volume() / item.initial_volume
+    volume = item.atoms.get_volume()
+    ratio = volume / item.initial_volume
     if not (1 / MAX_VOLUME_FACTOR <= ratio <= MAX_VOLUME_FACTOR):
         item.error = (f"structure exploded: volume changed by a factor {ratio:.3g} during relaxation "
+                      f"(step {item.optimizer.nsteps})")
+    elif volume / len(item.atoms) < MIN_VOLUME_PER_ATOM:
+        item.error = (f"structure collapsed: {volume / len(item.atoms):.2f} Å^3/atom during relaxation "
                       f"(step {item.optimizer.nsteps})")
 
 

@@ -30,9 +30,13 @@ Statuses (one :class:`RelaxResult` per structure; never an exception for a bad s
                        and ``reason`` gives the steps and the remaining force.
     ``failed``         ``structure`` is ``None`` and ``energy_per_atom`` NaN, because of one of these:
                        the input is empty, has non-finite coordinates, a degenerate cell, or two atoms
-                       (periodic images included) closer than ``MIN_DISTANCE`` = 0.5 Å; the energy or
+                       (periodic images included) closer than ``MIN_DISTANCE`` = 0.5 Å, or a cell denser
+                       than ``MIN_VOLUME_PER_ATOM`` = 2.5 Å^3/atom (under half the densest Materials
+                       Project structure, 5.3; such a cell's M3GNet graph has hundreds of neighbours per
+                       atom and can take gigabytes and hours: a template scaled for H7OF9 had 0.58); the energy or
                        forces became non-finite; the structure exploded (volume changed by more than
-                       ``MAX_VOLUME_FACTOR`` = 4 either way, or atoms closer than 0.5 Å at the end);
+                       ``MAX_VOLUME_FACTOR`` = 4 either way, checked at every step of a batched relaxation,
+                       or a geometry problem above at the end);
                        or the relaxation raised (``reason`` is the exception text).
 
 Workers
@@ -82,6 +86,7 @@ from evaluation.io import write_json
 __all__ = [
     "MAX_VOLUME_FACTOR",
     "MIN_DISTANCE",
+    "MIN_VOLUME_PER_ATOM",
     "ElementalReferences",
     "RelaxResult",
     "load_potential",
@@ -92,6 +97,9 @@ __all__ = [
 
 #: Atoms closer than this (Å, periodic images included) mean overlapping input or an exploded result.
 MIN_DISTANCE = 0.5
+#: Å^3 per atom below which a cell is too dense to be a solid (the densest of the 53,164 Materials Project
+#: template structures has 5.34; diamond 5.67): refused before its neighbour graph is built.
+MIN_VOLUME_PER_ATOM = 2.5
 #: A relaxation whose cell volume grows or shrinks by more than this factor has exploded.
 MAX_VOLUME_FACTOR = 4.0
 #: Seconds to wait for the Hugging Face Hub before treating a hub name as unavailable.
@@ -270,7 +278,7 @@ def _min_distance_below(structure: Structure, cutoff: float) -> float:
 
 
 def _geometry_problem(structure: Structure) -> str | None:
-    """Why a structure cannot be relaxed or trusted (empty, non-finite, degenerate, overlapping), or None."""
+    """Why a structure cannot be relaxed or trusted (empty, non-finite, degenerate, overlapping, too dense), or None."""
     if len(structure) == 0:
         return "empty structure (no atoms)"
     if not (np.isfinite(structure.lattice.matrix).all() and np.isfinite(structure.cart_coords).all()):
@@ -280,6 +288,10 @@ def _geometry_problem(structure: Structure) -> str | None:
     closest = _min_distance_below(structure, MIN_DISTANCE)
     if closest < MIN_DISTANCE:
         return f"overlapping atoms (min distance {closest:.2f} Å)"
+    per_atom = structure.volume / len(structure)
+    if per_atom < MIN_VOLUME_PER_ATOM:
+        return (f"implausibly dense cell ({per_atom:.2f} Å^3/atom < {MIN_VOLUME_PER_ATOM}; the densest Materials "
+                "Project structure has 5.3)")
     return None
 
 

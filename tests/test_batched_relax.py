@@ -121,3 +121,12 @@ def test_a_collapsing_cell_is_stopped_mid_relaxation(inputs, potential, one_by_o
     assert "during relaxation" in out[1].reason and "factor 0.125" in out[1].reason
     for k in (0, 3, 4):
         assert out[k].energy_per_atom == pytest.approx(one_by_one[k].energy_per_atom, abs=1e-4)
+
+
+def test_an_implausibly_dense_cell_is_refused_before_its_graph_is_built(potential):
+    """A substituted template once came out at 0.58 Å^3/atom (H7OF9): hundreds of neighbours per atom, a
+    worker at 7 GB. It must fail at once with the reason, and leave the other structures alone."""
+    dense = Structure(Lattice.cubic(1.3), ["H", "F"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # 1.1 Å^3/atom, 1.13 Å apart
+    out = batched.relax_batched([dense, rock_salt(5.6)], potential, max_steps=5, batch_size=2)
+    assert out[0].status == "failed" and "implausibly dense cell (1.10 Å^3/atom" in out[0].reason
+    assert out[1].status != "failed"

@@ -157,7 +157,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--only-valid", choices=["cdvae", "smact"],
                    help="train only on the formulas that pass this validity protocol (the count dropped is reported)")
     p.add_argument("--condition-on", metavar="COLUMNS",
-                   help="diffusion-bert: condition on these numeric corpus columns, e.g. band_gap,e_above_hull "
+                   help="condition on these numeric corpus columns, e.g. band_gap,e_above_hull "
                    "(quantile bins of each, dropped at random while training so the model also samples "
                    "unconditionally); with --init-from, extends an unconditional model")
     p.add_argument("--condition-bins", type=int, default=8, help="quantile bins per conditioning property (default: 8)")

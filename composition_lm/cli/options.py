@@ -112,9 +112,9 @@ def add_condition_arguments(p: argparse.ArgumentParser) -> None:
                    help="property window for a property-conditioned model (train --condition-on), either bound "
                    "open, e.g. --target band_gap=1.0:3.0 --target e_above_hull=:0.05; repeatable")
     p.add_argument("--guidance", type=float, metavar="GAMMA",
-                   help="classifier-free guidance towards --condition or --target: tokens drawn from "
-                   "p(x|c)^GAMMA p(x)^(1-GAMMA) (two denoiser passes per step; 1 = plain conditional sampling; "
-                   "default: none)")
+                   help="classifier-free guidance towards --condition or --target: Diffusion-BERT draws tokens from "
+                   "p(x|c)^GAMMA p(x)^(1-GAMMA), Diffusion-LM predicts x0_uncond + GAMMA (x0_cond - x0_uncond) "
+                   "(two denoiser passes per step; 1 = plain conditional sampling; default: none)")
 
 
 def model_for(args: argparse.Namespace) -> str | None:
