@@ -8,7 +8,10 @@ each holds about the same number of training formulas, and they travel with the 
 
 A request is a :class:`Target`, ``name=lo:hi`` with either side open (``band_gap=1.0:3.0``,
 ``e_above_hull=:0.05``, ``band_gap=3:``); :meth:`PropertyBins.window_bins` says which bins a window asks for,
-and :func:`condition_ids` draws, per sample, one of them (each bin about equally likely, being equally full).
+and :func:`condition_ids` draws, per sample, one of them with the probability of its share of the training
+values, so a window is asked for as the training data fill it (a point mass such as E_hull = 0, a bin of its
+own, holds far more than its neighbours: drawn uniformly, the bins of ``e_above_hull=:0.05`` asked for the
+on-hull bin a quarter of the time instead of its 66 %).
 
 :func:`corpus_properties` reads the numeric columns of a corpus per reduced formula (the ground state, as
 :func:`evaluation.properties.formula_properties` defines it).
@@ -74,10 +77,12 @@ def parse_target(text: str) -> Target:
 @dataclass(frozen=True)
 class PropertyBins:
     """Quantile bins of one property: ``edges`` (increasing) cut the line into ``len(edges) + 1`` bins,
-    ids ``1 .. n_bins``; id 0 means "not given"."""
+    ids ``1 .. n_bins``; id 0 means "not given". ``shares``: each bin's share of the training values (None
+    for a model saved before they were kept: then bins are drawn as equally full)."""
 
     name: str
     edges: tuple[float, ...]
+    shares: tuple[float, ...] | None = None
 
     @property
     def n_bins(self) -> int:
@@ -104,7 +109,8 @@ class PropertyBins:
         edges = sorted(e for e in edges if v[0] < e <= v[-1])
         if not edges:
             raise ValueError(f"property {name!r} takes a single value; nothing to condition on")
-        return cls(name, tuple(edges))
+        counts = np.bincount(np.searchsorted(np.asarray(edges), v, side="right"), minlength=len(edges) + 1)
+        return cls(name, tuple(edges), tuple(float(c) for c in counts / counts.sum()))
 
     def bin_of(self, values: Sequence[float]) -> np.ndarray:
         """Bin id of each value (``0`` for NaN); a value on an edge belongs to the bin above it."""
@@ -125,15 +131,24 @@ class PropertyBins:
             return inside
         return [b for b in range(1, self.n_bins + 1) if self.bounds(b)[0] <= target.hi and self.bounds(b)[1] >= target.lo]
 
+    def weights(self, bin_ids: Sequence[int]) -> np.ndarray:
+        """Sampling weights of ``bin_ids`` (their training shares, or equal without them), summing to 1."""
+        w = np.ones(len(bin_ids)) if self.shares is None else np.asarray([self.shares[b - 1] for b in bin_ids])
+        return w / w.sum() if w.sum() > 0 else np.full(len(bin_ids), 1 / len(bin_ids))
+
     def as_dict(self) -> dict:
-        return {"name": self.name, "edges": list(self.edges)}
+        d = {"name": self.name, "edges": list(self.edges)}
+        if self.shares is not None:
+            d["shares"] = list(self.shares)
+        return d
 
 
 def condition_ids(bins: Sequence[PropertyBins], targets: Sequence[Target], n: int,
                   generator: torch.Generator) -> torch.Tensor:
-    """``[n, len(bins)]`` condition ids for sampling: for each targeted property a bin drawn uniformly
-    among :meth:`PropertyBins.window_bins` per sample, 0 (not given) for the others. An unknown property
-    name raises ``ValueError`` listing the model's properties."""
+    """``[n, len(bins)]`` condition ids for sampling: for each targeted property a bin drawn among
+    :meth:`PropertyBins.window_bins` per sample with the weight of its training share
+    (:meth:`PropertyBins.weights`), 0 (not given) for the others. An unknown property name raises
+    ``ValueError`` listing the model's properties."""
     names = [b.name for b in bins]
     out = torch.zeros(n, len(bins), dtype=torch.long)
     for t in targets:
@@ -141,8 +156,9 @@ def condition_ids(bins: Sequence[PropertyBins], targets: Sequence[Target], n: in
             known = ", ".join(names) if names else "none (train with --condition-on)"
             raise ValueError(f"this model is not conditioned on {t.name!r}; its properties: {known}")
         j = names.index(t.name)
-        choices = torch.tensor(bins[j].window_bins(t))
-        out[:, j] = choices[torch.randint(len(choices), (n,), generator=generator)]
+        choices = bins[j].window_bins(t)
+        weights = torch.as_tensor(bins[j].weights(choices), dtype=torch.float64)
+        out[:, j] = torch.tensor(choices)[torch.multinomial(weights, n, replacement=True, generator=generator)]
     return out
 
 

@@ -60,4 +60,5 @@ class FormulaBertConfig(BertConfig):
         """The :class:`~composition_lm.conditions.PropertyBins` this model is conditioned on (in order)."""
         from composition_lm.conditions import PropertyBins
 
-        return [PropertyBins(c["name"], tuple(c["edges"])) for c in self.property_conditions]
+        return [PropertyBins(c["name"], tuple(c["edges"]), tuple(c["shares"]) if c.get("shares") else None)
+                for c in self.property_conditions]

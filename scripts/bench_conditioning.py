@@ -7,9 +7,13 @@ all splits) for the samples that are known MP compounds. Each row also carries v
 novelty (`formula_set_metrics`, the `evaluate` definition), and the guidance-scale curve.
 
 Results are appended to benchmarks/conditioning.jsonl as they finish (a rerun skips them); the report is
-benchmarks/conditioning.{md,json}.
+benchmarks/conditioning.{md,json}, one table per model measured at this N and seed.
 
-Run: python scripts/bench_conditioning.py --model runs/dbert-props/model [--n 5000] [--seed 0]
+`--stability-levers` adds the rows that try other conditions for stability (the on-hull bin alone, a low
+formation energy), each scored for E_hull <= 0.05 and, since discover's SUN rate counts only novel formulas,
+for "novel and in the window".
+
+Run: python scripts/bench_conditioning.py --model runs/dbert-props/model [--n 5000] [--seed 0] [--stability-levers]
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from evaluation.io import write_json, write_text
 
 WINDOWS = ["band_gap=1.0:3.0", "band_gap=3.0:", "e_above_hull=:0.05"]
 GUIDANCE = [None, 2.0, 3.0]
+#: other conditions tried for stability (scored for e_above_hull=:0.05)
+STABILITY_LEVERS = [("e_above_hull=:0.0", None), ("e_above_hull=:0.0", 2.0),
+                    ("formation_energy_per_atom=:-2.0", None), ("formation_energy_per_atom=:-2.0", 2.0)]
 
 
 def run_one(gen, target: str | None, guidance: float | None, n: int, seed: int, predictor, known: dict,
@@ -40,6 +47,7 @@ def run_one(gen, target: str | None, guidance: float | None, n: int, seed: int, 
         table = gen.generate(n, seed=seed, targets=[target] if target else None, guidance=guidance)
     seconds = time.perf_counter() - t0
     formulas = [f for f in table["formula"] if f]
+    novel = np.array([f not in corpus["train_set"] for f in formulas])
     pred = predictor.predict(formulas)
     m = formula_set_metrics(table["formula"].tolist(), corpus["train"], protocols=("cdvae",))
     out = {"target": target, "guidance": guidance, "n": n, "seed": seed, "seconds": seconds,
@@ -50,16 +58,18 @@ def run_one(gen, target: str | None, guidance: float | None, n: int, seed: int, 
         by_model = t.contains(pred[t.name])
         looked = [known[f][t.name] for f in formulas if f in known and np.isfinite(known[f].get(t.name, np.nan))]
         out["hits"][window] = {"predictor": float(by_model.mean()), "lookup": float(np.mean(t.contains(np.array(looked))))
-                               if looked else None, "lookup_n": len(looked)}
+                               if looked else None, "lookup_n": len(looked),
+                               "novel_predictor": float((by_model & novel).mean())}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a property-conditioned Diffusion-BERT")
+    ap.add_argument("--model", required=True, help="a property-conditioned formula model (either family)")
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stability-levers", action="store_true", help="also the other stability conditions")
     args = ap.parse_args()
     import pandas as pd
 
@@ -70,12 +80,14 @@ def main() -> None:
     csv = f"{args.shared}/data/formulas/mp_formulas.csv"
     known = formula_properties(pd.read_csv(csv), ["band_gap", "e_above_hull"], formula_column="reduced_formula")
     corpus = {"train": load_spec(f"{csv}@train")[1]}
+    corpus["train_set"] = set(corpus["train"])
     predictor = PropertyPredictor.load()
     gen = FormulaGenerator.from_pretrained(args.model)
     log = ROOT / "benchmarks/conditioning.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     have = {(r["target"], r["guidance"], r["n"], r["seed"], r.get("model")) for r in done}
-    runs = [(None, None)] + [(w, g) for w in WINDOWS for g in GUIDANCE]
+    runs = [(None, None)] + [(w, g) for w in WINDOWS for g in GUIDANCE] + (
+        STABILITY_LEVERS if args.stability_levers else [])
     for target, guidance in runs:
         if (target, guidance, args.n, args.seed, args.model) in have:
             continue
@@ -84,34 +96,49 @@ def main() -> None:
         with log.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
         done.append(rec)
-    rows = [r for r in done if r["n"] == args.n and r["seed"] == args.seed and r.get("model") == args.model]
-    base = next(r for r in rows if r["target"] is None)
+    models = list(dict.fromkeys(r.get("model") for r in done if r["n"] == args.n and r["seed"] == args.seed))
+    rows = [r for r in done if r["n"] == args.n and r["seed"] == args.seed]
     lines = ["# Property-conditioned generation (issue 18)", "",
-             f"`python scripts/bench_conditioning.py --model {args.model} --n {args.n} --seed {args.seed}`; CPU "
-             f"{cpu()}. {args.n} samples per row, seed {args.seed}, validity enforced in the sampler (the default). "
-             "Hit rate: share of samples whose property lies in the window, by the shipped composition predictor "
-             "(`benchmarks/property_predictor.md`) over all samples, and by MP lookup over the samples that are "
-             "known MP compounds (their number in brackets). Ratio: predictor hit rate over the unconditional one.",
-             "", "| asked | guidance | hit rate (predictor) | ratio to unconditional | hit rate (lookup) | validity | "
-             "uniqueness | novelty | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for w in WINDOWS:
-        b = base["hits"][w]
-        lines.append(f"| unconditional, scored for {w} | - | {b['predictor']:.3f} | 1 | "
-                     f"{(b['lookup'] or 0):.3f} ({b['lookup_n']}) | {base['validity_cdvae']:.3f} | "
-                     f"{base['uniqueness']:.3f} | {base['novelty']:.3f} | {base['seconds']:.1f} |")
-        for r in rows:
-            if r["target"] != w:
-                continue
-            h = r["hits"][w]
-            ratio = h["predictor"] / b["predictor"] if b["predictor"] else float("inf")
-            lines.append(f"| {w} | {r['guidance'] or 1} | {h['predictor']:.3f} | {ratio:.2f} | "
-                         f"{(h['lookup'] or 0):.3f} ({h['lookup_n']}) | {r['validity_cdvae']:.3f} | "
-                         f"{r['uniqueness']:.3f} | {r['novelty']:.3f} | {r['seconds']:.1f} |")
+             f"`python scripts/bench_conditioning.py --model MODEL --n {args.n} --seed {args.seed} [--stability-levers]`; "
+             f"CPU {cpu()}. {args.n} samples per row, seed {args.seed}, validity enforced in the sampler (the "
+             "default). Hit rate: share of samples whose property lies in the window, by the shipped composition "
+             "predictor (`benchmarks/property_predictor.md`) over all samples, and by MP lookup over the samples "
+             "that are known MP compounds (their number in brackets); 'novel hits': samples that are novel and hit "
+             "by the predictor. Ratio: predictor hit rate over the unconditional one."]
+    for model in models:
+        lines += ["", f"## {model}", ""] + _table([r for r in rows if r.get("model") == model])
     lines += ["", "Target: >= 2x the unconditional hit rate for the band-gap windows; validity, uniqueness and "
               "novelty within 2 points of unconditional."]
     write_text(ROOT / "benchmarks/conditioning.md", "\n".join(lines) + "\n")
     write_json(ROOT / "benchmarks/conditioning.json", {"cpu": cpu(), "records": rows})
     print("\n".join(lines))
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """The markdown table of one model's records: per window, the unconditional row and each conditioned one
+    (the stability levers under the E_hull window)."""
+    base = next(r for r in rows if r["target"] is None)
+    lines = ["| asked | guidance | hit rate (predictor) | ratio to unconditional | novel hits | hit rate (lookup) | "
+             "validity | uniqueness | novelty | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    for w in WINDOWS:
+        b = base["hits"][w]
+        lines.append(f"| unconditional, scored for {w} | - | {b['predictor']:.3f} | 1 | {cell(b.get('novel_predictor'))} | "
+                     f"{(b['lookup'] or 0):.3f} ({b['lookup_n']}) | {base['validity_cdvae']:.3f} | "
+                     f"{base['uniqueness']:.3f} | {base['novelty']:.3f} | {base['seconds']:.1f} |")
+        levers = [t for t, _ in STABILITY_LEVERS] if w.startswith("e_above_hull") else []
+        for r in rows:
+            if r["target"] != w and r["target"] not in levers:
+                continue
+            h = r["hits"][w]
+            ratio = h["predictor"] / b["predictor"] if b["predictor"] else float("inf")
+            lines.append(f"| {r['target']} | {r['guidance'] or 1} | {h['predictor']:.3f} | {ratio:.2f} | "
+                         f"{cell(h.get('novel_predictor'))} | {(h['lookup'] or 0):.3f} ({h['lookup_n']}) | "
+                         f"{r['validity_cdvae']:.3f} | {r['uniqueness']:.3f} | {r['novelty']:.3f} | {r['seconds']:.1f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -48,6 +48,25 @@ def test_bins_hold_equal_shares_and_answer_windows():
         condition_ids([bins], [Target("gapp", 1, 2)], 4, torch.Generator())
 
 
+def test_a_window_is_asked_for_as_the_training_data_fill_it():
+    """A point-mass bin (E_hull = 0 for 46 % of MP) is drawn with its training share within a window, not as
+    one bin among equals; shares survive as_dict -> config -> property_bins."""
+    from composition_lm.config import FormulaBertConfig
+
+    values = [0.0] * 500 + list(np.linspace(0.001, 0.3, 500))
+    bins = PropertyBins.from_values("e_above_hull", values, n_bins=6)
+    assert bins.shares[0] == pytest.approx(0.5) and sum(bins.shares) == pytest.approx(1.0)
+    window = Target("e_above_hull", -math.inf, bins.edges[2])  # the point mass and the next two bins
+    assert bins.window_bins(window) == [1, 2, 3]
+    ids = condition_ids([bins], [window], 20000, torch.Generator().manual_seed(0))[:, 0]
+    assert (ids == 1).float().mean().item() == pytest.approx(0.5 / (0.5 + 0.1 + 0.1), abs=0.02)
+    cfg = FormulaBertConfig(property_conditions=[bins.as_dict()])
+    assert cfg.property_bins() == [bins]
+    legacy = PropertyBins("e_above_hull", bins.edges)  # a model saved before shares: equal weights
+    ids = condition_ids([legacy], [window], 20000, torch.Generator().manual_seed(0))[:, 0]
+    assert (ids == 1).float().mean().item() == pytest.approx(1 / 3, abs=0.02)
+
+
 def test_corpus_properties_take_the_ground_state_and_name_missing_columns(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text("formula,gap,e_above_hull,split\nTiO2,1.8,0.05,train\nTi2O4,3.0,0.0,train\nNaCl,5,0,val\n")
