@@ -16,8 +16,18 @@ on-hull bin a quarter of the time instead of its 66 %).
 :func:`corpus_properties` reads the numeric columns of a corpus per reduced formula (the ground state, as
 :func:`evaluation.properties.formula_properties` defines it).
 
-Both formula models take conditions the same way (:class:`PropertyConditioned`): one embedding table per
-property, id 0 fixed at zero, the sum over properties added to what the denoiser already adds for the step
+Two encodings (``property_encoding`` in the config; ``train --condition-encoding``):
+
+* ``bins`` (the default): a formula's condition is one bin id per property, embedded by a table whose row 0
+  is fixed at zero;
+* ``continuous``: the property's rank in the training distribution, ``u`` in [0, 1] (the randomised
+  probability integral transform: a value shared by many formulas, such as band gap 0, gets ``u`` drawn
+  across its whole share, so ``u`` is uniform), embedded by a small network of Fourier features of ``u``
+  (:class:`ContinuousCondition`); ``NaN`` means "not given" and embeds to zero. A window asks for ``u`` drawn
+  uniformly between the ranks of its bounds, i.e. the training distribution restricted to the window.
+
+Both formula models take conditions the same way (:class:`PropertyConditioned`): one embedding per
+property, "not given" embedding to zero, the sum over properties added to what the denoiser already adds for the step
 (Diffusion-BERT: every token embedding; Diffusion-LM: the time embedding). While training,
 :func:`drop_conditions` sets each property to "not given" with probability ``property_dropout``, so one
 model samples both conditionally and unconditionally (classifier-free guidance needs both).
@@ -33,8 +43,14 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["PropertyBins", "PropertyConditioned", "Target", "condition_ids", "corpus_properties", "drop_conditions",
-           "parse_target"]
+__all__ = ["ENCODINGS", "ContinuousCondition", "PropertyBins", "PropertyConditioned", "Target", "condition_ids",
+           "condition_values", "corpus_properties", "drop_conditions", "null_conditions", "parse_target",
+           "sample_conditions"]
+
+#: how a property enters the denoiser (see the module docstring)
+ENCODINGS = ("bins", "continuous")
+#: quantiles of the training values kept per property (for the continuous encoding's ranks)
+N_QUANTILES = 101
 
 
 @dataclass(frozen=True)
@@ -78,11 +94,13 @@ def parse_target(text: str) -> Target:
 class PropertyBins:
     """Quantile bins of one property: ``edges`` (increasing) cut the line into ``len(edges) + 1`` bins,
     ids ``1 .. n_bins``; id 0 means "not given". ``shares``: each bin's share of the training values (None
-    for a model saved before they were kept: then bins are drawn as equally full)."""
+    for a model saved before they were kept: then bins are drawn as equally full). ``quantiles``:
+    :data:`N_QUANTILES` evenly spaced quantiles of the training values, the continuous encoding's ranks."""
 
     name: str
     edges: tuple[float, ...]
     shares: tuple[float, ...] | None = None
+    quantiles: tuple[float, ...] | None = None
 
     @property
     def n_bins(self) -> int:
@@ -110,7 +128,29 @@ class PropertyBins:
         if not edges:
             raise ValueError(f"property {name!r} takes a single value; nothing to condition on")
         counts = np.bincount(np.searchsorted(np.asarray(edges), v, side="right"), minlength=len(edges) + 1)
-        return cls(name, tuple(edges), tuple(float(c) for c in counts / counts.sum()))
+        return cls(name, tuple(edges), tuple(float(c) for c in counts / counts.sum()),
+                   tuple(float(q) for q in np.quantile(v, np.linspace(0, 1, N_QUANTILES))))
+
+    def rank(self, values: Sequence[float], side: str = "right") -> np.ndarray:
+        """The training CDF at ``values`` (``side="right"``: F(v), the share at or below; ``"left"``: F(v-),
+        the share strictly below), piecewise linear between the stored quantiles; NaN stays NaN."""
+        if self.quantiles is None:
+            raise ValueError(f"property {self.name!r} keeps no quantiles (a model saved before the continuous "
+                             "encoding); use the bins encoding")
+        q = np.asarray(self.quantiles)
+        m = len(q) - 1
+        v = np.asarray(values, dtype=np.float64)
+        i = np.searchsorted(q, v, side=side)
+        lo, hi = q[np.clip(i - 1, 0, m)], q[np.clip(i, 0, m)]
+        frac = np.where(hi > lo, (v - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0 if side == "left" else 0.0)
+        r = np.where(i == 0, 0.0, np.where(i > m, 1.0, (i - 1 + np.clip(frac, 0, 1)) / m))
+        return np.where(np.isnan(v), np.nan, r)
+
+    def jittered_rank(self, values: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+        """Randomised probability integral transform: ``u`` uniform between F(v-) and F(v), so a value shared
+        by many formulas spreads over its whole share and ``u`` is uniform over the training set."""
+        lo, hi = self.rank(values, "left"), self.rank(values, "right")
+        return lo + (hi - lo) * rng.random(len(lo))
 
     def bin_of(self, values: Sequence[float]) -> np.ndarray:
         """Bin id of each value (``0`` for NaN); a value on an edge belongs to the bin above it."""
@@ -140,7 +180,14 @@ class PropertyBins:
         d = {"name": self.name, "edges": list(self.edges)}
         if self.shares is not None:
             d["shares"] = list(self.shares)
+        if self.quantiles is not None:
+            d["quantiles"] = list(self.quantiles)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PropertyBins:
+        return cls(d["name"], tuple(d["edges"]), tuple(d["shares"]) if d.get("shares") else None,
+                   tuple(d["quantiles"]) if d.get("quantiles") else None)
 
 
 def condition_ids(bins: Sequence[PropertyBins], targets: Sequence[Target], n: int,
@@ -149,17 +196,56 @@ def condition_ids(bins: Sequence[PropertyBins], targets: Sequence[Target], n: in
     :meth:`PropertyBins.window_bins` per sample with the weight of its training share
     (:meth:`PropertyBins.weights`), 0 (not given) for the others. An unknown property name raises
     ``ValueError`` listing the model's properties."""
-    names = [b.name for b in bins]
     out = torch.zeros(n, len(bins), dtype=torch.long)
     for t in targets:
-        if t.name not in names:
-            known = ", ".join(names) if names else "none (train with --condition-on)"
-            raise ValueError(f"this model is not conditioned on {t.name!r}; its properties: {known}")
-        j = names.index(t.name)
+        j = _property_index(bins, t)
         choices = bins[j].window_bins(t)
         weights = torch.as_tensor(bins[j].weights(choices), dtype=torch.float64)
         out[:, j] = torch.tensor(choices)[torch.multinomial(weights, n, replacement=True, generator=generator)]
     return out
+
+
+def _property_index(bins: Sequence[PropertyBins], target: Target) -> int:
+    names = [b.name for b in bins]
+    if target.name not in names:
+        known = ", ".join(names) if names else "none (train with --condition-on)"
+        raise ValueError(f"this model is not conditioned on {target.name!r}; its properties: {known}")
+    return names.index(target.name)
+
+
+def condition_values(bins: Sequence[PropertyBins], targets: Sequence[Target], n: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """``[n, len(bins)]`` continuous conditions for sampling: for each targeted property a rank ``u`` drawn
+    uniformly between F(lo-) and F(hi) of its window (the training distribution restricted to the window),
+    NaN (not given) for the others."""
+    out = torch.full((n, len(bins)), math.nan, dtype=torch.float32)
+    for t in targets:
+        j = _property_index(bins, t)
+        a = float(bins[j].rank([t.lo], "left")[0])
+        b = float(bins[j].rank([t.hi], "right")[0])
+        out[:, j] = a + (b - a) * torch.rand(n, generator=generator, dtype=torch.float64).float()
+    return out
+
+
+def sample_conditions(config, targets: Sequence[Target], n: int, generator: torch.Generator) -> torch.Tensor:
+    """The conditions of ``n`` samples asking for ``targets``, in the model's encoding."""
+    bins = config.property_bins()
+    if getattr(config, "property_encoding", "bins") == "continuous":
+        return condition_values(bins, targets, n, generator)
+    return condition_ids(bins, targets, n, generator)
+
+
+def training_conditions(bins: Sequence[PropertyBins], rows: Sequence[dict], encoding: str = "bins",
+                        seed: int = 0) -> torch.Tensor:
+    """``[len(rows), len(bins)]`` conditions of training formulas (``rows``: ``{property: value}`` each, a
+    missing property not given): bin ids, or jittered ranks (:meth:`PropertyBins.jittered_rank`, seeded)."""
+    cols = [[r.get(b.name, float("nan")) for r in rows] for b in bins]
+    if encoding == "continuous":
+        rng = np.random.default_rng(seed)
+        u = [b.jittered_rank(c, rng) for b, c in zip(bins, cols)]
+        return torch.tensor(np.stack(u, 1) if u else np.zeros((len(rows), 0)), dtype=torch.float32)
+    ids = [b.bin_of(c) for b, c in zip(bins, cols)]
+    return torch.tensor(np.stack(ids, 1) if ids else np.zeros((len(rows), 0)), dtype=torch.long)
 
 
 def corpus_properties(path: str, names: Sequence[str], column: str | None = None,
@@ -186,10 +272,35 @@ def corpus_properties(path: str, names: Sequence[str], column: str | None = None
     return formula_properties(table, list(names), formula_column=formula_column)
 
 
+def null_conditions(conditions: torch.Tensor) -> torch.Tensor:
+    """"Not given" for every entry, in the encoding of ``conditions`` (0 for bin ids, NaN for ranks)."""
+    if conditions.is_floating_point():
+        return torch.full_like(conditions, math.nan)
+    return torch.zeros_like(conditions)
+
+
 def drop_conditions(conditions: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``conditions`` with each entry set to 0 ("not given") independently with probability ``p``."""
+    """``conditions`` with each entry set to "not given" independently with probability ``p``."""
     keep = torch.rand(conditions.shape, generator=generator, device=conditions.device) >= p
-    return conditions * keep
+    return torch.where(keep, conditions, null_conditions(conditions))
+
+
+class ContinuousCondition(nn.Module):
+    """A property rank ``u`` in [0, 1] -> a ``width`` vector: ``u`` and ``sin/cos(pi k u)``, k = 1..8, through
+    a two-layer network; NaN ("not given") -> zero."""
+
+    N_FREQ = 8
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * self.N_FREQ + 1, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        given = torch.isfinite(u)
+        u = torch.where(given, u, torch.zeros_like(u)).float()[:, None]
+        k = math.pi * torch.arange(1, self.N_FREQ + 1, device=u.device, dtype=u.dtype)
+        features = torch.cat([u, torch.sin(k * u), torch.cos(k * u)], dim=-1)
+        return self.net(features.to(self.net[0].weight.dtype)) * given[:, None].to(self.net[0].weight.dtype)
 
 
 class PropertyConditioned:
@@ -199,28 +310,45 @@ class PropertyConditioned:
 
     def init_property_embeddings(self, width: int) -> None:
         self.property_embeddings = nn.ModuleList(
-            nn.Embedding(len(c["edges"]) + 2, width, padding_idx=0) for c in self.config.property_conditions)
+            _condition_module(len(c["edges"]) + 2, width, self.config.property_encoding)
+            for c in self.config.property_conditions)
 
     def condition_embedding(self, conditions: torch.Tensor | None) -> torch.Tensor | None:
-        """``[B, width]``: the sum of each property's embedding of its bin id (``conditions``: ``[B, P]``), or
-        None for an unconditional call or a model without conditions."""
+        """``[B, width]``: the sum of each property's embedding of its condition (``conditions``: ``[B, P]``
+        bin ids or ranks), or None for an unconditional call or a model without conditions."""
         if conditions is None or not len(self.property_embeddings):
             return None
         return sum(emb(conditions[:, j]) for j, emb in enumerate(self.property_embeddings))
 
     @torch.no_grad()
-    def add_property_conditioning(self, bins: Sequence[PropertyBins]) -> None:
+    def add_property_conditioning(self, bins: Sequence[PropertyBins], encoding: str = "bins") -> None:
         """Extend a model with property conditions to fine-tune it (``train --init-from ... --condition-on``);
-        the new embeddings start at zero, so the extended model first behaves exactly like the original one."""
+        the new embeddings start at zero output, so the extended model first behaves exactly like the
+        original one."""
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown condition encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
         if self.config.property_conditions:
-            if [b.as_dict() for b in bins] != self.config.property_conditions:
-                raise ValueError("this model is already conditioned on other properties or bins: "
-                                 f"{[c['name'] for c in self.config.property_conditions]}")
+            if [b.name for b in bins] != [c["name"] for c in self.config.property_conditions] or (
+                    encoding != self.config.property_encoding):
+                raise ValueError("this model is already conditioned on other properties or encoding: "
+                                 f"{[c['name'] for c in self.config.property_conditions]} "
+                                 f"({self.config.property_encoding})")
             return
         ref = next(self.parameters())
-        width = self.config.hidden_size
         self.property_embeddings = nn.ModuleList(
-            nn.Embedding(b.n_bins + 1, width, padding_idx=0).to(ref) for b in bins)
-        for emb in self.property_embeddings:
-            emb.weight.zero_()
+            _condition_module(b.n_bins + 1, self.config.hidden_size, encoding).to(ref) for b in bins)
+        for module in self.property_embeddings:
+            last = module if isinstance(module, nn.Embedding) else module.net[-1]
+            last.weight.zero_()
+            if getattr(last, "bias", None) is not None:
+                last.bias.zero_()
         self.config.property_conditions = [b.as_dict() for b in bins]
+        self.config.property_encoding = encoding
+
+
+def _condition_module(n_ids: int, width: int, encoding: str) -> nn.Module:
+    """The embedding of one property: a table of ``n_ids`` rows (row 0, "not given", zero) for ``bins``,
+    a :class:`ContinuousCondition` for ``continuous``."""
+    if encoding == "continuous":
+        return ContinuousCondition(width)
+    return nn.Embedding(n_ids, width, padding_idx=0)

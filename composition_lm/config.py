@@ -31,6 +31,7 @@ class FormulaBertConfig(BertConfig):
         max_count: int = 200,
         property_conditions: list[dict] | None = None,
         property_dropout: float = 0.1,
+        property_encoding: str = "bins",
         **kwargs,
     ):
         kwargs.setdefault("pad_token_id", PAD)
@@ -55,10 +56,12 @@ class FormulaBertConfig(BertConfig):
         # and the training-time probability of dropping each one to "not given"
         self.property_conditions = property_conditions or []
         self.property_dropout = property_dropout
+        if property_encoding not in ("bins", "continuous"):
+            raise ValueError(f"property_encoding must be 'bins' or 'continuous', got {property_encoding!r}")
+        self.property_encoding = property_encoding
 
     def property_bins(self) -> list:
         """The :class:`~composition_lm.conditions.PropertyBins` this model is conditioned on (in order)."""
         from composition_lm.conditions import PropertyBins
 
-        return [PropertyBins(c["name"], tuple(c["edges"]), tuple(c["shares"]) if c.get("shares") else None)
-                for c in self.property_conditions]
+        return [PropertyBins.from_dict(c) for c in self.property_conditions]

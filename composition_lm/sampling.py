@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from composition_lm.conditions import null_conditions, sample_conditions
 from composition_lm.formula import FormulaError, get_codec
 from composition_lm.models import is_gaussian
 from composition_lm.tokenizer import BOS, COUNT_OFFSET, ELEMENT_OFFSET, EOS, MASK, PAD
@@ -298,7 +299,7 @@ def denoise_masked(
     the denoiser is also run with ``[BOS]`` at position 0 (unconditional) and the tokens are drawn from
     ``p(x | c)^gamma * p(x)^(1 - gamma)``, renormalised (``gamma = 1``: plain conditional sampling, at
     one forward pass). ``conditions`` (``[B, P]`` property bin ids of a property-conditioned model) are
-    the condition c; the unconditional pass sets them to 0 ("not given")."""
+    the condition c; the unconditional pass sets them to "not given" (:func:`~composition_lm.conditions.null_conditions`)."""
     device = x.device
     n = x.shape[0]
     static = rules.static.to(device)
@@ -311,7 +312,7 @@ def denoise_masked(
             plain = inputs.clone()
             plain[:, 0] = BOS
             inputs = torch.cat([inputs, plain])
-            cond = torch.cat([cond, torch.zeros_like(cond)]) if cond is not None else None
+            cond = torch.cat([cond, null_conditions(cond)]) if cond is not None else None
         if counter is not None:
             counter[0] += len(inputs)
         with _autocast(device, autocast_dtype):
@@ -425,7 +426,7 @@ def denoise_gaussian(
         with _autocast(device, autocast_dtype):
             if guided:
                 both = model(torch.cat([x, x]), t.expand(2 * n),
-                             conditions=torch.cat([conditions, torch.zeros_like(conditions)])).float()
+                             conditions=torch.cat([conditions, null_conditions(conditions)])).float()
                 cond, uncond = both[:n], both[n:]
                 x0 = uncond + guidance * (cond - uncond)
             elif conditions is not None:
@@ -587,9 +588,7 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     conditions = None
     if targets:
-        from composition_lm.conditions import condition_ids
-
-        conditions = condition_ids(cfg.property_bins(), targets, n, generator).to(device)
+        conditions = sample_conditions(cfg, targets, n, generator).to(device)
     autocast_dtype = resolve_dtype(dtype, device)
     time_conditioning = getattr(cfg, "time_conditioning", False)
     schedule = cfg.gaussian_schedule().respace(steps) if gaussian else None

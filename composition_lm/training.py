@@ -63,6 +63,7 @@ class TrainingArguments:
     only_valid: str | None = None  # train only on formulas valid under this protocol (cdvae or smact)
     condition_on: str | None = None  # comma-separated numeric corpus columns to condition on
     condition_bins: int = 8  # quantile bins per conditioning property
+    condition_encoding: str = "bins"  # bins (an embedding per bin) or continuous (the value's training rank)
     embedding_dim: int = 16  # diffusion-lm: dimension of the token embeddings the diffusion runs in
     diffusion_steps: int = 2000  # diffusion-lm: training T
     # optimisation
@@ -135,11 +136,11 @@ def _property_conditions(args: TrainingArguments, parent=None) -> tuple[list, di
     return [PropertyBins.from_values(n, [v[n] for v in values.values()], args.condition_bins) for n in names], values
 
 
-def _condition_ids(bins: list, values: dict, formulas: list[str]) -> torch.Tensor:
-    """``[len(formulas), len(bins)]`` bin ids of each formula's values (0 where unknown)."""
-    rows = [values.get(str(parse_formula(f)), {}) for f in formulas]
-    cols = [b.bin_of([r.get(b.name, float("nan")) for r in rows]) for b in bins]
-    return torch.tensor(list(zip(*cols)), dtype=torch.long).reshape(len(formulas), len(bins))
+def _condition_ids(bins: list, values: dict, formulas: list[str], encoding: str, seed: int) -> torch.Tensor:
+    """``[len(formulas), len(bins)]`` conditions of each formula's values (not given where unknown)."""
+    from composition_lm.conditions import training_conditions
+
+    return training_conditions(bins, [values.get(str(parse_formula(f)), {}) for f in formulas], encoding, seed)
 
 
 def _config_from_args(args: TrainingArguments, token_info: list[float] | None = None, bins: list | None = None):
@@ -147,6 +148,7 @@ def _config_from_args(args: TrainingArguments, token_info: list[float] | None = 
     extra = {"token_info": token_info} if token_info is not None else {}
     if bins:
         extra["property_conditions"] = [b.as_dict() for b in bins]
+        extra["property_encoding"] = args.condition_encoding
     if args.model_type == "diffusion-lm":
         if args.validity_conditioning:
             raise ValueError("--validity-conditioning is a diffusion-bert option")
@@ -180,7 +182,7 @@ def _build_model(args: TrainingArguments, train_ids: torch.Tensor, vocab_size: i
         if parent.model_type != args.model_type:
             raise ValueError(f"--init-from is a {parent.model_type} model, not {args.model_type}")
         if bins:
-            parent.model.add_property_conditioning(bins)
+            parent.model.add_property_conditioning(bins, args.condition_encoding)
         return parent.model.train(), loss_fn
     token_info = None
     if args.schedule == "spindle":
@@ -304,10 +306,13 @@ def train(args: TrainingArguments, command: str = "") -> Path:
     bins, values = _property_conditions(args, parent)
     kept: list[int] = []
     train_ids, n_skip = _encode(train_formulas, codec, tokenizer, args.seq_length, args.validity_conditioning, kept)
-    train_cond = _condition_ids(bins, values, [train_formulas[i] for i in kept]) if bins else None
+    train_cond = (_condition_ids(bins, values, [train_formulas[i] for i in kept], args.condition_encoding, args.seed)
+                  if bins else None)
     if main and bins:
-        known = (train_cond > 0).float().mean(0).tolist()
-        print("conditioning on " + ", ".join(f"{b.name} ({b.n_bins} bins, {k:.0%} of formulas labelled)"
+        given = torch.isfinite(train_cond) if train_cond.is_floating_point() else train_cond > 0
+        known = given.float().mean(0).tolist()
+        how = "rank" if args.condition_encoding == "continuous" else "{} bins"
+        print("conditioning on " + ", ".join(f"{b.name} ({how.format(b.n_bins)}, {k:.0%} of formulas labelled)"
                                              for b, k in zip(bins, known)))
     val_ids, _ = (_encode(val_formulas[:4096], codec, tokenizer, args.seq_length, args.validity_conditioning)
                   if val_formulas else (None, 0))

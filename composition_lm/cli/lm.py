@@ -161,6 +161,10 @@ def add_parsers(sub) -> None:
                    "(quantile bins of each, dropped at random while training so the model also samples "
                    "unconditionally); with --init-from, extends an unconditional model")
     p.add_argument("--condition-bins", type=int, default=8, help="quantile bins per conditioning property (default: 8)")
+    p.add_argument("--condition-encoding", choices=["bins", "continuous"], default="bins",
+                   help="how a property enters the denoiser: an embedding per quantile bin, or the value's rank in "
+                   "the training distribution through a small network (benchmarks/conditioning.md compares "
+                   "them) (default: bins)")
     p.add_argument("--validity-conditioning", action="store_true",
                    help="start each training formula with [VALID]/[INVALID] (its cdvae validity) so that "
                    "sampling can ask for valid formulas; with --init-from, extends an unconditional model")
