@@ -14,6 +14,7 @@ formation energy), each scored for E_hull <= 0.05 and, since discover's SUN rate
 for "novel and in the window".
 
 Run: python scripts/bench_conditioning.py --model runs/dbert-props/model [--n 5000] [--seed 0] [--stability-levers]
+     python scripts/bench_conditioning.py --report-only   (rewrite the report from the .jsonl)
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def run_one(gen, target: str | None, guidance: float | None, n: int, seed: int, 
     formulas = [f for f in table["formula"] if f]
     novel = np.array([f not in corpus["train_set"] for f in formulas])
     pred = predictor.predict(formulas)
-    m = formula_set_metrics(table["formula"].tolist(), corpus["train"], protocols=("cdvae",))
+    m = formula_set_metrics(table["formula"].tolist(), corpus["train"], {"test": corpus["test"]}, corpus["val"],
+                            protocols=("cdvae",))
     out = {"target": target, "guidance": guidance, "n": n, "seed": seed, "seconds": seconds,
            "validity_cdvae": m["validity"]["cdvae"]["raw"], "uniqueness": m["uniqueness"], "novelty": m["novelty"],
-           "hits": {}}
+           "element_js": m["distribution"]["element_js"],
+           "n_elements_wasserstein": m["distribution"]["n_elements_wasserstein"],
+           "recovery_test": m["recovery"]["test"]["recovery"], "hits": {}}
     for window in WINDOWS:
         t = parse_target(window)
         by_model = t.contains(pred[t.name])
@@ -65,12 +69,27 @@ def run_one(gen, target: str | None, guidance: float | None, n: int, seed: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a property-conditioned formula model (either family)")
+    ap.add_argument("--model", help="a property-conditioned formula model (either family)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the report from the .jsonl")
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stability-levers", action="store_true", help="also the other stability conditions")
+    ap.add_argument("--parent", help="the unconditional model the conditional one was fine-tuned from, sampled "
+                    "unconditionally for the 'does it lose anything unconditionally' table (default: its "
+                    "training_args.json init_from, if any)")
     args = ap.parse_args()
+    log = ROOT / "benchmarks/conditioning.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if not args.report_only:
+        if not args.model:
+            ap.error("--model is required unless --report-only")
+        done = measure(args, log, done)
+    report(done, args.seed)
+
+
+def measure(args, log: Path, done: list[dict]) -> list[dict]:
+    """Run the rows of ``args.model`` not yet in ``done`` (appending each to ``log``); all records."""
     import pandas as pd
 
     from composition_lm.cli.options import load_spec
@@ -79,34 +98,53 @@ def main() -> None:
 
     csv = f"{args.shared}/data/formulas/mp_formulas.csv"
     known = formula_properties(pd.read_csv(csv), ["band_gap", "e_above_hull"], formula_column="reduced_formula")
-    corpus = {"train": load_spec(f"{csv}@train")[1]}
+    corpus = {split: load_spec(f"{csv}@{split}")[1] for split in ("train", "val", "test")}
     corpus["train_set"] = set(corpus["train"])
     predictor = PropertyPredictor.load()
     gen = FormulaGenerator.from_pretrained(args.model)
-    log = ROOT / "benchmarks/conditioning.jsonl"
-    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    trained = Path(args.model) / "training_args.json"
+    parent = args.parent or (json.loads(trained.read_text()).get("init_from") if trained.exists() else None)
     have = {(r["target"], r["guidance"], r["n"], r["seed"], r.get("model")) for r in done}
-    runs = [(None, None)] + [(w, g) for w in WINDOWS for g in GUIDANCE] + (
-        STABILITY_LEVERS if args.stability_levers else [])
-    for target, guidance in runs:
-        if (target, guidance, args.n, args.seed, args.model) in have:
+    runs = [(args.model, None, None)] + [(args.model, w, g) for w in WINDOWS for g in GUIDANCE] + (
+        [(args.model, t, g) for t, g in STABILITY_LEVERS] if args.stability_levers else []) + (
+        [(parent, None, None)] if parent else [])
+    for model, target, guidance in runs:
+        if (target, guidance, args.n, args.seed, model) in have:
             continue
-        rec = {**run_one(gen, target, guidance, args.n, args.seed, predictor, known, corpus), "model": args.model}
+        sampler = gen if model == args.model else FormulaGenerator.from_pretrained(model)
+        rec = {**run_one(sampler, target, guidance, args.n, args.seed, predictor, known, corpus), "model": model}
         print(json.dumps({k: rec[k] for k in ("target", "guidance", "validity_cdvae", "novelty")}), flush=True)
         with log.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
         done.append(rec)
-    models = list(dict.fromkeys(r.get("model") for r in done if r["n"] == args.n and r["seed"] == args.seed))
-    rows = [r for r in done if r["n"] == args.n and r["seed"] == args.seed]
+    return done
+
+
+def report(done: list[dict], seed: int) -> None:
+    """benchmarks/conditioning.{md,json}: one table per (model, N) with targets, then the unconditional rows."""
+    rows = [r for r in done if r["seed"] == seed]
+    runs = list(dict.fromkeys((r["model"], r["n"]) for r in rows if r["target"]))
     lines = ["# Property-conditioned generation (issue 18)", "",
-             f"`python scripts/bench_conditioning.py --model MODEL --n {args.n} --seed {args.seed} [--stability-levers]`; "
-             f"CPU {cpu()}. {args.n} samples per row, seed {args.seed}, validity enforced in the sampler (the "
+             f"`python scripts/bench_conditioning.py --model MODEL --n N --seed {seed} [--stability-levers]`; "
+             f"CPU {cpu()}. N samples per row, seed {seed}, validity enforced in the sampler (the "
              "default). Hit rate: share of samples whose property lies in the window, by the shipped composition "
              "predictor (`benchmarks/property_predictor.md`) over all samples, and by MP lookup over the samples "
              "that are known MP compounds (their number in brackets); 'novel hits': samples that are novel and hit "
-             "by the predictor. Ratio: predictor hit rate over the unconditional one."]
-    for model in models:
-        lines += ["", f"## {model}", ""] + _table([r for r in rows if r.get("model") == model])
+             "by the predictor. Ratio: predictor hit rate over the unconditional one of the same model, N and seed."]
+    for model, n in runs:
+        table = _table([r for r in rows if r["model"] == model and r["n"] == n])
+        if table:
+            lines += ["", f"## {model}, N = {n}", ""] + table
+    lines += ["", "## Unconditional sampling: does conditioning cost anything?", "",
+              "Each model sampled without targets (element JS against MP val, #elements Wasserstein, recovery of "
+              "MP test; `formula_set_metrics`).", "",
+              "| model | N | validity | uniqueness | novelty | element JS | #elements W | recovery (test) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["target"] is None and "element_js" in r:
+            lines.append(f"| {r['model']} | {r['n']} | {r['validity_cdvae']:.3f} | {r['uniqueness']:.3f} | "
+                         f"{r['novelty']:.3f} | {r['element_js']:.4f} | {r['n_elements_wasserstein']:.3f} | "
+                         f"{r['recovery_test']:.4f} |")
     lines += ["", "Target: >= 2x the unconditional hit rate for the band-gap windows; validity, uniqueness and "
               "novelty within 2 points of unconditional."]
     write_text(ROOT / "benchmarks/conditioning.md", "\n".join(lines) + "\n")
@@ -117,7 +155,9 @@ def main() -> None:
 def _table(rows: list[dict]) -> list[str]:
     """The markdown table of one model's records: per window, the unconditional row and each conditioned one
     (the stability levers under the E_hull window)."""
-    base = next(r for r in rows if r["target"] is None)
+    base = next((r for r in rows if r["target"] is None), None)
+    if base is None:
+        return []
     lines = ["| asked | guidance | hit rate (predictor) | ratio to unconditional | novel hits | hit rate (lookup) | "
              "validity | uniqueness | novelty | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
