@@ -125,8 +125,8 @@ class DiffusionBertModel(PropertyConditioned, BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor | None = None,
                 conditions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, L, V]``; ``conditions`` (``[B, n_properties]`` bin ids, 0 = not given) for a
-        property-conditioned model (None: unconditional)."""
+        """Logits ``[B, L, V]``; ``conditions`` (``[B, n_properties]``: bin ids, 0 = not given, or ranks,
+        NaN = not given) for a property-conditioned model (None: unconditional)."""
         embeds = self.bert.embeddings.word_embeddings(input_ids)
         cond = self.condition_embedding(conditions)
         if cond is not None:
@@ -176,7 +176,7 @@ def masked_diffusion_loss(
 
     ``denoiser`` is the model as the training loop holds it (possibly wrapped for distributed
     training): it is only called, ``denoiser(x_t, t[, conditions])``. ``conditions`` (``[B, P]`` property
-    bin ids) are dropped to 0 ("not given") independently with probability ``property_dropout``, so the
+    bin ids or ranks) are dropped to "not given" independently with probability ``property_dropout``, so the
     model also learns to sample without them (classifier-free guidance needs both).
     """
     schedule = config.masking_schedule()

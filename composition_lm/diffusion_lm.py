@@ -17,7 +17,7 @@ After Li et al. (2022), as Dong et al. (2023) used it for formulas:
   trick), and rounds the result to the nearest allowed token.
 
 Property conditions (``config.property_conditions``, :mod:`composition_lm.conditions`): one embedding per
-bin of each property, added to the time embedding, so every position of every step sees them; dropped to
+property (of its bin, or of its rank), added to the time embedding, so every position of every step sees them; dropped to
 "not given" with probability ``property_dropout`` while training. Sampling with classifier-free guidance
 mixes the two predictions of ``x_0``: ``x0_uncond + gamma (x0_cond - x0_uncond)``.
 
@@ -116,7 +116,8 @@ class DiffusionLMModel(PropertyConditioned, BertPreTrainedModel):
 
     def denoise(self, xt: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted ``x_0`` (``[B, L, d]``) from ``x_t`` at original diffusion steps ``t`` (``[B]``);
-        ``conditions``: ``[B, P]`` property bin ids (0 = not given) of a property-conditioned model."""
+        ``conditions``: ``[B, P]`` property conditions of a property-conditioned model (bin ids, 0 = not
+        given, or ranks, NaN = not given: :mod:`composition_lm.conditions`)."""
         temb = self.time_mlp(timestep_embedding(t.float() / self.config.diffusion_steps, self.config.hidden_size))
         cond = self.condition_embedding(conditions)
         if cond is not None:
@@ -159,7 +160,7 @@ def gaussian_diffusion_loss(
 
     The randomness (steps ``t``, two standard normal draws, condition dropout) comes from ``generator``;
     ``denoiser`` is the model as the training loop holds it (possibly wrapped): it is called once.
-    ``conditions`` (``[B, P]`` property bin ids) are dropped to 0 with probability ``property_dropout``.
+    ``conditions`` (``[B, P]``) are dropped to "not given" with probability ``property_dropout``.
     """
     b, length = x0.shape
     dev = x0.device

@@ -298,7 +298,7 @@ def denoise_masked(
     ``guidance`` (classifier-free guidance, Schiff et al. 2024; rows must start with a condition token):
     the denoiser is also run with ``[BOS]`` at position 0 (unconditional) and the tokens are drawn from
     ``p(x | c)^gamma * p(x)^(1 - gamma)``, renormalised (``gamma = 1``: plain conditional sampling, at
-    one forward pass). ``conditions`` (``[B, P]`` property bin ids of a property-conditioned model) are
+    one forward pass). ``conditions`` (``[B, P]`` property conditions of a property-conditioned model) are
     the condition c; the unconditional pass sets them to "not given" (:func:`~composition_lm.conditions.null_conditions`)."""
     device = x.device
     n = x.shape[0]
@@ -404,7 +404,7 @@ def denoise_gaussian(
     """Token ids (``[B, L]``) from ``x`` (``[B, L, D]``, at chain index ``k_start`` of the respaced
     ``schedule``): the reverse chain down to ``x_0``, rounded to the nearest tokens the rules allow.
 
-    ``conditions`` (``[B, P]`` property bin ids) condition each prediction of ``x_0``; with ``guidance``
+    ``conditions`` (``[B, P]`` property conditions) condition each prediction of ``x_0``; with ``guidance``
     (classifier-free, Ho & Salimans 2022, on the ``x_0`` prediction) the unconditional prediction (all
     ids 0) comes from the same batched pass and ``x0_uncond + gamma (x0_cond - x0_uncond)`` is used.
 
