@@ -72,7 +72,8 @@ def main() -> None:
              f"{cpu()}. `composition-gen discover --model {MODEL} -n {args.n} --seed {args.seed}` (validity "
              "enforced, top-1 template, M3GNet relaxation, MP2020-corrected E_hull against the shipped MP hull), "
              "unconditional and with the targets below. SUN: stable (E_hull <= 0.1, or <= 0), unique and novel, "
-             "over the N sampled formulas; ± one standard error (binomial).", "",
+             "over the N sampled formulas; ± one standard error (binomial). Relaxation seconds are wall time of runs that "
+             "shared the CPU with other jobs (and the E_hull run had 1 worker): not a speed comparison.", "",
              "| targets | SUN (E_hull <= 0.1) | × unconditional | SUN (E_hull <= 0) | × unconditional | validity | "
              "uniqueness | novelty | relaxed | relaxation s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
