@@ -220,17 +220,14 @@ def _check(item: _InFlight, fmax: float) -> None:
 
 def _guard_volume(item: _InFlight) -> None:
     """Stop a structure whose cell left the ``MAX_VOLUME_FACTOR`` band (collapse or blow-up) or became denser
-    than ``MIN_VOLUME_PER_ATOM`` mid-relaxation."""
-    from structure.relax import MAX_VOLUME_FACTOR, MIN_VOLUME_PER_ATOM
+    than ``MIN_VOLUME_PER_ATOM`` mid-relaxation (the checks :func:`structure.relax._explosion` makes at the end)."""
+    from structure.relax import _too_dense, _volume_change
 
     volume = item.atoms.get_volume()
-    ratio = volume / item.initial_volume
-    if not (1 / MAX_VOLUME_FACTOR <= ratio <= MAX_VOLUME_FACTOR):
-        item.error = (f"structure exploded: volume changed by a factor {ratio:.3g} during relaxation "
-                      f"(step {item.optimizer.nsteps})")
-    elif volume / len(item.atoms) < MIN_VOLUME_PER_ATOM:
-        item.error = (f"structure collapsed: {volume / len(item.atoms):.2f} Å^3/atom during relaxation "
-                      f"(step {item.optimizer.nsteps})")
+    if problem := _volume_change(item.initial_volume, volume):
+        item.error = f"structure exploded: {problem} during relaxation (step {item.optimizer.nsteps})"
+    elif problem := _too_dense(volume, len(item.atoms)):
+        item.error = f"structure collapsed: {problem} during relaxation (step {item.optimizer.nsteps})"
 
 
 def _result(item: _InFlight, fmax: float):

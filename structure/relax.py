@@ -288,10 +288,25 @@ def _geometry_problem(structure: Structure) -> str | None:
     closest = _min_distance_below(structure, MIN_DISTANCE)
     if closest < MIN_DISTANCE:
         return f"overlapping atoms (min distance {closest:.2f} Å)"
-    per_atom = structure.volume / len(structure)
+    return _too_dense(structure.volume, len(structure))
+
+
+def _too_dense(volume: float, n_atoms: int) -> str | None:
+    """Why a cell of ``volume`` Å^3 holding ``n_atoms`` is too dense to relax (below ``MIN_VOLUME_PER_ATOM``),
+    or None; checked on inputs and results (:func:`_geometry_problem`) and at every batched step."""
+    per_atom = volume / n_atoms
     if per_atom < MIN_VOLUME_PER_ATOM:
         return (f"implausibly dense cell ({per_atom:.2f} Å^3/atom < {MIN_VOLUME_PER_ATOM}; the densest Materials "
                 "Project structure has 5.3)")
+    return None
+
+
+def _volume_change(initial_volume: float, volume: float) -> str | None:
+    """Why a volume that moved from ``initial_volume`` to ``volume`` means an explosion or collapse (outside
+    the ``MAX_VOLUME_FACTOR`` band either way), or None."""
+    ratio = volume / initial_volume
+    if not (1 / MAX_VOLUME_FACTOR <= ratio <= MAX_VOLUME_FACTOR):
+        return f"volume changed by a factor {ratio:.3g}"
     return None
 
 
@@ -392,10 +407,7 @@ def _classify(
 
 def _explosion(initial_volume: float, final: Structure) -> str | None:
     """What is wrong with a relaxed structure (volume blow-up or collapse, atoms too close), or None."""
-    ratio = final.volume / initial_volume
-    if not (1 / MAX_VOLUME_FACTOR <= ratio <= MAX_VOLUME_FACTOR):
-        return f"volume changed by a factor {ratio:.3g}"
-    return _geometry_problem(final)
+    return _volume_change(initial_volume, final.volume) or _geometry_problem(final)
 
 
 # --------------------------------------------------------------------------------------------- many structures
