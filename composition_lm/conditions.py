@@ -1,10 +1,10 @@
-"""Property conditions for the formula models (issue 18): binned property values as conditioning input.
+"""Property conditions for the formula models (issue 18): property values as conditioning input.
 
-Each conditioning property is cut into quantile bins of the training values (:class:`PropertyBins`); a
-formula's condition is one id per property: ``0`` for "not given" (unknown label, condition dropout, or
-unconditional sampling) and ``1 .. n_bins`` for the bin of its value. Bins are chosen from the data, so
-each holds about the same number of training formulas, and they travel with the model's config
-(``save_pretrained`` keeps them).
+Each conditioning property is cut into quantile bins of the training values (:class:`PropertyBins`, which
+also keeps each bin's share and quantiles of the values); with the default encoding a formula's condition
+is one id per property: ``0`` for "not given" (unknown label, condition dropout, or unconditional sampling)
+and ``1 .. n_bins`` for the bin of its value. Bins are chosen from the data, so each holds about the same
+number of training formulas, and they travel with the model's config (``save_pretrained`` keeps them).
 
 A request is a :class:`Target`, ``name=lo:hi`` with either side open (``band_gap=1.0:3.0``,
 ``e_above_hull=:0.05``, ``band_gap=3:``); :meth:`PropertyBins.window_bins` says which bins a window asks for,
@@ -45,7 +45,7 @@ from torch import nn
 
 __all__ = ["ENCODINGS", "ContinuousCondition", "PropertyBins", "PropertyConditioned", "Target", "condition_ids",
            "condition_values", "corpus_properties", "drop_conditions", "null_conditions", "parse_target",
-           "sample_conditions"]
+           "sample_conditions", "training_conditions"]
 
 #: how a property enters the denoiser (see the module docstring)
 ENCODINGS = ("bins", "continuous")
@@ -230,7 +230,7 @@ def condition_values(bins: Sequence[PropertyBins], targets: Sequence[Target], n:
 def sample_conditions(config, targets: Sequence[Target], n: int, generator: torch.Generator) -> torch.Tensor:
     """The conditions of ``n`` samples asking for ``targets``, in the model's encoding."""
     bins = config.property_bins()
-    if getattr(config, "property_encoding", "bins") == "continuous":
+    if config.property_encoding == "continuous":
         return condition_values(bins, targets, n, generator)
     return condition_ids(bins, targets, n, generator)
 
@@ -304,14 +304,14 @@ class ContinuousCondition(nn.Module):
 
 
 class PropertyConditioned:
-    """Mixin of a formula denoiser with ``property_embeddings`` (an ``nn.ModuleList``, one table per property of
-    ``config.property_conditions``, row 0 fixed at zero); the model calls :meth:`init_property_embeddings` in
-    its ``__init__`` and adds :meth:`condition_embedding` where it adds its time embedding."""
+    """Mixin of a formula denoiser with ``property_embeddings`` (an ``nn.ModuleList``, one module per property of
+    ``config.property_conditions``: a table with row 0 fixed at zero, or a :class:`ContinuousCondition`); the
+    model calls :meth:`init_property_embeddings` in its ``__init__`` and adds :meth:`condition_embedding`
+    where it adds its time embedding."""
 
     def init_property_embeddings(self, width: int) -> None:
         self.property_embeddings = nn.ModuleList(
-            _condition_module(len(c["edges"]) + 2, width, self.config.property_encoding)
-            for c in self.config.property_conditions)
+            _condition_module(b.n_bins + 1, width, self.config.property_encoding) for b in self.config.property_bins())
 
     def condition_embedding(self, conditions: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, width]``: the sum of each property's embedding of its condition (``conditions``: ``[B, P]``

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers import BertConfig
 
+from composition_lm.conditions import ENCODINGS, PropertyBins
 from composition_lm.tokenizer import BOS, EOS, PAD, vocabulary_size
 
 __all__ = ["FormulaBertConfig"]
@@ -52,16 +53,14 @@ class FormulaBertConfig(BertConfig):
         self.seq_length = seq_length
         self.codec = codec
         self.max_count = max_count
-        # property conditions (composition_lm.conditions): {"name", "edges"} per property, in input order,
-        # and the training-time probability of dropping each one to "not given"
+        # property conditions (composition_lm.conditions): PropertyBins.as_dict() per property, in input order,
+        # the training-time probability of dropping each one to "not given", and how they are encoded
         self.property_conditions = property_conditions or []
         self.property_dropout = property_dropout
-        if property_encoding not in ("bins", "continuous"):
-            raise ValueError(f"property_encoding must be 'bins' or 'continuous', got {property_encoding!r}")
+        if property_encoding not in ENCODINGS:
+            raise ValueError(f"property_encoding must be one of {', '.join(ENCODINGS)}, got {property_encoding!r}")
         self.property_encoding = property_encoding
 
     def property_bins(self) -> list:
         """The :class:`~composition_lm.conditions.PropertyBins` this model is conditioned on (in order)."""
-        from composition_lm.conditions import PropertyBins
-
         return [PropertyBins.from_dict(c) for c in self.property_conditions]

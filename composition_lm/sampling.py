@@ -405,8 +405,8 @@ def denoise_gaussian(
     ``schedule``): the reverse chain down to ``x_0``, rounded to the nearest tokens the rules allow.
 
     ``conditions`` (``[B, P]`` property conditions) condition each prediction of ``x_0``; with ``guidance``
-    (classifier-free, Ho & Salimans 2022, on the ``x_0`` prediction) the unconditional prediction (all
-    ids 0) comes from the same batched pass and ``x0_uncond + gamma (x0_cond - x0_uncond)`` is used.
+    (classifier-free, Ho & Salimans 2022, on the ``x_0`` prediction) the unconditional prediction (every
+    condition not given) comes from the same batched pass and ``x0_uncond + gamma (x0_cond - x0_uncond)`` is used.
 
     Constraints act twice: clamping snaps each predicted ``x_0`` to the nearest embedding allowed at
     its position, and the final rounding takes the nearest token the rules allow (left to right,
@@ -553,8 +553,8 @@ def generate(
     and re-noise and re-denoise every row that still fails the protocol, at most ``validity.rounds``
     times (:func:`~composition_lm.valid_sampling.repair`); ``stats``, if given, receives what that cost.
     ``targets`` (:class:`~composition_lm.conditions.Target` windows of a property-conditioned model of either
-    family): each sample is conditioned on a bin drawn within each window
-    (:func:`~composition_lm.conditions.condition_ids`). ``guidance``: classifier-free guidance scale towards
+    family): each sample is conditioned on a bin (or rank) drawn within each window
+    (:func:`~composition_lm.conditions.sample_conditions`). ``guidance``: classifier-free guidance scale towards
     ``condition`` or the targets (:func:`denoise_masked`, :func:`denoise_gaussian`).
     Returns ``(raw text, formula or None, parse error)`` per sample.
     """

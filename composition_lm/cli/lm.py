@@ -158,12 +158,12 @@ def add_parsers(sub) -> None:
                    help="train only on the formulas that pass this validity protocol (the count dropped is reported)")
     p.add_argument("--condition-on", metavar="COLUMNS",
                    help="condition on these numeric corpus columns, e.g. band_gap,e_above_hull "
-                   "(quantile bins of each, dropped at random while training so the model also samples "
+                   "(binned, or ranked with --condition-encoding continuous; each dropped at random while training so the model also samples "
                    "unconditionally); with --init-from, extends an unconditional model")
     p.add_argument("--condition-bins", type=int, default=8, help="quantile bins per conditioning property (default: 8)")
     p.add_argument("--condition-encoding", choices=["bins", "continuous"], default="bins",
                    help="how a property enters the denoiser: an embedding per quantile bin, or the value's rank in "
-                   "the training distribution through a small network (benchmarks/conditioning.md compares "
+                   "the training distribution through a small network (benchmarks/condition_encoding.md compares "
                    "them) (default: bins)")
     p.add_argument("--validity-conditioning", action="store_true",
                    help="start each training formula with [VALID]/[INVALID] (its cdvae validity) so that "
