@@ -169,7 +169,8 @@ class PropertyBins:
                   if self.bounds(b)[0] >= target.lo and self.bounds(b)[1] <= target.hi]
         if inside:
             return inside
-        return [b for b in range(1, self.n_bins + 1) if self.bounds(b)[0] <= target.hi and self.bounds(b)[1] >= target.lo]
+        return [b for b in range(1, self.n_bins + 1)
+                if self.bounds(b)[0] <= target.hi and self.bounds(b)[1] >= target.lo]
 
     def weights(self, bin_ids: Sequence[int]) -> np.ndarray:
         """Sampling weights of ``bin_ids`` (their training shares, or equal without them), summing to 1."""

@@ -17,9 +17,9 @@ After Li et al. (2022), as Dong et al. (2023) used it for formulas:
   trick), and rounds the result to the nearest allowed token.
 
 Property conditions (``config.property_conditions``, :mod:`composition_lm.conditions`): one embedding per
-property (of its bin, or of its rank), added to the time embedding, so every position of every step sees them; dropped to
-"not given" with probability ``property_dropout`` while training. Sampling with classifier-free guidance
-mixes the two predictions of ``x_0``: ``x0_uncond + gamma (x0_cond - x0_uncond)``.
+property (of its bin, or of its rank), added to the time embedding, so every position of every step sees
+them; dropped to "not given" with probability ``property_dropout`` while training. Sampling with
+classifier-free guidance mixes the two predictions of ``x_0``: ``x0_uncond + gamma (x0_cond - x0_uncond)``.
 
 The network's ``forward`` does one of two things: given ``x_t`` and ``t`` it returns the predicted
 ``x_0``; given ``input_ids`` (with ``t`` and the two noise draws) it returns the training loss, so a

@@ -130,8 +130,8 @@ class FormulaGenerator:
         ``elements`` (only these), ``require`` (every sample contains these), ``exclude`` and
         ``max_elements`` are enforced inside the sampler. ``targets``: property windows for a
         property-conditioned model of either family (``"band_gap=1:3"`` strings or
-        :class:`~composition_lm.conditions.Target`; each sample conditioned on a bin, or rank, inside each window), with
-        ``guidance`` (classifier-free guidance scale towards the targets, or towards a validity condition;
+        :class:`~composition_lm.conditions.Target`; each sample conditioned on a bin, or rank, inside each
+        window), with ``guidance`` (classifier-free guidance scale towards the targets, or towards a validity condition;
         None or 1: plain conditional sampling). Diffusion-BERT takes ``temperature``, ``top_k``,
         ``top_p`` and ``condition`` (``"valid"``, ``"invalid"`` or None for a validity-conditioned model;
         ``"auto"``: valid when the model has the condition); Diffusion-LM takes ``method`` (ddpm/ddim),

@@ -299,7 +299,8 @@ def denoise_masked(
     the denoiser is also run with ``[BOS]`` at position 0 (unconditional) and the tokens are drawn from
     ``p(x | c)^gamma * p(x)^(1 - gamma)``, renormalised (``gamma = 1``: plain conditional sampling, at
     one forward pass). ``conditions`` (``[B, P]`` property conditions of a property-conditioned model) are
-    the condition c; the unconditional pass sets them to "not given" (:func:`~composition_lm.conditions.null_conditions`)."""
+    the condition c; the unconditional pass sets them to "not given"
+    (:func:`~composition_lm.conditions.null_conditions`)."""
     device = x.device
     n = x.shape[0]
     static = rules.static.to(device)

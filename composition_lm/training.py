@@ -345,7 +345,8 @@ def train(args: TrainingArguments, command: str = "") -> Path:
         g = torch.Generator(device=device).manual_seed(((args.seed * 1_000_003 + step) * 97 + micro) * world + rank)
         rows = idx[rank::world]
         if train_cond is not None:
-            return loss_fn(model, raw_model.config, train_ids[rows].to(device), g, conditions=train_cond[rows].to(device))
+            return loss_fn(model, raw_model.config, train_ids[rows].to(device), g,
+                           conditions=train_cond[rows].to(device))
         return loss_fn(model, raw_model.config, train_ids[rows].to(device), g)
 
     state = run_training(

@@ -158,8 +158,8 @@ def add_parsers(sub) -> None:
                    help="train only on the formulas that pass this validity protocol (the count dropped is reported)")
     p.add_argument("--condition-on", metavar="COLUMNS",
                    help="condition on these numeric corpus columns, e.g. band_gap,e_above_hull "
-                   "(binned, or ranked with --condition-encoding continuous; each dropped at random while training so the model also samples "
-                   "unconditionally); with --init-from, extends an unconditional model")
+                   "(binned, or ranked with --condition-encoding continuous; each dropped at random while training so "
+                   "the model also samples unconditionally); with --init-from, extends an unconditional model")
     p.add_argument("--condition-bins", type=int, default=8, help="quantile bins per conditioning property (default: 8)")
     p.add_argument("--condition-encoding", choices=["bins", "continuous"], default="bins",
                    help="how a property enters the denoiser: an embedding per quantile bin, or the value's rank in "
