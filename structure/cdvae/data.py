@@ -150,6 +150,7 @@ class CrystalBatch:
     angles: torch.Tensor
     num_atoms: torch.Tensor
     batch: torch.Tensor
+    conditions: torch.Tensor | None = None  # (B, P) property conditions (bin ids or ranks), when conditioned
 
 
 @dataclass
@@ -163,6 +164,8 @@ class Crystals:
     angles: torch.Tensor
     num_atoms: torch.Tensor
     ids: list[str]
+    conditions: torch.Tensor | None = None  # (B, P) property conditions, set by the trainer when conditioned
+    properties: torch.Tensor | None = None  # (B, P) raw property values (NaN = missing), when read
 
     def __post_init__(self):
         self.first = torch.cumsum(self.num_atoms, 0) - self.num_atoms
@@ -189,13 +192,16 @@ class Crystals:
         rows = torch.as_tensor(rows, dtype=torch.long)
         atoms, num = self._atoms(rows), self.num_atoms[rows]
         return CrystalBatch(self.frac[atoms], self.types[atoms], self.lengths[rows], self.angles[rows], num,
-                            torch.repeat_interleave(torch.arange(len(rows)), num))
+                            torch.repeat_interleave(torch.arange(len(rows)), num),
+                            None if self.conditions is None else self.conditions[rows])
 
     def subset(self, rows) -> Crystals:
         rows = torch.as_tensor(rows, dtype=torch.long)
         atoms = self._atoms(rows)
         return Crystals(self.frac[atoms], self.types[atoms], self.lengths[rows], self.angles[rows],
-                        self.num_atoms[rows], [self.ids[int(r)] for r in rows])
+                        self.num_atoms[rows], [self.ids[int(r)] for r in rows],
+                        None if self.conditions is None else self.conditions[rows],
+                        None if self.properties is None else self.properties[rows])
 
     def structure(self, i: int):
         """Crystal ``i`` as a pymatgen ``Structure``."""
@@ -295,6 +301,20 @@ def load_crystals(path: str | Path, cache_dir: str | Path | None = None, progres
     return crystals
 
 
+def load_properties(path: str | Path, names: list[str]) -> list[dict[str, float]]:
+    """Per crystal of a CDVAE-style CSV (in file order, as :func:`load_crystals` packs them), the values of
+    the numeric columns ``names`` (NaN where a value is missing). A missing column raises ``ValueError``
+    naming the numeric columns the file has."""
+    import pandas as pd
+
+    table = pd.read_csv(path, usecols=lambda c: c != "cif")
+    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    missing = [n for n in names if n not in numeric]
+    if missing:
+        raise ValueError(f"{path} has no numeric column {', '.join(missing)}; numeric columns: {', '.join(numeric)}")
+    return table[list(names)].astype(float).to_dict("records")
+
+
 def length_scale(num_atoms: torch.Tensor) -> torch.Tensor:
     """CDVAE scales lattice lengths by N^(1/3) before regressing them."""
     return num_atoms.float().pow(1.0 / 3.0)
@@ -311,6 +331,23 @@ def lattice_statistics(crystals: Crystals) -> dict[str, list[float]]:
     return {"mean": target.mean(0).tolist(), "std": target.std(0).clamp(min=1e-3).tolist()}
 
 
-__all__ = ["CrystalBatch", "Crystals", "collate", "crystals_from_structures", "edge_vectors", "lattice_matrix", "lattice_parameters",
-           "lattice_statistics", "lattice_targets", "length_scale", "load_crystals", "min_image_displacement", "periodic_edges",
-           "to_structure", "canonical"]
+def element_count_table(crystals: Crystals, max_atoms: int | None = None) -> list[list[float]]:
+    """Row N, column k: the share of ``crystals`` with N atoms that have k distinct elements (rows up
+    to ``max_atoms``, default the largest crystal; a row with no crystal of that size falls back to the
+    share over all crystals)."""
+    max_atoms = max_atoms or int(crystals.num_atoms.max())
+    counts = torch.zeros(max_atoms + 1, max_atoms + 1)
+    for i in range(len(crystals)):
+        s, n = int(crystals.first[i]), int(crystals.num_atoms[i])
+        k = len(torch.unique(crystals.types[s:s + n]))
+        counts[min(n, max_atoms), k] += 1
+    overall = counts.sum(0) / counts.sum()
+    rows = torch.where(counts.sum(1, keepdim=True) > 0, counts / counts.sum(1, keepdim=True).clamp(min=1), overall)
+    width = int((counts.sum(0) > 0).nonzero().max()) + 1
+    return [[round(float(x), 6) for x in row[:width]] for row in rows]
+
+
+__all__ = ["CrystalBatch", "Crystals", "canonical", "collate", "crystals_from_structures", "edge_vectors",
+           "element_count_table", "lattice_matrix", "lattice_parameters", "lattice_statistics", "lattice_targets",
+           "length_scale", "load_crystals", "load_properties", "min_image_displacement", "periodic_edges",
+           "to_structure"]

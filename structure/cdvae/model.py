@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evaluation.conditioning import ENCODINGS, PropertyBins, condition_module, drop_conditions
 from evaluation.io import atomic_path, write_json
 from structure.cdvae.data import (edge_vectors, lattice_matrix, lattice_targets, length_scale, min_image_displacement,
                                   periodic_edges)
@@ -89,11 +90,26 @@ class CDVAEConfig:
     sample_levels: int = 50
     sample_steps: int = 5
     step_lr: float = 1e-4
+    # how sampling draws the starting composition and updates atom types (structure.cdvae.sampling:
+    # sample_composition, langevin); CDVAE's rules are "round" and "free"
+    composition_sampler: str = "round"
+    type_update: str = "free"
+    # element_counts[N][k]: share of training crystals of N atoms with k distinct elements (the k-first
+    # composition sampler draws k from it); data.element_count_table
+    element_counts: list[list[float]] = field(default_factory=list)
+    # Con-CDVAE property conditioning: PropertyBins of each property (evaluation.conditioning), their
+    # encoding, and the probability that training drops a property's condition (classifier-free guidance)
+    property_conditions: list[dict] = field(default_factory=list)
+    property_encoding: str = "bins"
+    property_dropout: float = 0.1
     # free-form provenance (dataset, training run, metrics)
     trained: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def property_bins(self) -> list[PropertyBins]:
+        return [PropertyBins.from_dict(c) for c in self.property_conditions]
 
     @classmethod
     def from_dict(cls, d: dict) -> CDVAEConfig:
@@ -236,6 +252,64 @@ class CDVAE(nn.Module):
                              persistent=False)
         self.register_buffer("lattice_mean", torch.tensor(cfg.lattice_mean), persistent=False)
         self.register_buffer("lattice_std", torch.tensor(cfg.lattice_std), persistent=False)
+        self._init_conditioning(cfg.property_bins(), cfg.property_encoding, zero=False)
+
+    # ------------------------------------------------------------------------ Con-CDVAE conditions
+    def _init_conditioning(self, bins: list[PropertyBins], encoding: str, zero: bool) -> None:
+        """One embedding per property (``hidden`` wide; "not given" embeds to zero), their sum mapped
+        into the latent space (added to ``z`` before the heads and the decoder) and a prior network
+        (the condition's mean and log-variance of ``z``). ``zero``: start the latent map and the prior's
+        last layer at zero (the embeddings keep their random start, or no gradient would reach either), so
+        a model extended for fine-tuning first behaves exactly like the unconditional original."""
+        cfg = self.config
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown condition encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
+        self.property_embeddings = nn.ModuleList(condition_module(b.n_bins + 1, cfg.hidden, encoding) for b in bins)
+        self.condition_latent = nn.Linear(cfg.hidden, cfg.latent, bias=False) if bins else None
+        self.prior_network = mlp([cfg.hidden, cfg.hidden, 2 * cfg.latent]) if bins else None
+        if bins and zero:
+            with torch.no_grad():
+                self.condition_latent.weight.zero_()
+                self.prior_network[-1].weight.zero_()
+                self.prior_network[-1].bias.zero_()
+
+    def add_property_conditioning(self, bins: list[PropertyBins], encoding: str = "bins",
+                                  dropout: float | None = None) -> None:
+        """Extend an unconditional model with property conditions to fine-tune it (``cdvae train
+        --init-from MODEL --condition-on ...``); the new layers start at zero output."""
+        if self.config.property_conditions:
+            if [b.name for b in bins] != [c["name"] for c in self.config.property_conditions]:
+                raise ValueError("this model is already conditioned on "
+                                 f"{[c['name'] for c in self.config.property_conditions]}")
+            return
+        self.config.property_conditions = [b.as_dict() for b in bins]
+        self.config.property_encoding = encoding
+        if dropout is not None:
+            self.config.property_dropout = dropout
+        self._init_conditioning(bins, encoding, zero=True)
+        self.to(self.lattice_mean.device)
+
+    def condition_embedding(self, conditions: torch.Tensor | None) -> torch.Tensor | None:
+        """``(B, hidden)``: the sum of the properties' embeddings of ``conditions`` (``(B, P)`` bin ids or
+        ranks), or None for an unconditional call or a model without conditions."""
+        if conditions is None or not len(self.property_embeddings):
+            return None
+        return sum(emb(conditions[:, j]) for j, emb in enumerate(self.property_embeddings))
+
+    def prior(self, conditions: torch.Tensor | None, embedding: torch.Tensor | None,
+              n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of the latent prior p(z | condition): N(0, I) for crystals with no
+        property given (or an unconditional call), the prior network's output otherwise."""
+        zeros = torch.zeros(n, self.config.latent, device=self.lattice_mean.device)
+        if embedding is None:
+            return zeros, zeros
+        given = torch.isfinite(conditions) if conditions.is_floating_point() else conditions != 0
+        mu, logvar = (self.prior_network(embedding) * given.any(-1, keepdim=True).to(embedding.dtype)).chunk(2, dim=-1)
+        return mu, logvar
+
+    def conditioned_latent(self, z: torch.Tensor, embedding: torch.Tensor | None) -> torch.Tensor:
+        """The latent the heads and the decoder read: ``z`` plus the condition mapped into latent space."""
+        return z if embedding is None else z + self.condition_latent(embedding)
 
     # ------------------------------------------------------------------------------------ heads
     def lattice_from_z(self, z: torch.Tensor, num_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,6 +327,12 @@ class CDVAE(nn.Module):
         lat = lattice_matrix(batch.lengths, batch.angles)
         mu, logvar = self.encoder(batch.types, batch.frac, lat, batch.num_atoms, batch.batch)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=dev)
+        conditions = batch.conditions if getattr(batch, "conditions", None) is not None else None
+        if conditions is not None and len(self.property_embeddings):
+            conditions = drop_conditions(conditions, cfg.property_dropout, generator)
+        embedding = self.condition_embedding(conditions)
+        prior_mu, prior_logvar = self.prior(conditions, embedding, n_crystals)
+        z = self.conditioned_latent(z, embedding)
 
         natom = F.cross_entropy(self.natom_head(z), batch.num_atoms.clamp(max=cfg.max_atoms))
         target_lat = lattice_targets(batch.lengths, batch.angles, batch.num_atoms)
@@ -274,7 +354,9 @@ class CDVAE(nn.Module):
         target = min_image_displacement(noisy_frac, batch.frac, lat, batch.batch) / sigma[batch.batch, None]
         coord = 0.5 * ((eps - target) ** 2).sum(-1).mean()
         types = F.cross_entropy(type_logits, batch.types - 1)
-        kld = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(-1)).mean()
+        # KL(q(z | crystal) || p(z | condition)); p = N(0, I) without a condition (CDVAE's KL)
+        kld = (0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu) ** 2) / prior_logvar.exp()
+                      - 1).sum(-1)).mean()
         loss = (cfg.cost_natom * natom + cfg.cost_lattice * lattice + cfg.cost_composition * composition
                 + cfg.cost_coord * coord + cfg.cost_type * types + cfg.beta * kld)
         return {"loss": loss, "natom": natom, "lattice": lattice, "composition": composition, "coord": coord,
@@ -308,10 +390,14 @@ class CDVAE(nn.Module):
         return model.eval()
 
     def sample(self, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
-               steps: int | None = None, step_lr: float | None = None, progress: bool = False) -> list:
+               steps: int | None = None, step_lr: float | None = None, progress: bool = False,
+               composition: str | None = None, type_update: str | None = None, targets=None,
+               guidance: float | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
-        dynamics (:func:`structure.cdvae.sampling.sample`; ``levels``, ``steps``, ``step_lr`` default to the
-        model's). The same seed gives the same crystals.
+        dynamics (:func:`structure.cdvae.sampling.sample`; ``levels``, ``steps``, ``step_lr``, the
+        ``composition`` sampler and the ``type_update`` rule default to the model's). A property-conditioned
+        model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
+        The same seed gives the same crystals.
 
         >>> from structure.cdvae import CDVAE
         >>> crystals = CDVAE.from_pretrained("cdvae-perov5").sample(2, seed=0, levels=5, steps=1)
@@ -323,5 +409,6 @@ class CDVAE(nn.Module):
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
-                          progress=progress)
+                          progress=progress, composition=composition, type_update=type_update, targets=targets,
+                          guidance=guidance)
         return [c.structure() for c in crystals]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from structure.cdvae.data import lattice_matrix, to_structure
-from structure.cdvae.model import CDVAE, sigma_levels
+from structure.cdvae.model import CDVAE, MAX_Z, sigma_levels
 
 
 @dataclass
@@ -40,39 +40,128 @@ def langevin_schedule(model: CDVAE, levels: int | None = None, steps: int | None
     return [(s, step_lr * (s / sigmas[-1]) ** 2) for s in sigmas for _ in range(steps)]
 
 
-def sample_composition(probs: torch.Tensor, num_atoms: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+COMPOSITION_SAMPLERS = ("round", "per-atom", "k-first")
+TYPE_UPDATES = ("free", "element-set", "fixed")
+
+
+def _round_counts(p: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """CDVAE's rule: round ``p * n`` per element, draw the atoms still missing from the leftover
+    probability (unshuffled atomic-number indices)."""
+    counts = torch.round(p * n).long()
+    while counts.sum() > n:  # rounding up too often: drop from the most over-rounded element
+        counts[torch.argmax((counts - p * n) * (counts > 0))] -= 1
+    types = torch.repeat_interleave(torch.arange(len(p)), counts)
+    missing = n - len(types)
+    if missing > 0:
+        left = (p - counts.float() / n).clamp(min=0) + 1e-12
+        types = torch.cat([types, torch.multinomial(left, missing, replacement=True, generator=generator)])
+    return types
+
+
+def _k_first_counts(p: torch.Tensor, n: int, k_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw the number of distinct elements k from ``k_probs`` (index = k), then k distinct elements
+    with probability ``p`` (without replacement), then share the n atoms among them in proportion to
+    their ``p`` with at least one atom each (largest remainder)."""
+    k = int(torch.multinomial(k_probs, 1, generator=generator)) if k_probs.sum() > 0 else 1
+    k = max(1, min(k, n, int((p > 0).sum())))
+    chosen = torch.multinomial(p, k, replacement=False, generator=generator)
+    share = p[chosen] / p[chosen].sum() * n
+    counts = share.floor().long().clamp(min=1)
+    while counts.sum() > n:  # the minimum of one atom each overshot: take from the most over-served
+        counts[torch.argmax((counts - share) * (counts > 1))] -= 1
+    while counts.sum() < n:
+        counts[torch.argmax(share - counts)] += 1
+    return torch.repeat_interleave(chosen, counts)
+
+
+def sample_composition(probs: torch.Tensor, num_atoms: torch.Tensor, generator: torch.Generator,
+                       method: str = "round", element_counts: list | None = None) -> torch.Tensor:
     """Atomic numbers of ``num_atoms[b]`` atoms per crystal from per-crystal element probabilities
-    (B, MAX_Z): round ``p * N`` for each element, draw the atoms still missing from the leftover
-    probability, shuffle (CDVAE's rule)."""
+    (B, MAX_Z), shuffled within each crystal. ``method``:
+
+    * ``round`` (CDVAE): round ``p * N`` per element, draw the missing atoms from the leftover
+      probability;
+    * ``per-atom``: every atom drawn independently from ``p``;
+    * ``k-first``: the number of distinct elements first, from ``element_counts`` (row N, column k: how
+      often crystals of N atoms have k elements in the training data, :func:`element_count_table`),
+      then which elements and how many atoms of each (:func:`_k_first_counts`).
+    """
+    if method not in COMPOSITION_SAMPLERS:
+        raise ValueError(f"unknown composition sampler {method!r} (choose from {', '.join(COMPOSITION_SAMPLERS)})")
+    if method == "k-first" and not element_counts:
+        raise ValueError("the k-first composition sampler needs the model's element_counts table "
+                         "(scripts/add_element_counts.py adds it to a model trained without it)")
+    table = torch.tensor(element_counts, dtype=torch.float) if method == "k-first" else None
     out = []
     for p, n in zip(probs, num_atoms.tolist()):
-        counts = torch.round(p * n).long()
-        while counts.sum() > n:  # rounding up too often: drop from the most over-rounded element
-            counts[torch.argmax((counts - p * n) * (counts > 0))] -= 1
-        types = torch.repeat_interleave(torch.arange(len(p)), counts)
-        missing = n - len(types)
-        if missing > 0:
-            left = (p - counts.float() / n).clamp(min=0) + 1e-12
-            types = torch.cat([types, torch.multinomial(left, missing, replacement=True, generator=generator)])
+        if method == "round":
+            types = _round_counts(p, n, generator)
+        elif method == "per-atom":
+            types = torch.multinomial(p, n, replacement=True, generator=generator)
+        else:
+            types = _k_first_counts(p, n, table[min(n, len(table) - 1)], generator)
         out.append(types[torch.randperm(n, generator=generator)] + 1)
     return torch.cat(out)
 
 
+def _guided(conditional: torch.Tensor, unconditional: torch.Tensor | None, guidance: float | None) -> torch.Tensor:
+    """Classifier-free guidance: ``u + guidance * (c - u)``; the conditional output alone without it."""
+    if unconditional is None or guidance is None:
+        return conditional
+    return unconditional + guidance * (conditional - unconditional)
+
+
 @torch.no_grad()
 def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule: list[tuple[float, float]],
-             progress=None) -> list[Crystal]:
-    """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics."""
-    num_atoms = model.natom_head(z).argmax(-1).clamp(min=1)
-    lengths, angles = model.lattice_from_z(z, num_atoms)
-    types = sample_composition(model.composition_head(z).softmax(-1), num_atoms, generator)
+             progress=None, composition: str | None = None, type_update: str | None = None,
+             conditions: torch.Tensor | None = None, guidance: float | None = None) -> list[Crystal]:
+    """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics.
+
+    ``composition`` picks the :func:`sample_composition` method of the starting atom types;
+    ``type_update`` what the decoder's type logits do at each step: ``free`` (CDVAE: every atom takes
+    the most likely of all elements), ``element-set`` (the most likely of the elements the crystal
+    started with) or ``fixed`` (types stay as drawn; only coordinates move). Both default to the
+    model's config. ``conditions`` (B, P): property conditions of a Con-CDVAE model, read by the heads
+    and the decoder through :meth:`CDVAE.conditioned_latent`; with ``guidance`` every head and every
+    decoder step is also evaluated without them and the two are combined (classifier-free guidance,
+    two decoder passes per step)."""
+    cfg = model.config
+    composition = composition or cfg.composition_sampler
+    type_update = type_update or cfg.type_update
+    if type_update not in TYPE_UPDATES:
+        raise ValueError(f"unknown type update {type_update!r} (choose from {', '.join(TYPE_UPDATES)})")
+    embedding = model.condition_embedding(conditions)
+    zc = model.conditioned_latent(z, embedding)
+    zu = z if (embedding is not None and guidance is not None) else None
+
+    def heads(head):
+        return _guided(head(zc), None if zu is None else head(zu), guidance)
+
+    num_atoms = heads(model.natom_head).argmax(-1).clamp(min=1)
+    lengths, angles = model.lattice_from_z(zc, num_atoms)
+    if zu is not None:
+        lu, au = model.lattice_from_z(zu, num_atoms)
+        lengths, angles = _guided(lengths, lu, guidance).clamp(min=1.0), _guided(angles, au, guidance).clamp(30.0, 150.0)
+    types = sample_composition(heads(model.composition_head).softmax(-1), num_atoms, generator, composition,
+                               cfg.element_counts)
     batch = torch.repeat_interleave(torch.arange(len(z)), num_atoms)
+    allowed = torch.zeros(len(z), MAX_Z, dtype=torch.bool)
+    allowed[batch, types - 1] = True
     frac = torch.rand((int(num_atoms.sum()), 3), generator=generator)
     lattice = lattice_matrix(lengths, angles)
     inv = torch.linalg.inv(lattice)[batch]
     for sigma, step in schedule:
-        eps, logits = model.decoder(z, torch.full((len(z),), sigma), types, frac, lattice, num_atoms, batch)
+        sig = torch.full((len(z),), sigma)
+        eps, logits = model.decoder(zc, sig, types, frac, lattice, num_atoms, batch)
+        if zu is not None:
+            eps_u, logits_u = model.decoder(zu, sig, types, frac, lattice, num_atoms, batch)
+            eps, logits = _guided(eps, eps_u, guidance), _guided(logits, logits_u, guidance)
         move = step * eps / sigma + (2 * step) ** 0.5 * torch.randn(frac.shape, generator=generator)
-        frac, types = (frac + torch.einsum("nk,nkl->nl", move, inv)) % 1.0, logits.argmax(-1) + 1
+        frac = (frac + torch.einsum("nk,nkl->nl", move, inv)) % 1.0
+        if type_update == "free":
+            types = logits.argmax(-1) + 1
+        elif type_update == "element-set":
+            types = logits.masked_fill(~allowed[batch], float("-inf")).argmax(-1) + 1
         if progress is not None:
             progress.update(1)
     first = (torch.cumsum(num_atoms, 0) - num_atoms).tolist()
@@ -81,19 +170,38 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
 
 
 def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
-           steps: int | None = None, step_lr: float | None = None, progress: bool = False) -> list[Crystal]:
-    """``n`` crystals from the prior, ``batch_size`` at a time; the same seed gives the same crystals."""
+           steps: int | None = None, step_lr: float | None = None, progress: bool = False,
+           composition: str | None = None, type_update: str | None = None, targets=None,
+           guidance: float | None = None) -> list[Crystal]:
+    """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``composition``,
+    ``type_update`` and ``guidance`` as in :func:`langevin`. ``targets``: property windows
+    (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
+    crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
+    comes from the conditional prior p(z | condition); without targets the prior is N(0, I)."""
     from tqdm.auto import tqdm
 
+    from evaluation.conditioning import condition_ids, condition_values, parse_target
+
     model.eval()
+    targets = [parse_target(t) if isinstance(t, str) else t for t in (targets or [])]
+    if targets and not model.config.property_conditions:
+        raise ValueError("this CDVAE model is not property-conditioned (train with --condition-on); "
+                         f"cannot ask for {', '.join(map(str, targets))}")
+    bins = model.config.property_bins()
+    draw = condition_values if model.config.property_encoding == "continuous" else condition_ids
     generator = torch.Generator().manual_seed(seed)
     schedule = langevin_schedule(model, levels, steps, step_lr)
     out: list[Crystal] = []
     n_batches = -(-n // batch_size)
     with tqdm(total=n_batches * len(schedule), desc="Langevin", unit="step", disable=not progress) as bar:
         for start in range(0, n, batch_size):
-            z = torch.randn((min(batch_size, n - start), model.config.latent), generator=generator)
-            out += langevin(model, z, generator, schedule, bar)
+            size = min(batch_size, n - start)
+            conditions = draw(bins, targets, size, generator) if targets else None
+            z = torch.randn((size, model.config.latent), generator=generator)
+            if conditions is not None:
+                mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
+                z = mu + torch.exp(0.5 * logvar) * z
+            out += langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance)
     return out
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from evaluation.checkpoints import EMA, warmup_cosine
+from evaluation.conditioning import PropertyBins, training_conditions
 from evaluation.io import write_json, write_text
 from evaluation.training_loop import LoopSettings, epoch_batch, open_run, resume_from, run_training
-from structure.cdvae.data import Crystals, lattice_statistics, load_crystals
+from structure.cdvae.data import Crystals, element_count_table, lattice_statistics, load_crystals, load_properties
 from structure.cdvae.model import CDVAE, CDVAEConfig
 
 
@@ -29,6 +30,11 @@ class CDVAETrainingArguments:
     val_fraction: float = 0.05
     cache_dir: str | None = None  # default: <output_dir>/cache
     init_from: str | None = None  # fine-tune a model folder
+    # Con-CDVAE: numeric CSV columns to condition on (added to an --init-from model that lacks them)
+    condition_on: list[str] | None = None
+    condition_bins: int = 8
+    condition_encoding: str = "bins"
+    property_dropout: float = 0.1
     # model (ignored with init_from)
     hidden: int = 128
     latent: int = 128
@@ -74,15 +80,32 @@ def load_splits(args: CDVAETrainingArguments) -> tuple[Crystals, Crystals, str]:
     if train_file is None:
         found = sorted(p.name for p in folder.glob("*.csv*"))
         raise FileNotFoundError(f"{folder}: no {args.train_split}.csv(.gz) (found: {', '.join(found) or 'nothing'})")
-    train = load_crystals(train_file, cache, progress=args.progress)
+    train = _with_properties(load_crystals(train_file, cache, progress=args.progress), train_file, args.condition_on)
     val_file = split_file(folder, args.val_split) if args.val_split else None
     if val_file is not None and val_file != train_file:
-        return train, load_crystals(val_file, cache, progress=args.progress), \
-            f"train {train_file.name} ({len(train)}), validation {val_file.name}"
+        val = _with_properties(load_crystals(val_file, cache, progress=args.progress), val_file, args.condition_on)
+        return train, val, f"train {train_file.name} ({len(train)}), validation {val_file.name}"
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     n_val = max(1, int(round(args.val_fraction * len(train))))
     return train.subset(perm[n_val:]), train.subset(perm[:n_val]), \
         f"{train_file.name}: {len(train) - n_val} for training, {n_val} held out for validation (seed {args.seed})"
+
+
+def _with_properties(crystals: Crystals, path: Path, names: list[str] | None) -> Crystals:
+    """``crystals`` with the raw values of the numeric CSV columns ``names`` (none asked: unchanged)."""
+    if names:
+        rows = load_properties(path, names)
+        crystals.properties = torch.tensor([[r[n] for n in names] for r in rows], dtype=torch.float64)
+    return crystals
+
+
+def attach_conditions(model: CDVAE, *sets: Crystals, seed: int = 0) -> None:
+    """Encode each set's raw properties as the model's conditions (bin ids or ranks)."""
+    bins = model.config.property_bins()
+    for crystals in sets:
+        if bins and crystals.properties is not None:
+            rows = [dict(zip([b.name for b in bins], r)) for r in crystals.properties.tolist()]
+            crystals.conditions = training_conditions(bins, rows, model.config.property_encoding, seed)
 
 
 @torch.no_grad()
@@ -116,13 +139,22 @@ def _model_card(args: CDVAETrainingArguments, cfg: CDVAEConfig, metrics: dict, n
 
 
 def _build_model(args: CDVAETrainingArguments, train_set: Crystals) -> CDVAE:
-    if args.init_from:
-        return CDVAE.from_pretrained(args.init_from)
+    model = CDVAE.from_pretrained(args.init_from) if args.init_from else _new_model(args, train_set)
+    if args.condition_on:
+        values = train_set.properties.numpy()
+        bins = [PropertyBins.from_values(name, values[:, j], args.condition_bins)
+                for j, name in enumerate(args.condition_on)]
+        model.add_property_conditioning(bins, args.condition_encoding, args.property_dropout)
+    return model
+
+
+def _new_model(args: CDVAETrainingArguments, train_set: Crystals) -> CDVAE:
     stats = lattice_statistics(train_set)
     return CDVAE(CDVAEConfig(hidden=args.hidden, latent=args.latent, encoder_layers=args.encoder_layers,
                              decoder_layers=args.decoder_layers, cutoff=args.cutoff, max_neighbors=args.max_neighbors,
                              beta=args.beta, max_atoms=int(train_set.num_atoms.max()),
-                             lattice_mean=stats["mean"], lattice_std=stats["std"]))
+                             lattice_mean=stats["mean"], lattice_std=stats["std"],
+                             element_counts=element_count_table(train_set)))
 
 
 def export_checkpoint(ckpt: str | Path, export: str | Path) -> Path:
@@ -154,6 +186,7 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
     if main:
         print(data_note)
     model = _build_model(args, train_set)
+    attach_conditions(model, train_set, val_set, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio))
