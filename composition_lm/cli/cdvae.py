@@ -7,9 +7,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from composition_lm.cli.options import (add_progress, add_relax_arguments, command_line, dataclass_arguments, fraction,
-                                        half_open_unit, non_negative_float, non_negative_int, positive_float,
-                                        positive_int, relaxer)
+from composition_lm.cli.options import (add_condition_arguments, add_progress, add_relax_arguments, command_line,
+                                        condition_options, dataclass_arguments, fraction, half_open_unit,
+                                        non_negative_float, non_negative_int, positive_float, positive_int, relaxer)
 
 
 def cmd_cdvae_train(args: argparse.Namespace) -> int:
@@ -18,7 +18,8 @@ def cmd_cdvae_train(args: argparse.Namespace) -> int:
     targs = dataclass_arguments(
         CDVAETrainingArguments, args, data=str(args.data), output_dir=str(args.output),
         val_split=None if (args.val_split or "").lower() in ("", "none") else args.val_split,
-        cache_dir=str(args.cache) if args.cache else None, init_from=str(args.init_from) if args.init_from else None)
+        cache_dir=str(args.cache) if args.cache else None, init_from=str(args.init_from) if args.init_from else None,
+        condition_on=[c.strip() for c in args.condition_on.split(",") if c.strip()] if args.condition_on else None)
     print(f"wrote {train(targs, command=command_line(args))}")
     return 0
 
@@ -39,7 +40,8 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
     model = CDVAE.from_pretrained(args.model)
     t0 = time.perf_counter()
     structures = model.sample(args.n, seed=args.seed, batch_size=args.batch_size, levels=args.levels,
-                              steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress)
+                              steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress,
+                              composition=args.composition, type_update=args.type_update, **condition_options(args))
     seconds = time.perf_counter() - t0
     rows = to_rows(structures)
     if relax is not None:
@@ -68,6 +70,17 @@ def add_parsers(sub) -> None:
     t.add_argument("--val-fraction", **fraction, default=0.05)
     t.add_argument("--cache", type=Path, metavar="DIR", help="parsed-crystal cache (default: OUTPUT/cache)")
     t.add_argument("--init-from", type=Path, metavar="MODEL", help="fine-tune this CDVAE model folder")
+    t.add_argument("--condition-on", metavar="COLUMNS",
+                   help="Con-CDVAE: condition the latent prior and the decoder on these numeric CSV columns, e.g. "
+                   "formation_energy_per_atom,band_gap,e_above_hull (MP-20) or heat_ref (Perov-5); each is dropped "
+                   "at random while training (--property-dropout) so the model also samples unconditionally; with "
+                   "--init-from, extends an unconditional model")
+    t.add_argument("--condition-bins", **positive_int, default=8, help="quantile bins per property (default: 8)")
+    t.add_argument("--condition-encoding", choices=["bins", "continuous"], default="bins",
+                   help="a property as one embedding per quantile bin, or as its rank in the training values "
+                   "(default: bins)")
+    t.add_argument("--property-dropout", **half_open_unit, default=0.1,
+                   help="probability of dropping each property's condition while training (default: 0.1)")
     t.add_argument("--hidden", **positive_int, default=128)
     t.add_argument("--latent", **positive_int, default=128)
     t.add_argument("--encoder-layers", **positive_int, default=3)
@@ -108,6 +121,15 @@ def add_parsers(sub) -> None:
     s.add_argument("--steps", **positive_int, help="Langevin steps per level (default: the model's)")
     s.add_argument("--step-lr", **positive_float,
                    help="Langevin step size at the smallest noise (default: the model's)")
+    s.add_argument("--composition", choices=["round", "per-atom", "k-first"],
+                   help="how the starting composition is drawn from the composition head: round (CDVAE: round "
+                   "p x N per element), per-atom (each atom from p), k-first (the number of distinct elements "
+                   "first, from the training data, then the elements) (default: the model's)")
+    s.add_argument("--type-update", choices=["free", "element-set", "fixed"],
+                   help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
+                   "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "
+                   "(default: the model's)")
+    add_condition_arguments(s)
     add_relax_arguments(s)
     s.add_argument("--templates", type=Path, metavar="DB",
                    help="template store for elemental reference structures (default: the shipped compact MP store)")

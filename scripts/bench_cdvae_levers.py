@@ -1,0 +1,174 @@
+"""CDVAE levers, measured one at a time: each row samples N crystals from a model with one sampling
+setting (composition sampler x type update x schedule) and scores them with CDVAE's metrics against the
+test split (`evaluation.structures.evaluate_structures`, the scorer behind `evaluate-structures`).
+
+    python scripts/bench_cdvae_levers.py sample --model cdvae-perov5 --dataset perov5 --n 1000 \
+        --setting round/free --setting k-first/element-set
+    python scripts/bench_cdvae_levers.py report
+
+`sample` appends one JSON line per setting to benchmarks/cdvae_levers.jsonl as it goes (a kill loses
+only the row in progress); `report` rewrites benchmarks/cdvae_levers.md from every line there, together
+with the throughput rows (benchmarks/cdvae_throughput.jsonl, scripts/bench_cdvae_throughput.py) and the
+training curves named with --curve. A setting is COMPOSITION/TYPE-UPDATE[/LEVELSxSTEPS], e.g.
+``k-first/fixed/50x2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.benchlib import bench_meta, cpu  # noqa: E402
+
+from evaluation.io import append_jsonl, write_text  # noqa: E402
+
+DATA = {"perov5": "perov_5", "mp20": "mp_20"}
+JSONL = ROOT / "benchmarks" / "cdvae_levers.jsonl"
+THROUGHPUT = ROOT / "benchmarks" / "cdvae_throughput.jsonl"
+KEYS = ["struct_validity", "comp_validity", "cov_recall", "cov_precision", "wdist_density", "wdist_num_elems"]
+TARGETS = {  # issue 19 (1,000 samples, seed 0, default schedule)
+    "perov5": {"comp_validity": 0.95, "cov_recall": 0.95, "cov_precision": 0.95, "wdist_num_elems": 0.1},
+    "mp20": {"comp_validity": 0.86, "cov_recall": 0.90, "cov_precision": 0.95, "wdist_density": 0.7,
+             "wdist_num_elems": 0.5},
+}
+
+
+def parse_setting(spec: str) -> dict:
+    parts = spec.split("/")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--setting {spec!r}: expected COMPOSITION/TYPE-UPDATE[/LEVELSxSTEPS]")
+    out = {"composition": parts[0], "type_update": parts[1], "levels": None, "steps": None}
+    if len(parts) == 3:
+        out["levels"], out["steps"] = (int(x) for x in parts[2].lower().split("x"))
+    return out
+
+
+def element_histogram(structures) -> dict:
+    counts = [len(s.composition.elements) for s in structures]
+    return {str(k): round(sum(c == k for c in counts) / len(counts), 4) for k in range(1, 7)} | \
+        {"7+": round(sum(c >= 7 for c in counts) / len(counts), 4)}
+
+
+def cmd_sample(args) -> None:
+    from evaluation.structures import evaluate_structures
+    from structure.cdvae.model import CDVAE, resolve_model
+    from structure.io import read_structures
+
+    model = CDVAE.from_pretrained(resolve_model(args.model))
+    cfg = model.config
+    reference = [r.structure for r in read_structures(args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz")]
+    for spec in args.setting:
+        s = parse_setting(spec)
+        t = time.perf_counter()
+        structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"],
+                                  composition=s["composition"], type_update=s["type_update"])
+        seconds = time.perf_counter() - t
+        m = evaluate_structures(structures, reference, dataset=args.dataset, workers=args.workers,
+                                cache_dir=ROOT / "runs/cdvae/fingerprints")
+        row = {"dataset": args.dataset, "model": args.model, "label": args.label or args.model, "n": args.n,
+               "seed": args.seed, "composition": s["composition"], "type_update": s["type_update"],
+               "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}",
+               "seconds_sampling": round(seconds, 1), "threads": __import__("torch").get_num_threads(),
+               **{k: m.get(k) for k in KEYS}, "n_elements": element_histogram(structures),
+               **bench_meta("scripts/bench_cdvae_levers.py", args.n, args.model), "cpu": cpu()}
+        append_jsonl(JSONL, row)
+        print(json.dumps({k: row[k] for k in ("label", "composition", "type_update", "schedule", *KEYS)}), flush=True)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _fmt(k: str, v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.1f}" if k in KEYS[:4] else f"{v:.3f}"
+
+
+def _cell(ds: str, k: str, v) -> str:
+    target = TARGETS.get(ds, {}).get(k)
+    met = v is not None and target is not None and (v >= target if k in KEYS[:4] else v <= target)
+    return f"**{_fmt(k, v)}**" if met else _fmt(k, v)
+
+
+def lever_table(rows: list[dict]) -> list[str]:
+    lines = ["| data | model | composition | type update | schedule | N | sampling s | struct | comp | COV-R | COV-P | "
+             "density W | #elem W | 1/2/3/4/5/6/7+ elements % |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        hist = "/".join(f"{100 * r['n_elements'][k]:.0f}" for k in ("1", "2", "3", "4", "5", "6", "7+"))
+        lines.append(f"| {r['dataset']} | {r['label']} | {r['composition']} | {r['type_update']} | {r['schedule']} | "
+                     f"{r['n']} | {r['seconds_sampling']:.0f} | " + " | ".join(_cell(r["dataset"], k, r.get(k)) for k in KEYS)
+                     + f" | {hist} |")
+    return lines
+
+
+def cmd_report(args) -> None:
+    rows = _read(JSONL)
+    lines = ["# CDVAE levers", "",
+             "Every lever measured on its own: crystals sampled from one model with one setting, scored by CDVAE's "
+             "metrics against the test split (validity and coverage in %, Wasserstein distances of density and of "
+             "the number of distinct elements). Bold: the issue's target met. Command: "
+             "`python scripts/bench_cdvae_levers.py sample ...` (each row's full command is in "
+             "benchmarks/cdvae_levers.jsonl), then `python scripts/bench_cdvae_levers.py report`.", "",
+             "Targets at 1,000 samples, seed 0: Perov-5 comp ≥ 95, COV-R ≥ 95, COV-P ≥ 95, #elem W ≤ 0.1; MP-20 comp ≥ 86, "
+             "COV-R ≥ 90, COV-P ≥ 95, density W ≤ 0.7, #elem W ≤ 0.5. Test split #elements 1/2/3/4/5/6+ %: "
+             "Perov-5 0/0/29/57/13/0 (training share), MP-20 1/20/61/17/2/0.2.", "",
+             "## Sampling levers", ""] + lever_table(rows)
+    cpus = sorted({r["cpu"] for r in rows})
+    lines += ["", "CPU: " + "; ".join(cpus), ""]
+    tp = _read(THROUGHPUT)
+    if tp:
+        lines += ["## Training throughput", "",
+                  "| data | setting | batch | threads | processes | s/step min/median/max | crystals/s | "
+                  "s/epoch (median) | ratio to baseline |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+        for r in tp:
+            lines.append(f"| {r['dataset']} | {r['setting']} | {r['batch_size']} | {r['threads']} | {r['processes']} | "
+                         f"{r['step_s']['min']:.3f}/{r['step_s']['median']:.3f}/{r['step_s']['max']:.3f} | "
+                         f"{r['crystals_per_s']:.0f} | {r['epoch_s']:.0f} | {r['ratio']:.2f}× |")
+        lines += ["", "CPU: " + "; ".join(sorted({r["cpu"] for r in tp})), ""]
+    for curve in args.curve:
+        lines += _curve_lines(Path(curve))
+    write_text(ROOT / "benchmarks" / "cdvae_levers.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _curve_lines(log: Path) -> list[str]:
+    evals = [r for r in _read(log) if "eval" in r or any(k.startswith("val_") for k in r)]
+    if not evals:
+        return []
+    lines = [f"## Training curve: `{log}`", "", "| step | " + " | ".join(k for k in evals[-1] if k != "step") + " |",
+             "|---:|" + "---:|" * (len(evals[-1]) - 1)]
+    for r in evals:
+        lines.append(f"| {r.get('step')} | " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
+                                                          for k, v in r.items() if k != "step") + " |")
+    return lines + [""]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sample")
+    s.add_argument("--model", required=True)
+    s.add_argument("--label", help="the model's name in the table (default: --model)")
+    s.add_argument("--dataset", choices=sorted(DATA), required=True)
+    s.add_argument("--setting", action="append", required=True, help="COMPOSITION/TYPE-UPDATE[/LEVELSxSTEPS]")
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    r = sub.add_parser("report")
+    r.add_argument("--curve", action="append", default=[], help="a training run's log.jsonl to tabulate")
+    args = ap.parse_args()
+    cmd_sample(args) if args.cmd == "sample" else cmd_report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""CDVAE's composition samplers, type updates, element-count table and Con-CDVAE property conditioning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.conditioning import PropertyBins
+from structure.cdvae.data import crystals_from_structures, element_count_table
+from structure.cdvae.model import CDVAE, CDVAEConfig
+from structure.cdvae.sampling import langevin, langevin_schedule, sample, sample_composition
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PEROV = SHARED / "data" / "structures" / "perov_5"
+
+
+def tiny_config(**kw) -> CDVAEConfig:
+    base = dict(hidden=16, latent=8, encoder_layers=2, decoder_layers=2, rbf=8, cutoff=5.0, max_neighbors=12,
+                max_atoms=8, noise_levels=10, sample_levels=4, sample_steps=2)
+    return CDVAEConfig(**{**base, **kw})
+
+
+def _n_elements(types: torch.Tensor, num_atoms: list[int]) -> list[int]:
+    out, s = [], 0
+    for n in num_atoms:
+        out.append(len(set(types[s:s + n].tolist())))
+        s += n
+    return out
+
+
+def test_k_first_draws_the_number_of_elements_from_the_table():
+    # a diffuse composition head (ten elements equally likely) but a table that says "always 2 elements"
+    probs = torch.zeros(200, 100)
+    probs[:, 10:20] = 0.1
+    table = [[0.0, 0.0, 1.0]] * 9
+    num = torch.full((200,), 6)
+    g = torch.Generator().manual_seed(0)
+    k_first = sample_composition(probs, num, g, "k-first", table)
+    assert set(_n_elements(k_first, [6] * 200)) == {2}
+    # CDVAE's rounding spreads the same six atoms over many more elements
+    rounded = sample_composition(probs, num, torch.Generator().manual_seed(0), "round")
+    assert sum(_n_elements(rounded, [6] * 200)) / 200 > 4
+
+
+def test_k_first_shares_atoms_in_proportion_with_one_each():
+    probs = torch.zeros(1, 100)
+    probs[0, [37, 21, 7]] = torch.tensor([0.2, 0.2, 0.6])  # SrTiO3-like
+    table = [[0.0, 0.0, 0.0, 1.0]] * 6
+    types = sample_composition(probs, torch.tensor([5]), torch.Generator().manual_seed(0), "k-first", table)
+    assert sorted(types.tolist()) == [8, 8, 8, 22, 38]
+    # k larger than the atoms available is cut to N: every atom then a different element
+    one_each = sample_composition(probs, torch.tensor([2]), torch.Generator().manual_seed(1), "k-first",
+                                  [[0.0, 0.0, 0.0, 1.0]] * 6)
+    assert len(set(one_each.tolist())) == 2
+
+
+def test_k_first_without_a_table_and_unknown_methods_are_clear_errors():
+    probs = torch.full((1, 100), 0.01)
+    with pytest.raises(ValueError, match="element_counts"):
+        sample_composition(probs, torch.tensor([3]), torch.Generator(), "k-first", [])
+    with pytest.raises(ValueError, match="round, per-atom, k-first"):
+        sample_composition(probs, torch.tensor([3]), torch.Generator(), "nearest")
+
+
+def test_per_atom_draws_each_atom_from_p():
+    probs = torch.zeros(1, 100)
+    probs[0, [0, 1]] = torch.tensor([0.9, 0.1])
+    types = sample_composition(probs, torch.tensor([4000]), torch.Generator().manual_seed(0), "per-atom")
+    assert abs((types == 1).float().mean().item() - 0.9) < 0.02
+
+
+def test_element_count_table_rows_are_shares_per_size():
+    from pymatgen.core import Lattice, Structure
+
+    lat = Lattice.cubic(4.0)
+    nacl = Structure(lat, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    na2 = Structure(lat, ["Na", "Na"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    bto = Structure(lat, ["Ba", "Ti", "O", "O", "O"], [[0, 0, 0], [.5, .5, .5], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
+    table = element_count_table(crystals_from_structures([nacl, na2, nacl, bto]), max_atoms=5)
+    assert len(table) == 6 and table[2][:3] == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3)]
+    assert table[5][3] == 1.0
+    assert table[3] == [0.0, 0.25, 0.5, 0.25]  # no 3-atom crystal: the share over all of them
+
+
+@pytest.mark.parametrize("update", ["element-set", "fixed"])
+def test_type_updates_keep_the_starting_elements(update):
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config(element_counts=[[0.0, 0.3, 0.7]] * 9)).eval()
+    z = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    sched = langevin_schedule(model, 3, 1)
+    start = langevin(model, z, torch.Generator().manual_seed(1), [], composition="k-first")  # no step: the draw
+    out = langevin(model, z, torch.Generator().manual_seed(1), sched, composition="k-first", type_update=update)
+    for a, b in zip(start, out):
+        if update == "fixed":
+            assert torch.equal(a.types, b.types)
+        else:
+            assert set(b.types.tolist()) <= set(a.types.tolist())
+    free = langevin(model, z, torch.Generator().manual_seed(1), sched, composition="k-first", type_update="free")
+    assert any(not set(b.types.tolist()) <= set(a.types.tolist()) for a, b in zip(start, free))
+
+
+# ------------------------------------------------------------------------------ Con-CDVAE conditions
+def _bins() -> list[PropertyBins]:
+    return [PropertyBins.from_values("heat", torch.linspace(-2, 2, 101).tolist(), 4)]
+
+
+def test_added_conditioning_starts_as_the_unconditional_model():
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config()).eval()
+    before = sample(model, 4, seed=2)
+    model.add_property_conditioning(_bins())
+    assert [c["name"] for c in model.config.property_conditions] == ["heat"]
+    after = sample(model, 4, seed=2)
+    for a, b in zip(before, after):
+        assert torch.equal(a.frac, b.frac) and torch.equal(a.types, b.types)
+    # asking for a target works and, untrained, gives the unconditional prior's crystals' shapes
+    asked = sample(model, 4, seed=2, targets=["heat=1:"], guidance=2.0)
+    assert len(asked) == 4
+
+
+def test_conditioning_changes_the_latent_prior_and_the_decoder_after_training_steps():
+    from structure.cdvae.data import crystals_from_structures as pack
+    from tests.test_cdvae import rock_salt, triclinic
+
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config(property_dropout=0.0))
+    model.add_property_conditioning(_bins())
+    crystals = pack([triclinic(), rock_salt()])
+    crystals.conditions = torch.tensor([[1], [4]])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(30):
+        loss = model.losses(crystals.batch([0, 1]), torch.Generator().manual_seed(step))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    cond = torch.tensor([[1], [4], [0]])
+    emb = model.condition_embedding(cond)
+    mu, logvar = model.prior(cond, emb, 3)
+    assert mu[0].abs().sum() > 0 and not torch.allclose(mu[0], mu[1])
+    assert torch.equal(mu[2], torch.zeros_like(mu[2])) and torch.equal(logvar[2], torch.zeros_like(logvar[2]))
+    z = torch.zeros(3, 8)
+    zc = model.conditioned_latent(z, emb)
+    assert not torch.allclose(zc[0], zc[1]) and torch.equal(zc[2], z[2])
+
+
+def test_targets_need_a_conditioned_model_and_known_names():
+    model = CDVAE(tiny_config()).eval()
+    with pytest.raises(ValueError, match="not property-conditioned"):
+        sample(model, 2, targets=["band_gap=1:3"])
+    model.add_property_conditioning(_bins())
+    with pytest.raises(ValueError, match="its properties: heat"):
+        sample(model, 2, targets=["band_gap=1:3"])
+
+
+def test_conditioned_model_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config())
+    model.add_property_conditioning(_bins(), encoding="continuous")
+    with torch.no_grad():
+        model.condition_latent.weight.normal_()
+    model.save_pretrained(tmp_path / "m")
+    again = CDVAE.from_pretrained(tmp_path / "m")
+    assert again.config.property_encoding == "continuous"
+    a = sample(model.eval(), 3, seed=1, targets=["heat=:0"])
+    b = sample(again, 3, seed=1, targets=["heat=:0"])
+    assert all(torch.equal(x.frac, y.frac) for x, y in zip(a, b))
+
+
+@pytest.mark.skipif(not PEROV.exists(), reason="needs ../shared")
+def test_cli_trains_a_conditioned_model_and_samples_a_target(tmp_path, capsys):
+    import pandas as pd
+
+    from composition_lm.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.read_csv(PEROV / "val.csv.gz", nrows=24).to_csv(data / "val.csv", index=False)
+    common = ["--data", str(data), "--train-split", "val", "--val-split", "none", "--hidden", "16", "--latent", "8",
+              "--encoder-layers", "1", "--decoder-layers", "1", "--cutoff", "5", "--batch-size", "8",
+              "--warmup-steps", "1", "--eval-every", "3", "--save-every", "3", "--no-progress"]
+    assert main(["cdvae", "train", *common, "--max-steps", "3", "--condition-on", "heat_ref", "--condition-bins", "4",
+                 "-o", str(tmp_path / "run")]) == 0
+    model = CDVAE.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.property_conditions[0]["name"] == "heat_ref"
+    out = tmp_path / "s"
+    assert main(["cdvae", "sample", "--model", str(tmp_path / "run" / "model"), "-n", "3", "--levels", "2",
+                 "--steps", "1", "--target", "heat_ref=:0", "--guidance", "2", "--composition", "k-first",
+                 "--type-update", "element-set", "--no-progress", "-o", str(out)]) == 0
+    assert len(pd.read_csv(out / "structures.csv")) == 3
+    assert main(["cdvae", "train", *common, "--max-steps", "3", "--condition-on", "nonsense",
+                 "-o", str(tmp_path / "r2")]) != 0
+    assert "no numeric column nonsense; numeric columns: material_id, heat_all, heat_ref" in capsys.readouterr().err
