@@ -193,3 +193,36 @@ def test_cli_trains_a_conditioned_model_and_samples_a_target(tmp_path, capsys):
     assert main(["cdvae", "train", *common, "--max-steps", "3", "--condition-on", "nonsense",
                  "-o", str(tmp_path / "r2")]) != 0
     assert "no numeric column nonsense; numeric columns: material_id, heat_all, heat_ref" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- throughput
+def test_cached_graphs_give_the_encoder_the_same_edges_and_outputs():
+    from pymatgen.core import Lattice, Structure
+
+    from structure.cdvae.data import lattice_matrix, periodic_edges
+    from tests.test_cdvae import rock_salt, triclinic
+
+    thin = Structure(Lattice.from_parameters(2.1, 9.0, 11.0, 90, 90, 120), ["Li", "F"], [[0, 0, 0], [0.5, 0.4, 0.3]])
+    crystals = crystals_from_structures([triclinic(), rock_salt(), thin, rock_salt(primitive=False)])
+    crystals.cache_graphs(5.0, 12, chunk=3)
+    rows = torch.tensor([3, 0, 2])
+    b = crystals.batch(rows)
+    (src, dst), off = b.edges
+    (src2, dst2), off2 = periodic_edges(b.frac, lattice_matrix(b.lengths, b.angles), b.num_atoms, 5.0, 12)
+    as_set = lambda s, d, o: sorted(zip(s.tolist(), d.tolist(), map(tuple, o.tolist())))  # noqa: E731
+    assert as_set(src, dst, off) == as_set(src2, dst2, off2)
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config(max_atoms=8)).eval()
+    lat = lattice_matrix(b.lengths, b.angles)
+    cached = model.encoder(b.types, b.frac, lat, b.num_atoms, b.batch, b.edges)
+    fresh = model.encoder(b.types, b.frac, lat, b.num_atoms, b.batch)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(cached, fresh))
+
+
+def test_k_first_counts_stay_positive_and_sum_to_n():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(300, 100, generator=g) * 3, -1)
+    num = torch.randint(1, 21, (300,), generator=g)
+    table = [[0.0] + [1 / 8] * 8] * 21
+    types = sample_composition(probs, num, g, "k-first", table)
+    assert len(types) == int(num.sum()) and types.min() >= 1

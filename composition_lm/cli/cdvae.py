@@ -89,6 +89,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--max-neighbors", **positive_int, default=20)
     t.add_argument("--beta", **non_negative_float, default=0.01, help="KL weight (default: 0.01)")
     t.add_argument("--batch-size", **positive_int, default=128)
+    t.add_argument("--no-graph-cache", dest="cache_graphs", action="store_false",
+                   help="let the encoder search for the training crystals' neighbours every step instead of once "
+                   "(slower; benchmarks/cdvae_levers.md)")
     t.add_argument("--lr", **positive_float, default=1e-3)
     t.add_argument("--max-steps", **positive_int, default=20000)
     t.add_argument("--warmup-steps", **non_negative_int, default=200)

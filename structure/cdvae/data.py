@@ -88,20 +88,26 @@ def periodic_edges(frac: torch.Tensor, lattice: torch.Tensor, num_atoms: torch.T
     cutoff / 3 see fewer neighbours than the cutoff allows).
     """
     frac = frac - torch.floor(frac)
-    # images needed per direction: cutoff / (spacing of lattice planes) = cutoff * |row of inv(L)^T|
+    # images needed per direction: cutoff / (spacing of lattice planes) = cutoff * |row of inv(L)^T|, per
+    # crystal; crystals needing the same images are searched together (one thin cell no longer makes the
+    # whole batch search its many images)
     recip = torch.linalg.inv(lattice).transpose(1, 2).norm(dim=-1)  # (B, 3): 1 / plane spacings
-    reach = torch.ceil(cutoff * recip).clamp(max=MAX_IMAGES).amax(0).long().tolist()
-    grids = [torch.arange(-r, r + 1, device=frac.device, dtype=frac.dtype) for r in reach]
-    images = torch.cartesian_prod(*grids)  # (I, 3)
+    reach = torch.ceil(cutoff * recip).clamp(max=MAX_IMAGES).long()
     i, j, crystal = _pairs(num_atoms)
-    lat = lattice[crystal]
-    base = torch.einsum("pk,pkl->pl", frac[j] - frac[i], lat)  # (P, 3)
-    shift = torch.einsum("ik,pkl->pil", images, lat)  # (P, I, 3)
-    dist = (base[:, None] + shift).norm(dim=-1)  # (P, I)
-    self_image = (i == j)[:, None] & (images.abs().sum(-1) == 0)[None]
-    keep = (dist < cutoff) & ~self_image
-    p, k = keep.nonzero(as_tuple=True)
-    src, dst, offsets, d = j[p], i[p], images[k], dist[p, k]
+    parts = []
+    for r in torch.unique(reach, dim=0):
+        pairs = (reach[crystal] == r).all(-1).nonzero(as_tuple=True)[0]
+        grids = [torch.arange(-int(x), int(x) + 1, device=frac.device, dtype=frac.dtype) for x in r]
+        images = torch.cartesian_prod(*grids)  # (I, 3)
+        pi, pj, lat = i[pairs], j[pairs], lattice[crystal[pairs]]
+        base = torch.einsum("pk,pkl->pl", frac[pj] - frac[pi], lat)  # (P, 3)
+        shift = torch.einsum("ik,pkl->pil", images, lat)  # (P, I, 3)
+        dist2 = ((base[:, None] + shift) ** 2).sum(-1)  # (P, I)
+        self_image = (pi == pj)[:, None] & (images.abs().sum(-1) == 0)[None]
+        p, k = ((dist2 < cutoff * cutoff) & ~self_image).nonzero(as_tuple=True)
+        parts.append((pj[p], pi[p], images[k], dist2[p, k].sqrt()))
+    src, dst, offsets, d = (torch.cat(x) for x in zip(*parts)) if parts else (
+        i[:0], i[:0], frac.new_zeros((0, 3)), frac.new_zeros(0))
     if max_neighbors is not None and len(d):
         order = torch.argsort(dst.double() * (2 * cutoff + 1) + d.double())
         src, dst, offsets, d = src[order], dst[order], offsets[order], d[order]
@@ -151,6 +157,32 @@ class CrystalBatch:
     num_atoms: torch.Tensor
     batch: torch.Tensor
     conditions: torch.Tensor | None = None  # (B, P) property conditions (bin ids or ranks), when conditioned
+    edges: tuple[torch.Tensor, torch.Tensor] | None = None  # the crystals' own graph, when cached
+
+
+@dataclass
+class GraphCache:
+    """Every crystal's periodic graph (:func:`periodic_edges`), computed once: atom indices local to their
+    crystal, image offsets, and where each crystal's edges start. The encoder reads clean crystals, whose
+    graphs never change; the decoder's noisy ones are rebuilt every step."""
+
+    cutoff: float
+    max_neighbors: int | None
+    src: torch.Tensor
+    dst: torch.Tensor
+    offsets: torch.Tensor
+    counts: torch.Tensor
+
+    def __post_init__(self):
+        self.first = torch.cumsum(self.counts, 0) - self.counts
+
+    def gather(self, rows: torch.Tensor, num_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edges of crystals ``rows`` batched in that order (atoms renumbered as in the batch)."""
+        counts = self.counts[rows]
+        edges = torch.repeat_interleave(self.first[rows], counts) + torch.arange(int(counts.sum())) - \
+            torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        shift = torch.repeat_interleave(torch.cumsum(num_atoms, 0) - num_atoms, counts)
+        return torch.stack([self.src[edges] + shift, self.dst[edges] + shift]), self.offsets[edges]
 
 
 @dataclass
@@ -169,6 +201,27 @@ class Crystals:
 
     def __post_init__(self):
         self.first = torch.cumsum(self.num_atoms, 0) - self.num_atoms
+        self.graphs: GraphCache | None = None
+
+    def cache_graphs(self, cutoff: float, max_neighbors: int | None, chunk: int = 512) -> GraphCache:
+        """Compute every crystal's periodic graph once (:class:`GraphCache`); :meth:`batch` then hands
+        the batch's edges to the encoder instead of having it search for them every step."""
+        src, dst, offsets, counts = [], [], [], []
+        for start in range(0, len(self), chunk):
+            rows = torch.arange(start, min(start + chunk, len(self)))
+            b = self.batch(rows)
+            lattice = lattice_matrix(b.lengths, b.angles)
+            (s, d), off = periodic_edges(b.frac, lattice, b.num_atoms, cutoff, max_neighbors)
+            local = (torch.cumsum(b.num_atoms, 0) - b.num_atoms)[b.batch[d]]
+            order = torch.argsort(b.batch[d], stable=True)
+            s, d, off = s[order], d[order], off[order]
+            src.append(s - local[order])
+            dst.append(d - local[order])
+            offsets.append(off)
+            counts.append(torch.bincount(b.batch[d], minlength=len(rows)))
+        self.graphs = GraphCache(cutoff, max_neighbors, torch.cat(src), torch.cat(dst), torch.cat(offsets),
+                                 torch.cat(counts))
+        return self.graphs
 
     def __len__(self) -> int:
         return len(self.num_atoms)
@@ -193,7 +246,8 @@ class Crystals:
         atoms, num = self._atoms(rows), self.num_atoms[rows]
         return CrystalBatch(self.frac[atoms], self.types[atoms], self.lengths[rows], self.angles[rows], num,
                             torch.repeat_interleave(torch.arange(len(rows)), num),
-                            None if self.conditions is None else self.conditions[rows])
+                            None if self.conditions is None else self.conditions[rows],
+                            None if self.graphs is None else self.graphs.gather(rows, num))
 
     def subset(self, rows) -> Crystals:
         rows = torch.as_tensor(rows, dtype=torch.long)
@@ -347,7 +401,7 @@ def element_count_table(crystals: Crystals, max_atoms: int | None = None) -> lis
     return [[round(float(x), 6) for x in row[:width]] for row in rows]
 
 
-__all__ = ["CrystalBatch", "Crystals", "canonical", "collate", "crystals_from_structures", "edge_vectors",
+__all__ = ["CrystalBatch", "Crystals", "GraphCache", "canonical", "collate", "crystals_from_structures", "edge_vectors",
            "element_count_table", "lattice_matrix", "lattice_parameters", "lattice_statistics", "lattice_targets",
            "length_scale", "load_crystals", "load_properties", "min_image_displacement", "periodic_edges",
            "to_structure"]

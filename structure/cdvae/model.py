@@ -157,8 +157,9 @@ def _aggregate(messages: torch.Tensor, index: torch.Tensor, size: int) -> torch.
 class _Graph:
     """A batch's periodic graph: edges, vectors, distances."""
 
-    def __init__(self, frac, lattice, num_atoms, batch, cutoff, max_neighbors):
-        self.edge_index, offsets = periodic_edges(frac, lattice, num_atoms, cutoff, max_neighbors)
+    def __init__(self, frac, lattice, num_atoms, batch, cutoff, max_neighbors, edges=None):
+        self.edge_index, offsets = edges if edges is not None else periodic_edges(frac, lattice, num_atoms, cutoff,
+                                                                                  max_neighbors)
         self.vec = edge_vectors(frac, lattice, batch, self.edge_index, offsets)
         self.dist = self.vec.norm(dim=-1).clamp(min=1e-6)
         self.n = len(frac)
@@ -179,8 +180,9 @@ class Encoder(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(cfg.encoder_layers))
         self.readout = mlp([h, h, 2 * cfg.latent])
 
-    def forward(self, types, frac, lattice, num_atoms, batch):
-        g = _Graph(frac, lattice, num_atoms, batch, self.cfg.cutoff, self.cfg.max_neighbors)
+    def forward(self, types, frac, lattice, num_atoms, batch, edges=None):
+        """``edges``: the batch's periodic graph when cached (:class:`~structure.cdvae.data.GraphCache`)."""
+        g = _Graph(frac, lattice, num_atoms, batch, self.cfg.cutoff, self.cfg.max_neighbors, edges)
         src, dst = g.edge_index
         rbf = self.rbf(g.dist)
         h = self.embed(types - 1)
@@ -325,7 +327,8 @@ class CDVAE(nn.Module):
         dev = batch.frac.device
         n_crystals = len(batch.num_atoms)
         lat = lattice_matrix(batch.lengths, batch.angles)
-        mu, logvar = self.encoder(batch.types, batch.frac, lat, batch.num_atoms, batch.batch)
+        cached = getattr(batch, "edges", None)  # the crystals' own graphs, when the training set cached them
+        mu, logvar = self.encoder(batch.types, batch.frac, lat, batch.num_atoms, batch.batch, cached)
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=dev)
         conditions = batch.conditions if getattr(batch, "conditions", None) is not None else None
         if conditions is not None and len(self.property_embeddings):

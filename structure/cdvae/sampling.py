@@ -68,7 +68,7 @@ def _k_first_counts(p: torch.Tensor, n: int, k_probs: torch.Tensor, generator: t
     share = p[chosen] / p[chosen].sum() * n
     counts = share.floor().long().clamp(min=1)
     while counts.sum() > n:  # the minimum of one atom each overshot: take from the most over-served
-        counts[torch.argmax((counts - share) * (counts > 1))] -= 1
+        counts[torch.argmax((counts - share).masked_fill(counts <= 1, -torch.inf))] -= 1
     while counts.sum() < n:
         counts[torch.argmax(share - counts)] += 1
     return torch.repeat_interleave(chosen, counts)

@@ -44,6 +44,7 @@ class CDVAETrainingArguments:
     max_neighbors: int = 20
     beta: float = 0.01
     # optimisation
+    cache_graphs: bool = True  # compute the training crystals' graphs once for the encoder
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -187,6 +188,8 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
         print(data_note)
     model = _build_model(args, train_set)
     attach_conditions(model, train_set, val_set, seed=args.seed)
+    if args.cache_graphs:
+        train_set.cache_graphs(model.config.cutoff, model.config.max_neighbors)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio))
