@@ -416,6 +416,25 @@ def coverage(gen_struct: np.ndarray, gen_comp: np.ndarray, ref_struct: np.ndarra
 # ---------------------------------------------------------------------------------------- evaluation
 
 
+def reconstruction_match(originals: Sequence, reconstructions: Sequence, stol: float = 0.5, angle_tol: float = 10.0,
+                         ltol: float = 0.3) -> dict:
+    """CDVAE's reconstruction metrics: the share of ``reconstructions`` that ``StructureMatcher`` (CDVAE's
+    tolerances) matches to their ``originals``, and the mean normalised RMS displacement of the matches."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    matcher = StructureMatcher(stol=stol, angle_tol=angle_tol, ltol=ltol)
+    rms = []
+    for a, b in zip(originals, reconstructions):
+        try:
+            r = matcher.get_rms_dist(a, b) if b is not None else None
+        except Exception:  # noqa: BLE001 - pymatgen fails on degenerate cells; such a pair is a miss
+            r = None
+        if r is not None:
+            rms.append(r[0])
+    n = len(originals)
+    return {"n": n, "match_rate": len(rms) / n if n else 0.0, "rms": float(np.mean(rms)) if rms else None}
+
+
 def _num_elements(structure) -> int:
     return len(structure.composition.element_composition.elements)
 

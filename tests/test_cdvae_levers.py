@@ -226,3 +226,58 @@ def test_k_first_counts_stay_positive_and_sum_to_n():
     table = [[0.0] + [1 / 8] * 8] * 21
     types = sample_composition(probs, num, g, "k-first", table)
     assert len(types) == int(num.sum()) and types.min() >= 1
+
+
+# ------------------------------------------------------------------------------------- PaiNN encoder
+def test_painn_encoder_is_invariant_and_sees_angles():
+    from pymatgen.core import Lattice, Structure
+
+    from structure.cdvae.data import lattice_matrix
+    from tests.test_cdvae import random_rotation, triclinic
+
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config(encoder_type="painn")).eval()
+    c = crystals_from_structures([triclinic()])
+    b = c.batch([0])
+    lat = lattice_matrix(b.lengths, b.angles)
+    mu, _ = model.encoder(b.types, b.frac, lat, b.num_atoms, b.batch)
+    rot = random_rotation(3)
+    shifted = (b.frac + torch.tensor([0.31, 0.27, 0.9])) % 1.0
+    mu2, _ = model.encoder(b.types, shifted, lat @ rot.T, b.num_atoms, b.batch)
+    assert torch.allclose(mu, mu2, atol=1e-4)
+    # a trimer bent and straight within the cutoff of the two O-H bonds only (H-H >= 1.41 A): the same
+    # distances, a different angle, which only the PaiNN encoder tells apart
+    def trimer(angle_deg):
+        import math
+        x = math.cos(math.radians(angle_deg))
+        y = math.sin(math.radians(angle_deg))
+        return Structure(Lattice.cubic(20.0), ["O", "H", "H"], [[10, 10, 10], [11, 10, 10], [10 + x, 10 + y, 10]],
+                         coords_are_cartesian=True)
+    for kind, sees in (("painn", True), ("schnet", False)):
+        model = CDVAE(tiny_config(encoder_type=kind, cutoff=1.2)).eval()
+        mus = []
+        for angle in (90.0, 180.0):
+            b = crystals_from_structures([trimer(angle)]).batch([0])
+            mus.append(model.encoder(b.types, b.frac, lattice_matrix(b.lengths, b.angles), b.num_atoms, b.batch)[0])
+        assert torch.allclose(mus[0], mus[1], atol=1e-5) != sees, kind
+    with pytest.raises(ValueError, match="schnet, painn"):
+        CDVAE(tiny_config(encoder_type="dimenet"))
+
+
+def test_reconstruction_match_counts_matches_and_misses():
+    from evaluation.structures import reconstruction_match
+    from tests.test_cdvae import rock_salt, triclinic
+
+    m = reconstruction_match([rock_salt(), rock_salt(), triclinic()], [rock_salt(5.7), triclinic(), None])
+    assert m["n"] == 3 and m["match_rate"] == pytest.approx(1 / 3) and m["rms"] is not None
+
+
+def test_reconstruct_keeps_the_atom_counts():
+    from structure.cdvae.sampling import reconstruct
+    from tests.test_cdvae import rock_salt, triclinic
+
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config()).eval()
+    crystals = crystals_from_structures([triclinic(), rock_salt(), triclinic()])
+    out = reconstruct(model, crystals, seed=0, batch_size=2, levels=2, steps=1)
+    assert [len(c.types) for c in out] == crystals.num_atoms.tolist()

@@ -85,6 +85,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--latent", **positive_int, default=128)
     t.add_argument("--encoder-layers", **positive_int, default=3)
     t.add_argument("--decoder-layers", **positive_int, default=4)
+    t.add_argument("--encoder-type", choices=["schnet", "painn"], default="schnet",
+                   help="schnet: distances only (default); painn: equivariant vector features that also see bond "
+                   "angles (CDVAE used DimeNet++ for the same reason)")
     t.add_argument("--cutoff", **positive_float, default=7.0, help="neighbour cutoff in Å (default: 7)")
     t.add_argument("--max-neighbors", **positive_int, default=20)
     t.add_argument("--beta", **non_negative_float, default=0.01, help="KL weight (default: 0.01)")

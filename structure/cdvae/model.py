@@ -66,6 +66,7 @@ class CDVAEConfig:
     latent: int = 128
     encoder_layers: int = 3
     decoder_layers: int = 4
+    encoder_type: str = "schnet"  # "schnet" (distances) or "painn" (distances and directions: angles)
     rbf: int = 32
     cutoff: float = 7.0
     max_neighbors: int = 20
@@ -194,6 +195,53 @@ class Encoder(nn.Module):
         return mu, logvar
 
 
+class PaiNNEncoder(nn.Module):
+    """Periodic PaiNN-style encoder (Schütt et al. 2021) → (mu, logvar) per crystal: each atom carries
+    invariant features and equivariant vector features; messages along an edge mix them with the edge's
+    direction, so angles between bonds reach the invariant read-out (the SchNet-style :class:`Encoder`
+    sees distances only). ``encoder_type="painn"`` in the config."""
+
+    def __init__(self, cfg: CDVAEConfig):
+        super().__init__()
+        h = cfg.hidden
+        self.cfg = cfg
+        self.embed = nn.Embedding(MAX_Z, h)
+        self.rbf = GaussianRBF(cfg.rbf, cfg.cutoff)
+        layers = range(cfg.encoder_layers)
+        self.messages = nn.ModuleList(mlp([h, h, 3 * h]) for _ in layers)
+        self.filters = nn.ModuleList(nn.Linear(cfg.rbf, 3 * h) for _ in layers)
+        self.mix = nn.ModuleList(nn.Linear(h, 2 * h, bias=False) for _ in layers)
+        self.updates = nn.ModuleList(mlp([2 * h, h, 3 * h]) for _ in layers)
+        self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in layers)
+        self.readout = mlp([h, h, 2 * cfg.latent])
+
+    def forward(self, types, frac, lattice, num_atoms, batch, edges=None):
+        g = _Graph(frac, lattice, num_atoms, batch, self.cfg.cutoff, self.cfg.max_neighbors, edges)
+        src, dst = g.edge_index
+        h = self.cfg.hidden
+        rbf = self.rbf(g.dist)
+        unit = (g.vec / g.dist[:, None])[:, :, None]  # (E, 3, 1)
+        s = self.embed(types - 1)
+        v = torch.zeros(g.n, 3, h, dtype=s.dtype, device=s.device)
+        scale = 1.0 / self.cfg.max_neighbors
+        for message, filt, mix, update, norm in zip(self.messages, self.filters, self.mix, self.updates, self.norms):
+            # message: invariant and vector parts from the source atom, gated by the edge's distance
+            x = message(norm(s))[src] * filt(rbf)
+            ds, dvv, dvs = x.split(h, dim=-1)
+            s = s + _aggregate(ds, dst, g.n) * scale
+            dv = v[src] * dvv[:, None, :] + unit * dvs[:, None, :]
+            v = v + _aggregate(dv.reshape(len(src), 3 * h), dst, g.n).reshape(g.n, 3, h) * scale
+            # update: rotate-invariant products of the vector channels feed the invariant ones
+            uv, vv = mix(v).split(h, dim=-1)
+            a = update(torch.cat([s, torch.sqrt((vv ** 2).sum(1) + 1e-8)], -1))
+            avv, asv, ass = a.split(h, dim=-1)
+            v = v + avv[:, None, :] * uv
+            s = s + asv * (uv * vv).sum(1) + ass
+        pooled = _aggregate(s, batch, len(num_atoms)) / num_atoms[:, None].float()
+        mu, logvar = self.readout(pooled).chunk(2, dim=-1)
+        return mu, logvar
+
+
 class ScoreNetwork(nn.Module):
     """EGNN-style periodic decoder: (z, sigma, noisy crystal) → per-atom Cartesian noise estimate
     (rotation-equivariant) and atom-type logits (invariant)."""
@@ -237,6 +285,9 @@ class ScoreNetwork(nn.Module):
         return eps, self.types(h)
 
 
+ENCODERS = {"schnet": Encoder, "painn": PaiNNEncoder}
+
+
 class CDVAE(nn.Module):
     """Encoder + property heads + score-network decoder; see the module docstring."""
 
@@ -244,7 +295,9 @@ class CDVAE(nn.Module):
         super().__init__()
         self.config = cfg = config or CDVAEConfig()
         h = cfg.hidden
-        self.encoder = Encoder(cfg)
+        if cfg.encoder_type not in ENCODERS:
+            raise ValueError(f"unknown encoder_type {cfg.encoder_type!r}; choose from {', '.join(ENCODERS)}")
+        self.encoder = ENCODERS[cfg.encoder_type](cfg)
         self.decoder = ScoreNetwork(cfg)
         self.natom_head = mlp([cfg.latent, h, h, cfg.max_atoms + 1])
         self.lattice_head = mlp([cfg.latent, h, h, 6])

@@ -114,7 +114,8 @@ def _guided(conditional: torch.Tensor, unconditional: torch.Tensor | None, guida
 @torch.no_grad()
 def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule: list[tuple[float, float]],
              progress=None, composition: str | None = None, type_update: str | None = None,
-             conditions: torch.Tensor | None = None, guidance: float | None = None) -> list[Crystal]:
+             conditions: torch.Tensor | None = None, guidance: float | None = None,
+             num_atoms: torch.Tensor | None = None) -> list[Crystal]:
     """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics.
 
     ``composition`` picks the :func:`sample_composition` method of the starting atom types;
@@ -124,7 +125,8 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     model's config. ``conditions`` (B, P): property conditions of a Con-CDVAE model, read by the heads
     and the decoder through :meth:`CDVAE.conditioned_latent`; with ``guidance`` every head and every
     decoder step is also evaluated without them and the two are combined (classifier-free guidance,
-    two decoder passes per step)."""
+    two decoder passes per step). ``num_atoms``: the crystals' atom counts when known (reconstruction),
+    else predicted from ``z``."""
     cfg = model.config
     composition = composition or cfg.composition_sampler
     type_update = type_update or cfg.type_update
@@ -137,7 +139,8 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     def heads(head):
         return _guided(head(zc), None if zu is None else head(zu), guidance)
 
-    num_atoms = heads(model.natom_head).argmax(-1).clamp(min=1)
+    if num_atoms is None:
+        num_atoms = heads(model.natom_head).argmax(-1).clamp(min=1)
     lengths, angles = model.lattice_from_z(zc, num_atoms)
     if zu is not None:
         lu, au = model.lattice_from_z(zu, num_atoms)
@@ -202,6 +205,26 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
                 mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
                 z = mu + torch.exp(0.5 * logvar) * z
             out += langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance)
+    return out
+
+
+@torch.no_grad()
+def reconstruct(model: CDVAE, crystals, seed: int = 0, batch_size: int = 250, levels: int | None = None,
+                steps: int | None = None, composition: str | None = None,
+                type_update: str | None = None) -> list[Crystal]:
+    """Encode ``crystals`` (:class:`~structure.cdvae.data.Crystals`) and decode their posterior means
+    by the same Langevin dynamics as sampling, with each crystal's true number of atoms (CDVAE's
+    reconstruction task; :func:`evaluation.structures.reconstruction_match` scores it)."""
+    from structure.cdvae.data import lattice_matrix as lat_of
+
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    schedule = langevin_schedule(model, levels, steps)
+    out: list[Crystal] = []
+    for start in range(0, len(crystals), batch_size):
+        b = crystals.batch(list(range(start, min(start + batch_size, len(crystals)))))
+        mu, _ = model.encoder(b.types, b.frac, lat_of(b.lengths, b.angles), b.num_atoms, b.batch)
+        out += langevin(model, mu, generator, schedule, None, composition, type_update, num_atoms=b.num_atoms)
     return out
 
 

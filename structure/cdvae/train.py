@@ -40,6 +40,7 @@ class CDVAETrainingArguments:
     latent: int = 128
     encoder_layers: int = 3
     decoder_layers: int = 4
+    encoder_type: str = "schnet"
     cutoff: float = 7.0
     max_neighbors: int = 20
     beta: float = 0.01
@@ -152,7 +153,8 @@ def _build_model(args: CDVAETrainingArguments, train_set: Crystals) -> CDVAE:
 def _new_model(args: CDVAETrainingArguments, train_set: Crystals) -> CDVAE:
     stats = lattice_statistics(train_set)
     return CDVAE(CDVAEConfig(hidden=args.hidden, latent=args.latent, encoder_layers=args.encoder_layers,
-                             decoder_layers=args.decoder_layers, cutoff=args.cutoff, max_neighbors=args.max_neighbors,
+                             decoder_layers=args.decoder_layers,
+                             encoder_type=args.encoder_type, cutoff=args.cutoff, max_neighbors=args.max_neighbors,
                              beta=args.beta, max_atoms=int(train_set.num_atoms.max()),
                              lattice_mean=stats["mean"], lattice_std=stats["std"],
                              element_counts=element_count_table(train_set)))
