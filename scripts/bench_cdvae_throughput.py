@@ -33,11 +33,11 @@ DATA = {"perov5": ("perov_5", "val", "cdvae-perov5"), "mp20": ("mp_20", "train",
 SETTINGS = {  # name: (batch size, threads, bf16, graph cache, compile)
     "baseline": (128, 1, False, False, False),
     "graph cache": (128, 1, False, True, False),
-    "graph cache, 2 threads": (128, 2, False, True, False),
-    "graph cache, batch 64": (64, 1, False, True, False),
-    "graph cache, batch 256": (256, 1, False, True, False),
-    "graph cache, bf16 autocast": (128, 1, True, True, False),
-    "graph cache, torch.compile": (128, 1, False, True, True),
+    "graph cache + 2 threads": (128, 2, False, True, False),
+    "graph cache + batch 64": (64, 1, False, True, False),
+    "graph cache + batch 256": (256, 1, False, True, False),
+    "graph cache + bf16 autocast": (128, 1, True, True, False),
+    "graph cache + torch.compile": (128, 1, False, True, True),
 }
 
 
@@ -117,7 +117,7 @@ def main() -> int:
     pair = [child("graph cache") for _ in range(2)]
     both = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in pair]
     med = statistics.median([b["step_s"]["median"] for b in both])
-    rows.append({**both[0], "setting": "graph cache, 2 processes x 1 thread", "processes": 2,
+    rows.append({**both[0], "setting": "graph cache + 2 processes x 1 thread", "processes": 2,
                  "step_s": {"min": min(b["step_s"]["min"] for b in both), "median": med,
                             "max": max(b["step_s"]["max"] for b in both)},
                  "crystals_per_s": 2 * both[0]["batch_size"] / med,

@@ -46,6 +46,7 @@ class CDVAETrainingArguments:
     beta: float = 0.01
     # optimisation
     cache_graphs: bool = True  # compute the training crystals' graphs once for the encoder
+    compile: bool = False  # torch.compile the decoder (its forward; the weights' names do not change)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -192,6 +193,8 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
     attach_conditions(model, train_set, val_set, seed=args.seed)
     if args.cache_graphs:
         train_set.cache_graphs(model.config.cutoff, model.config.max_neighbors)
+    if args.compile:
+        model.decoder.compile(dynamic=True)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio))
@@ -222,7 +225,12 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
         with ema.applied(raw):
             if not last_eval:
                 last_eval = validation_losses(raw, val_set, args.seed)
+            earlier = raw.config.trained if args.init_from else {}
             raw.config.trained = {"data": data_note, "steps": args.max_steps, "seed": args.seed, "command": command}
+            if args.init_from:  # a segment continuing an exported model: keep the chain's total
+                raw.config.trained.update(init_from=args.init_from, init_steps=earlier.get("total_steps",
+                                                                                         earlier.get("steps", 0)))
+                raw.config.trained["total_steps"] = raw.config.trained["init_steps"] + args.max_steps
             raw.save_pretrained(export)
         metrics = {"data": data_note, "steps": args.max_steps, "n_params": n_params, "final_eval": last_eval,
                    "train_seconds": state.seconds, "command": command,
