@@ -374,6 +374,11 @@ class CDVAE(nn.Module):
         return lengths, raw[:, 3:].clamp(30.0, 150.0)
 
     # ----------------------------------------------------------------------------------- losses
+    def forward(self, batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The training losses (:meth:`losses`): calling the model, as a ``DistributedDataParallel``
+        wrapper does, synchronises gradients across processes."""
+        return self.losses(batch, generator)
+
     def losses(self, batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """CDVAE's training losses on a batch (``collate`` output); ``loss`` is their weighted sum."""
         cfg = self.config

@@ -203,10 +203,16 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
     ema = EMA(raw, args.ema_decay)
     start = resume_from(accelerator, ckpt, sched, ema)
 
+    world, rank = accelerator.num_processes, accelerator.process_index
+
     def step_loss(step: int, micro: int):
-        """CDVAE's losses on the seeded batch of ``step``, noise seeded by (seed, step)."""
-        batch = train_set.batch(epoch_batch(len(train_set), args.batch_size, args.seed, step))
-        losses = raw.losses(batch, torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        """CDVAE's losses on the seeded batch of ``step``, noise seeded by (seed, step). With N processes
+        (``accelerate launch``) the global batch holds ``batch_size * N`` crystals and process ``r`` takes
+        rows ``r::N`` with its own noise; the call goes through the prepared model, which averages the
+        gradients across processes."""
+        rows = epoch_batch(len(train_set), args.batch_size * world, args.seed, step)[rank::world]
+        seed = args.seed * 1_000_003 + step
+        losses = model(train_set.batch(rows), torch.Generator().manual_seed(seed if world == 1 else seed * world + rank))
         return losses["loss"], {k: float(v.detach()) for k, v in losses.items() if k != "loss"}
 
     def evaluate() -> dict:
