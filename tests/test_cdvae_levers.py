@@ -281,3 +281,48 @@ def test_reconstruct_keeps_the_atom_counts():
     crystals = crystals_from_structures([triclinic(), rock_salt(), triclinic()])
     out = reconstruct(model, crystals, seed=0, batch_size=2, levels=2, steps=1)
     assert [len(c.types) for c in out] == crystals.num_atoms.tolist()
+
+
+@pytest.mark.skipif(not PEROV.exists(), reason="needs ../shared")
+def test_two_processes_train_through_accelerate(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): each process takes half of the
+    global batch and the prepared model synchronises the gradients."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.read_csv(PEROV / "val.csv.gz", nrows=32).to_csv(data / "val.csv", index=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "composition_lm.cli", "cdvae", "train", "--data", str(data), "--train-split", "val",
+           "--val-split", "none", "--hidden", "16", "--latent", "8", "--encoder-layers", "1", "--decoder-layers", "1",
+           "--cutoff", "5", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2",
+           "--save-every", "2", "--no-progress", "-o", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "model" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 4
+    assert CDVAE.from_pretrained(tmp_path / "run" / "model").config.trained["steps"] == 4
+
+
+def test_composition_temperature_sharpens_the_draw():
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config()).eval()
+    with torch.no_grad():  # a composition head that spreads its mass over many elements
+        model.composition_head[-1].weight.normal_(0, 0.3)
+    z = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+
+    def mean_elements(t):
+        out = langevin(model, z, torch.Generator().manual_seed(1), [], composition="round", composition_temperature=t)
+        return sum(len(set(c.types.tolist())) for c in out) / len(out)
+
+    assert mean_elements(0.05) < mean_elements(1.0)
+    with pytest.raises(ValueError, match="positive"):
+        langevin(model, z, torch.Generator(), [], composition_temperature=0.0)

@@ -41,7 +41,8 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     structures = model.sample(args.n, seed=args.seed, batch_size=args.batch_size, levels=args.levels,
                               steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress,
-                              composition=args.composition, type_update=args.type_update, **condition_options(args))
+                              composition=args.composition, type_update=args.type_update,
+                              composition_temperature=args.composition_temperature, **condition_options(args))
     seconds = time.perf_counter() - t0
     rows = to_rows(structures)
     if relax is not None:
@@ -134,6 +135,9 @@ def add_parsers(sub) -> None:
                    help="how the starting composition is drawn from the composition head: round (CDVAE: round "
                    "p x N per element), per-atom (each atom from p), k-first (the number of distinct elements "
                    "first, from the training data, then the elements) (default: the model's)")
+    s.add_argument("--composition-temperature", **positive_float, metavar="T",
+                   help="softmax temperature of the composition head when drawing the composition; below 1 fewer, "
+                   "likelier elements (default: the model's)")
     s.add_argument("--type-update", choices=["free", "element-set", "fixed"],
                    help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
                    "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "

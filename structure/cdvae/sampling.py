@@ -115,13 +115,14 @@ def _guided(conditional: torch.Tensor, unconditional: torch.Tensor | None, guida
 def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule: list[tuple[float, float]],
              progress=None, composition: str | None = None, type_update: str | None = None,
              conditions: torch.Tensor | None = None, guidance: float | None = None,
-             num_atoms: torch.Tensor | None = None) -> list[Crystal]:
+             num_atoms: torch.Tensor | None = None, composition_temperature: float | None = None) -> list[Crystal]:
     """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics.
 
-    ``composition`` picks the :func:`sample_composition` method of the starting atom types;
+    ``composition`` picks the :func:`sample_composition` method of the starting atom types, drawn from
+    the composition head's softmax at ``composition_temperature`` (below 1 it sharpens);
     ``type_update`` what the decoder's type logits do at each step: ``free`` (CDVAE: every atom takes
     the most likely of all elements), ``element-set`` (the most likely of the elements the crystal
-    started with) or ``fixed`` (types stay as drawn; only coordinates move). Both default to the
+    started with) or ``fixed`` (types stay as drawn; only coordinates move). All three default to the
     model's config. ``conditions`` (B, P): property conditions of a Con-CDVAE model, read by the heads
     and the decoder through :meth:`CDVAE.conditioned_latent`; with ``guidance`` every head and every
     decoder step is also evaluated without them and the two are combined (classifier-free guidance,
@@ -145,8 +146,11 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     if zu is not None:
         lu, au = model.lattice_from_z(zu, num_atoms)
         lengths, angles = _guided(lengths, lu, guidance).clamp(min=1.0), _guided(angles, au, guidance).clamp(30.0, 150.0)
-    types = sample_composition(heads(model.composition_head).softmax(-1), num_atoms, generator, composition,
-                               cfg.element_counts)
+    temperature = cfg.composition_temperature if composition_temperature is None else composition_temperature
+    if temperature <= 0:
+        raise ValueError(f"the composition temperature must be positive, got {temperature}")
+    types = sample_composition((heads(model.composition_head) / temperature).softmax(-1), num_atoms, generator,
+                               composition, cfg.element_counts)
     batch = torch.repeat_interleave(torch.arange(len(z)), num_atoms)
     allowed = torch.zeros(len(z), MAX_Z, dtype=torch.bool)
     allowed[batch, types - 1] = True
@@ -175,9 +179,9 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
 def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
            steps: int | None = None, step_lr: float | None = None, progress: bool = False,
            composition: str | None = None, type_update: str | None = None, targets=None,
-           guidance: float | None = None) -> list[Crystal]:
+           guidance: float | None = None, composition_temperature: float | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``composition``,
-    ``type_update`` and ``guidance`` as in :func:`langevin`. ``targets``: property windows
+    ``type_update``, ``composition_temperature`` and ``guidance`` as in :func:`langevin`. ``targets``: property windows
     (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
     crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
     comes from the conditional prior p(z | condition); without targets the prior is N(0, I)."""
@@ -204,7 +208,8 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
             if conditions is not None:
                 mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
                 z = mu + torch.exp(0.5 * logvar) * z
-            out += langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance)
+            out += langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
+                            composition_temperature=composition_temperature)
     return out
 
 

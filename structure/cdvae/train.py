@@ -239,7 +239,7 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
                 raw.config.trained["total_steps"] = raw.config.trained["init_steps"] + args.max_steps
             raw.save_pretrained(export)
         metrics = {"data": data_note, "steps": args.max_steps, "n_params": n_params, "final_eval": last_eval,
-                   "train_seconds": state.seconds, "command": command,
+                   "train_seconds": state.seconds, "command": command, "num_processes": world,
                    "hardware": f"{torch.get_num_threads()} CPU threads" if accelerator.device.type == "cpu"
                    else torch.cuda.get_device_name()}
         write_json(export / "training_args.json", dataclasses.asdict(args))
