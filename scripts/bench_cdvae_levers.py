@@ -31,6 +31,7 @@ from evaluation.io import append_jsonl, write_text  # noqa: E402
 DATA = {"perov5": "perov_5", "mp20": "mp_20"}
 JSONL = ROOT / "benchmarks" / "cdvae_levers.jsonl"
 THROUGHPUT = ROOT / "benchmarks" / "cdvae_throughput.jsonl"
+RECONSTRUCTION = ROOT / "benchmarks" / "cdvae_reconstruction.jsonl"
 KEYS = ["struct_validity", "comp_validity", "cov_recall", "cov_precision", "wdist_density", "wdist_num_elems"]
 TARGETS = {  # issue 19 (1,000 samples, seed 0, default schedule)
     "perov5": {"comp_validity": 0.95, "cov_recall": 0.95, "cov_precision": 0.95, "wdist_num_elems": 0.1},
@@ -83,6 +84,30 @@ def cmd_sample(args) -> None:
                **bench_meta("scripts/bench_cdvae_levers.py", args.n, args.model), "cpu": cpu()}
         append_jsonl(JSONL, row)
         print(json.dumps({k: row[k] for k in ("label", "composition", "type_update", "schedule", *KEYS)}), flush=True)
+
+
+def cmd_reconstruct(args) -> None:
+    """CDVAE's reconstruction task on the first N test crystals: encode, decode the posterior mean by the
+    model's Langevin schedule with the true atom count, match with StructureMatcher."""
+    from evaluation.structures import reconstruction_match
+    from structure.cdvae.data import load_crystals
+    from structure.cdvae.model import CDVAE, resolve_model
+    from structure.cdvae.sampling import reconstruct
+
+    model = CDVAE.from_pretrained(resolve_model(args.model))
+    test = load_crystals(args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz", ROOT / "runs/cdvae/cache")
+    test = test.subset(list(range(min(args.n, len(test)))))
+    t = time.perf_counter()
+    out = reconstruct(model, test, seed=args.seed)
+    seconds = time.perf_counter() - t
+    m = reconstruction_match([test.structure(i) for i in range(len(test))], [c.structure() for c in out])
+    row = {"dataset": args.dataset, "model": args.model, "label": args.label or args.model,
+           "encoder": model.config.encoder_type, "steps": model.config.trained.get("total_steps",
+                                                                                  model.config.trained.get("steps")),
+           **m, "seconds": round(seconds, 1), "cpu": cpu(),
+           "command": "python scripts/bench_cdvae_levers.py " + " ".join(sys.argv[1:])}
+    append_jsonl(RECONSTRUCTION, row)
+    print(json.dumps(row), flush=True)
 
 
 def _read(path: Path) -> list[dict]:
@@ -138,6 +163,17 @@ def cmd_report(args) -> None:
                          f"{r['step_s']['min']:.3f}/{r['step_s']['median']:.3f}/{r['step_s']['max']:.3f} | "
                          f"{r['crystals_per_s']:.0f} | {r['epoch_s']:.0f} | {r['ratio']:.2f}× |")
         lines += ["", "CPU: " + "; ".join(sorted({r["cpu"] for r in tp})), ""]
+    recon = _read(RECONSTRUCTION)
+    if recon:
+        lines += ["## Encoder: reconstruction", "",
+                  "CDVAE's reconstruction task on the first N test crystals (posterior mean decoded by the default "
+                  "Langevin schedule with the true atom count; StructureMatcher stol 0.5, angle_tol 10, ltol 0.3).", "",
+                  "| data | model | encoder | training steps | N | match rate % | RMS |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in recon:
+            rms = "n/a" if r["rms"] is None else f"{r['rms']:.4f}"
+            lines.append(f"| {r['dataset']} | {r['label']} | {r['encoder']} | {r['steps']} | {r['n']} | "
+                         f"{100 * r['match_rate']:.1f} | {rms} |")
+        lines.append("")
     for curve in args.curve:
         lines += _curve_lines(Path(curve))
     write_text(ROOT / "benchmarks" / "cdvae_levers.md", "\n".join(lines) + "\n")
@@ -168,10 +204,17 @@ def main() -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    c = sub.add_parser("reconstruct")
+    c.add_argument("--model", required=True)
+    c.add_argument("--label")
+    c.add_argument("--dataset", choices=sorted(DATA), required=True)
+    c.add_argument("--n", type=int, default=500)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     r = sub.add_parser("report")
     r.add_argument("--curve", action="append", default=[], help="a training run's log.jsonl to tabulate")
     args = ap.parse_args()
-    cmd_sample(args) if args.cmd == "sample" else cmd_report(args)
+    {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "report": cmd_report}[args.cmd](args)
     return 0
 
 
