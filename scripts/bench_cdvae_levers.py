@@ -9,8 +9,8 @@ test split (`evaluation.structures.evaluate_structures`, the scorer behind `eval
 `sample` appends one JSON line per setting to benchmarks/cdvae_levers.jsonl as it goes (a kill loses
 only the row in progress); `report` rewrites benchmarks/cdvae_levers.md from every line there, together
 with the throughput rows (benchmarks/cdvae_throughput.jsonl, scripts/bench_cdvae_throughput.py) and the
-training curves named with --curve. A setting is COMPOSITION[@TEMPERATURE]/TYPE-UPDATE[/LEVELSxSTEPS],
-e.g. ``k-first/fixed/50x2`` or ``round@0.5/free``.
+training curves named with --curve. A setting is COMPOSITION[@TEMPERATURE][+REDRAWS]/TYPE-UPDATE[/LEVELSxSTEPS],
+e.g. ``k-first/fixed/50x2``, ``round@0.5/free`` or ``k-first@0.5+20/fixed``.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ def parse_setting(spec: str) -> dict:
     parts = spec.split("/")
     if len(parts) not in (2, 3):
         raise SystemExit(f"--setting {spec!r}: expected COMPOSITION[@T]/TYPE-UPDATE[/LEVELSxSTEPS]")
-    composition, _, temperature = parts[0].partition("@")
+    head, _, retries = parts[0].partition("+")
+    composition, _, temperature = head.partition("@")
     out = {"composition": composition, "temperature": float(temperature) if temperature else None,
+           "retries": int(retries) if retries else None,
            "type_update": parts[1], "levels": None, "steps": None}
     if len(parts) == 3:
         out["levels"], out["steps"] = (int(x) for x in parts[2].lower().split("x"))
@@ -71,13 +73,13 @@ def cmd_sample(args) -> None:
         t = time.perf_counter()
         structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"],
                                   composition=s["composition"], type_update=s["type_update"],
-                                  composition_temperature=s["temperature"])
+                                  composition_temperature=s["temperature"], composition_retries=s["retries"])
         seconds = time.perf_counter() - t
         m = evaluate_structures(structures, reference, dataset=args.dataset, workers=args.workers,
                                 cache_dir=ROOT / "runs/cdvae/fingerprints")
         row = {"dataset": args.dataset, "model": args.model, "label": args.label or args.model, "n": args.n,
                "seed": args.seed, "composition": s["composition"], "temperature": s["temperature"],
-               "type_update": s["type_update"],
+               "retries": s["retries"], "type_update": s["type_update"],
                "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}",
                "seconds_sampling": round(seconds, 1), "threads": __import__("torch").get_num_threads(),
                **{k: m.get(k) for k in KEYS}, "n_elements": element_histogram(structures),
@@ -132,7 +134,8 @@ def lever_table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         hist = "/".join(f"{100 * r['n_elements'][k]:.0f}" for k in ("1", "2", "3", "4", "5", "6", "7+"))
-        comp = r["composition"] + (f" T={r['temperature']:g}" if r.get("temperature") else "")
+        comp = r["composition"] + (f" T={r['temperature']:g}" if r.get("temperature") else "") + (
+            f", {r['retries']} redraws" if r.get("retries") else "")
         lines.append(f"| {r['dataset']} | {r['label']} | {comp} | {r['type_update']} | {r['schedule']} | "
                      f"{r['n']} | {r['seconds_sampling']:.0f} | " + " | ".join(_cell(r["dataset"], k, r.get(k)) for k in KEYS)
                      + f" | {hist} |")
@@ -199,7 +202,7 @@ def main() -> int:
     s.add_argument("--model", required=True)
     s.add_argument("--label", help="the model's name in the table (default: --model)")
     s.add_argument("--dataset", choices=sorted(DATA), required=True)
-    s.add_argument("--setting", action="append", required=True, help="COMPOSITION[@T]/TYPE-UPDATE[/LEVELSxSTEPS]")
+    s.add_argument("--setting", action="append", required=True, help="COMPOSITION[@T][+R]/TYPE-UPDATE[/LEVELSxSTEPS]")
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=1)

@@ -326,3 +326,23 @@ def test_composition_temperature_sharpens_the_draw():
     assert mean_elements(0.05) < mean_elements(1.0)
     with pytest.raises(ValueError, match="positive"):
         langevin(model, z, torch.Generator(), [], composition_temperature=0.0)
+
+
+def test_composition_redraws_raise_validity_and_keep_k():
+    from structure.cdvae.sampling import composition_is_valid
+
+    assert composition_is_valid(torch.tensor([10, 16]))  # NaCl (indices are Z - 1)
+    assert not composition_is_valid(torch.tensor([10, 16, 16]))  # NaCl2
+    g = torch.Generator().manual_seed(0)
+    probs = torch.zeros(100, 100)
+    probs[:, [2, 10, 11, 18, 7, 8, 16, 15]] = 1 / 8  # Li Na Mg K O F Cl S
+    num = torch.full((100,), 6)
+    table = [[0.0, 0.0, 0.0, 1.0]] * 9
+
+    def share_valid(retries):
+        types = sample_composition(probs, num, torch.Generator().manual_seed(0), "k-first", table, retries=retries)
+        crystals = types.view(100, 6) - 1
+        assert all(len(set(c.tolist())) == 3 for c in crystals)  # k stays 3
+        return sum(composition_is_valid(c) for c in crystals) / 100
+
+    assert share_valid(20) > share_valid(0) + 0.2

@@ -42,7 +42,8 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
     structures = model.sample(args.n, seed=args.seed, batch_size=args.batch_size, levels=args.levels,
                               steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress,
                               composition=args.composition, type_update=args.type_update,
-                              composition_temperature=args.composition_temperature, **condition_options(args))
+                              composition_temperature=args.composition_temperature,
+                              composition_retries=args.composition_retries, **condition_options(args))
     seconds = time.perf_counter() - t0
     rows = to_rows(structures)
     if relax is not None:
@@ -138,6 +139,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--composition-temperature", **positive_float, metavar="T",
                    help="softmax temperature of the composition head when drawing the composition; below 1 fewer, "
                    "likelier elements (default: the model's)")
+    s.add_argument("--composition-retries", **non_negative_int, metavar="R",
+                   help="redraw a starting composition that fails CDVAE's composition validity (SMACT charge "
+                   "neutrality, Pauling test) up to R times (default: the model's)")
     s.add_argument("--type-update", choices=["free", "element-set", "fixed"],
                    help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
                    "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "

@@ -96,6 +96,7 @@ class CDVAEConfig:
     composition_sampler: str = "round"
     type_update: str = "free"
     composition_temperature: float = 1.0  # the composition head's softmax temperature when sampling (< 1 sharpens)
+    composition_retries: int = 0  # redraws of a starting composition that fails CDVAE's composition validity
     # element_counts[N][k]: share of training crystals of N atoms with k distinct elements (the k-first
     # composition sampler draws k from it); data.element_count_table
     element_counts: list[list[float]] = field(default_factory=list)
@@ -454,11 +455,12 @@ class CDVAE(nn.Module):
     def sample(self, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
                steps: int | None = None, step_lr: float | None = None, progress: bool = False,
                composition: str | None = None, type_update: str | None = None, targets=None,
-               guidance: float | None = None, composition_temperature: float | None = None) -> list:
+               guidance: float | None = None, composition_temperature: float | None = None,
+               composition_retries: int | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; ``levels``, ``steps``, ``step_lr``, the
-        ``composition`` sampler, its ``composition_temperature`` and the ``type_update`` rule default to
-        the model's). A property-conditioned
+        ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
+        ``type_update`` rule default to the model's). A property-conditioned
         model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
         The same seed gives the same crystals.
 
@@ -473,5 +475,6 @@ class CDVAE(nn.Module):
             raise ValueError(f"n must be at least 1, got {n}")
         crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
                           progress=progress, composition=composition, type_update=type_update, targets=targets,
-                          guidance=guidance, composition_temperature=composition_temperature)
+                          guidance=guidance, composition_temperature=composition_temperature,
+                          composition_retries=composition_retries)
         return [c.structure() for c in crystals]

@@ -58,14 +58,22 @@ def _round_counts(p: torch.Tensor, n: int, generator: torch.Generator) -> torch.
     return types
 
 
-def _k_first_counts(p: torch.Tensor, n: int, k_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Draw the number of distinct elements k from ``k_probs`` (index = k), then k distinct elements
-    with probability ``p`` (without replacement), then share the n atoms among them in proportion to
-    their ``p`` with at least one atom each (largest remainder)."""
+def _draw_k(n: int, p: torch.Tensor, k_probs: torch.Tensor, generator: torch.Generator) -> int:
+    """The number of distinct elements of a crystal of ``n`` atoms: drawn from ``k_probs`` (index = k),
+    at most ``n`` and at most the elements ``p`` allows."""
     k = int(torch.multinomial(k_probs, 1, generator=generator)) if k_probs.sum() > 0 else 1
-    k = max(1, min(k, n, int((p > 0).sum())))
+    return max(1, min(k, n, int((p > 0).sum())))
+
+
+def _k_first_counts(p: torch.Tensor, n: int, k: int, generator: torch.Generator, jitter: bool = False) -> torch.Tensor:
+    """k distinct elements drawn with probability ``p`` (without replacement), then the n atoms shared
+    among them in proportion to their ``p`` with at least one atom each (largest remainder; with
+    ``jitter``, the atoms beyond one each drawn from those proportions instead)."""
     chosen = torch.multinomial(p, k, replacement=False, generator=generator)
     share = p[chosen] / p[chosen].sum() * n
+    if jitter:
+        extra = torch.multinomial(share, n - k, replacement=True, generator=generator) if n > k else chosen[:0]
+        return torch.repeat_interleave(chosen, 1 + torch.bincount(extra, minlength=k))
     counts = share.floor().long().clamp(min=1)
     while counts.sum() > n:  # the minimum of one atom each overshot: take from the most over-served
         counts[torch.argmax((counts - share).masked_fill(counts <= 1, -torch.inf))] -= 1
@@ -74,8 +82,19 @@ def _k_first_counts(p: torch.Tensor, n: int, k_probs: torch.Tensor, generator: t
     return torch.repeat_interleave(chosen, counts)
 
 
+def composition_is_valid(types: torch.Tensor) -> bool:
+    """CDVAE's composition validity (SMACT charge neutrality and Pauling test, protocol ``cdvae``) of
+    atom-type indices (atomic number - 1)."""
+    from evaluation.composition import ELEMENTS
+    from evaluation.validity import check_formula
+
+    counts = torch.bincount(types)
+    text = " ".join(f"{ELEMENTS[z]}{c}" for z, c in enumerate(counts.tolist()) if c)
+    return check_formula(text, protocol="cdvae").valid
+
+
 def sample_composition(probs: torch.Tensor, num_atoms: torch.Tensor, generator: torch.Generator,
-                       method: str = "round", element_counts: list | None = None) -> torch.Tensor:
+                       method: str = "round", element_counts: list | None = None, retries: int = 0) -> torch.Tensor:
     """Atomic numbers of ``num_atoms[b]`` atoms per crystal from per-crystal element probabilities
     (B, MAX_Z), shuffled within each crystal. ``method``:
 
@@ -85,6 +104,10 @@ def sample_composition(probs: torch.Tensor, num_atoms: torch.Tensor, generator: 
     * ``k-first``: the number of distinct elements first, from ``element_counts`` (row N, column k: how
       often crystals of N atoms have k elements in the training data, :func:`element_count_table`),
       then which elements and how many atoms of each (:func:`_k_first_counts`).
+
+    ``retries``: a composition that fails CDVAE's composition validity (:func:`composition_is_valid`) is
+    drawn again, up to this many times (k-first keeps its k and jitters the counts), and the last draw is
+    kept when none passes: validity enforced inside the sampler, as the formula models do.
     """
     if method not in COMPOSITION_SAMPLERS:
         raise ValueError(f"unknown composition sampler {method!r} (choose from {', '.join(COMPOSITION_SAMPLERS)})")
@@ -94,12 +117,16 @@ def sample_composition(probs: torch.Tensor, num_atoms: torch.Tensor, generator: 
     table = torch.tensor(element_counts, dtype=torch.float) if method == "k-first" else None
     out = []
     for p, n in zip(probs, num_atoms.tolist()):
-        if method == "round":
-            types = _round_counts(p, n, generator)
-        elif method == "per-atom":
-            types = torch.multinomial(p, n, replacement=True, generator=generator)
-        else:
-            types = _k_first_counts(p, n, table[min(n, len(table) - 1)], generator)
+        k = _draw_k(n, p, table[min(n, len(table) - 1)], generator) if method == "k-first" else 0
+        for attempt in range(retries + 1):
+            if method == "round":
+                types = _round_counts(p, n, generator)
+            elif method == "per-atom":
+                types = torch.multinomial(p, n, replacement=True, generator=generator)
+            else:
+                types = _k_first_counts(p, n, k, generator, jitter=attempt > 0)
+            if attempt == retries or composition_is_valid(types):
+                break
         out.append(types[torch.randperm(n, generator=generator)] + 1)
     return torch.cat(out)
 
@@ -115,11 +142,13 @@ def _guided(conditional: torch.Tensor, unconditional: torch.Tensor | None, guida
 def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule: list[tuple[float, float]],
              progress=None, composition: str | None = None, type_update: str | None = None,
              conditions: torch.Tensor | None = None, guidance: float | None = None,
-             num_atoms: torch.Tensor | None = None, composition_temperature: float | None = None) -> list[Crystal]:
+             num_atoms: torch.Tensor | None = None, composition_temperature: float | None = None,
+             composition_retries: int | None = None) -> list[Crystal]:
     """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics.
 
     ``composition`` picks the :func:`sample_composition` method of the starting atom types, drawn from
-    the composition head's softmax at ``composition_temperature`` (below 1 it sharpens);
+    the composition head's softmax at ``composition_temperature`` (below 1 it sharpens) and redrawn up to
+    ``composition_retries`` times while it fails CDVAE's composition validity;
     ``type_update`` what the decoder's type logits do at each step: ``free`` (CDVAE: every atom takes
     the most likely of all elements), ``element-set`` (the most likely of the elements the crystal
     started with) or ``fixed`` (types stay as drawn; only coordinates move). All three default to the
@@ -150,7 +179,8 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     if temperature <= 0:
         raise ValueError(f"the composition temperature must be positive, got {temperature}")
     types = sample_composition((heads(model.composition_head) / temperature).softmax(-1), num_atoms, generator,
-                               composition, cfg.element_counts)
+                               composition, cfg.element_counts,
+                               cfg.composition_retries if composition_retries is None else composition_retries)
     batch = torch.repeat_interleave(torch.arange(len(z)), num_atoms)
     allowed = torch.zeros(len(z), MAX_Z, dtype=torch.bool)
     allowed[batch, types - 1] = True
@@ -179,9 +209,11 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
 def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
            steps: int | None = None, step_lr: float | None = None, progress: bool = False,
            composition: str | None = None, type_update: str | None = None, targets=None,
-           guidance: float | None = None, composition_temperature: float | None = None) -> list[Crystal]:
+           guidance: float | None = None, composition_temperature: float | None = None,
+           composition_retries: int | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``composition``,
-    ``type_update``, ``composition_temperature`` and ``guidance`` as in :func:`langevin`. ``targets``: property windows
+    ``type_update``, ``composition_temperature``, ``composition_retries`` and ``guidance`` as in
+    :func:`langevin`. ``targets``: property windows
     (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
     crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
     comes from the conditional prior p(z | condition); without targets the prior is N(0, I)."""
@@ -209,7 +241,7 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
                 mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
                 z = mu + torch.exp(0.5 * logvar) * z
             out += langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
-                            composition_temperature=composition_temperature)
+                            composition_temperature=composition_temperature, composition_retries=composition_retries)
     return out
 
 
