@@ -87,7 +87,8 @@ def judge(structures, targets_of_interest, relax_n: int, potential: Path) -> dic
         field = {"formation_energy_per_atom": "e_form_per_atom", "e_above_hull": "e_hull_per_atom"}.get(t.name)
         if field and relaxed:
             vals = [getattr(r, field) for r in relaxed.values()]
-            out["hits"][f"{spec} (M3GNet, relaxed valid)"] = _rate([bool(t.contains(v)) for v in vals if math.isfinite(v)])
+            out["hits"][f"{spec} (M3GNet, relaxed valid)"] = _rate([bool(t.contains(v)) for v in vals
+                                                                      if math.isfinite(v)])
     return out
 
 
@@ -116,11 +117,13 @@ def cmd_report(args) -> None:
              "seed and schedule; ± one binomial standard error. Band gap and (all crystals) formation energy are "
              "judged by the composition property predictor; `M3GNet` rows relax the first valid crystals and read "
              "the formation energy and E_hull of the `stability` scorer. Command per row in "
-             "benchmarks/cdvae_conditioning.jsonl; `python scripts/bench_cdvae_conditioning.py report` writes this.", ""]
+             "benchmarks/cdvae_conditioning.jsonl; `python scripts/bench_cdvae_conditioning.py report` writes "
+             "this.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         group = [r for r in rows if r["model"] == model]
         plain = next((r for r in group if r["config"] == "plain"), None)
-        lines += [f"## `{model}`", "", "| config | sampler | N | struct valid | comp valid | judge | hit rate | × plain |",
+        lines += [f"## `{model}`", "",
+                  "| config | sampler | N | struct valid | comp valid | judge | hit rate | × plain |",
                   "|---|---|---:|---:|---:|---|---:|---:|"]
         for r in group:
             if r["config"] == "plain":
@@ -133,14 +136,16 @@ def cmd_report(args) -> None:
                 base_txt = f" (plain {100 * base['rate']:.1f} ± {100 * base['se']:.1f})" if base else ""
                 lines.append(f"| {r['config']} | {r['composition'] or 'model'}/{r['type_update'] or 'model'} | "
                              f"{h['n']} | {100 * r['struct_validity']:.1f} | {100 * r['comp_validity']:.1f} | "
-                             f"{judge_name.partition(' ')[2]} | {100 * h['rate']:.1f} ± {100 * h['se']:.1f}{base_txt} | "
+                             f"{judge_name.partition(' ')[2]} | "
+                             f"{100 * h['rate']:.1f} ± {100 * h['se']:.1f}{base_txt} | "
                              f"{ratio} |")
         if plain:
             lines += ["", f"`plain`: struct validity {100 * plain['struct_validity']:.1f} %, comp validity "
                       f"{100 * plain['comp_validity']:.1f} %."]
         relaxed = [r for r in group if r.get("relaxed")]
         if relaxed:
-            lines += ["", "| config | relaxed | with energy | mean E_form (eV/atom) | E_hull ≤ 0.1 | E_hull ≤ 0 | relax s |",
+            lines += ["", "| config | relaxed | with energy | mean E_form (eV/atom) | E_hull ≤ 0.1 | E_hull ≤ 0 "
+                      "| relax s |",
                       "|---|---:|---:|---:|---:|---:|---:|"]
             for r in relaxed:
                 x = r["relaxed"]

@@ -67,7 +67,8 @@ def cmd_sample(args) -> None:
 
     model = CDVAE.from_pretrained(resolve_model(args.model))
     cfg = model.config
-    reference = [r.structure for r in read_structures(args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz")]
+    test_csv = args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz"
+    reference = [r.structure for r in read_structures(test_csv)]
     for spec in args.setting:
         s = parse_setting(spec)
         t = time.perf_counter()
@@ -97,7 +98,8 @@ def cmd_reconstruct(args) -> None:
     from structure.cdvae.sampling import reconstruct
 
     model = CDVAE.from_pretrained(resolve_model(args.model))
-    test = load_crystals(args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz", ROOT / "runs/cdvae/cache")
+    test_csv = args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz"
+    test = load_crystals(test_csv, ROOT / "runs/cdvae/cache")
     test = test.subset(list(range(min(args.n, len(test)))))
     t = time.perf_counter()
     out = reconstruct(model, test, seed=args.seed)
@@ -137,7 +139,8 @@ def lever_table(rows: list[dict]) -> list[str]:
         comp = r["composition"] + (f" T={r['temperature']:g}" if r.get("temperature") else "") + (
             f", {r['retries']} redraws" if r.get("retries") else "")
         lines.append(f"| {r['dataset']} | {r['label']} | {comp} | {r['type_update']} | {r['schedule']} | "
-                     f"{r['n']} | {r['seconds_sampling']:.0f} | " + " | ".join(_cell(r["dataset"], k, r.get(k)) for k in KEYS)
+                     f"{r['n']} | {r['seconds_sampling']:.0f} | "
+                     + " | ".join(_cell(r["dataset"], k, r.get(k)) for k in KEYS)
                      + f" | {hist} |")
     return lines
 
@@ -150,10 +153,11 @@ def cmd_report(args) -> None:
              "the number of distinct elements). Bold: the issue's target met. Command: "
              "`python scripts/bench_cdvae_levers.py sample ...` (each row's full command is in "
              "benchmarks/cdvae_levers.jsonl), then `python scripts/bench_cdvae_levers.py report`.", "",
-             "Targets at 1,000 samples, seed 0: Perov-5 comp ≥ 95, COV-R ≥ 95, COV-P ≥ 95, #elem W ≤ 0.1; MP-20 comp ≥ 86, "
+             "Targets at 1,000 samples, seed 0: Perov-5 comp ≥ 95, COV-R ≥ 95, COV-P ≥ 95, #elem W ≤ 0.1; "
+             "MP-20 comp ≥ 86, "
              "COV-R ≥ 90, COV-P ≥ 95, density W ≤ 0.7, #elem W ≤ 0.5. Test split #elements 1/2/3/4/5/6+ %: "
              "Perov-5 0/0/29/57/13/0 (training share), MP-20 1/20/61/17/2/0.2.", "",
-             "## Sampling levers", ""] + lever_table(rows)
+             "## Sampling levers", ""] + lever_table(sorted(rows, key=lambda r: r["dataset"] != "perov5"))
     cpus = sorted({r["cpu"] for r in rows})
     lines += ["", "CPU: " + "; ".join(cpus), ""]
     tp = _read(THROUGHPUT)
@@ -171,7 +175,8 @@ def cmd_report(args) -> None:
         lines += ["## Encoder: reconstruction", "",
                   "CDVAE's reconstruction task on the first N test crystals (posterior mean decoded by the default "
                   "Langevin schedule with the true atom count; StructureMatcher stol 0.5, angle_tol 10, ltol 0.3).", "",
-                  "| data | model | encoder | training steps | N | match rate % | RMS |", "|---|---|---|---:|---:|---:|---:|"]
+                  "| data | model | encoder | training steps | N | match rate % | RMS |",
+                  "|---|---|---|---:|---:|---:|---:|"]
         for r in recon:
             rms = "n/a" if r["rms"] is None else f"{r['rms']:.4f}"
             lines.append(f"| {r['dataset']} | {r['label']} | {r['encoder']} | {r['steps']} | {r['n']} | "

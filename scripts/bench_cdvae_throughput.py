@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def main() -> int:
     def child(setting: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, __file__, "--dataset", args.dataset, "--steps", str(args.steps),
                                  "--repeats", str(args.repeats), "--one", setting], stdout=subprocess.PIPE, text=True,
-                                cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": str(SETTINGS[setting][1])})
+                                cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(SETTINGS[setting][1])})
 
     rows, base = [], None
     for setting in args.settings.split(","):

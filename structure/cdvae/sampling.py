@@ -174,7 +174,8 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     lengths, angles = model.lattice_from_z(zc, num_atoms)
     if zu is not None:
         lu, au = model.lattice_from_z(zu, num_atoms)
-        lengths, angles = _guided(lengths, lu, guidance).clamp(min=1.0), _guided(angles, au, guidance).clamp(30.0, 150.0)
+        lengths = _guided(lengths, lu, guidance).clamp(min=1.0)
+        angles = _guided(angles, au, guidance).clamp(30.0, 150.0)
     temperature = cfg.composition_temperature if composition_temperature is None else composition_temperature
     if temperature <= 0:
         raise ValueError(f"the composition temperature must be positive, got {temperature}")
