@@ -157,7 +157,9 @@ def cmd_report(args) -> None:
              "MP-20 comp ≥ 86, "
              "COV-R ≥ 90, COV-P ≥ 95, density W ≤ 0.7, #elem W ≤ 0.5. Test split #elements 1/2/3/4/5/6+ %: "
              "Perov-5 0/0/29/57/13/0 (training share), MP-20 1/20/61/17/2/0.2.", "",
-             "## Sampling levers", ""] + lever_table(sorted(rows, key=lambda r: r["dataset"] != "perov5"))
+             "## Sampling levers", "",
+             "CDVAE's own rules are `round` / `free`; for MP-20 their row is benchmarks/cdvae_mp20.md (the same model, "
+             "seed and N).", ""] + lever_table(sorted(rows, key=lambda r: r["dataset"] != "perov5"))
     cpus = sorted({r["cpu"] for r in rows})
     lines += ["", "CPU: " + "; ".join(cpus), ""]
     tp = _read(THROUGHPUT)
@@ -189,14 +191,15 @@ def cmd_report(args) -> None:
 
 
 def _curve_lines(log: Path) -> list[str]:
-    evals = [r for r in _read(log) if "eval" in r or any(k.startswith("val_") for k in r)]
+    """The validation losses (EMA weights) a training run logged at each evaluation."""
+    evals = [{"step": r["step"], **r["eval"]} for r in _read(log) if "eval" in r]
     if not evals:
         return []
-    lines = [f"## Training curve: `{log}`", "", "| step | " + " | ".join(k for k in evals[-1] if k != "step") + " |",
-             "|---:|" + "---:|" * (len(evals[-1]) - 1)]
+    keys = [k for k in evals[-1] if k != "step"]
+    lines = [f"## Training curve: `{log}` (validation losses, EMA weights)", "",
+             "| step | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
     for r in evals:
-        lines.append(f"| {r.get('step')} | " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
-                                                          for k, v in r.items() if k != "step") + " |")
+        lines.append(f"| {r['step']} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
     return lines + [""]
 
 
