@@ -346,3 +346,28 @@ def test_composition_redraws_raise_validity_and_keep_k():
         return sum(composition_is_valid(c) for c in crystals) / 100
 
     assert share_valid(20) > share_valid(0) + 0.2
+
+
+def test_training_drops_all_properties_of_a_crystal_at_the_dropout_rate(monkeypatch):
+    """Unconditional sampling uses the N(0, I) prior, which only crystals with no property given train."""
+    import structure.cdvae.model as model_module
+
+    seen = []
+    original = CDVAE.prior
+
+    def spy(self, conditions, embedding, n):
+        seen.append(conditions.clone())
+        return original(self, conditions, embedding, n)
+
+    monkeypatch.setattr(model_module.CDVAE, "prior", spy)
+    from tests.test_cdvae import rock_salt
+
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config(property_dropout=0.2))
+    bins = [PropertyBins.from_values(n, torch.linspace(-2, 2, 101).tolist(), 4) for n in ("a", "b", "c")]
+    model.add_property_conditioning(bins)
+    crystals = crystals_from_structures([rock_salt()] * 400)
+    crystals.conditions = torch.tensor([[1, 2, 3]] * 400)
+    model.losses(crystals.batch(list(range(400))), torch.Generator().manual_seed(0))
+    none_given = (seen[0] == 0).all(-1).float().mean().item()
+    assert 0.13 < none_given < 0.3  # about 0.2 + 0.8 * 0.2**3, not 0.2**3 = 0.008
