@@ -168,20 +168,33 @@ class _Graph:
         self.n = len(frac)
 
 
-class Encoder(nn.Module):
-    """Periodic SchNet-style encoder → (mu, logvar) per crystal."""
+class _CrystalEncoder(nn.Module):
+    """What both encoders share: the element embedding, the distance expansion, and the read-out of the
+    mean atom features into the latent mean and log-variance."""
 
     def __init__(self, cfg: CDVAEConfig):
         super().__init__()
-        h = cfg.hidden
         self.cfg = cfg
-        self.embed = nn.Embedding(MAX_Z, h)
+        self.embed = nn.Embedding(MAX_Z, cfg.hidden)
         self.rbf = GaussianRBF(cfg.rbf, cfg.cutoff)
+        self.readout = mlp([cfg.hidden, cfg.hidden, 2 * cfg.latent])
+
+    def read_out(self, h: torch.Tensor, batch: torch.Tensor, num_atoms: torch.Tensor):
+        pooled = _aggregate(h, batch, len(num_atoms)) / num_atoms[:, None].float()
+        mu, logvar = self.readout(pooled).chunk(2, dim=-1)
+        return mu, logvar
+
+
+class Encoder(_CrystalEncoder):
+    """Periodic SchNet-style encoder → (mu, logvar) per crystal."""
+
+    def __init__(self, cfg: CDVAEConfig):
+        super().__init__(cfg)
+        h = cfg.hidden
         self.filters = nn.ModuleList(nn.Linear(cfg.rbf, h) for _ in range(cfg.encoder_layers))
         self.inputs = nn.ModuleList(nn.Linear(h, h, bias=False) for _ in range(cfg.encoder_layers))
         self.updates = nn.ModuleList(mlp([h, h, h]) for _ in range(cfg.encoder_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in range(cfg.encoder_layers))
-        self.readout = mlp([h, h, 2 * cfg.latent])
 
     def forward(self, types, frac, lattice, num_atoms, batch, edges=None):
         """``edges``: the batch's periodic graph when cached (:class:`~structure.cdvae.data.GraphCache`)."""
@@ -192,30 +205,24 @@ class Encoder(nn.Module):
         for filt, inp, upd, norm in zip(self.filters, self.inputs, self.updates, self.norms):
             msg = inp(norm(h))[src] * filt(rbf)
             h = h + upd(_aggregate(msg, dst, g.n) / self.cfg.max_neighbors)
-        pooled = _aggregate(h, batch, len(num_atoms)) / num_atoms[:, None].float()
-        mu, logvar = self.readout(pooled).chunk(2, dim=-1)
-        return mu, logvar
+        return self.read_out(h, batch, num_atoms)
 
 
-class PaiNNEncoder(nn.Module):
+class PaiNNEncoder(_CrystalEncoder):
     """Periodic PaiNN-style encoder (Schütt et al. 2021) → (mu, logvar) per crystal: each atom carries
     invariant features and equivariant vector features; messages along an edge mix them with the edge's
     direction, so angles between bonds reach the invariant read-out (the SchNet-style :class:`Encoder`
     sees distances only). ``encoder_type="painn"`` in the config."""
 
     def __init__(self, cfg: CDVAEConfig):
-        super().__init__()
+        super().__init__(cfg)
         h = cfg.hidden
-        self.cfg = cfg
-        self.embed = nn.Embedding(MAX_Z, h)
-        self.rbf = GaussianRBF(cfg.rbf, cfg.cutoff)
         layers = range(cfg.encoder_layers)
         self.messages = nn.ModuleList(mlp([h, h, 3 * h]) for _ in layers)
         self.filters = nn.ModuleList(nn.Linear(cfg.rbf, 3 * h) for _ in layers)
         self.mix = nn.ModuleList(nn.Linear(h, 2 * h, bias=False) for _ in layers)
         self.updates = nn.ModuleList(mlp([2 * h, h, 3 * h]) for _ in layers)
         self.norms = nn.ModuleList(nn.LayerNorm(h) for _ in layers)
-        self.readout = mlp([h, h, 2 * cfg.latent])
 
     def forward(self, types, frac, lattice, num_atoms, batch, edges=None):
         g = _Graph(frac, lattice, num_atoms, batch, self.cfg.cutoff, self.cfg.max_neighbors, edges)
@@ -239,9 +246,7 @@ class PaiNNEncoder(nn.Module):
             avv, asv, ass = a.split(h, dim=-1)
             v = v + avv[:, None, :] * uv
             s = s + asv * (uv * vv).sum(1) + ass
-        pooled = _aggregate(s, batch, len(num_atoms)) / num_atoms[:, None].float()
-        mu, logvar = self.readout(pooled).chunk(2, dim=-1)
-        return mu, logvar
+        return self.read_out(s, batch, num_atoms)
 
 
 class ScoreNetwork(nn.Module):
