@@ -116,7 +116,9 @@ def cmd_report(args) -> None:
              "Hit rate of each requested window against the same model sampled unconditionally (`plain`), same N, "
              "seed and schedule; ± one binomial standard error. Band gap and (all crystals) formation energy are "
              "judged by the composition property predictor; `M3GNet` rows relax the first valid crystals and read "
-             "the formation energy and E_hull of the `stability` scorer. Command per row in "
+             "the formation energy and E_hull of the `stability` scorer (their E_hull shares are stability of those "
+             "crystals, not SUN rates: no uniqueness or novelty check). Sampler `model/model`: the model's defaults "
+             "(for the MP-20 models, k-first with 20 validity redraws and fixed types). Command per row in "
              "benchmarks/cdvae_conditioning.jsonl; `python scripts/bench_cdvae_conditioning.py report` writes "
              "this.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
