@@ -46,19 +46,11 @@ from torch import nn
 
 from evaluation.conditioning import (ENCODINGS, ContinuousCondition, PropertyBins, Target, condition_ids,
                                      condition_module, condition_values, drop_conditions, null_conditions, parse_target,
-                                     training_conditions)
+                                     sample_conditions, training_conditions)
 
 __all__ = ["ENCODINGS", "ContinuousCondition", "PropertyBins", "PropertyConditioned", "Target", "condition_ids",
            "condition_values", "corpus_properties", "drop_conditions", "null_conditions", "parse_target",
            "sample_conditions", "training_conditions"]
-
-
-def sample_conditions(config, targets: Sequence[Target], n: int, generator: torch.Generator) -> torch.Tensor:
-    """The conditions of ``n`` samples asking for ``targets``, in the model's encoding."""
-    bins = config.property_bins()
-    if config.property_encoding == "continuous":
-        return condition_values(bins, targets, n, generator)
-    return condition_ids(bins, targets, n, generator)
 
 
 def corpus_properties(path: str, names: Sequence[str], column: str | None = None,

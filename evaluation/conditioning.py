@@ -25,7 +25,7 @@ from torch import nn
 
 __all__ = ["ENCODINGS", "N_QUANTILES", "ContinuousCondition", "PropertyBins", "Target", "condition_ids",
            "condition_module", "condition_values", "drop_conditions", "null_conditions", "parse_target",
-           "training_conditions"]
+           "sample_conditions", "training_conditions"]
 
 #: how a property enters a denoiser: one bin id, or the rank of its value (composition_lm.conditions)
 ENCODINGS = ("bins", "continuous")
@@ -206,6 +206,15 @@ def condition_values(bins: Sequence[PropertyBins], targets: Sequence[Target], n:
         b = float(bins[j].rank([t.hi], "right")[0])
         out[:, j] = a + (b - a) * torch.rand(n, generator=generator, dtype=torch.float64).float()
     return out
+
+
+def sample_conditions(config, targets: Sequence[Target], n: int, generator: torch.Generator) -> torch.Tensor:
+    """The conditions of ``n`` samples asking for ``targets``, in the encoding of the model ``config`` (any
+    config with ``property_bins()`` and ``property_encoding``)."""
+    bins = config.property_bins()
+    if config.property_encoding == "continuous":
+        return condition_values(bins, targets, n, generator)
+    return condition_ids(bins, targets, n, generator)
 
 
 def training_conditions(bins: Sequence[PropertyBins], rows: Sequence[dict], encoding: str = "bins",

@@ -140,6 +140,11 @@ def composition_validity(structure) -> tuple[bool, str]:
         amounts = structure.composition.element_composition.get_el_amt_dict()
     except Exception as e:  # dummy species and the like
         return False, f"composition not readable ({type(e).__name__}: {e})"
+    return amounts_validity(amounts)
+
+
+def amounts_validity(amounts: dict[str, float]) -> tuple[bool, str]:
+    """CDVAE's composition validity (protocol ``cdvae``) of ``{element symbol: amount}``; ``(valid, reason)``."""
     if not amounts:
         return False, "no atoms"
     text = " ".join(f"{el}{amt:.6f}" for el, amt in amounts.items())

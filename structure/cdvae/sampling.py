@@ -86,11 +86,10 @@ def composition_is_valid(types: torch.Tensor) -> bool:
     """CDVAE's composition validity (SMACT charge neutrality and Pauling test, protocol ``cdvae``) of
     atom-type indices (atomic number - 1)."""
     from evaluation.composition import ELEMENTS
-    from evaluation.validity import check_formula
+    from evaluation.structures import amounts_validity
 
-    counts = torch.bincount(types)
-    text = " ".join(f"{ELEMENTS[z]}{c}" for z, c in enumerate(counts.tolist()) if c)
-    return check_formula(text, protocol="cdvae").valid
+    counts = torch.bincount(types).tolist()
+    return amounts_validity({ELEMENTS[z]: c for z, c in enumerate(counts) if c})[0]
 
 
 def sample_composition(probs: torch.Tensor, num_atoms: torch.Tensor, generator: torch.Generator,
@@ -220,15 +219,13 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     comes from the conditional prior p(z | condition); without targets the prior is N(0, I)."""
     from tqdm.auto import tqdm
 
-    from evaluation.conditioning import condition_ids, condition_values, parse_target
+    from evaluation.conditioning import parse_target, sample_conditions
 
     model.eval()
     targets = [parse_target(t) if isinstance(t, str) else t for t in (targets or [])]
     if targets and not model.config.property_conditions:
         raise ValueError("this CDVAE model is not property-conditioned (train with --condition-on); "
                          f"cannot ask for {', '.join(map(str, targets))}")
-    bins = model.config.property_bins()
-    draw = condition_values if model.config.property_encoding == "continuous" else condition_ids
     generator = torch.Generator().manual_seed(seed)
     schedule = langevin_schedule(model, levels, steps, step_lr)
     out: list[Crystal] = []
@@ -236,7 +233,7 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     with tqdm(total=n_batches * len(schedule), desc="Langevin", unit="step", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
-            conditions = draw(bins, targets, size, generator) if targets else None
+            conditions = sample_conditions(model.config, targets, size, generator) if targets else None
             z = torch.randn((size, model.config.latent), generator=generator)
             if conditions is not None:
                 mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
