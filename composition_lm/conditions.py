@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from evaluation.conditioning import (ENCODINGS, ContinuousCondition, PropertyBins, Target, condition_ids,
-                                     condition_module, condition_values, drop_conditions, null_conditions, parse_target,
-                                     sample_conditions, training_conditions)
+                                     condition_module, condition_values, drop_conditions, embed_conditions,
+                                     null_conditions, parse_target, sample_conditions, training_conditions)
 
 __all__ = ["ENCODINGS", "ContinuousCondition", "PropertyBins", "PropertyConditioned", "Target", "condition_ids",
            "condition_values", "corpus_properties", "drop_conditions", "null_conditions", "parse_target",
@@ -90,9 +90,7 @@ class PropertyConditioned:
     def condition_embedding(self, conditions: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, width]``: the sum of each property's embedding of its condition (``conditions``: ``[B, P]``
         bin ids or ranks), or None for an unconditional call or a model without conditions."""
-        if conditions is None or not len(self.property_embeddings):
-            return None
-        return sum(emb(conditions[:, j]) for j, emb in enumerate(self.property_embeddings))
+        return embed_conditions(self.property_embeddings, conditions)
 
     @torch.no_grad()
     def add_property_conditioning(self, bins: Sequence[PropertyBins], encoding: str = "bins") -> None:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 __all__ = ["ENCODINGS", "N_QUANTILES", "ContinuousCondition", "PropertyBins", "Target", "condition_ids",
-           "condition_module", "condition_values", "drop_conditions", "null_conditions", "parse_target",
-           "sample_conditions", "training_conditions"]
+           "condition_module", "condition_values", "drop_conditions", "embed_conditions", "null_conditions",
+           "parse_target", "sample_conditions", "training_conditions"]
 
 #: how a property enters a denoiser: one bin id, or the rank of its value (composition_lm.conditions)
 ENCODINGS = ("bins", "continuous")
@@ -259,6 +259,14 @@ class ContinuousCondition(nn.Module):
         k = math.pi * torch.arange(1, self.N_FREQ + 1, device=u.device, dtype=u.dtype)
         features = torch.cat([u, torch.sin(k * u), torch.cos(k * u)], dim=-1)
         return self.net(features.to(self.net[0].weight.dtype)) * given[:, None].to(self.net[0].weight.dtype)
+
+
+def embed_conditions(embeddings, conditions: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum over properties of each one's embedding (``embeddings[j]``, from :func:`condition_module`) of its
+    column of ``conditions`` (``[B, P]`` bin ids or ranks), or None for an unconditional call or no property."""
+    if conditions is None or not len(embeddings):
+        return None
+    return sum(emb(conditions[:, j]) for j, emb in enumerate(embeddings))
 
 
 def condition_module(n_ids: int, width: int, encoding: str) -> nn.Module:

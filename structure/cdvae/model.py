@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation.conditioning import ENCODINGS, PropertyBins, condition_module, drop_conditions, null_conditions
+from evaluation.conditioning import (ENCODINGS, PropertyBins, condition_module, drop_conditions, embed_conditions,
+                                     null_conditions)
 from evaluation.io import atomic_path, write_json
 from structure.cdvae.data import (edge_vectors, lattice_matrix, lattice_targets, length_scale, min_image_displacement,
                                   periodic_edges)
@@ -354,9 +355,7 @@ class CDVAE(nn.Module):
     def condition_embedding(self, conditions: torch.Tensor | None) -> torch.Tensor | None:
         """``(B, hidden)``: the sum of the properties' embeddings of ``conditions`` (``(B, P)`` bin ids or
         ranks), or None for an unconditional call or a model without conditions."""
-        if conditions is None or not len(self.property_embeddings):
-            return None
-        return sum(emb(conditions[:, j]) for j, emb in enumerate(self.property_embeddings))
+        return embed_conditions(self.property_embeddings, conditions)
 
     def prior(self, conditions: torch.Tensor | None, embedding: torch.Tensor | None,
               n: int) -> tuple[torch.Tensor, torch.Tensor]:
