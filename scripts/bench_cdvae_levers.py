@@ -65,7 +65,15 @@ def cmd_sample(args) -> None:
     from structure.cdvae.model import CDVAE, resolve_model
     from structure.io import read_structures
 
+    import torch
+
+    from structure.io import write_outputs
+    from structure.cdvae.sampling import to_rows
+
+    torch.set_num_threads(args.threads)
     model = CDVAE.from_pretrained(resolve_model(args.model))
+    if args.compile:
+        model.compile_decoder()
     cfg = model.config
     test_csv = args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz"
     reference = [r.structure for r in read_structures(test_csv)]
@@ -76,14 +84,18 @@ def cmd_sample(args) -> None:
                                   composition=s["composition"], type_update=s["type_update"],
                                   composition_temperature=s["temperature"], composition_retries=s["retries"])
         seconds = time.perf_counter() - t
+        if args.save:  # the crystals themselves, for a later look at what the metrics miss
+            folder = args.save / f"{args.dataset}-{(args.label or args.model).replace('/', '_')}-{spec.replace('/', '_')}"
+            write_outputs(to_rows(structures), folder)
         m = evaluate_structures(structures, reference, dataset=args.dataset, workers=args.workers,
                                 cache_dir=ROOT / "runs/cdvae/fingerprints")
         row = {"dataset": args.dataset, "model": args.model, "label": args.label or args.model, "n": args.n,
                "seed": args.seed, "composition": s["composition"], "temperature": s["temperature"],
                "retries": s["retries"], "type_update": s["type_update"],
                "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}",
-               "seconds_sampling": round(seconds, 1), "threads": __import__("torch").get_num_threads(),
-               **{k: m.get(k) for k in KEYS}, "n_elements": element_histogram(structures),
+               "seconds_sampling": round(seconds, 1), "threads": torch.get_num_threads(),
+               "compiled": bool(args.compile), **{k: m.get(k) for k in KEYS},
+               "cov_recall_struct": m.get("cov_recall_struct"), "cov_recall_comp": m.get("cov_recall_comp"), "n_elements": element_histogram(structures),
                **bench_meta("scripts/bench_cdvae_levers.py", args.n, args.model), "cpu": cpu()}
         append_jsonl(JSONL, row)
         print(json.dumps({k: row[k] for k in ("label", "composition", "type_update", "schedule", *KEYS)}), flush=True)
@@ -132,16 +144,20 @@ def _cell(ds: str, k: str, v) -> str:
 
 def lever_table(rows: list[dict]) -> list[str]:
     lines = ["| data | model | composition | type update | schedule | N | sampling s | struct | comp | COV-R | COV-P | "
-             "density W | #elem W | 1/2/3/4/5/6/7+ elements % |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "density W | #elem W | COV-R struct / comp alone | 1/2/3/4/5/6/7+ elements % |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         hist = "/".join(f"{100 * r['n_elements'][k]:.0f}" for k in ("1", "2", "3", "4", "5", "6", "7+"))
         comp = r["composition"] + (f" T={r['temperature']:g}" if r.get("temperature") else "") + (
             f", {r['retries']} redraws" if r.get("retries") else "")
+        alone = (f"{100 * r['cov_recall_struct']:.1f} / {100 * r['cov_recall_comp']:.1f}"
+                 if r.get("cov_recall_struct") is not None else "n/a")
+        speed = f"{r['seconds_sampling']:.0f}" + (", compiled" if r.get("compiled") else "") + (
+            f", {r['threads']} threads" if r.get("threads", 1) > 1 else "")
         lines.append(f"| {r['dataset']} | {r['label']} | {comp} | {r['type_update']} | {r['schedule']} | "
-                     f"{r['n']} | {r['seconds_sampling']:.0f} | "
+                     f"{r['n']} | {speed} | "
                      + " | ".join(_cell(r["dataset"], k, r.get(k)) for k in KEYS)
-                     + f" | {hist} |")
+                     + f" | {alone} | {hist} |")
     return lines
 
 
@@ -214,6 +230,9 @@ def main() -> int:
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1, help="torch threads while sampling (default: 1)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decoder (CDVAE.compile_decoder)")
+    s.add_argument("--save", type=Path, metavar="DIR", help="also write each setting's crystals under DIR")
     s.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     c = sub.add_parser("reconstruct")
     c.add_argument("--model", required=True)

@@ -132,10 +132,14 @@ def test_coverage_takes_separate_minima_and_counts_all_generated_in_precision():
     ref_c = np.array([[0.0], [0.0]])
     out = coverage(gen_s, gen_c, ref_s, ref_c, struct_cutoff=0.5, comp_cutoff=1.0)
     assert out["cov_recall"] == 1.0
+    assert out["cov_recall_struct"] == 1.0 and out["cov_recall_comp"] == 1.0
     assert out["cov_precision"] == 0.5  # sample 0 is compositionally 9 away from every reference
     assert coverage(gen_s, gen_c, ref_s, ref_c, 0.5, 1.0, n_generated=4)["cov_precision"] == 0.25
     assert out["amsd_recall"] == pytest.approx(0.05)
     assert coverage(gen_s[:0], gen_c[:0], ref_s, ref_c, 0.5, 1.0, n_generated=3)["cov_recall"] == 0.0
+    # a reference far from every sample in structure only: recall fails on the structure cut-off alone
+    far = coverage(gen_s, gen_c, np.array([[2.5]]), np.array([[0.0]]), 0.5, 1.0)
+    assert (far["cov_recall"], far["cov_recall_struct"], far["cov_recall_comp"]) == (0.0, 0.0, 1.0)
 
 
 def test_composition_scaling_replaces_nan_by_zero():

@@ -38,6 +38,8 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
 
     relax = relaxer(args, references=args.templates)
     model = CDVAE.from_pretrained(args.model)
+    if args.compile:
+        model.compile_decoder()
     t0 = time.perf_counter()
     structures = model.sample(args.n, seed=args.seed, batch_size=args.batch_size, levels=args.levels,
                               steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress,
@@ -146,6 +148,9 @@ def add_parsers(sub) -> None:
                    help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
                    "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "
                    "(default: the model's)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder: ~15 s to compile, then each Langevin step ~1.5-1.8x faster on "
+                   "CPU (worth it from a few hundred crystals; needs a C compiler)")
     add_condition_arguments(s)
     add_relax_arguments(s)
     s.add_argument("--templates", type=Path, metavar="DB",

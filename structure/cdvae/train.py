@@ -194,7 +194,7 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
     if args.cache_graphs:
         train_set.cache_graphs(model.config.cutoff, model.config.max_neighbors)
     if args.compile:
-        model.decoder.compile(dynamic=True)
+        model.compile_decoder()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio))
