@@ -85,7 +85,8 @@ def cmd_sample(args) -> None:
                                   composition_temperature=s["temperature"], composition_retries=s["retries"])
         seconds = time.perf_counter() - t
         if args.save:  # the crystals themselves, for a later look at what the metrics miss
-            folder = args.save / f"{args.dataset}-{(args.label or args.model).replace('/', '_')}-{spec.replace('/', '_')}"
+            name = f"{args.dataset}-{args.label or args.model}-{spec}".replace("/", "_")
+            folder = args.save / name
             write_outputs(to_rows(structures), folder)
         m = evaluate_structures(structures, reference, dataset=args.dataset, workers=args.workers,
                                 cache_dir=ROOT / "runs/cdvae/fingerprints")
