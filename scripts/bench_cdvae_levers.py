@@ -82,7 +82,8 @@ def cmd_sample(args) -> None:
         t = time.perf_counter()
         structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"],
                                   composition=s["composition"], type_update=s["type_update"],
-                                  composition_temperature=s["temperature"], composition_retries=s["retries"])
+                                  composition_temperature=s["temperature"], composition_retries=s["retries"],
+                                  prior=args.prior)
         seconds = time.perf_counter() - t
         if args.save:  # the crystals themselves, for a later look at what the metrics miss
             name = f"{args.dataset}-{args.label or args.model}-{spec}".replace("/", "_")
@@ -95,7 +96,7 @@ def cmd_sample(args) -> None:
                "retries": s["retries"], "type_update": s["type_update"],
                "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}",
                "seconds_sampling": round(seconds, 1), "threads": torch.get_num_threads(),
-               "compiled": bool(args.compile), **{k: m.get(k) for k in KEYS},
+               "compiled": bool(args.compile), "prior": args.prior or cfg.latent_prior, **{k: m.get(k) for k in KEYS},
                "cov_recall_struct": m.get("cov_recall_struct"), "cov_recall_comp": m.get("cov_recall_comp"), "n_elements": element_histogram(structures),
                **bench_meta("scripts/bench_cdvae_levers.py", args.n, args.model), "cpu": cpu()}
         append_jsonl(JSONL, row)
@@ -155,6 +156,8 @@ def lever_table(rows: list[dict]) -> list[str]:
                  if r.get("cov_recall_struct") is not None else "n/a")
         speed = f"{r['seconds_sampling']:.0f}" + (", compiled" if r.get("compiled") else "") + (
             f", {r['threads']} threads" if r.get("threads", 1) > 1 else "")
+        if r.get("prior", "standard") != "standard":
+            comp += f", {r['prior']} prior"
         lines.append(f"| {r['dataset']} | {r['label']} | {comp} | {r['type_update']} | {r['schedule']} | "
                      f"{r['n']} | {speed} | "
                      + " | ".join(_cell(r["dataset"], k, r.get(k)) for k in KEYS)
@@ -233,6 +236,7 @@ def main() -> int:
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--threads", type=int, default=1, help="torch threads while sampling (default: 1)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decoder (CDVAE.compile_decoder)")
+    s.add_argument("--prior", choices=["standard", "gmm"], help="latent prior (default: the model's)")
     s.add_argument("--save", type=Path, metavar="DIR", help="also write each setting's crystals under DIR")
     s.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     c = sub.add_parser("reconstruct")

@@ -31,6 +31,19 @@ def cmd_cdvae_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cdvae_fit_prior(args: argparse.Namespace) -> int:
+    from structure.cdvae import CDVAE
+    from structure.cdvae.prior import fit_latent_prior
+
+    model = CDVAE.from_pretrained(args.model)
+    record = fit_latent_prior(model, str(args.data), args.components, seed=args.seed,
+                              cache_dir=str(args.cache) if args.cache else None, progress=not args.no_progress)
+    model.config.trained["latent_prior"]["command"] = command_line(args)
+    print(f"fitted a {record['components']}-component prior to {record['crystals']} crystals; "
+          f"wrote {model.save_pretrained(args.output)}")
+    return 0
+
+
 def cmd_cdvae_sample(args: argparse.Namespace) -> int:
     from structure.cdvae import CDVAE
     from structure.cdvae.sampling import to_rows
@@ -45,7 +58,8 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
                               steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress,
                               composition=args.composition, type_update=args.type_update,
                               composition_temperature=args.composition_temperature,
-                              composition_retries=args.composition_retries, **condition_options(args))
+                              composition_retries=args.composition_retries, prior=args.prior,
+                              **condition_options(args))
     seconds = time.perf_counter() - t0
     rows = to_rows(structures)
     if relax is not None:
@@ -120,6 +134,20 @@ def add_parsers(sub) -> None:
     e.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
     e.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
     e.set_defaults(func=cmd_cdvae_export)
+    f = csub.add_parser("fit-prior", help="fit a Gaussian-mixture latent prior to a model's training crystals",
+                        description="Encode a crystal set (the model's training split) and fit a Gaussian mixture "
+                        "to the posterior means (ex-post density estimation, Ghosh et al. 2020); the model written "
+                        "to OUTPUT samples its unconditional latents from the mixture instead of N(0, I) (--prior "
+                        "standard still gives the old behaviour). benchmarks/cdvae_levers.md measures the effect.")
+    f.add_argument("--model", required=True, help="model folder or shipped name")
+    f.add_argument("--data", type=Path, required=True, metavar="CSV",
+                   help="CDVAE-style CSV of crystals (a `cif` column): the model's training split")
+    f.add_argument("--components", **positive_int, default=20, help="mixture components (default: 20)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the k-means start (default: 0)")
+    f.add_argument("--cache", type=Path, metavar="DIR", help="parsed-crystal cache")
+    add_progress(f)
+    f.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
+    f.set_defaults(func=cmd_cdvae_fit_prior)
     s = csub.add_parser("sample", help="sample crystals; writes structures.csv, structures_cif.zip, structures.extxyz",
                         description="Draw N latents from the prior, decode the number of atoms, lattice and "
                         "composition, then run annealed Langevin dynamics over the noise levels. Same outputs as "
@@ -148,6 +176,9 @@ def add_parsers(sub) -> None:
                    help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
                    "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "
                    "(default: the model's)")
+    s.add_argument("--prior", choices=["standard", "gmm"],
+                   help="latents of unconditional samples: standard N(0, I) (CDVAE) or gmm, the Gaussian mixture "
+                   "fitted by `cdvae fit-prior` (default: the model's)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder: ~15 s to compile, then each Langevin step ~1.5-1.8x faster on "
                    "CPU (worth it from a few hundred crystals; needs a C compiler)")

@@ -40,6 +40,7 @@ from torch import nn
 from evaluation.conditioning import (ENCODINGS, PropertyBins, condition_module, drop_conditions, embed_conditions,
                                      null_conditions)
 from evaluation.io import atomic_path, write_json
+from structure.cdvae.prior import PRIORS, GaussianMixturePrior
 from structure.cdvae.data import (edge_vectors, lattice_matrix, lattice_targets, length_scale, min_image_displacement,
                                   periodic_edges)
 
@@ -101,6 +102,10 @@ class CDVAEConfig:
     # element_counts[N][k]: share of training crystals of N atoms with k distinct elements (the k-first
     # composition sampler draws k from it); data.element_count_table
     element_counts: list[list[float]] = field(default_factory=list)
+    # the latent prior of unconditional sampling (structure.cdvae.prior): "standard" N(0, I), or "gmm", a
+    # Gaussian mixture of latent_prior_components components fitted to the training posterior means
+    latent_prior: str = "standard"
+    latent_prior_components: int = 0
     # Con-CDVAE property conditioning: PropertyBins of each property (evaluation.conditioning), their
     # encoding, and the probability that training drops a property's condition (classifier-free guidance)
     property_conditions: list[dict] = field(default_factory=list)
@@ -316,6 +321,34 @@ class CDVAE(nn.Module):
         self.register_buffer("lattice_mean", torch.tensor(cfg.lattice_mean), persistent=False)
         self.register_buffer("lattice_std", torch.tensor(cfg.lattice_std), persistent=False)
         self._init_conditioning(cfg.property_bins(), cfg.property_encoding, zero=False)
+        if cfg.latent_prior not in PRIORS:
+            raise ValueError(f"unknown latent prior {cfg.latent_prior!r}; choose from {', '.join(PRIORS)}")
+        if cfg.latent_prior == "gmm" and cfg.latent_prior_components < 1:
+            raise ValueError("latent_prior 'gmm' needs latent_prior_components >= 1 (fit one with set_latent_prior)")
+        self.latent_prior = (GaussianMixturePrior(cfg.latent_prior_components, cfg.latent)
+                             if cfg.latent_prior_components else None)
+
+    def set_latent_prior(self, prior: GaussianMixturePrior | None) -> None:
+        """Install a fitted Gaussian-mixture prior (:func:`structure.cdvae.prior.fit_gaussian_mixture`) and
+        make it the sampling default, or, with ``None``, return to N(0, I)."""
+        if prior is not None and prior.means.shape[1] != self.config.latent:
+            raise ValueError(f"the prior is {prior.means.shape[1]}-dimensional, the latent space {self.config.latent}")
+        self.latent_prior = prior
+        self.config.latent_prior = "standard" if prior is None else "gmm"
+        self.config.latent_prior_components = 0 if prior is None else prior.components
+
+    def draw_latents(self, n: int, generator: torch.Generator, prior: str | None = None) -> torch.Tensor:
+        """``n`` latents for unconditional sampling from ``prior`` (default: the config's): ``standard``
+        N(0, I) or ``gmm``, the fitted mixture."""
+        prior = prior or self.config.latent_prior
+        if prior not in PRIORS:
+            raise ValueError(f"unknown latent prior {prior!r}; choose from {', '.join(PRIORS)}")
+        if prior == "standard":
+            return torch.randn((n, self.config.latent), generator=generator)
+        if self.latent_prior is None:
+            raise ValueError("this model has no fitted latent prior: run `composition-gen cdvae fit-prior` first, "
+                             "or sample with --prior standard")
+        return self.latent_prior.sample(n, generator)
 
     # ------------------------------------------------------------------------ Con-CDVAE conditions
     def _init_conditioning(self, bins: list[PropertyBins], encoding: str, zero: bool) -> None:
@@ -473,9 +506,9 @@ class CDVAE(nn.Module):
                steps: int | None = None, step_lr: float | None = None, progress: bool = False,
                composition: str | None = None, type_update: str | None = None, targets=None,
                guidance: float | None = None, composition_temperature: float | None = None,
-               composition_retries: int | None = None) -> list:
+               composition_retries: int | None = None, prior: str | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
-        dynamics (:func:`structure.cdvae.sampling.sample`; ``levels``, ``steps``, ``step_lr``, the
+        dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
         ``type_update`` rule default to the model's). A property-conditioned
         model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
@@ -493,5 +526,5 @@ class CDVAE(nn.Module):
         crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
                           progress=progress, composition=composition, type_update=type_update, targets=targets,
                           guidance=guidance, composition_temperature=composition_temperature,
-                          composition_retries=composition_retries)
+                          composition_retries=composition_retries, prior=prior)
         return [c.structure() for c in crystals]

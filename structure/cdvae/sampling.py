@@ -210,13 +210,14 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
            steps: int | None = None, step_lr: float | None = None, progress: bool = False,
            composition: str | None = None, type_update: str | None = None, targets=None,
            guidance: float | None = None, composition_temperature: float | None = None,
-           composition_retries: int | None = None) -> list[Crystal]:
-    """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``composition``,
+           composition_retries: int | None = None, prior: str | None = None) -> list[Crystal]:
+    """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
+    unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
     ``type_update``, ``composition_temperature``, ``composition_retries`` and ``guidance`` as in
     :func:`langevin`. ``targets``: property windows
     (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
     crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
-    comes from the conditional prior p(z | condition); without targets the prior is N(0, I)."""
+    comes from the conditional prior p(z | condition); without targets from ``prior``."""
     from tqdm.auto import tqdm
 
     from evaluation.conditioning import parse_target, sample_conditions
@@ -234,10 +235,12 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
             conditions = sample_conditions(model.config, targets, size, generator) if targets else None
-            z = torch.randn((size, model.config.latent), generator=generator)
             if conditions is not None:
+                z = torch.randn((size, model.config.latent), generator=generator)
                 mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
                 z = mu + torch.exp(0.5 * logvar) * z
+            else:
+                z = model.draw_latents(size, generator, prior)
             out += langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
                             composition_temperature=composition_temperature, composition_retries=composition_retries)
     return out
