@@ -4,6 +4,8 @@ test split (`evaluation.structures.evaluate_structures`, the scorer behind `eval
 
     python scripts/bench_cdvae_levers.py sample --model cdvae-perov5 --dataset perov5 --n 1000 \
         --setting round/free --setting k-first/element-set
+    python scripts/bench_cdvae_levers.py prior --model cdvae-mp20 --dataset mp20 --n 200 \
+        --components 0 --components 1 --components 20 --setting k-first+20/fixed
     python scripts/bench_cdvae_levers.py report
 
 `sample` appends one JSON line per setting to benchmarks/cdvae_levers.jsonl as it goes (a kill loses
@@ -29,6 +31,7 @@ from scripts.benchlib import bench_meta, cpu  # noqa: E402
 from evaluation.io import append_jsonl, write_text  # noqa: E402
 
 DATA = {"perov5": "perov_5", "mp20": "mp_20"}
+TRAIN_SPLIT = {"perov5": "val", "mp20": "train"}  # Perov-5's train split is not available here
 JSONL = ROOT / "benchmarks" / "cdvae_levers.jsonl"
 THROUGHPUT = ROOT / "benchmarks" / "cdvae_throughput.jsonl"
 RECONSTRUCTION = ROOT / "benchmarks" / "cdvae_reconstruction.jsonl"
@@ -60,47 +63,77 @@ def element_histogram(structures) -> dict:
         {"7+": round(sum(c >= 7 for c in counts) / len(counts), 4)}
 
 
-def cmd_sample(args) -> None:
-    from evaluation.structures import evaluate_structures
-    from structure.cdvae.model import CDVAE, resolve_model
+def _reference(args) -> list:
     from structure.io import read_structures
 
+    test_csv = args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz"
+    return [r.structure for r in read_structures(test_csv)]
+
+
+def _load(args):
     import torch
 
-    from structure.io import write_outputs
-    from structure.cdvae.sampling import to_rows
+    from structure.cdvae.model import CDVAE, resolve_model
 
     torch.set_num_threads(args.threads)
     model = CDVAE.from_pretrained(resolve_model(args.model))
-    if args.compile:
-        model.compile_decoder()
+    return model.compile_decoder() if args.compile else model
+
+
+def _measure(model, spec: str, label: str, reference: list, args) -> None:
+    """Sample args.n crystals with one setting, score them, append the row (and write them with --save)."""
+    import torch
+
+    from evaluation.structures import evaluate_structures
+    from structure.cdvae.sampling import to_rows
+    from structure.io import write_outputs
+
     cfg = model.config
-    test_csv = args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz"
-    reference = [r.structure for r in read_structures(test_csv)]
+    s = parse_setting(spec)
+    t = time.perf_counter()
+    structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"],
+                              composition=s["composition"], type_update=s["type_update"],
+                              composition_temperature=s["temperature"], composition_retries=s["retries"],
+                              prior=getattr(args, "prior", None))
+    seconds = time.perf_counter() - t
+    if args.save:  # the crystals themselves, for a later look at what the metrics miss
+        write_outputs(to_rows(structures), args.save / f"{args.dataset}-{label}-{spec}".replace("/", "_"))
+    m = evaluate_structures(structures, reference, dataset=args.dataset, workers=args.workers,
+                            cache_dir=ROOT / "runs/cdvae/fingerprints")
+    row = {"dataset": args.dataset, "model": args.model, "label": label, "n": args.n,
+           "seed": args.seed, "composition": s["composition"], "temperature": s["temperature"],
+           "retries": s["retries"], "type_update": s["type_update"],
+           "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}",
+           "seconds_sampling": round(seconds, 1), "threads": torch.get_num_threads(), "compiled": bool(args.compile),
+           "prior": getattr(args, "prior", None) or cfg.latent_prior,
+           "prior_components": cfg.latent_prior_components, **{k: m.get(k) for k in KEYS},
+           "cov_recall_struct": m.get("cov_recall_struct"), "cov_recall_comp": m.get("cov_recall_comp"),
+           "n_elements": element_histogram(structures),
+           **bench_meta("scripts/bench_cdvae_levers.py", args.n, args.model), "cpu": cpu()}
+    append_jsonl(JSONL, row)
+    print(json.dumps({k: row[k] for k in ("label", "composition", "type_update", "schedule", *KEYS)}), flush=True)
+
+
+def cmd_sample(args) -> None:
+    model, reference = _load(args), _reference(args)
     for spec in args.setting:
-        s = parse_setting(spec)
-        t = time.perf_counter()
-        structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"],
-                                  composition=s["composition"], type_update=s["type_update"],
-                                  composition_temperature=s["temperature"], composition_retries=s["retries"],
-                                  prior=args.prior)
-        seconds = time.perf_counter() - t
-        if args.save:  # the crystals themselves, for a later look at what the metrics miss
-            name = f"{args.dataset}-{args.label or args.model}-{spec}".replace("/", "_")
-            folder = args.save / name
-            write_outputs(to_rows(structures), folder)
-        m = evaluate_structures(structures, reference, dataset=args.dataset, workers=args.workers,
-                                cache_dir=ROOT / "runs/cdvae/fingerprints")
-        row = {"dataset": args.dataset, "model": args.model, "label": args.label or args.model, "n": args.n,
-               "seed": args.seed, "composition": s["composition"], "temperature": s["temperature"],
-               "retries": s["retries"], "type_update": s["type_update"],
-               "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}",
-               "seconds_sampling": round(seconds, 1), "threads": torch.get_num_threads(),
-               "compiled": bool(args.compile), "prior": args.prior or cfg.latent_prior, **{k: m.get(k) for k in KEYS},
-               "cov_recall_struct": m.get("cov_recall_struct"), "cov_recall_comp": m.get("cov_recall_comp"), "n_elements": element_histogram(structures),
-               **bench_meta("scripts/bench_cdvae_levers.py", args.n, args.model), "cpu": cpu()}
-        append_jsonl(JSONL, row)
-        print(json.dumps({k: row[k] for k in ("label", "composition", "type_update", "schedule", *KEYS)}), flush=True)
+        _measure(model, spec, args.label or args.model, reference, args)
+
+
+def cmd_prior(args) -> None:
+    """The latent prior as a lever: fit a Gaussian mixture of K components to the training split's
+    posterior means (K = 0: N(0, I); K = 1: one full-covariance Gaussian) and sample with each."""
+    from structure.cdvae.data import load_crystals
+    from structure.cdvae.prior import fit_gaussian_mixture, posterior_means
+
+    model, reference = _load(args), _reference(args)
+    train_csv = args.shared / "data/structures" / DATA[args.dataset] / f"{TRAIN_SPLIT[args.dataset]}.csv.gz"
+    latents = posterior_means(model, load_crystals(train_csv, ROOT / "runs/cdvae/cache"))
+    for k in args.components:
+        model.set_latent_prior(fit_gaussian_mixture(latents, k, seed=args.seed) if k else None)
+        label = f"{args.label or args.model} + " + (f"GMM prior ({k})" if k else "N(0, I) prior")
+        for spec in args.setting:
+            _measure(model, spec, label, reference, args)
 
 
 def cmd_reconstruct(args) -> None:
@@ -226,19 +259,24 @@ def _curve_lines(log: Path) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sample")
-    s.add_argument("--model", required=True)
-    s.add_argument("--label", help="the model's name in the table (default: --model)")
-    s.add_argument("--dataset", choices=sorted(DATA), required=True)
-    s.add_argument("--setting", action="append", required=True, help="COMPOSITION[@T][+R]/TYPE-UPDATE[/LEVELSxSTEPS]")
-    s.add_argument("--n", type=int, default=1000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--threads", type=int, default=1, help="torch threads while sampling (default: 1)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the decoder (CDVAE.compile_decoder)")
+    s = sub.add_parser("sample", help="one row per --setting")
+    p = sub.add_parser("prior", help="one row per --components K and --setting: a K-component Gaussian mixture "
+                       "fitted to the training split's posterior means (0: N(0, I))")
+    p.add_argument("--components", type=int, action="append", required=True)
+    for q in (s, p):
+        q.add_argument("--model", required=True)
+        q.add_argument("--label", help="the model's name in the table (default: --model)")
+        q.add_argument("--dataset", choices=sorted(DATA), required=True)
+        q.add_argument("--setting", action="append", required=True,
+                       help="COMPOSITION[@T][+R]/TYPE-UPDATE[/LEVELSxSTEPS]")
+        q.add_argument("--n", type=int, default=1000)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--workers", type=int, default=1)
+        q.add_argument("--threads", type=int, default=1, help="torch threads while sampling (default: 1)")
+        q.add_argument("--compile", action="store_true", help="torch.compile the decoder (CDVAE.compile_decoder)")
+        q.add_argument("--save", type=Path, metavar="DIR", help="also write each setting's crystals under DIR")
+        q.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     s.add_argument("--prior", choices=["standard", "gmm"], help="latent prior (default: the model's)")
-    s.add_argument("--save", type=Path, metavar="DIR", help="also write each setting's crystals under DIR")
-    s.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     c = sub.add_parser("reconstruct")
     c.add_argument("--model", required=True)
     c.add_argument("--label")
@@ -249,7 +287,7 @@ def main() -> int:
     r = sub.add_parser("report")
     r.add_argument("--curve", action="append", default=[], help="a training run's log.jsonl to tabulate")
     args = ap.parse_args()
-    {"sample": cmd_sample, "reconstruct": cmd_reconstruct, "report": cmd_report}[args.cmd](args)
+    {"sample": cmd_sample, "prior": cmd_prior, "reconstruct": cmd_reconstruct, "report": cmd_report}[args.cmd](args)
     return 0
 
 
