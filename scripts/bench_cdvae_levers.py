@@ -11,8 +11,9 @@ test split (`evaluation.structures.evaluate_structures`, the scorer behind `eval
 `sample` appends one JSON line per setting to benchmarks/cdvae_levers.jsonl as it goes (a kill loses
 only the row in progress); `report` rewrites benchmarks/cdvae_levers.md from every line there, together
 with the throughput rows (benchmarks/cdvae_throughput.jsonl, scripts/bench_cdvae_throughput.py) and the
-training curves named with --curve. A setting is COMPOSITION[@TEMPERATURE][+REDRAWS]/TYPE-UPDATE[/LEVELSxSTEPS],
-e.g. ``k-first/fixed/50x2``, ``round@0.5/free`` or ``k-first@0.5+20/fixed``.
+training curves named with --curve. A setting is
+COMPOSITION[@TEMPERATURE][+REDRAWS]/TYPE-UPDATE[/LEVELSxSTEPS[@STEP_LR]], e.g. ``k-first/fixed/50x2``,
+``round@0.5/free``, ``k-first@0.5+20/fixed`` or ``k-first+20/fixed/50x5@3e-4``.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def parse_setting(spec: str) -> dict:
     out = {"composition": composition, "temperature": float(temperature) if temperature else None,
            "retries": int(retries) if retries else None,
            "type_update": parts[1], "levels": None, "steps": None}
+    out["step_lr"] = None
     if len(parts) == 3:
-        out["levels"], out["steps"] = (int(x) for x in parts[2].lower().split("x"))
+        schedule, _, step_lr = parts[2].lower().partition("@")
+        out["levels"], out["steps"] = (int(x) for x in schedule.split("x"))
+        out["step_lr"] = float(step_lr) if step_lr else None
     return out
 
 
@@ -91,7 +95,7 @@ def _measure(model, spec: str, label: str, reference: list, args) -> None:
     cfg = model.config
     s = parse_setting(spec)
     t = time.perf_counter()
-    structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"],
+    structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"], step_lr=s["step_lr"],
                               composition=s["composition"], type_update=s["type_update"],
                               composition_temperature=s["temperature"], composition_retries=s["retries"],
                               prior=getattr(args, "prior", None))
@@ -103,7 +107,8 @@ def _measure(model, spec: str, label: str, reference: list, args) -> None:
     row = {"dataset": args.dataset, "model": args.model, "label": label, "n": args.n,
            "seed": args.seed, "composition": s["composition"], "temperature": s["temperature"],
            "retries": s["retries"], "type_update": s["type_update"],
-           "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}",
+           "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}"
+                       + (f" lr {s['step_lr']:g}" if s["step_lr"] else ""),
            "seconds_sampling": round(seconds, 1), "threads": torch.get_num_threads(), "compiled": bool(args.compile),
            "prior": getattr(args, "prior", None) or cfg.latent_prior,
            "prior_components": cfg.latent_prior_components, **{k: m.get(k) for k in KEYS},
@@ -268,7 +273,7 @@ def main() -> int:
         q.add_argument("--label", help="the model's name in the table (default: --model)")
         q.add_argument("--dataset", choices=sorted(DATA), required=True)
         q.add_argument("--setting", action="append", required=True,
-                       help="COMPOSITION[@T][+R]/TYPE-UPDATE[/LEVELSxSTEPS]")
+                       help="COMPOSITION[@T][+R]/TYPE-UPDATE[/LEVELSxSTEPS[@STEP_LR]]")
         q.add_argument("--n", type=int, default=1000)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--workers", type=int, default=1)
