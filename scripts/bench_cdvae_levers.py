@@ -11,7 +11,9 @@ test split (`evaluation.structures.evaluate_structures`, the scorer behind `eval
 `sample` appends one JSON line per setting to benchmarks/cdvae_levers.jsonl as it goes (a kill loses
 only the row in progress); `report` rewrites benchmarks/cdvae_levers.md from every line there, together
 with the throughput rows (benchmarks/cdvae_throughput.jsonl, scripts/bench_cdvae_throughput.py) and the
-training curves named with --curve. A setting is
+training curves in benchmarks/cdvae_curves.jsonl. `report --curve runs/X/log.jsonl` first copies that run's
+validation losses there (replacing an earlier copy of the same log), so a curve outlives the run folder,
+which is not committed. A setting is
 COMPOSITION[@TEMPERATURE][+REDRAWS]/TYPE-UPDATE[/LEVELSxSTEPS[@STEP_LR]], e.g. ``k-first/fixed/50x2``,
 ``round@0.5/free``, ``k-first@0.5+20/fixed`` or ``k-first+20/fixed/50x5@3e-4``.
 """
@@ -36,6 +38,7 @@ TRAIN_SPLIT = {"perov5": "val", "mp20": "train"}  # Perov-5's train split is not
 JSONL = ROOT / "benchmarks" / "cdvae_levers.jsonl"
 THROUGHPUT = ROOT / "benchmarks" / "cdvae_throughput.jsonl"
 RECONSTRUCTION = ROOT / "benchmarks" / "cdvae_reconstruction.jsonl"
+CURVES = ROOT / "benchmarks" / "cdvae_curves.jsonl"
 KEYS = ["struct_validity", "comp_validity", "cov_recall", "cov_precision", "wdist_density", "wdist_num_elems"]
 TARGETS = {  # issue 19 (1,000 samples, seed 0, default schedule)
     "perov5": {"comp_validity": 0.95, "cov_recall": 0.95, "cov_precision": 0.95, "wdist_num_elems": 0.1},
@@ -242,19 +245,27 @@ def cmd_report(args) -> None:
             lines.append(f"| {r['dataset']} | {r['label']} | {r['encoder']} | {r['steps']} | {r['n']} | "
                          f"{100 * r['match_rate']:.1f} | {rms} |")
         lines.append("")
-    for curve in args.curve:
-        lines += _curve_lines(Path(curve))
+    for log in args.curve:
+        _store_curve(Path(log))
+    curves = _read(CURVES)
+    for run in dict.fromkeys(r["run"] for r in curves):
+        lines += _curve_lines(run, [r for r in curves if r["run"] == run])
     write_text(ROOT / "benchmarks" / "cdvae_levers.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _curve_lines(log: Path) -> list[str]:
-    """The validation losses (EMA weights) a training run logged at each evaluation."""
-    evals = [{"step": r["step"], **r["eval"]} for r in _read(log) if "eval" in r]
+def _store_curve(log: Path) -> None:
+    """Copy the validation losses (EMA weights) a training run logged at each evaluation into CURVES."""
+    evals = [{"run": str(log), "step": r["step"], **r["eval"]} for r in _read(log) if "eval" in r]
     if not evals:
-        return []
-    keys = [k for k in evals[-1] if k != "step"]
-    lines = [f"## Training curve: `{log}` (validation losses, EMA weights)", "",
+        raise SystemExit(f"--curve {log}: no evaluation rows (is it a training run's log.jsonl?)")
+    kept = [r for r in _read(CURVES) if r["run"] != str(log)]
+    write_text(CURVES, "".join(json.dumps(r) + "\n" for r in kept + evals))
+
+
+def _curve_lines(run: str, evals: list[dict]) -> list[str]:
+    keys = [k for k in evals[-1] if k not in ("run", "step")]
+    lines = [f"## Training curve: `{run}` (validation losses, EMA weights)", "",
              "| step | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
     for r in evals:
         lines.append(f"| {r['step']} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
@@ -290,7 +301,7 @@ def main() -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     r = sub.add_parser("report")
-    r.add_argument("--curve", action="append", default=[], help="a training run's log.jsonl to tabulate")
+    r.add_argument("--curve", action="append", default=[], help="a training run's log.jsonl: store its curve in benchmarks/cdvae_curves.jsonl")
     args = ap.parse_args()
     {"sample": cmd_sample, "prior": cmd_prior, "reconstruct": cmd_reconstruct, "report": cmd_report}[args.cmd](args)
     return 0
