@@ -301,7 +301,8 @@ def main() -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     r = sub.add_parser("report")
-    r.add_argument("--curve", action="append", default=[], help="a training run's log.jsonl: store its curve in benchmarks/cdvae_curves.jsonl")
+    r.add_argument("--curve", action="append", default=[],
+                   help="a training run's log.jsonl: store its curve in benchmarks/cdvae_curves.jsonl")
     args = ap.parse_args()
     {"sample": cmd_sample, "prior": cmd_prior, "reconstruct": cmd_reconstruct, "report": cmd_report}[args.cmd](args)
     return 0
