@@ -125,6 +125,11 @@ def validation_losses(model: CDVAE, val: Crystals, seed: int, batch_size: int = 
     return {k: v / len(val) for k, v in totals.items()}
 
 
+def _batch_note(batch_size: int, processes: int) -> str:
+    """The batch as the card states it: with N processes each step sees ``batch_size * N`` crystals."""
+    return str(batch_size) if processes == 1 else f"{batch_size * processes} ({processes} processes x {batch_size})"
+
+
 def _model_card(args: CDVAETrainingArguments, cfg: CDVAEConfig, metrics: dict, n_params: int) -> str:
     ev = metrics.get("final_eval", {})
     return "\n".join([
@@ -133,7 +138,8 @@ def _model_card(args: CDVAETrainingArguments, cfg: CDVAEConfig, metrics: dict, n
         f"- {n_params:,} parameters: hidden {cfg.hidden}, latent {cfg.latent}, encoder {cfg.encoder_layers} layers, "
         f"decoder {cfg.decoder_layers} layers, cutoff {cfg.cutoff} Å, {cfg.max_neighbors} neighbours, "
         f"max {cfg.max_atoms} atoms",
-        f"- {metrics.get('steps')} steps, batch {args.batch_size}, lr {args.lr}, EMA {args.ema_decay}, seed {args.seed}, "
+        f"- {metrics.get('steps')} steps, batch {_batch_note(args.batch_size, metrics.get('num_processes', 1))}, "
+        f"lr {args.lr}, EMA {args.ema_decay}, seed {args.seed}, "
         f"{metrics.get('train_seconds', 0) / 60:.1f} min on {metrics.get('hardware', '?')}",
         "- validation losses (EMA weights): " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
         f"- sampling defaults: {cfg.sample_levels} noise levels x {cfg.sample_steps} Langevin steps, step size {cfg.step_lr}",
