@@ -114,12 +114,19 @@ def _met(key: str, v, target) -> str:
     return "yes" if (v >= target if key in KEYS[:4] else v <= target) else "**no**"
 
 
+def _steps_note(trained: dict) -> str:
+    """``12000 steps``, or for a segment continued from an export ``20000 steps (8000 + 12000)``."""
+    if "total_steps" in trained:
+        return f"{trained['total_steps']} steps ({trained.get('init_steps', '?')} + {trained.get('steps', '?')})"
+    return f"{trained.get('steps', '?')} steps"
+
+
 def render(r: dict) -> str:
     d, tg = r["default"], r["targets"]
     lines = [f"# CDVAE on {r['dataset']}", "",
              f"Model `{r['model']}`; {d['n_generated']} crystals, seed {r['seed']}, default schedule {d['schedule']} "
              f"(levels x Langevin steps per level). Command: `{r['command']}`.", "",
-             f"Trained: {r['trained'].get('data', '')}; {r['trained'].get('steps', '?')} steps.", "",
+             f"Trained: {r['trained'].get('data', '')}; {_steps_note(r['trained'])}.", "",
              "| metric | this run | target | met |", "|---|---:|---:|:-:|"]
     for k in KEYS:
         lines.append(f"| {k} | {_fmt(k, d.get(k))} | {_fmt(k, tg.get(k)) if k in tg else ''} | {_met(k, d.get(k), tg.get(k))} |")
