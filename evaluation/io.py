@@ -13,7 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["append_jsonl", "atomic_path", "csv_cell", "json_safe", "write_csv", "write_json", "write_text"]
+__all__ = ["append_jsonl", "atomic_path", "csv_cell", "json_safe", "shown_path", "write_csv", "write_json",
+           "write_text"]
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as a report names it: relative to the working directory when it lies below it, so a committed
+    report names no machine's absolute paths; otherwise as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 @functools.cache

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evaluation.io import atomic_path, write_json
+from evaluation.io import atomic_path, shown_path, write_json
 from structure.descriptors import (BASIC_PROPERTIES, DESCRIPTOR_VERSION, MAX_ELEMENTS, N_PROPS, PROPERTIES,
                                    property_columns)
 
@@ -342,7 +342,8 @@ def train_ranker(store, config: RankerConfig | None = None, seed: int = 0, epoch
     trained = {"seed": seed, "epochs": epochs, "lr": lr, "labels": "same prototype label (structure.templates."
                "prototype_label)", "near": near, "far": far, "n_queries_train": len(train_q),
                "n_lists_used": len(usable), "n_pairs": int(sum(len(x["rows"]) for x in usable)),
-               "store": _shown(store.path) if store.path else store.meta.get("source", ""), "store_size": len(store),
+               "store": shown_path(store.path) if store.path else store.meta.get("source", ""),
+               "store_size": len(store),
                "n_holdout_prototypes": len(holdout_prototypes), "alpha": float(model.alpha.detach())}
     if len(held):
         trained.update(_check(store, model, held, "heldout"))
@@ -351,14 +352,6 @@ def train_ranker(store, config: RankerConfig | None = None, seed: int = 0, epoch
     trained["seconds"] = time.time() - t0
     model.config.trained = trained
     return model
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it (reports name no machine's paths)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def prototype_folds(store, folds: int = 5, fold: int = 0) -> frozenset[str]:

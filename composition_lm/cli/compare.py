@@ -16,6 +16,7 @@ from pathlib import Path
 
 from composition_lm.cli.options import (add_progress, add_relax_arguments, command_line, infer_dataset, load_spec,
                                         positive_int, relaxer)
+from evaluation.io import shown_path
 
 
 def _generator_name(model: str, prefix: str, taken: dict) -> str:
@@ -131,7 +132,7 @@ def _run_lm(lm: str, gen_dir: Path, predictor, relax, args: argparse.Namespace) 
     elapsed = time.perf_counter() - t0
     print(f"{gen_dir.name}: {args.n} formulas (cdvae validity {summary['validity_cdvae']:.3f}) -> "
           f"{sum(r.structure is not None for r in rows)} structures in {elapsed:.1f} s", file=sys.stderr)
-    return {"model": str(gen.path),
+    return {"model": shown_path(gen.path),
             "timing": {"sample_s": t_sample, "structures_s": elapsed - t_sample, "generate_s": elapsed}}
 
 
@@ -232,7 +233,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         run = _run_cdvae(cdvae_dir, gen_dir, relax, args)
         cfg = run["config"]
         generators[name] = {
-            "kind": "CDVAE", "model": str(cdvae_dir),
+            "kind": "CDVAE", "model": shown_path(cdvae_dir),
             "given": (f"{args.n} crystals decoded from latents drawn from the prior (seed {args.seed}) by annealed "
                       f"Langevin dynamics ({cfg.sample_levels} levels x {cfg.sample_steps} steps); the model "
                       f"learnt from: {(cfg.trained or {}).get('data', 'see its model card')}; no template, and no "
