@@ -55,8 +55,7 @@ def parse_setting(spec: str) -> dict:
     composition, _, temperature = head.partition("@")
     out = {"composition": composition, "temperature": float(temperature) if temperature else None,
            "retries": int(retries) if retries else None,
-           "type_update": parts[1], "levels": None, "steps": None}
-    out["step_lr"] = None
+           "type_update": parts[1], "levels": None, "steps": None, "step_lr": None}
     if len(parts) == 3:
         schedule, _, step_lr = parts[2].lower().partition("@")
         out["levels"], out["steps"] = (int(x) for x in schedule.split("x"))
