@@ -86,7 +86,7 @@ def _load(args):
     return model.compile_decoder() if args.compile else model
 
 
-def _measure(model, spec: str, label: str, reference: list, args) -> None:
+def _measure(model, spec: str, label: str, reference: list, args, volume_weight: float | None = None) -> None:
     """Sample args.n crystals with one setting, score them, append the row (and write them with --save)."""
     import torch
 
@@ -100,7 +100,7 @@ def _measure(model, spec: str, label: str, reference: list, args) -> None:
     structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"], step_lr=s["step_lr"],
                               composition=s["composition"], type_update=s["type_update"],
                               composition_temperature=s["temperature"], composition_retries=s["retries"],
-                              prior=getattr(args, "prior", None))
+                              prior=getattr(args, "prior", None), volume_weight=volume_weight)
     seconds = time.perf_counter() - t
     if args.save:  # the crystals themselves, for a later look at what the metrics miss
         write_outputs(to_rows(structures), args.save / f"{args.dataset}-{label}-{spec}".replace("/", "_"))
@@ -113,7 +113,9 @@ def _measure(model, spec: str, label: str, reference: list, args) -> None:
                        + (f" lr {s['step_lr']:g}" if s["step_lr"] else ""),
            "seconds_sampling": round(seconds, 1), "threads": torch.get_num_threads(), "compiled": bool(args.compile),
            "prior": getattr(args, "prior", None) or cfg.latent_prior,
-           "prior_components": cfg.latent_prior_components, **{k: m.get(k) for k in KEYS},
+           "prior_components": cfg.latent_prior_components,
+           "volume_weight": cfg.volume_weight if volume_weight is None else volume_weight,
+           **{k: m.get(k) for k in KEYS},
            "cov_recall_struct": m.get("cov_recall_struct"), "cov_recall_comp": m.get("cov_recall_comp"),
            "n_elements": element_histogram(structures),
            **bench_meta("scripts/bench_cdvae_levers.py", args.n, args.model), "cpu": cpu()}
@@ -124,7 +126,8 @@ def _measure(model, spec: str, label: str, reference: list, args) -> None:
 def cmd_sample(args) -> None:
     model, reference = _load(args), _reference(args)
     for spec in args.setting:
-        _measure(model, spec, args.label or args.model, reference, args)
+        for w in args.volume_weight or [None]:
+            _measure(model, spec, args.label or args.model, reference, args, w)
 
 
 def cmd_prior(args) -> None:
@@ -140,7 +143,8 @@ def cmd_prior(args) -> None:
         model.set_latent_prior(fit_gaussian_mixture(latents, k, seed=args.seed) if k else None)
         label = f"{args.label or args.model} + " + (f"GMM prior ({k})" if k else "N(0, I) prior")
         for spec in args.setting:
-            _measure(model, spec, label, reference, args)
+            for w in args.volume_weight or [None]:
+                _measure(model, spec, label, reference, args, w)
 
 
 def cmd_reconstruct(args) -> None:
@@ -198,6 +202,8 @@ def lever_table(rows: list[dict]) -> list[str]:
             f", {r['threads']} threads" if r.get("threads", 1) > 1 else "")
         if r.get("prior", "standard") != "standard":
             comp += f", {r['prior']} prior"
+        if r.get("volume_weight"):
+            comp += f", volume w={r['volume_weight']:g}"
         lines.append(f"| {r['dataset']} | {r['label']} | {comp} | {r['type_update']} | {r['schedule']} | "
                      f"{r['n']} | {speed} | "
                      + " | ".join(_cell(r["dataset"], k, r.get(k)) for k in KEYS)
@@ -289,6 +295,9 @@ def main() -> int:
         q.add_argument("--workers", type=int, default=1)
         q.add_argument("--threads", type=int, default=1, help="torch threads while sampling (default: 1)")
         q.add_argument("--compile", action="store_true", help="torch.compile the decoder (CDVAE.compile_decoder)")
+        q.add_argument("--volume-weight", type=float, action="append", metavar="W",
+                       help="also a row per W: the sampled cell scaled toward its composition's volume "
+                       "(CDVAE.sample volume_weight; default: the model's)")
         q.add_argument("--save", type=Path, metavar="DIR", help="also write each setting's crystals under DIR")
         q.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     s.add_argument("--prior", choices=["standard", "gmm"], help="latent prior (default: the model's)")

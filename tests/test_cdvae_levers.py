@@ -185,10 +185,11 @@ def test_cli_trains_a_conditioned_model_and_samples_a_target(tmp_path, capsys):
                  "-o", str(tmp_path / "run")]) == 0
     model = CDVAE.from_pretrained(tmp_path / "run" / "model")
     assert model.config.property_conditions[0]["name"] == "heat_ref"
+    assert len(model.config.atomic_volumes) == 100 and max(model.config.atomic_volumes) > 0  # fitted in training
     out = tmp_path / "s"
     assert main(["cdvae", "sample", "--model", str(tmp_path / "run" / "model"), "-n", "3", "--levels", "2",
                  "--steps", "1", "--target", "heat_ref=:0", "--guidance", "2", "--composition", "k-first",
-                 "--type-update", "element-set", "--no-progress", "-o", str(out)]) == 0
+                 "--type-update", "element-set", "--volume-weight", "1", "--no-progress", "-o", str(out)]) == 0
     assert len(pd.read_csv(out / "structures.csv")) == 3
     assert main(["cdvae", "train", *common, "--max-steps", "3", "--condition-on", "nonsense",
                  "-o", str(tmp_path / "r2")]) != 0
@@ -384,3 +385,58 @@ def test_a_compiled_decoder_samples_the_same_crystals():
         # fractional coordinates wrap at 1: compare on the circle
         d = (a.frac - b.frac + 0.5) % 1.0 - 0.5
         assert d.abs().max() < 1e-4
+
+
+def test_atomic_volume_table_recovers_additive_volumes():
+    from pymatgen.core import Lattice, Structure
+
+    from structure.cdvae.data import atomic_volume_table, composition_volume
+
+    # cells whose volumes are exactly 10 Å³ per Na and 25 Å³ per Cl: the fit gives both back
+    def cell(species, volume):
+        sites = [[0, 0, 0], [0.5, 0.5, 0.5], [0, 0.5, 0.5]][:len(species)]
+        return Structure(Lattice.cubic(volume ** (1 / 3)), species, sites)
+
+    crystals = crystals_from_structures([cell(["Na", "Cl"], 35.0), cell(["Na", "Na"], 20.0),
+                                         cell(["Cl", "Cl", "Na"], 60.0)])
+    table = atomic_volume_table(crystals)
+    assert len(table) == 100
+    assert table[10] == pytest.approx(10.0, rel=1e-3) and table[16] == pytest.approx(25.0, rel=1e-3)
+    assert table[25] == pytest.approx(17.5, rel=1e-3)  # Fe, never seen: the median of the fitted ones
+    types = torch.tensor([11, 17, 17, 26])
+    assert composition_volume(types, torch.tensor([0, 0, 1, 1]), 2, table).tolist() == \
+        pytest.approx([35.0, 42.5], rel=1e-3)
+
+
+def test_volume_weight_blends_the_cell_toward_the_composition_volume():
+    from structure.cdvae.data import composition_volume, lattice_matrix
+
+    table = [15.0] * 100
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config(element_counts=[[0.0, 0.3, 0.7]] * 9, atomic_volumes=table)).eval()
+    z = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+
+    def volumes(weight):
+        out = langevin(model, z, torch.Generator().manual_seed(1), [], composition="k-first", volume_weight=weight)
+        lengths, angles = torch.stack([c.lengths for c in out]), torch.stack([c.angles for c in out])
+        return torch.linalg.det(lattice_matrix(lengths, angles)).abs(), angles, [len(c.types) for c in out]
+
+    v0, a0, n = volumes(0.0)
+    v1, a1, _ = volumes(1.0)
+    vh, _, _ = volumes(0.5)
+    target = 15.0 * torch.tensor(n, dtype=torch.float)
+    assert torch.allclose(v1, target, rtol=1e-4)  # weight 1: exactly the composition's volume
+    assert torch.allclose(vh, (v0 * target).sqrt(), rtol=1e-4)  # 0.5: the geometric mean
+    assert not torch.allclose(v0, target, rtol=1e-2)  # 0: the lattice head's own cell
+    assert torch.equal(a0, a1)  # only the scale changes
+    assert composition_volume(torch.tensor([1, 2]), torch.tensor([0, 0]), 1, table).item() == 30.0
+
+
+def test_volume_weight_errors_are_clear():
+    with pytest.raises(ValueError, match="atomic_volumes"):
+        CDVAE(tiny_config(volume_weight=0.5))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        CDVAE(tiny_config(volume_weight=1.5, atomic_volumes=[10.0] * 100))
+    model = CDVAE(tiny_config(element_counts=[[0.0, 0.3, 0.7]] * 9)).eval()
+    with pytest.raises(ValueError, match="atomic_volumes"):
+        model.sample(2, levels=2, steps=1, volume_weight=1.0)

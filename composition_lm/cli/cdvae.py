@@ -59,6 +59,7 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
                               composition=args.composition, type_update=args.type_update,
                               composition_temperature=args.composition_temperature,
                               composition_retries=args.composition_retries, prior=args.prior,
+                              volume_weight=args.volume_weight,
                               **condition_options(args))
     seconds = time.perf_counter() - t0
     rows = to_rows(structures)
@@ -176,6 +177,10 @@ def add_parsers(sub) -> None:
                    help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
                    "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "
                    "(default: the model's)")
+    s.add_argument("--volume-weight", type=float, metavar="W",
+                   help="scale each sampled cell toward the volume of its drawn composition (the sum of per-element "
+                   "volumes fitted to the training crystals): V_lattice^(1-W) x V_composition^W; 0 is CDVAE's "
+                   "lattice head alone, 1 the composition's volume (default: the model's)")
     s.add_argument("--prior", choices=["standard", "gmm"],
                    help="latents of unconditional samples: standard N(0, I) (CDVAE) or gmm, the Gaussian mixture "
                    "fitted by `cdvae fit-prior` (default: the model's)")

@@ -102,6 +102,11 @@ class CDVAEConfig:
     # element_counts[N][k]: share of training crystals of N atoms with k distinct elements (the k-first
     # composition sampler draws k from it); data.element_count_table
     element_counts: list[list[float]] = field(default_factory=list)
+    # the sampled cell's volume: the lattice head's V_z blended geometrically with the volume of the drawn
+    # composition V_c (atomic_volumes: Å³ per atom of each element, data.atomic_volume_table), V_z^(1 - w) V_c^w
+    # with w = volume_weight; 0 keeps CDVAE's lattice head alone
+    volume_weight: float = 0.0
+    atomic_volumes: list[float] = field(default_factory=list)
     # the latent prior of unconditional sampling (structure.cdvae.prior): "standard" N(0, I), or "gmm", a
     # Gaussian mixture of latent_prior_components components fitted to the training posterior means
     latent_prior: str = "standard"
@@ -301,6 +306,15 @@ class ScoreNetwork(nn.Module):
 ENCODERS = {"schnet": Encoder, "painn": PaiNNEncoder}
 
 
+def check_volume_weight(weight: float, atomic_volumes: list[float]) -> None:
+    """A volume weight must lie in [0, 1], and above 0 needs the model's per-element volume table."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the volume weight must lie between 0 and 1, got {weight}")
+    if weight > 0 and not atomic_volumes:
+        raise ValueError("a volume weight above 0 needs the model's atomic_volumes table "
+                         "(scripts/add_element_counts.py adds it to a model trained without it)")
+
+
 class CDVAE(nn.Module):
     """Encoder + property heads + score-network decoder; see the module docstring."""
 
@@ -321,6 +335,7 @@ class CDVAE(nn.Module):
         self.register_buffer("lattice_mean", torch.tensor(cfg.lattice_mean), persistent=False)
         self.register_buffer("lattice_std", torch.tensor(cfg.lattice_std), persistent=False)
         self._init_conditioning(cfg.property_bins(), cfg.property_encoding, zero=False)
+        check_volume_weight(cfg.volume_weight, cfg.atomic_volumes)
         if cfg.latent_prior not in PRIORS:
             raise ValueError(f"unknown latent prior {cfg.latent_prior!r}; choose from {', '.join(PRIORS)}")
         if cfg.latent_prior == "gmm" and cfg.latent_prior_components < 1:
@@ -506,11 +521,13 @@ class CDVAE(nn.Module):
                steps: int | None = None, step_lr: float | None = None, progress: bool = False,
                composition: str | None = None, type_update: str | None = None, targets=None,
                guidance: float | None = None, composition_temperature: float | None = None,
-               composition_retries: int | None = None, prior: str | None = None) -> list:
+               composition_retries: int | None = None, prior: str | None = None,
+               volume_weight: float | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
-        ``type_update`` rule default to the model's). A property-conditioned
+        ``type_update`` rule and the ``volume_weight`` of the composition's volume default to the model's).
+        A property-conditioned
         model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
         The same seed gives the same crystals.
 
@@ -526,5 +543,5 @@ class CDVAE(nn.Module):
         crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
                           progress=progress, composition=composition, type_update=type_update, targets=targets,
                           guidance=guidance, composition_temperature=composition_temperature,
-                          composition_retries=composition_retries, prior=prior)
+                          composition_retries=composition_retries, prior=prior, volume_weight=volume_weight)
         return [c.structure() for c in crystals]

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from structure.cdvae.data import lattice_matrix, to_structure
-from structure.cdvae.model import CDVAE, MAX_Z, sigma_levels
+from structure.cdvae.data import composition_volume, lattice_matrix, to_structure
+from structure.cdvae.model import CDVAE, MAX_Z, check_volume_weight, sigma_levels
 
 
 @dataclass
@@ -130,6 +130,13 @@ def sample_composition(probs: torch.Tensor, num_atoms: torch.Tensor, generator: 
     return torch.cat(out)
 
 
+def blend_volume(lengths: torch.Tensor, angles: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
+    """``lengths`` (B, 3) scaled, angles kept, so that each cell's volume becomes V^(1 - weight) *
+    ``target``^weight, V the cell's own volume."""
+    volume = torch.linalg.det(lattice_matrix(lengths, angles)).abs()
+    return lengths * (target / volume).pow(weight / 3.0)[:, None]
+
+
 def _guided(conditional: torch.Tensor, unconditional: torch.Tensor | None, guidance: float | None) -> torch.Tensor:
     """Classifier-free guidance: ``u + guidance * (c - u)``; the conditional output alone without it."""
     if unconditional is None or guidance is None:
@@ -142,7 +149,7 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
              progress=None, composition: str | None = None, type_update: str | None = None,
              conditions: torch.Tensor | None = None, guidance: float | None = None,
              num_atoms: torch.Tensor | None = None, composition_temperature: float | None = None,
-             composition_retries: int | None = None) -> list[Crystal]:
+             composition_retries: int | None = None, volume_weight: float | None = None) -> list[Crystal]:
     """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics.
 
     ``composition`` picks the :func:`sample_composition` method of the starting atom types, drawn from
@@ -155,7 +162,9 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     and the decoder through :meth:`CDVAE.conditioned_latent`; with ``guidance`` every head and every
     decoder step is also evaluated without them and the two are combined (classifier-free guidance,
     two decoder passes per step). ``num_atoms``: the crystals' atom counts when known (reconstruction),
-    else predicted from ``z``."""
+    else predicted from ``z``. ``volume_weight`` w (default the model's): once the composition is drawn,
+    the cell is scaled to the volume V_z^(1 - w) V_c^w, V_z the lattice head's and V_c the composition's
+    (:func:`~structure.cdvae.data.composition_volume`); 0 leaves the lattice head's cell as it is."""
     cfg = model.config
     composition = composition or cfg.composition_sampler
     type_update = type_update or cfg.type_update
@@ -182,6 +191,10 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
                                composition, cfg.element_counts,
                                cfg.composition_retries if composition_retries is None else composition_retries)
     batch = torch.repeat_interleave(torch.arange(len(z)), num_atoms)
+    weight = cfg.volume_weight if volume_weight is None else volume_weight
+    check_volume_weight(weight, cfg.atomic_volumes)
+    if weight > 0:
+        lengths = blend_volume(lengths, angles, composition_volume(types, batch, len(z), cfg.atomic_volumes), weight)
     allowed = torch.zeros(len(z), MAX_Z, dtype=torch.bool)
     allowed[batch, types - 1] = True
     frac = torch.rand((int(num_atoms.sum()), 3), generator=generator)
@@ -210,10 +223,11 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
            steps: int | None = None, step_lr: float | None = None, progress: bool = False,
            composition: str | None = None, type_update: str | None = None, targets=None,
            guidance: float | None = None, composition_temperature: float | None = None,
-           composition_retries: int | None = None, prior: str | None = None) -> list[Crystal]:
+           composition_retries: int | None = None, prior: str | None = None,
+           volume_weight: float | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
     unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
-    ``type_update``, ``composition_temperature``, ``composition_retries`` and ``guidance`` as in
+    ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight`` and ``guidance`` as in
     :func:`langevin`. ``targets``: property windows
     (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
     crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
@@ -242,7 +256,8 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
             else:
                 z = model.draw_latents(size, generator, prior)
             out += langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
-                            composition_temperature=composition_temperature, composition_retries=composition_retries)
+                            composition_temperature=composition_temperature, composition_retries=composition_retries,
+                            volume_weight=volume_weight)
     return out
 
 

@@ -17,7 +17,8 @@ from evaluation.checkpoints import EMA, warmup_cosine
 from evaluation.conditioning import PropertyBins, training_conditions
 from evaluation.io import write_json, write_text
 from evaluation.training_loop import LoopSettings, epoch_batch, open_run, resume_from, run_training
-from structure.cdvae.data import Crystals, element_count_table, lattice_statistics, load_crystals, load_properties
+from structure.cdvae.data import (Crystals, atomic_volume_table, element_count_table, lattice_statistics, load_crystals,
+                                  load_properties)
 from structure.cdvae.model import CDVAE, CDVAEConfig
 
 
@@ -164,7 +165,8 @@ def _new_model(args: CDVAETrainingArguments, train_set: Crystals) -> CDVAE:
                              encoder_type=args.encoder_type, cutoff=args.cutoff, max_neighbors=args.max_neighbors,
                              beta=args.beta, max_atoms=int(train_set.num_atoms.max()),
                              lattice_mean=stats["mean"], lattice_std=stats["std"],
-                             element_counts=element_count_table(train_set)))
+                             element_counts=element_count_table(train_set),
+                             atomic_volumes=atomic_volume_table(train_set)))
 
 
 def export_checkpoint(ckpt: str | Path, export: str | Path) -> Path:
