@@ -6,6 +6,8 @@ test split (`evaluation.structures.evaluate_structures`, the scorer behind `eval
         --setting round/free --setting k-first/element-set
     python scripts/bench_cdvae_levers.py prior --model cdvae-mp20 --dataset mp20 --n 200 \
         --components 0 --components 1 --components 20 --setting k-first+20/fixed
+    python scripts/bench_cdvae_levers.py density --model cdvae-mp20 --dataset mp20 --components 0 \
+        --components 30 --volume-weight 0 --volume-weight 1
     python scripts/bench_cdvae_levers.py report
 
 `sample` appends one JSON line per setting to benchmarks/cdvae_levers.jsonl as it goes (a kill loses
@@ -39,6 +41,7 @@ JSONL = ROOT / "benchmarks" / "cdvae_levers.jsonl"
 THROUGHPUT = ROOT / "benchmarks" / "cdvae_throughput.jsonl"
 RECONSTRUCTION = ROOT / "benchmarks" / "cdvae_reconstruction.jsonl"
 CURVES = ROOT / "benchmarks" / "cdvae_curves.jsonl"
+DENSITY = ROOT / "benchmarks" / "cdvae_density.jsonl"
 KEYS = ["struct_validity", "comp_validity", "cov_recall", "cov_precision", "wdist_density", "wdist_num_elems"]
 TARGETS = {  # issue 19 (1,000 samples, seed 0, default schedule)
     "perov5": {"comp_validity": 0.95, "cov_recall": 0.95, "cov_precision": 0.95, "wdist_num_elems": 0.1},
@@ -147,6 +150,48 @@ def cmd_prior(args) -> None:
                 _measure(model, spec, label, reference, args, w)
 
 
+def cmd_density(args) -> None:
+    """The density Wasserstein distance's spread over sampling seeds, per latent prior (--components, as
+    in ``prior``) and volume weight. Cheap: a crystal's density is fixed before the first Langevin step
+    (the lattice comes from z, the composition is drawn once, types stay fixed; only the coordinates
+    move), so each seed decodes N crystals with no Langevin step at all, and scores all of them (the full
+    runs' structure validity is above 99 %)."""
+    import numpy as np
+    import torch
+
+    from evaluation.metrics import wasserstein_1d
+    from structure.cdvae.data import load_crystals
+    from structure.cdvae.prior import fit_gaussian_mixture, posterior_means
+    from structure.cdvae.sampling import langevin
+
+    model = _load(argparse.Namespace(**{**vars(args), "compile": False}))
+    ref = [float(s.density) for s in _reference(args)]
+    train_csv = args.shared / "data/structures" / DATA[args.dataset] / f"{TRAIN_SPLIT[args.dataset]}.csv.gz"
+    latents = posterior_means(model, load_crystals(train_csv, ROOT / "runs/cdvae/cache")) \
+        if any(args.components) else None
+    spec = parse_setting(args.setting)
+    for k in args.components:
+        prior = fit_gaussian_mixture(latents, k, seed=0) if k else None
+        for w in args.volume_weight or [model.config.volume_weight]:
+            dists = []
+            for seed in range(args.seeds):
+                g = torch.Generator().manual_seed(seed)
+                z = prior.sample(args.n, g) if prior is not None else \
+                    torch.randn((args.n, model.config.latent), generator=g)
+                crystals = langevin(model, z, g, [], composition=spec["composition"], type_update=spec["type_update"],
+                                    composition_temperature=spec["temperature"], composition_retries=spec["retries"],
+                                    volume_weight=w)
+                dists.append(wasserstein_1d([float(c.structure().density) for c in crystals], ref))
+            row = {"dataset": args.dataset, "model": args.model, "prior": f"GMM ({k})" if k else "N(0, I)",
+                   "volume_weight": w, "setting": args.setting, "n": args.n, "seeds": args.seeds,
+                   "wdist_density": {"mean": round(float(np.mean(dists)), 4),
+                                     "sd": round(float(np.std(dists, ddof=1)), 4),
+                                     "min": round(min(dists), 4), "max": round(max(dists), 4)},
+                   "command": "python scripts/bench_cdvae_levers.py " + " ".join(sys.argv[1:])}
+            append_jsonl(DENSITY, row)
+            print(json.dumps(row), flush=True)
+
+
 def cmd_reconstruct(args) -> None:
     """CDVAE's reconstruction task on the first N test crystals: encode, decode the posterior mean by the
     model's Langevin schedule with the true atom count, match with StructureMatcher."""
@@ -250,6 +295,20 @@ def cmd_report(args) -> None:
             lines.append(f"| {r['dataset']} | {r['label']} | {r['encoder']} | {r['steps']} | {r['n']} | "
                          f"{100 * r['match_rate']:.1f} | {rms} |")
         lines.append("")
+    dens = _read(DENSITY)
+    if dens:
+        lines += ["## Density W over sampling seeds", "",
+                  "The density Wasserstein distance of N crystals for S sampling seeds, per latent prior and volume "
+                  "weight (`python scripts/bench_cdvae_levers.py density ...`): the density is fixed before the first "
+                  "Langevin step, so no step is run. A single N = 1,000 row above varies by about this much.", "",
+                  "| data | model | prior | volume weight | setting | N | seeds | density W mean ± sd | min / max |",
+                  "|---|---|---|---:|---|---:|---:|---|---|"]
+        for r in dens:
+            d = r["wdist_density"]
+            lines.append(f"| {r['dataset']} | {r['model']} | {r['prior']} | {r['volume_weight']:g} | "
+                         f"{r['setting']} | {r['n']} | {r['seeds']} | {d['mean']:.3f} ± {d['sd']:.3f} | "
+                         f"{d['min']:.3f} / {d['max']:.3f} |")
+        lines.append("")
     for log in args.curve:
         _store_curve(Path(log))
     curves = _read(CURVES)
@@ -301,6 +360,18 @@ def main() -> int:
         q.add_argument("--save", type=Path, metavar="DIR", help="also write each setting's crystals under DIR")
         q.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     s.add_argument("--prior", choices=["standard", "gmm"], help="latent prior (default: the model's)")
+    d = sub.add_parser("density", help="density W over --seeds sampling seeds, per --components K and --volume-weight "
+                       "W (no Langevin step: the density is fixed before the first)")
+    d.add_argument("--model", required=True)
+    d.add_argument("--dataset", choices=sorted(DATA), required=True)
+    d.add_argument("--components", type=int, action="append", required=True, help="0: N(0, I); K: a K-component GMM")
+    d.add_argument("--volume-weight", type=float, action="append", metavar="W")
+    d.add_argument("--setting", default="k-first+20/fixed",
+                   help="COMPOSITION[@T][+R]/TYPE-UPDATE (default: %(default)s)")
+    d.add_argument("--n", type=int, default=1000)
+    d.add_argument("--seeds", type=int, default=8)
+    d.add_argument("--threads", type=int, default=1)
+    d.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     c = sub.add_parser("reconstruct")
     c.add_argument("--model", required=True)
     c.add_argument("--label")
@@ -312,7 +383,8 @@ def main() -> int:
     r.add_argument("--curve", action="append", default=[],
                    help="a training run's log.jsonl: store its curve in benchmarks/cdvae_curves.jsonl")
     args = ap.parse_args()
-    {"sample": cmd_sample, "prior": cmd_prior, "reconstruct": cmd_reconstruct, "report": cmd_report}[args.cmd](args)
+    {"sample": cmd_sample, "prior": cmd_prior, "density": cmd_density, "reconstruct": cmd_reconstruct,
+     "report": cmd_report}[args.cmd](args)
     return 0
 
 

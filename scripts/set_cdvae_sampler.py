@@ -1,10 +1,11 @@
 """Set a CDVAE model's sampling defaults (config.json, rewritten in place through a temporary file):
-the composition sampler, its temperature and validity redraws, and the Langevin type update, as chosen
+the composition sampler, its temperature and validity redraws, the Langevin type update and the volume
+weight (the sampled cell scaled toward its composition's volume), as chosen
 by measurement in benchmarks/cdvae_levers.md. The weights are untouched; every default can still be
 overridden per call (`cdvae sample --composition ... --type-update ...`).
 
 Run: python scripts/set_cdvae_sampler.py MODEL_DIR --composition k-first --temperature 1 --retries 20 \
-         --type-update fixed
+         --type-update fixed [--volume-weight 0.75]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.io import write_json  # noqa: E402
-from structure.cdvae.model import CDVAEConfig  # noqa: E402
+from structure.cdvae.model import CDVAEConfig, check_volume_weight  # noqa: E402
 from structure.cdvae.sampling import COMPOSITION_SAMPLERS, TYPE_UPDATES  # noqa: E402
 
 
@@ -29,15 +30,19 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--retries", type=int, default=0)
     ap.add_argument("--type-update", choices=TYPE_UPDATES, required=True)
+    ap.add_argument("--volume-weight", type=float, help="(default: leave the model's as it is)")
     args = ap.parse_args()
     path = args.model / "config.json"
     cfg = json.loads(path.read_text())
     cfg.update(composition_sampler=args.composition, composition_temperature=args.temperature,
                composition_retries=args.retries, type_update=args.type_update)
-    CDVAEConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})  # still a valid config
+    if args.volume_weight is not None:
+        cfg["volume_weight"] = args.volume_weight
+    config = CDVAEConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})  # still a valid config
+    check_volume_weight(config.volume_weight, config.atomic_volumes)
     write_json(path, cfg)
     print(f"{path}: {args.composition} (T={args.temperature:g}, {args.retries} redraws), "
-          f"type update {args.type_update}")
+          f"type update {args.type_update}, volume weight {cfg.get('volume_weight', 0.0):g}")
 
 
 if __name__ == "__main__":
