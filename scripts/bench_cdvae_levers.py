@@ -249,7 +249,8 @@ def lever_table(rows: list[dict]) -> list[str]:
             comp += f", {r['prior']} prior"
         if r.get("volume_weight"):
             comp += f", volume w={r['volume_weight']:g}"
-        lines.append(f"| {r['dataset']} | {r['label']} | {comp} | {r['type_update']} | {r['schedule']} | "
+        label = r["label"] + (f", seed {r['seed']}" if r.get("seed") else "")
+        lines.append(f"| {r['dataset']} | {label} | {comp} | {r['type_update']} | {r['schedule']} | "
                      f"{r['n']} | {speed} | "
                      + " | ".join(_cell(r["dataset"], k, r.get(k)) for k in KEYS)
                      + f" | {alone} | {hist} |")
