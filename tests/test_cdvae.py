@@ -366,7 +366,10 @@ def test_shipped_mp20_model_loads_and_samples_cells_of_up_to_20_atoms():
     from structure.cdvae.model import resolve_model
 
     model = CDVAE.from_pretrained(resolve_model("cdvae-mp20"))
-    assert model.config.max_atoms == 20 and model.config.trained["steps"] == 6000
+    assert model.config.max_atoms == 20 and model.config.trained["total_steps"] == 14000
+    # issue 19's defaults: a 30-component mixture prior and the cell scaled toward the composition's volume
+    assert model.config.latent_prior == "gmm" and model.latent_prior.components == 30
+    assert model.config.volume_weight == 0.75 and len(model.config.atomic_volumes) == 100
     crystals = sample(model, 8, seed=0, levels=10, steps=1)
     sizes = [len(c.types) for c in crystals]
     assert all(1 <= n <= 20 for n in sizes) and len(set(sizes)) > 1  # MP-20 cells vary in size
