@@ -133,15 +133,22 @@ def cmd_sample(args) -> None:
             _measure(model, spec, args.label or args.model, reference, args, w)
 
 
+def _training_latents(model, args):
+    """The encoder's posterior means of the dataset's training split (what a mixture prior is fitted to)."""
+    from structure.cdvae.data import load_crystals
+    from structure.cdvae.prior import posterior_means
+
+    train_csv = args.shared / "data/structures" / DATA[args.dataset] / f"{TRAIN_SPLIT[args.dataset]}.csv.gz"
+    return posterior_means(model, load_crystals(train_csv, ROOT / "runs/cdvae/cache"))
+
+
 def cmd_prior(args) -> None:
     """The latent prior as a lever: fit a Gaussian mixture of K components to the training split's
     posterior means (K = 0: N(0, I); K = 1: one full-covariance Gaussian) and sample with each."""
-    from structure.cdvae.data import load_crystals
-    from structure.cdvae.prior import fit_gaussian_mixture, posterior_means
+    from structure.cdvae.prior import fit_gaussian_mixture
 
     model, reference = _load(args), _reference(args)
-    train_csv = args.shared / "data/structures" / DATA[args.dataset] / f"{TRAIN_SPLIT[args.dataset]}.csv.gz"
-    latents = posterior_means(model, load_crystals(train_csv, ROOT / "runs/cdvae/cache"))
+    latents = _training_latents(model, args)
     for k in args.components:
         model.set_latent_prior(fit_gaussian_mixture(latents, k, seed=args.seed) if k else None)
         label = f"{args.label or args.model} + " + (f"GMM prior ({k})" if k else "N(0, I) prior")
@@ -160,27 +167,22 @@ def cmd_density(args) -> None:
     import torch
 
     from evaluation.metrics import wasserstein_1d
-    from structure.cdvae.data import load_crystals
-    from structure.cdvae.prior import fit_gaussian_mixture, posterior_means
+    from structure.cdvae.prior import fit_gaussian_mixture
     from structure.cdvae.sampling import langevin
 
     model = _load(argparse.Namespace(**{**vars(args), "compile": False}))
     ref = [float(s.density) for s in _reference(args)]
-    train_csv = args.shared / "data/structures" / DATA[args.dataset] / f"{TRAIN_SPLIT[args.dataset]}.csv.gz"
-    latents = posterior_means(model, load_crystals(train_csv, ROOT / "runs/cdvae/cache")) \
-        if any(args.components) else None
+    latents = _training_latents(model, args) if any(args.components) else None
     spec = parse_setting(args.setting)
     for k in args.components:
-        prior = fit_gaussian_mixture(latents, k, seed=0) if k else None
+        model.set_latent_prior(fit_gaussian_mixture(latents, k, seed=0) if k else None)
         for w in args.volume_weight or [model.config.volume_weight]:
             dists = []
             for seed in range(args.seeds):
                 g = torch.Generator().manual_seed(seed)
-                z = prior.sample(args.n, g) if prior is not None else \
-                    torch.randn((args.n, model.config.latent), generator=g)
-                crystals = langevin(model, z, g, [], composition=spec["composition"], type_update=spec["type_update"],
-                                    composition_temperature=spec["temperature"], composition_retries=spec["retries"],
-                                    volume_weight=w)
+                crystals = langevin(model, model.draw_latents(args.n, g), g, [], composition=spec["composition"],
+                                    type_update=spec["type_update"], composition_temperature=spec["temperature"],
+                                    composition_retries=spec["retries"], volume_weight=w)
                 dists.append(wasserstein_1d([float(c.structure().density) for c in crystals], ref))
             row = {"dataset": args.dataset, "model": args.model, "prior": f"GMM ({k})" if k else "N(0, I)",
                    "volume_weight": w, "setting": args.setting, "n": args.n, "seeds": args.seeds,

@@ -46,6 +46,11 @@ def lattice_matrix(lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.stack([va, vb, vc], 1)
 
 
+def cell_volume(lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """(B,) cell volumes in Å³ of (B, 3) lengths (Å) and angles (degrees)."""
+    return torch.linalg.det(lattice_matrix(lengths, angles)).abs()
+
+
 def lattice_parameters(lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`lattice_matrix` (up to orientation): (B, 3, 3) → lengths, angles (degrees)."""
     lengths = lattice.norm(dim=-1)
@@ -411,7 +416,7 @@ def atomic_volume_table(crystals: Crystals, max_z: int = 100) -> list[float]:
     counts = np.zeros((len(crystals), max_z))
     rows = torch.repeat_interleave(torch.arange(len(crystals)), crystals.num_atoms).numpy()
     np.add.at(counts, (rows, crystals.types.numpy() - 1), 1.0)
-    volume = torch.linalg.det(lattice_matrix(crystals.lengths, crystals.angles)).abs().double().numpy()
+    volume = cell_volume(crystals.lengths, crystals.angles).double().numpy()
     fitted, _ = nnls(counts / volume[:, None], np.ones(len(volume)))
     seen = counts.sum(0) > 0
     fitted[~seen] = np.median(fitted[seen])
@@ -425,7 +430,7 @@ def composition_volume(types: torch.Tensor, batch: torch.Tensor, n_crystals: int
     return torch.zeros(n_crystals).index_add_(0, batch, per_atom)
 
 
-__all__ = ["CrystalBatch", "Crystals", "GraphCache", "atomic_volume_table", "canonical", "collate",
+__all__ = ["CrystalBatch", "Crystals", "GraphCache", "atomic_volume_table", "canonical", "cell_volume", "collate",
            "composition_volume", "crystals_from_structures", "edge_vectors", "element_count_table", "lattice_matrix",
            "lattice_parameters", "lattice_statistics", "lattice_targets",
            "length_scale", "load_crystals", "load_properties", "min_image_displacement", "periodic_edges",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from structure.cdvae.data import composition_volume, lattice_matrix, to_structure
+from structure.cdvae.data import cell_volume, composition_volume, lattice_matrix, to_structure
 from structure.cdvae.model import CDVAE, MAX_Z, check_volume_weight, sigma_levels
 
 
@@ -133,8 +133,7 @@ def sample_composition(probs: torch.Tensor, num_atoms: torch.Tensor, generator: 
 def blend_volume(lengths: torch.Tensor, angles: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
     """``lengths`` (B, 3) scaled, angles kept, so that each cell's volume becomes V^(1 - weight) *
     ``target``^weight, V the cell's own volume."""
-    volume = torch.linalg.det(lattice_matrix(lengths, angles)).abs()
-    return lengths * (target / volume).pow(weight / 3.0)[:, None]
+    return lengths * (target / cell_volume(lengths, angles)).pow(weight / 3.0)[:, None]
 
 
 def _guided(conditional: torch.Tensor, unconditional: torch.Tensor | None, guidance: float | None) -> torch.Tensor:
