@@ -1,11 +1,12 @@
 """Set a CDVAE model's sampling defaults (config.json, rewritten in place through a temporary file):
-the composition sampler, its temperature and validity redraws, the Langevin type update and the volume
-weight (the sampled cell scaled toward its composition's volume), as chosen
+the composition sampler, its temperature and validity redraws, the Langevin type update, the volume
+weight (the sampled cell scaled toward its composition's volume) and the rounds of decoding again a crystal
+whose final composition is invalid, as chosen
 by measurement in benchmarks/cdvae_levers.md. The weights are untouched; every default can still be
 overridden per call (`cdvae sample --composition ... --type-update ...`).
 
 Run: python scripts/set_cdvae_sampler.py MODEL_DIR --composition k-first --temperature 1 --retries 20 \
-         --type-update fixed [--volume-weight 0.75]
+         --type-update fixed [--volume-weight 0.75] [--resample-invalid 5]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--retries", type=int, default=0)
     ap.add_argument("--type-update", choices=TYPE_UPDATES, required=True)
     ap.add_argument("--volume-weight", type=float, help="(default: leave the model's as it is)")
+    ap.add_argument("--resample-invalid", type=int, help="(default: leave the model's as it is)")
     args = ap.parse_args()
     path = args.model / "config.json"
     cfg = json.loads(path.read_text())
@@ -38,11 +40,16 @@ def main() -> None:
                composition_retries=args.retries, type_update=args.type_update)
     if args.volume_weight is not None:
         cfg["volume_weight"] = args.volume_weight
+    if args.resample_invalid is not None:
+        if args.resample_invalid < 0:
+            raise SystemExit("--resample-invalid must be 0 or more")
+        cfg["resample_invalid"] = args.resample_invalid
     config = CDVAEConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})  # still a valid config
     check_volume_weight(config.volume_weight, config.atomic_volumes)
     write_json(path, cfg)
     print(f"{path}: {args.composition} (T={args.temperature:g}, {args.retries} redraws), "
-          f"type update {args.type_update}, volume weight {cfg.get('volume_weight', 0.0):g}")
+          f"type update {args.type_update}, volume weight {cfg.get('volume_weight', 0.0):g}, "
+          f"{cfg.get('resample_invalid', 0)} rounds of resampling invalid crystals")
 
 
 if __name__ == "__main__":

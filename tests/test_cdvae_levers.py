@@ -189,8 +189,10 @@ def test_cli_trains_a_conditioned_model_and_samples_a_target(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["cdvae", "sample", "--model", str(tmp_path / "run" / "model"), "-n", "3", "--levels", "2",
                  "--steps", "1", "--target", "heat_ref=:0", "--guidance", "2", "--composition", "k-first",
-                 "--type-update", "element-set", "--volume-weight", "1", "--no-progress", "-o", str(out)]) == 0
+                 "--type-update", "element-set", "--volume-weight", "1", "--resample-invalid", "3", "--no-progress",
+                 "-o", str(out)]) == 0
     assert len(pd.read_csv(out / "structures.csv")) == 3
+    assert "crystals again for an invalid composition" in capsys.readouterr().out  # 3 training steps: few valid
     assert main(["cdvae", "train", *common, "--max-steps", "3", "--condition-on", "nonsense",
                  "-o", str(tmp_path / "r2")]) != 0
     assert "no numeric column nonsense; numeric columns: material_id, heat_all, heat_ref" in capsys.readouterr().err
@@ -440,3 +442,27 @@ def test_volume_weight_errors_are_clear():
     model = CDVAE(tiny_config(element_counts=[[0.0, 0.3, 0.7]] * 9)).eval()
     with pytest.raises(ValueError, match="atomic_volumes"):
         model.sample(2, levels=2, steps=1, volume_weight=1.0)
+
+
+def test_resample_invalid_decodes_invalid_crystals_again_and_keeps_valid_ones():
+    from structure.cdvae.sampling import invalid_compositions
+
+    torch.manual_seed(0)
+    model = CDVAE(tiny_config()).eval()  # untrained: most compositions fail charge neutrality
+    kw = dict(seed=3, levels=3, steps=1, composition="per-atom", type_update="fixed")
+    plain_stats, again_stats = {}, {}
+    plain = sample(model, 60, stats=plain_stats, **kw)
+    again = sample(model, 60, resample_invalid=4, stats=again_stats, **kw)
+    bad_plain, bad_again = invalid_compositions(plain), invalid_compositions(again)
+    assert plain_stats == {"decoded": 60, "resampled": 0, "still_invalid": len(bad_plain)}
+    assert len(bad_plain) >= 10
+    assert again_stats["resampled"] >= len(bad_plain)
+    assert again_stats["decoded"] == 60 + again_stats["resampled"]
+    assert again_stats["still_invalid"] == len(bad_again) < len(bad_plain)
+    for i, c in enumerate(plain):  # a crystal valid at the first decode is carried through unchanged
+        if i not in bad_plain:
+            assert torch.equal(again[i].types, c.types) and torch.equal(again[i].frac, c.frac)
+    redone = sample(model, 60, resample_invalid=4, **kw)  # the same seed, the same crystals
+    assert all(torch.equal(a.frac, b.frac) for a, b in zip(again, redone))
+    with pytest.raises(ValueError, match="resample_invalid"):
+        sample(model, 4, resample_invalid=-1, **kw)

@@ -53,15 +53,19 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
     model = CDVAE.from_pretrained(args.model)
     if args.compile:
         model.compile_decoder()
+    stats: dict = {}
     t0 = time.perf_counter()
     structures = model.sample(args.n, seed=args.seed, batch_size=args.batch_size, levels=args.levels,
                               steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress,
                               composition=args.composition, type_update=args.type_update,
                               composition_temperature=args.composition_temperature,
                               composition_retries=args.composition_retries, prior=args.prior,
-                              volume_weight=args.volume_weight,
-                              **condition_options(args))
+                              volume_weight=args.volume_weight, resample_invalid=args.resample_invalid,
+                              stats=stats, **condition_options(args))
     seconds = time.perf_counter() - t0
+    if stats["resampled"]:
+        print(f"decoded {stats['resampled']} crystals again for an invalid composition; "
+              f"{stats['still_invalid']} still invalid")
     rows = to_rows(structures)
     if relax is not None:
         relax.relax_rows(rows, workers=args.workers, progress=not args.no_progress)
@@ -173,6 +177,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--composition-retries", **non_negative_int, metavar="R",
                    help="redraw a starting composition that fails CDVAE's composition validity (SMACT charge "
                    "neutrality, Pauling test) up to R times (default: the model's)")
+    s.add_argument("--resample-invalid", **non_negative_int, metavar="R",
+                   help="up to R rounds in which each crystal whose final composition fails CDVAE's composition "
+                   "validity is decoded again from a new latent; 0 keeps every decoded crystal, as CDVAE does "
+                   "(default: the model's)")
     s.add_argument("--type-update", choices=["free", "element-set", "fixed"],
                    help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
                    "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "

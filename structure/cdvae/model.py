@@ -99,6 +99,9 @@ class CDVAEConfig:
     type_update: str = "free"
     composition_temperature: float = 1.0  # the composition head's softmax temperature when sampling (< 1 sharpens)
     composition_retries: int = 0  # redraws of a starting composition that fails CDVAE's composition validity
+    # rounds in which every decoded crystal whose final composition fails CDVAE's composition validity is
+    # decoded again from a new latent (0: CDVAE, every decoded crystal kept)
+    resample_invalid: int = 0
     # element_counts[N][k]: share of training crystals of N atoms with k distinct elements (the k-first
     # composition sampler draws k from it); data.element_count_table
     element_counts: list[list[float]] = field(default_factory=list)
@@ -522,11 +525,13 @@ class CDVAE(nn.Module):
                composition: str | None = None, type_update: str | None = None, targets=None,
                guidance: float | None = None, composition_temperature: float | None = None,
                composition_retries: int | None = None, prior: str | None = None,
-               volume_weight: float | None = None) -> list:
+               volume_weight: float | None = None, resample_invalid: int | None = None,
+               stats: dict | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
-        ``type_update`` rule and the ``volume_weight`` of the composition's volume default to the model's).
+        ``type_update`` rule, the ``volume_weight`` of the composition's volume and the ``resample_invalid``
+        rounds default to the model's; ``stats`` receives how many crystals were decoded again).
         A property-conditioned
         model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
         The same seed gives the same crystals.
@@ -543,5 +548,6 @@ class CDVAE(nn.Module):
         crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
                           progress=progress, composition=composition, type_update=type_update, targets=targets,
                           guidance=guidance, composition_temperature=composition_temperature,
-                          composition_retries=composition_retries, prior=prior, volume_weight=volume_weight)
+                          composition_retries=composition_retries, prior=prior, volume_weight=volume_weight,
+                          resample_invalid=resample_invalid, stats=stats)
         return [c.structure() for c in crystals]

@@ -218,19 +218,40 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
             for b, (s, n) in enumerate(zip(first, num_atoms.tolist()))]
 
 
+def invalid_compositions(crystals: list[Crystal]) -> list[int]:
+    """Indices of the crystals whose composition fails CDVAE's composition validity."""
+    return [i for i, c in enumerate(crystals) if not composition_is_valid(c.types - 1)]
+
+
+def _latents(model: CDVAE, size: int, generator: torch.Generator, prior: str | None,
+             conditions: torch.Tensor | None) -> torch.Tensor:
+    """``size`` latents: from the conditional prior p(z | condition) given ``conditions``, else from ``prior``."""
+    if conditions is None:
+        return model.draw_latents(size, generator, prior)
+    z = torch.randn((size, model.config.latent), generator=generator)
+    mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
+    return mu + torch.exp(0.5 * logvar) * z
+
+
 def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
            steps: int | None = None, step_lr: float | None = None, progress: bool = False,
            composition: str | None = None, type_update: str | None = None, targets=None,
            guidance: float | None = None, composition_temperature: float | None = None,
            composition_retries: int | None = None, prior: str | None = None,
-           volume_weight: float | None = None) -> list[Crystal]:
+           volume_weight: float | None = None, resample_invalid: int | None = None,
+           stats: dict | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
     unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
     ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight`` and ``guidance`` as in
     :func:`langevin`. ``targets``: property windows
     (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
     crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
-    comes from the conditional prior p(z | condition); without targets from ``prior``."""
+    comes from the conditional prior p(z | condition); without targets from ``prior``.
+
+    ``resample_invalid`` R (default the model's): up to R rounds in which every crystal whose decoded
+    composition fails CDVAE's composition validity is decoded again from a new latent (with the same
+    property condition); one still invalid after R rounds is kept. ``stats``, a dict, receives
+    ``decoded`` (crystals decoded in all), ``resampled`` (decoded again) and ``still_invalid``."""
     from tqdm.auto import tqdm
 
     from evaluation.conditioning import parse_target, sample_conditions
@@ -240,23 +261,41 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     if targets and not model.config.property_conditions:
         raise ValueError("this CDVAE model is not property-conditioned (train with --condition-on); "
                          f"cannot ask for {', '.join(map(str, targets))}")
+    rounds = model.config.resample_invalid if resample_invalid is None else resample_invalid
+    if rounds < 0:
+        raise ValueError(f"resample_invalid must be 0 or more rounds, got {rounds}")
     generator = torch.Generator().manual_seed(seed)
     schedule = langevin_schedule(model, levels, steps, step_lr)
     out: list[Crystal] = []
+    counts = {"decoded": 0, "resampled": 0, "still_invalid": 0}
+
+    def decode(conditions, size, bar):
+        z = _latents(model, size, generator, prior, conditions)
+        counts["decoded"] += size
+        return langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
+                        composition_temperature=composition_temperature, composition_retries=composition_retries,
+                        volume_weight=volume_weight)
+
     n_batches = -(-n // batch_size)
     with tqdm(total=n_batches * len(schedule), desc="Langevin", unit="step", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
             conditions = sample_conditions(model.config, targets, size, generator) if targets else None
-            if conditions is not None:
-                z = torch.randn((size, model.config.latent), generator=generator)
-                mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
-                z = mu + torch.exp(0.5 * logvar) * z
-            else:
-                z = model.draw_latents(size, generator, prior)
-            out += langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
-                            composition_temperature=composition_temperature, composition_retries=composition_retries,
-                            volume_weight=volume_weight)
+            crystals = decode(conditions, size, bar)
+            bad = invalid_compositions(crystals) if rounds else []
+            for _ in range(rounds):
+                if not bad:
+                    break
+                bar.total += len(schedule)
+                again = decode(None if conditions is None else conditions[bad], len(bad), bar)
+                counts["resampled"] += len(bad)
+                for i, crystal in zip(bad, again):
+                    crystals[i] = crystal
+                bad = [bad[j] for j in invalid_compositions(again)]
+            counts["still_invalid"] += len(bad) if rounds else len(invalid_compositions(crystals))
+            out += crystals
+    if stats is not None:
+        stats.update(counts)
     return out
 
 
