@@ -449,7 +449,7 @@ def test_resample_invalid_decodes_invalid_crystals_again_and_keeps_valid_ones():
 
     torch.manual_seed(0)
     model = CDVAE(tiny_config()).eval()  # untrained: most compositions fail charge neutrality
-    kw = dict(seed=3, levels=3, steps=1, composition="per-atom", type_update="fixed")
+    kw = dict(seed=3, levels=3, steps=1, composition="per-atom", type_update="fixed", batch_size=25)
     plain_stats, again_stats = {}, {}
     plain = sample(model, 60, stats=plain_stats, **kw)
     again = sample(model, 60, resample_invalid=4, stats=again_stats, **kw)
@@ -460,7 +460,7 @@ def test_resample_invalid_decodes_invalid_crystals_again_and_keeps_valid_ones():
     assert again_stats["decoded"] == 60 + again_stats["resampled"]
     assert again_stats["still_invalid"] == len(bad_again) < len(bad_plain)
     for i, c in enumerate(plain):  # a crystal valid at the first decode is carried through unchanged
-        if i not in bad_plain:
+        if i not in bad_plain:  # (all batches are decoded before any crystal again: batch_size 25 here)
             assert torch.equal(again[i].types, c.types) and torch.equal(again[i].frac, c.frac)
     redone = sample(model, 60, resample_invalid=4, **kw)  # the same seed, the same crystals
     assert all(torch.equal(a.frac, b.frac) for a, b in zip(again, redone))

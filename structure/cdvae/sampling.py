@@ -266,34 +266,42 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
         raise ValueError(f"resample_invalid must be 0 or more rounds, got {rounds}")
     generator = torch.Generator().manual_seed(seed)
     schedule = langevin_schedule(model, levels, steps, step_lr)
-    out: list[Crystal] = []
     counts = {"decoded": 0, "resampled": 0, "still_invalid": 0}
 
-    def decode(conditions, size, bar):
+    def decode(conditions: torch.Tensor | None, size: int, bar) -> list[Crystal]:
         z = _latents(model, size, generator, prior, conditions)
         counts["decoded"] += size
         return langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
                         composition_temperature=composition_temperature, composition_retries=composition_retries,
                         volume_weight=volume_weight)
 
-    n_batches = -(-n // batch_size)
-    with tqdm(total=n_batches * len(schedule), desc="Langevin", unit="step", disable=not progress) as bar:
+    out: list[Crystal] = []
+    conditions: list[torch.Tensor] = []  # per batch, for decoding a crystal again with its own condition
+    with tqdm(total=-(-n // batch_size) * len(schedule), desc="Langevin", unit="step", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             size = min(batch_size, n - start)
-            conditions = sample_conditions(model.config, targets, size, generator) if targets else None
-            crystals = decode(conditions, size, bar)
-            bad = invalid_compositions(crystals) if rounds else []
-            for _ in range(rounds):
-                if not bad:
-                    break
-                bar.total += len(schedule)
-                again = decode(None if conditions is None else conditions[bad], len(bad), bar)
-                counts["resampled"] += len(bad)
-                for i, crystal in zip(bad, again):
-                    crystals[i] = crystal
-                bad = [bad[j] for j in invalid_compositions(again)]
-            counts["still_invalid"] += len(bad) if rounds else len(invalid_compositions(crystals))
-            out += crystals
+            batch_conditions = sample_conditions(model.config, targets, size, generator) if targets else None
+            out += decode(batch_conditions, size, bar)
+            if batch_conditions is not None:
+                conditions.append(batch_conditions)
+        # every batch is decoded before any crystal is decoded again, so the first decode of a seed is the same
+        # whatever the number of rounds
+        all_conditions = torch.cat(conditions) if conditions else None
+        bad = invalid_compositions(out)
+        for _ in range(rounds):
+            if not bad:
+                break
+            bar.total += -(-len(bad) // batch_size) * len(schedule)
+            still = []
+            for start in range(0, len(bad), batch_size):
+                idx = bad[start:start + batch_size]
+                again = decode(None if all_conditions is None else all_conditions[idx], len(idx), bar)
+                for i, crystal in zip(idx, again):
+                    out[i] = crystal
+                still += [idx[j] for j in invalid_compositions(again)]
+            counts["resampled"] += len(bad)
+            bad = still
+        counts["still_invalid"] = len(bad)
     if stats is not None:
         stats.update(counts)
     return out
