@@ -6,7 +6,7 @@ by measurement in benchmarks/cdvae_levers.md. The weights are untouched; every d
 overridden per call (`cdvae sample --composition ... --type-update ...`).
 
 Run: python scripts/set_cdvae_sampler.py MODEL_DIR --composition k-first --temperature 1 --retries 20 \
-         --type-update fixed [--volume-weight 0.75] [--resample-invalid 5]
+         --type-update fixed [--volume-weight 0.75] [--resample-invalid 5] [--natom-sampler sample]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from evaluation.io import write_json  # noqa: E402
 from structure.cdvae.model import CDVAEConfig, check_volume_weight  # noqa: E402
-from structure.cdvae.sampling import COMPOSITION_SAMPLERS, TYPE_UPDATES  # noqa: E402
+from structure.cdvae.sampling import COMPOSITION_SAMPLERS, NATOM_SAMPLERS, TYPE_UPDATES  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--type-update", choices=TYPE_UPDATES, required=True)
     ap.add_argument("--volume-weight", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--resample-invalid", type=int, help="(default: leave the model's as it is)")
+    ap.add_argument("--natom-sampler", choices=NATOM_SAMPLERS, help="(default: leave the model's as it is)")
     args = ap.parse_args()
     path = args.model / "config.json"
     cfg = json.loads(path.read_text())
@@ -44,12 +45,15 @@ def main() -> None:
         if args.resample_invalid < 0:
             raise SystemExit("--resample-invalid must be 0 or more")
         cfg["resample_invalid"] = args.resample_invalid
+    if args.natom_sampler is not None:
+        cfg["natom_sampler"] = args.natom_sampler
     config = CDVAEConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})  # still a valid config
     check_volume_weight(config.volume_weight, config.atomic_volumes)
     write_json(path, cfg)
     print(f"{path}: {args.composition} (T={args.temperature:g}, {args.retries} redraws), "
           f"type update {args.type_update}, volume weight {cfg.get('volume_weight', 0.0):g}, "
-          f"{cfg.get('resample_invalid', 0)} rounds of resampling invalid crystals")
+          f"{cfg.get('resample_invalid', 0)} rounds of resampling invalid crystals, "
+          f"atom counts by {cfg.get('natom_sampler', 'argmax')}")
 
 
 if __name__ == "__main__":

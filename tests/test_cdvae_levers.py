@@ -466,3 +466,21 @@ def test_resample_invalid_decodes_invalid_crystals_again_and_keeps_valid_ones():
     assert all(torch.equal(a.frac, b.frac) for a, b in zip(again, redone))
     with pytest.raises(ValueError, match="resample_invalid"):
         sample(model, 4, resample_invalid=-1, **kw)
+
+
+def test_natom_sampler_argmax_takes_the_mode_and_sample_draws_from_the_softmax():
+    model = CDVAE(tiny_config()).eval()
+    last = model.natom_head[-1]
+    with torch.no_grad():  # the head says 2 atoms with probability 0.6, 3 with 0.4, whatever z
+        last.weight.zero_()
+        last.bias.fill_(-30.0)
+        last.bias[2], last.bias[3] = torch.log(torch.tensor(0.6)), torch.log(torch.tensor(0.4))
+    kw = dict(seed=0, levels=2, steps=1, composition="per-atom", type_update="fixed")
+    mode = [len(c.types) for c in sample(model, 400, **kw)]
+    drawn = [len(c.types) for c in sample(model, 400, natom_sampler="sample", **kw)]
+    assert set(mode) == {2}
+    assert set(drawn) == {2, 3} and abs(drawn.count(3) / 400 - 0.4) < 0.07
+    model.config.natom_sampler = "sample"  # the config's default
+    assert [len(c.types) for c in sample(model, 400, **kw)] == drawn
+    with pytest.raises(ValueError, match="natom sampler"):
+        sample(model, 2, natom_sampler="median", **kw)

@@ -61,6 +61,7 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
                               composition_temperature=args.composition_temperature,
                               composition_retries=args.composition_retries, prior=args.prior,
                               volume_weight=args.volume_weight, resample_invalid=args.resample_invalid,
+                              natom_sampler=args.natom_sampler,
                               stats=stats, **condition_options(args))
     seconds = time.perf_counter() - t0
     if stats["resampled"]:
@@ -177,6 +178,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--composition-retries", **non_negative_int, metavar="R",
                    help="redraw a starting composition that fails CDVAE's composition validity (SMACT charge "
                    "neutrality, Pauling test) up to R times (default: the model's)")
+    s.add_argument("--natom-sampler", choices=["argmax", "sample"],
+                   help="the number of atoms of each crystal: argmax (CDVAE: the natom head's most likely count) or "
+                   "sample (drawn from the head's softmax, closer to the data's distribution) (default: the model's)")
     s.add_argument("--resample-invalid", **non_negative_int, metavar="R",
                    help="up to R rounds in which each crystal whose final composition fails CDVAE's composition "
                    "validity is decoded again from a new latent; 0 keeps every decoded crystal, as CDVAE does "

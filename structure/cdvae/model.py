@@ -95,6 +95,7 @@ class CDVAEConfig:
     step_lr: float = 1e-4
     # how sampling draws the starting composition and updates atom types (structure.cdvae.sampling:
     # sample_composition, langevin); CDVAE's rules are "round" and "free"
+    natom_sampler: str = "argmax"  # the number of atoms: the natom head's most likely count, or "sample" its softmax
     composition_sampler: str = "round"
     type_update: str = "free"
     composition_temperature: float = 1.0  # the composition head's softmax temperature when sampling (< 1 sharpens)
@@ -526,12 +527,12 @@ class CDVAE(nn.Module):
                guidance: float | None = None, composition_temperature: float | None = None,
                composition_retries: int | None = None, prior: str | None = None,
                volume_weight: float | None = None, resample_invalid: int | None = None,
-               stats: dict | None = None) -> list:
+               natom_sampler: str | None = None, stats: dict | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
-        ``type_update`` rule, the ``volume_weight`` of the composition's volume and the ``resample_invalid``
-        rounds default to the model's; ``stats`` receives how many crystals were decoded again).
+        ``type_update`` rule, the ``volume_weight`` of the composition's volume, the ``natom_sampler`` and the
+        ``resample_invalid`` rounds default to the model's; ``stats`` receives how many crystals were decoded again).
         A property-conditioned
         model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
         The same seed gives the same crystals.
@@ -549,5 +550,5 @@ class CDVAE(nn.Module):
                           progress=progress, composition=composition, type_update=type_update, targets=targets,
                           guidance=guidance, composition_temperature=composition_temperature,
                           composition_retries=composition_retries, prior=prior, volume_weight=volume_weight,
-                          resample_invalid=resample_invalid, stats=stats)
+                          resample_invalid=resample_invalid, natom_sampler=natom_sampler, stats=stats)
         return [c.structure() for c in crystals]

@@ -42,6 +42,7 @@ def langevin_schedule(model: CDVAE, levels: int | None = None, steps: int | None
 
 COMPOSITION_SAMPLERS = ("round", "per-atom", "k-first")
 TYPE_UPDATES = ("free", "element-set", "fixed")
+NATOM_SAMPLERS = ("argmax", "sample")
 
 
 def _round_counts(p: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -148,7 +149,8 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
              progress=None, composition: str | None = None, type_update: str | None = None,
              conditions: torch.Tensor | None = None, guidance: float | None = None,
              num_atoms: torch.Tensor | None = None, composition_temperature: float | None = None,
-             composition_retries: int | None = None, volume_weight: float | None = None) -> list[Crystal]:
+             composition_retries: int | None = None, volume_weight: float | None = None,
+             natom_sampler: str | None = None) -> list[Crystal]:
     """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics.
 
     ``composition`` picks the :func:`sample_composition` method of the starting atom types, drawn from
@@ -161,7 +163,8 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     and the decoder through :meth:`CDVAE.conditioned_latent`; with ``guidance`` every head and every
     decoder step is also evaluated without them and the two are combined (classifier-free guidance,
     two decoder passes per step). ``num_atoms``: the crystals' atom counts when known (reconstruction),
-    else predicted from ``z``. ``volume_weight`` w (default the model's): once the composition is drawn,
+    else predicted from ``z`` by the number-of-atoms head: its most likely count (``natom_sampler``
+    ``argmax``, CDVAE) or a count drawn from its softmax (``sample``); default the model's. ``volume_weight`` w (default the model's): once the composition is drawn,
     the cell is scaled to the volume V_z^(1 - w) V_c^w, V_z the lattice head's and V_c the composition's
     (:func:`~structure.cdvae.data.composition_volume`); 0 leaves the lattice head's cell as it is."""
     cfg = model.config
@@ -177,7 +180,12 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
         return _guided(head(zc), None if zu is None else head(zu), guidance)
 
     if num_atoms is None:
-        num_atoms = heads(model.natom_head).argmax(-1).clamp(min=1)
+        natom_sampler = natom_sampler or cfg.natom_sampler
+        if natom_sampler not in NATOM_SAMPLERS:
+            raise ValueError(f"unknown natom sampler {natom_sampler!r} (choose from {', '.join(NATOM_SAMPLERS)})")
+        logits = heads(model.natom_head)
+        num_atoms = (logits.argmax(-1) if natom_sampler == "argmax" else
+                     torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)).clamp(min=1)
     lengths, angles = model.lattice_from_z(zc, num_atoms)
     if zu is not None:
         lu, au = model.lattice_from_z(zu, num_atoms)
@@ -239,11 +247,11 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
            guidance: float | None = None, composition_temperature: float | None = None,
            composition_retries: int | None = None, prior: str | None = None,
            volume_weight: float | None = None, resample_invalid: int | None = None,
-           stats: dict | None = None) -> list[Crystal]:
+           natom_sampler: str | None = None, stats: dict | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
     unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
-    ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight`` and ``guidance`` as in
-    :func:`langevin`. ``targets``: property windows
+    ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight``, ``natom_sampler`` and
+    ``guidance`` as in :func:`langevin`. ``targets``: property windows
     (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
     crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
     comes from the conditional prior p(z | condition); without targets from ``prior``.
@@ -273,7 +281,7 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
         counts["decoded"] += size
         return langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
                         composition_temperature=composition_temperature, composition_retries=composition_retries,
-                        volume_weight=volume_weight)
+                        volume_weight=volume_weight, natom_sampler=natom_sampler)
 
     out: list[Crystal] = []
     conditions: list[torch.Tensor] = []  # per batch, for decoding a crystal again with its own condition
