@@ -165,7 +165,8 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     two decoder passes per step). ``num_atoms``: the crystals' atom counts when known (reconstruction),
     else predicted from ``z`` by the number-of-atoms head: its most likely count (``natom_sampler``
     ``argmax``, CDVAE) or a count drawn from its softmax (``sample``); default the model's.
-    ``volume_weight`` w (default the model's): once the composition is drawn, the cell is scaled to the volume V_z^(1 - w) V_c^w, V_z the lattice head's and V_c the composition's
+    ``volume_weight`` w (default the model's): once the composition is drawn, the cell is scaled to the
+    volume V_z^(1 - w) V_c^w, V_z the lattice head's and V_c the composition's
     (:func:`~structure.cdvae.data.composition_volume`); 0 leaves the lattice head's cell as it is."""
     cfg = model.config
     composition = composition or cfg.composition_sampler
