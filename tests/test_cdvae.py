@@ -355,8 +355,11 @@ def test_shipped_perov5_model_loads_and_samples_perovskite_cells():
 
     model = CDVAE.from_pretrained(resolve_model("cdvae-perov5"))
     assert model.config.max_atoms == 5
-    crystals = sample(model, 4, seed=0, levels=5, steps=1)
+    assert model.config.resample_invalid == 5  # issue 19: an invalid composition is decoded again
+    stats: dict = {}
+    crystals = sample(model, 4, seed=0, levels=5, steps=1, stats=stats)
     assert all(len(c.types) == 5 for c in crystals)  # the count head learned Perov-5's five-atom cells
+    assert stats["decoded"] == 4 + stats["resampled"]
     with pytest.raises(FileNotFoundError, match="shipped"):
         resolve_model("cdvae-nope")
 
