@@ -484,3 +484,26 @@ def test_natom_sampler_argmax_takes_the_mode_and_sample_draws_from_the_softmax()
     assert [len(c.types) for c in sample(model, 400, **kw)] == drawn
     with pytest.raises(ValueError, match="natom sampler"):
         sample(model, 2, natom_sampler="median", **kw)
+
+
+def test_impossible_cell_angles_are_pulled_toward_right_angles_and_others_kept():
+    from structure.cdvae.data import cell_volume, valid_cell_angles, volume_factor
+
+    angles = torch.tensor([[150.0, 150.0, 150.0],  # no cell: the three angles sum past 360°
+                           [60.0, 60.0, 150.0],  # no cell: γ > α + β
+                           [90.0, 100.0, 120.0],  # a monoclinic-like cell, kept
+                           [float("nan"), 90.0, 90.0]])
+    assert volume_factor(angles[:2]).max() == 0
+    fixed = valid_cell_angles(angles)
+    assert (volume_factor(fixed) >= 0.2).all() and torch.isfinite(fixed).all()
+    assert torch.equal(fixed[2], angles[2])
+    assert (fixed[0] < 150).all() and (fixed[0] > 90).all()  # pulled toward 90°, not replaced outright
+    lengths = torch.full((4, 3), 5.0)
+    assert (cell_volume(lengths, fixed) > 0.2 * 125 - 1e-3).all()
+    # the lattice head's output goes through it: a head asking for 150/150/150 gives a cell with a volume
+    model = CDVAE(tiny_config()).eval()
+    with torch.no_grad():
+        model.lattice_head[-1].weight.zero_()
+        model.lattice_head[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1e4, 1e4, 1e4]))
+    crystals = sample(model, 3, levels=2, steps=1, composition="per-atom", type_update="fixed")
+    assert all(c.structure().volume > 1.0 for c in crystals)

@@ -46,6 +46,33 @@ def lattice_matrix(lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.stack([va, vb, vc], 1)
 
 
+MIN_VOLUME_FACTOR = 0.2  # a sampled cell's volume / (a b c) at least this (a real MP-20 cell is rarely below 0.4)
+
+
+def volume_factor(angles: torch.Tensor) -> torch.Tensor:
+    """(B,) V / (a b c) of cells with (B, 3) angles in degrees: sqrt(1 - cos²α - cos²β - cos²γ + 2 cosα cosβ
+    cosγ); 0 where the three angles make no cell (e.g. all three 150°)."""
+    ca, cb, cg = torch.cos(torch.deg2rad(angles)).unbind(-1)
+    return (1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg).clamp(min=0.0).sqrt()
+
+
+def valid_cell_angles(angles: torch.Tensor, min_factor: float = MIN_VOLUME_FACTOR) -> torch.Tensor:
+    """``angles`` (B, 3, degrees) with each triple that makes no cell, or one flatter than ``min_factor``
+    (:func:`volume_factor`), pulled toward 90° (90 + t (angles - 90), the largest t of 1, 1/2, ... 1/64 that
+    passes, else 0: right angles); other triples unchanged. A predicted lattice can ask for an impossible
+    triple, and a flat cell has no inverse to search neighbours with."""
+    out = angles.clone()
+    bad = ~(volume_factor(out) >= min_factor)  # NaN angles too
+    for t in [0.5 ** k for k in range(1, 7)] + [0.0]:
+        if not bad.any():
+            break
+        trial = 90.0 + t * (angles[bad] - 90.0)
+        trial = torch.where(torch.isfinite(trial), trial, torch.full_like(trial, 90.0))
+        out[bad] = trial
+        bad = ~(volume_factor(out) >= min_factor)
+    return out
+
+
 def cell_volume(lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """(B,) cell volumes in Å³ of (B, 3) lengths (Å) and angles (degrees)."""
     return torch.linalg.det(lattice_matrix(lengths, angles)).abs()

@@ -42,7 +42,7 @@ from evaluation.conditioning import (ENCODINGS, PropertyBins, condition_module, 
 from evaluation.io import atomic_path, write_json
 from structure.cdvae.prior import PRIORS, GaussianMixturePrior
 from structure.cdvae.data import (edge_vectors, lattice_matrix, lattice_targets, length_scale, min_image_displacement,
-                                  periodic_edges)
+                                  periodic_edges, valid_cell_angles)
 
 MAX_Z = 100  # elements H..Fm; atom type t is element Z = t + 1
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
@@ -434,10 +434,11 @@ class CDVAE(nn.Module):
 
     # ------------------------------------------------------------------------------------ heads
     def lattice_from_z(self, z: torch.Tensor, num_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted lengths (Å) and angles (degrees; clamped to 30..150) for crystals of ``num_atoms``."""
+        """Predicted lengths (Å) and angles (degrees; clamped to 30..150, and a triple that makes no cell
+        pulled toward 90°: :func:`~structure.cdvae.data.valid_cell_angles`) for crystals of ``num_atoms``."""
         raw = self.lattice_head(z) * self.lattice_std + self.lattice_mean
         lengths = (raw[:, :3] * length_scale(num_atoms)[:, None]).clamp(min=1.0)
-        return lengths, raw[:, 3:].clamp(30.0, 150.0)
+        return lengths, valid_cell_angles(raw[:, 3:].clamp(30.0, 150.0))
 
     # ----------------------------------------------------------------------------------- losses
     def forward(self, batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from structure.cdvae.data import cell_volume, composition_volume, lattice_matrix, to_structure
+from structure.cdvae.data import (cell_volume, composition_volume, lattice_matrix, to_structure,
+                                  valid_cell_angles)
 from structure.cdvae.model import CDVAE, MAX_Z, check_volume_weight, sigma_levels
 
 
@@ -191,7 +192,7 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
     if zu is not None:
         lu, au = model.lattice_from_z(zu, num_atoms)
         lengths = _guided(lengths, lu, guidance).clamp(min=1.0)
-        angles = _guided(angles, au, guidance).clamp(30.0, 150.0)
+        angles = valid_cell_angles(_guided(angles, au, guidance).clamp(30.0, 150.0))
     temperature = cfg.composition_temperature if composition_temperature is None else composition_temperature
     if temperature <= 0:
         raise ValueError(f"the composition temperature must be positive, got {temperature}")
