@@ -507,3 +507,31 @@ def test_impossible_cell_angles_are_pulled_toward_right_angles_and_others_kept()
         model.lattice_head[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1e4, 1e4, 1e4]))
     crystals = sample(model, 3, levels=2, steps=1, composition="per-atom", type_update="fixed")
     assert all(c.structure().volume > 1.0 for c in crystals)
+
+
+@pytest.mark.skipif(not PEROV.exists(), reason="needs ../shared")
+def test_several_training_splits_are_joined(tmp_path):
+    import pandas as pd
+
+    from structure.cdvae.train import CDVAETrainingArguments, load_splits
+
+    rows = pd.read_csv(PEROV / "val.csv.gz", nrows=30)
+    rows[:12].to_csv(tmp_path / "a.csv", index=False)
+    rows[12:30].to_csv(tmp_path / "b.csv", index=False)
+    rows[:5].to_csv(tmp_path / "v.csv", index=False)
+
+    def split(train, val):
+        args = CDVAETrainingArguments(data=str(tmp_path), output_dir=str(tmp_path / "out"), train_split=train,
+                                      val_split=val, val_fraction=0.1, progress=False, condition_on=["heat_ref"])
+        return load_splits(args)
+
+    train, val, note = split("a,b", "v")
+    assert len(train) == 30 and len(val) == 5 and note.startswith("train a.csv + b.csv (30)")
+    assert train.ids == rows["material_id"].astype(str).tolist()
+    assert train.properties.shape == (30, 1)
+    assert int(train.num_atoms.sum()) == len(train.frac) == 150
+    assert train.structure(29).composition == split("b", "v")[0].structure(17).composition
+    train, val, note = split("a,b", "b")  # the validation split among the training ones: a share is held out
+    assert (len(train), len(val)) == (27, 3) and "a.csv + b.csv: 27 for training, 3 held out" in note
+    with pytest.raises(FileNotFoundError, match="no c.csv"):
+        split("a,c", "v")

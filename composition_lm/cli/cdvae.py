@@ -89,7 +89,9 @@ def add_parsers(sub) -> None:
                         "(EMA weights, safetensors + config.json, model card) to OUTPUT/model.")
     # every dest is a field of structure.cdvae.train.CDVAETrainingArguments (a test checks names and defaults)
     t.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder of <split>.csv(.gz) files")
-    t.add_argument("--train-split", default="train", help="training split (default: train)")
+    t.add_argument("--train-split", default="train",
+                   help="training split, or several joined by commas (train,val: both together; a --val-split among "
+                   "them then holds out --val-fraction of the union instead) (default: train)")
     t.add_argument("--val-split", default="val", help="validation split, or 'none' to hold out --val-fraction")
     t.add_argument("--val-fraction", **fraction, default=0.05)
     t.add_argument("--cache", type=Path, metavar="DIR", help="parsed-crystal cache (default: OUTPUT/cache)")

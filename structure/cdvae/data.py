@@ -289,6 +289,19 @@ class Crystals:
                         None if self.conditions is None else self.conditions[rows],
                         None if self.properties is None else self.properties[rows])
 
+    @classmethod
+    def concat(cls, parts: list[Crystals]) -> Crystals:
+        """One set of the crystals of ``parts``, in order (conditions and properties kept when every part
+        has them)."""
+        def joined(name):
+            values = [getattr(c, name) for c in parts]
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        return cls(torch.cat([c.frac for c in parts]), torch.cat([c.types for c in parts]),
+                   torch.cat([c.lengths for c in parts]), torch.cat([c.angles for c in parts]),
+                   torch.cat([c.num_atoms for c in parts]), [i for c in parts for i in c.ids],
+                   joined("conditions"), joined("properties"))
+
     def structure(self, i: int):
         """Crystal ``i`` as a pymatgen ``Structure``."""
         s, n = int(self.first[i]), int(self.num_atoms[i])

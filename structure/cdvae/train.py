@@ -26,8 +26,8 @@ from structure.cdvae.model import CDVAE, CDVAEConfig
 class CDVAETrainingArguments:
     data: str  # folder with <split>.csv(.gz) files
     output_dir: str
-    train_split: str = "train"
-    val_split: str | None = "val"  # None (or a missing file): hold out val_fraction of the training split
+    train_split: str = "train"  # or several joined by commas ("train,val"): their crystals together
+    val_split: str | None = "val"  # None, a missing file or one of the training splits: hold out val_fraction of them
     val_fraction: float = 0.05
     cache_dir: str | None = None  # default: <output_dir>/cache
     init_from: str | None = None  # fine-tune a model folder
@@ -80,19 +80,23 @@ def load_splits(args: CDVAETrainingArguments) -> tuple[Crystals, Crystals, str]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: --data must be a folder of <split>.csv(.gz) files")
     cache = args.cache_dir or str(Path(args.output_dir) / "cache")
-    train_file = split_file(folder, args.train_split)
-    if train_file is None:
+    names = [n.strip() for n in args.train_split.split(",") if n.strip()]
+    train_files = [split_file(folder, n) for n in names]
+    if not names or None in train_files:
         found = sorted(p.name for p in folder.glob("*.csv*"))
-        raise FileNotFoundError(f"{folder}: no {args.train_split}.csv(.gz) (found: {', '.join(found) or 'nothing'})")
-    train = _with_properties(load_crystals(train_file, cache, progress=args.progress), train_file, args.condition_on)
+        missing = ", ".join(f"{n}.csv(.gz)" for n, f in zip(names, train_files) if f is None) or "a split name"
+        raise FileNotFoundError(f"{folder}: no {missing} (found: {', '.join(found) or 'nothing'})")
+    train = Crystals.concat([_with_properties(load_crystals(f, cache, progress=args.progress), f, args.condition_on)
+                             for f in train_files])
+    train_name = " + ".join(f.name for f in train_files)
     val_file = split_file(folder, args.val_split) if args.val_split else None
-    if val_file is not None and val_file != train_file:
+    if val_file is not None and val_file not in train_files:
         val = _with_properties(load_crystals(val_file, cache, progress=args.progress), val_file, args.condition_on)
-        return train, val, f"train {train_file.name} ({len(train)}), validation {val_file.name}"
+        return train, val, f"train {train_name} ({len(train)}), validation {val_file.name}"
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
     n_val = max(1, int(round(args.val_fraction * len(train))))
     return train.subset(perm[n_val:]), train.subset(perm[:n_val]), \
-        f"{train_file.name}: {len(train) - n_val} for training, {n_val} held out for validation (seed {args.seed})"
+        f"{train_name}: {len(train) - n_val} for training, {n_val} held out for validation (seed {args.seed})"
 
 
 def _with_properties(crystals: Crystals, path: Path, names: list[str] | None) -> Crystals:
