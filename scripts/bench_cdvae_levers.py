@@ -74,10 +74,15 @@ def element_histogram(structures) -> dict:
         {"7+": round(sum(c >= 7 for c in counts) / len(counts), 4)}
 
 
+def _split_csv(args, split: str) -> Path:
+    """The dataset's ``split`` CSV in ../shared."""
+    return args.shared / "data/structures" / DATA[args.dataset] / f"{split}.csv.gz"
+
+
 def _reference(args) -> list:
     from structure.io import read_structures
 
-    test_csv = args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz"
+    test_csv = _split_csv(args, "test")
     return [r.structure for r in read_structures(test_csv)]
 
 
@@ -146,7 +151,7 @@ def _training_latents(model, args):
     from structure.cdvae.data import load_crystals
     from structure.cdvae.prior import posterior_means
 
-    train_csv = args.shared / "data/structures" / DATA[args.dataset] / f"{TRAIN_SPLIT[args.dataset]}.csv.gz"
+    train_csv = _split_csv(args, TRAIN_SPLIT[args.dataset])
     return posterior_means(model, load_crystals(train_csv, ROOT / "runs/cdvae/cache"))
 
 
@@ -213,7 +218,7 @@ def cmd_data(args) -> None:
     from structure.io import read_structures
 
     reference = _reference(args)
-    train_csv = args.shared / "data/structures" / DATA[args.dataset] / f"{TRAIN_SPLIT[args.dataset]}.csv.gz"
+    train_csv = _split_csv(args, TRAIN_SPLIT[args.dataset])
     train = [r.structure for r in read_structures(train_csv)]
     for n in args.n:
         # all of the split is one draw, whatever the seed
@@ -262,7 +267,7 @@ def cmd_reconstruct(args) -> None:
     from structure.cdvae.sampling import reconstruct
 
     model = CDVAE.from_pretrained(resolve_model(args.model))
-    test_csv = args.shared / "data/structures" / DATA[args.dataset] / "test.csv.gz"
+    test_csv = _split_csv(args, "test")
     test = load_crystals(test_csv, ROOT / "runs/cdvae/cache")
     test = test.subset(list(range(min(args.n, len(test)))))
     t = time.perf_counter()

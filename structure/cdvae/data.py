@@ -46,7 +46,7 @@ def lattice_matrix(lengths: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.stack([va, vb, vc], 1)
 
 
-MIN_VOLUME_FACTOR = 0.2  # a sampled cell's volume / (a b c) at least this (a real MP-20 cell is rarely below 0.4)
+MIN_VOLUME_FACTOR = 0.2  # a sampled cell's volume / (a b c) at least this (MP-20's Niggli cells: 0.71 or more)
 
 
 def volume_factor(angles: torch.Tensor) -> torch.Tensor:

@@ -297,7 +297,7 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
         # every batch is decoded before any crystal is decoded again, so the first decode of a seed is the same
         # whatever the number of rounds
         all_conditions = torch.cat(conditions) if conditions else None
-        bad = invalid_compositions(out)
+        bad = invalid_compositions(out) if rounds or stats is not None else []  # the check only when read
         for _ in range(rounds):
             if not bad:
                 break
