@@ -113,7 +113,8 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
                               composition_temperature=s["temperature"], composition_retries=s["retries"],
                               prior=getattr(args, "prior", None), volume_weight=volume_weight,
                               resample_invalid=getattr(args, "resample_invalid", None),
-                              natom_sampler=getattr(args, "natom_sampler", None), stats=stats)
+                              natom_sampler=getattr(args, "natom_sampler", None),
+                              min_element_share=getattr(args, "min_element_share", None), stats=stats)
     seconds = time.perf_counter() - t
     if args.save:  # the crystals themselves, for a later look at what the metrics miss
         write_outputs(to_rows(structures), args.save / f"{args.dataset}-{label}-{spec}".replace("/", "_"))
@@ -131,6 +132,8 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
            "resample_invalid": cfg.resample_invalid if getattr(args, "resample_invalid", None) is None
            else args.resample_invalid, "decoded": stats["decoded"], "resampled": stats["resampled"],
            "natom_sampler": getattr(args, "natom_sampler", None) or cfg.natom_sampler,
+           "min_element_share": cfg.min_element_share if getattr(args, "min_element_share", None) is None
+           else args.min_element_share,
            **{k: m.get(k) for k in KEYS},
            "cov_recall_struct": m.get("cov_recall_struct"), "cov_recall_comp": m.get("cov_recall_comp"),
            "n_elements": element_histogram(structures),
@@ -318,7 +321,8 @@ def lever_table(rows: list[dict]) -> list[str]:
         if r.get("natom_sampler", "argmax") != "argmax":
             comp += f", atom count {r['natom_sampler']}"
         if r.get("resample_invalid"):
-            comp += (f", invalid decoded again (≤{r['resample_invalid']} rounds, "
+            rare = f" or element count < {r['min_element_share']:g} of training" if r.get("min_element_share") else ""
+            comp += (f", invalid{rare} decoded again (≤{r['resample_invalid']} rounds, "
                      f"{100 * r['resampled'] / r['n']:.1f} % more decodes)")
         label = r["label"] + (f", seed {r['seed']}" if r.get("seed") else "")
         lines.append(f"| {r['dataset']} | {label} | {comp} | {r['type_update']} | {r['schedule']} | "
@@ -443,6 +447,8 @@ def main() -> int:
     s.add_argument("--natom-sampler", choices=["argmax", "sample"], help="atom counts (default: the model's)")
     s.add_argument("--resample-invalid", type=int, metavar="R",
                    help="rounds of decoding again a crystal with an invalid composition (default: the model's)")
+    s.add_argument("--min-element-share", type=float, metavar="P",
+                   help="in those rounds also a crystal whose element count is rarer than P (default: the model's)")
     d = sub.add_parser("density", help="density W over --seeds sampling seeds, per --components K and --volume-weight "
                        "W (no Langevin step: the density is fixed before the first)")
     d.add_argument("--model", required=True)

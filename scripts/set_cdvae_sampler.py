@@ -6,7 +6,7 @@ by measurement in benchmarks/cdvae_levers.md. The weights are untouched; every d
 overridden per call (`cdvae sample --composition ... --type-update ...`).
 
 Run: python scripts/set_cdvae_sampler.py MODEL_DIR --composition k-first --temperature 1 --retries 20 \
-         --type-update fixed [--volume-weight 0.75] [--resample-invalid 5] [--natom-sampler sample]
+         --type-update fixed [--volume-weight 0.75] [--resample-invalid 5 [--min-element-share 0.01]] [--natom-sampler sample]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--type-update", choices=TYPE_UPDATES, required=True)
     ap.add_argument("--volume-weight", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--resample-invalid", type=int, help="(default: leave the model's as it is)")
+    ap.add_argument("--min-element-share", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--natom-sampler", choices=NATOM_SAMPLERS, help="(default: leave the model's as it is)")
     args = ap.parse_args()
     path = args.model / "config.json"
@@ -45,6 +46,10 @@ def main() -> None:
         if args.resample_invalid < 0:
             raise SystemExit("--resample-invalid must be 0 or more")
         cfg["resample_invalid"] = args.resample_invalid
+    if args.min_element_share is not None:
+        if not 0 <= args.min_element_share < 1:
+            raise SystemExit("--min-element-share must be in [0, 1)")
+        cfg["min_element_share"] = args.min_element_share
     if args.natom_sampler is not None:
         cfg["natom_sampler"] = args.natom_sampler
     config = CDVAEConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})  # still a valid config
@@ -52,7 +57,8 @@ def main() -> None:
     write_json(path, cfg)
     print(f"{path}: {args.composition} (T={args.temperature:g}, {args.retries} redraws), "
           f"type update {args.type_update}, volume weight {cfg.get('volume_weight', 0.0):g}, "
-          f"{cfg.get('resample_invalid', 0)} rounds of resampling invalid crystals, "
+          f"{cfg.get('resample_invalid', 0)} rounds of resampling invalid crystals "
+          f"(element-count share below {cfg.get('min_element_share', 0.0):g} counted invalid), "
           f"atom counts by {cfg.get('natom_sampler', 'argmax')}")
 
 

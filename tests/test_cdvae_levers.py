@@ -189,7 +189,8 @@ def test_cli_trains_a_conditioned_model_and_samples_a_target(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["cdvae", "sample", "--model", str(tmp_path / "run" / "model"), "-n", "3", "--levels", "2",
                  "--steps", "1", "--target", "heat_ref=:0", "--guidance", "2", "--composition", "k-first",
-                 "--type-update", "element-set", "--volume-weight", "1", "--resample-invalid", "3", "--no-progress",
+                 "--type-update", "element-set", "--volume-weight", "1", "--resample-invalid", "3",
+                 "--min-element-share", "0.01", "--no-progress",
                  "-o", str(out)]) == 0
     assert len(pd.read_csv(out / "structures.csv")) == 3
     assert "crystals again for an invalid composition" in capsys.readouterr().out  # 3 training steps: few valid
@@ -535,3 +536,46 @@ def test_several_training_splits_are_joined(tmp_path):
     assert (len(train), len(val)) == (27, 3) and "a.csv + b.csv: 27 for training, 3 held out" in note
     with pytest.raises(FileNotFoundError, match="no c.csv"):
         split("a,c", "v")
+
+
+def test_invalid_compositions_counts_a_rare_number_of_elements_only_when_asked():
+    from structure.cdvae.sampling import Crystal, invalid_compositions
+
+    def crystal(*z):
+        return Crystal(torch.rand(len(z), 3), torch.tensor(z), torch.ones(3) * 4, torch.ones(3) * 90)
+
+    # element_counts[N][k]: 2-atom crystals are binaries 99.5 % of the time, single-element 0.5 %
+    table = [[0.0], [0.0, 1.0], [0.0, 0.005, 0.995]]
+    nacl, na2, cl3, nacl_cl = crystal(11, 17), crystal(11, 11), crystal(17, 17, 17), crystal(11, 17, 17)
+    crystals = [nacl, na2, cl3, nacl_cl]
+    assert invalid_compositions(crystals) == [3]  # CDVAE's validity alone: Na Cl2 is not charge neutral
+    # 3-atom crystals never occur in the table (share 0): rare at any share; the 2-atom unary's 0.5 % is not
+    # rarer than 0.1 % but is rarer than 1 %
+    assert invalid_compositions(crystals, table, 0.001) == [2, 3]
+    assert invalid_compositions(crystals, table, 0.01) == [1, 2, 3]
+    with pytest.raises(ValueError, match="element_counts"):
+        invalid_compositions(crystals, [], 0.01)
+
+
+def test_min_element_share_decodes_rare_element_counts_again():
+    from structure.cdvae.sampling import invalid_compositions
+
+    torch.manual_seed(0)
+    # 3-atom crystals: single-element ones never occur in "training", binaries 20 %, ternaries 80 %
+    table = [[0.0, 1.0, 0.0, 0.0]] * 3 + [[0.0, 0.0, 0.2, 0.8]] * 6
+    model = CDVAE(tiny_config(element_counts=table)).eval()
+    kw = dict(seed=1, levels=3, steps=1, composition="per-atom", type_update="fixed", batch_size=30)
+    plain = sample(model, 60, **kw)
+    stats: dict = {}
+    again = sample(model, 60, resample_invalid=6, min_element_share=0.5, stats=stats, **kw)
+    rare_plain = invalid_compositions(plain, table, 0.5)
+    assert len(rare_plain) > len(invalid_compositions(plain))  # the share check adds crystals to decode again
+    assert stats["resampled"] >= len(rare_plain)
+    assert stats["still_invalid"] == len(invalid_compositions(again, table, 0.5)) < len(rare_plain)
+    for i, c in enumerate(plain):  # a crystal that passes both checks at the first decode is kept
+        if i not in rare_plain:
+            assert torch.equal(again[i].types, c.types)
+    with pytest.raises(ValueError, match="min_element_share"):
+        sample(model, 4, resample_invalid=1, min_element_share=1.0, **kw)
+    with pytest.raises(ValueError, match="element_counts"):
+        sample(CDVAE(tiny_config()).eval(), 4, resample_invalid=1, min_element_share=0.1, **kw)

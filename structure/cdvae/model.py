@@ -103,6 +103,9 @@ class CDVAEConfig:
     # rounds in which every decoded crystal whose final composition fails CDVAE's composition validity is
     # decoded again from a new latent (0: CDVAE, every decoded crystal kept)
     resample_invalid: int = 0
+    # in those rounds, a crystal is also decoded again when its number of distinct elements is rarer than this
+    # share among the training crystals of its size (element_counts[N][k] < min_element_share; 0: never)
+    min_element_share: float = 0.0
     # element_counts[N][k]: share of training crystals of N atoms with k distinct elements (the k-first
     # composition sampler draws k from it); data.element_count_table
     element_counts: list[list[float]] = field(default_factory=list)
@@ -528,12 +531,13 @@ class CDVAE(nn.Module):
                guidance: float | None = None, composition_temperature: float | None = None,
                composition_retries: int | None = None, prior: str | None = None,
                volume_weight: float | None = None, resample_invalid: int | None = None,
-               natom_sampler: str | None = None, stats: dict | None = None) -> list:
+               natom_sampler: str | None = None, min_element_share: float | None = None,
+               stats: dict | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
         ``type_update`` rule, the ``volume_weight`` of the composition's volume, the ``natom_sampler`` and the
-        ``resample_invalid`` rounds default to the model's; ``stats`` receives how many crystals were decoded again).
+        ``resample_invalid`` rounds with their ``min_element_share`` default to the model's; ``stats`` receives how many crystals were decoded again).
         A property-conditioned
         model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
         The same seed gives the same crystals.
@@ -551,5 +555,6 @@ class CDVAE(nn.Module):
                           progress=progress, composition=composition, type_update=type_update, targets=targets,
                           guidance=guidance, composition_temperature=composition_temperature,
                           composition_retries=composition_retries, prior=prior, volume_weight=volume_weight,
-                          resample_invalid=resample_invalid, natom_sampler=natom_sampler, stats=stats)
+                          resample_invalid=resample_invalid, natom_sampler=natom_sampler,
+                          min_element_share=min_element_share, stats=stats)
         return [c.structure() for c in crystals]

@@ -228,9 +228,22 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
             for b, (s, n) in enumerate(zip(first, num_atoms.tolist()))]
 
 
-def invalid_compositions(crystals: list[Crystal]) -> list[int]:
-    """Indices of the crystals whose composition fails CDVAE's composition validity."""
-    return [i for i, c in enumerate(crystals) if not composition_is_valid(c.types - 1)]
+def invalid_compositions(crystals: list[Crystal], element_counts: list | None = None,
+                         min_element_share: float = 0.0) -> list[int]:
+    """Indices of the crystals whose composition fails CDVAE's composition validity or, with
+    ``min_element_share`` > 0, whose number of distinct elements k is rarer than that share among the training
+    crystals of its size N (``element_counts[N][k]``, :func:`structure.cdvae.data.element_count_table`)."""
+    if min_element_share and not element_counts:
+        raise ValueError("min_element_share needs the model's element_counts table "
+                         "(scripts/add_element_counts.py adds it to a model trained without it)")
+
+    def rare(c: Crystal) -> bool:
+        n, k = len(c.types), len(set(c.types.tolist()))
+        row = element_counts[n] if n < len(element_counts) else []
+        return (row[k] if k < len(row) else 0.0) < min_element_share
+
+    return [i for i, c in enumerate(crystals)
+            if not composition_is_valid(c.types - 1) or (min_element_share > 0 and rare(c))]
 
 
 def _latents(model: CDVAE, size: int, generator: torch.Generator, prior: str | None,
@@ -249,7 +262,8 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
            guidance: float | None = None, composition_temperature: float | None = None,
            composition_retries: int | None = None, prior: str | None = None,
            volume_weight: float | None = None, resample_invalid: int | None = None,
-           natom_sampler: str | None = None, stats: dict | None = None) -> list[Crystal]:
+           natom_sampler: str | None = None, min_element_share: float | None = None,
+           stats: dict | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
     unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
     ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight``, ``natom_sampler`` and
@@ -260,7 +274,9 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
 
     ``resample_invalid`` R (default the model's): up to R rounds in which every crystal whose decoded
     composition fails CDVAE's composition validity is decoded again from a new latent (with the same
-    property condition); one still invalid after R rounds is kept. ``stats``, a dict, receives
+    property condition); one still invalid after R rounds is kept. ``min_element_share`` p (default the model's)
+    counts a crystal as invalid in those rounds also when its number of distinct elements is rarer than p among
+    the training crystals of its size (:func:`invalid_compositions`). ``stats``, a dict, receives
     ``decoded`` (crystals decoded in all), ``resampled`` (decoded again) and ``still_invalid``."""
     from tqdm.auto import tqdm
 
@@ -274,6 +290,12 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     rounds = model.config.resample_invalid if resample_invalid is None else resample_invalid
     if rounds < 0:
         raise ValueError(f"resample_invalid must be 0 or more rounds, got {rounds}")
+    share = model.config.min_element_share if min_element_share is None else min_element_share
+    if not 0 <= share < 1:
+        raise ValueError(f"min_element_share must be in [0, 1), got {share}")
+
+    def rejected(crystals: list[Crystal]) -> list[int]:
+        return invalid_compositions(crystals, model.config.element_counts, share)
     generator = torch.Generator().manual_seed(seed)
     schedule = langevin_schedule(model, levels, steps, step_lr)
     counts = {"decoded": 0, "resampled": 0, "still_invalid": 0}
@@ -297,7 +319,7 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
         # every batch is decoded before any crystal is decoded again, so the first decode of a seed is the same
         # whatever the number of rounds
         all_conditions = torch.cat(conditions) if conditions else None
-        bad = invalid_compositions(out) if rounds or stats is not None else []  # the check only when read
+        bad = rejected(out) if rounds or stats is not None else []  # the check only when read
         for _ in range(rounds):
             if not bad:
                 break
@@ -308,7 +330,7 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
                 again = decode(None if all_conditions is None else all_conditions[idx], len(idx), bar)
                 for i, crystal in zip(idx, again):
                     out[i] = crystal
-                still += [idx[j] for j in invalid_compositions(again)]
+                still += [idx[j] for j in rejected(again)]
             counts["resampled"] += len(bad)
             bad = still
         counts["still_invalid"] = len(bad)
