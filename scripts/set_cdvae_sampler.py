@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.io import write_json  # noqa: E402
-from structure.cdvae.model import CDVAEConfig, check_volume_weight  # noqa: E402
+from structure.cdvae.model import CDVAEConfig, check_latent_temperature, check_volume_weight  # noqa: E402
 from structure.cdvae.sampling import COMPOSITION_SAMPLERS, NATOM_SAMPLERS, TYPE_UPDATES  # noqa: E402
 
 
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--type-update", choices=TYPE_UPDATES, required=True)
     ap.add_argument("--volume-weight", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--resample-invalid", type=int, help="(default: leave the model's as it is)")
+    ap.add_argument("--latent-temperature", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--min-element-share", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--natom-sampler", choices=NATOM_SAMPLERS, help="(default: leave the model's as it is)")
     args = ap.parse_args()
@@ -46,6 +47,11 @@ def main() -> None:
         if args.resample_invalid < 0:
             raise SystemExit("--resample-invalid must be 0 or more")
         cfg["resample_invalid"] = args.resample_invalid
+    if args.latent_temperature is not None:
+        try:
+            cfg["latent_temperature"] = check_latent_temperature(args.latent_temperature)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if args.min_element_share is not None:
         if not 0 <= args.min_element_share < 1:
             raise SystemExit("--min-element-share must be in [0, 1)")
@@ -59,7 +65,8 @@ def main() -> None:
           f"type update {args.type_update}, volume weight {cfg.get('volume_weight', 0.0):g}, "
           f"{cfg.get('resample_invalid', 0)} rounds of resampling invalid crystals "
           f"(element-count share below {cfg.get('min_element_share', 0.0):g} counted invalid), "
-          f"atom counts by {cfg.get('natom_sampler', 'argmax')}")
+          f"atom counts by {cfg.get('natom_sampler', 'argmax')}, "
+          f"latent temperature {cfg.get('latent_temperature', 1.0):g}")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def test_cli_trains_a_conditioned_model_and_samples_a_target(tmp_path, capsys):
     assert main(["cdvae", "sample", "--model", str(tmp_path / "run" / "model"), "-n", "3", "--levels", "2",
                  "--steps", "1", "--target", "heat_ref=:0", "--guidance", "2", "--composition", "k-first",
                  "--type-update", "element-set", "--volume-weight", "1", "--resample-invalid", "3",
-                 "--min-element-share", "0.01", "--no-progress",
+                 "--min-element-share", "0.01", "--latent-temperature", "0.9", "--no-progress",
                  "-o", str(out)]) == 0
     assert len(pd.read_csv(out / "structures.csv")) == 3
     assert "crystals again for an invalid composition" in capsys.readouterr().out  # 3 training steps: few valid

@@ -87,3 +87,24 @@ def test_cli_fits_a_prior_and_samples_from_it(tmp_path, capsys):
     assert main(["cdvae", "sample", "--model", str(tmp_path / "m"), "-n", "2", "--prior", "gmm", "--no-progress",
                  "-o", str(tmp_path / "x")]) != 0
     assert "no fitted latent prior" in capsys.readouterr().err
+
+
+def test_latent_temperature_scales_the_noise_of_either_prior_about_its_centre():
+    model = tiny_model()
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    z1 = model.draw_latents(500, g(), "standard", 1.0)
+    assert torch.allclose(model.draw_latents(500, g(), "standard", 0.5), 0.5 * z1)
+    assert torch.equal(model.draw_latents(500, g(), "standard"), z1)  # the config's default is 1
+    model.config.latent_temperature = 0.25  # the config's temperature is the default
+    assert torch.allclose(model.draw_latents(500, g(), "standard"), 0.25 * z1)
+    prior = fit_gaussian_mixture(two_clusters(), components=2, seed=0)
+    model.set_latent_prior(prior)
+    far, near = model.draw_latents(2000, g(), "gmm", 1.0), model.draw_latents(2000, g(), "gmm", 0.5)
+    assert (near[:, 0] > 2.5).float().mean() == (far[:, 0] > 2.5).float().mean()  # the same components drawn
+    assert near.std(0)[2].item() == pytest.approx(0.5 * far.std(0)[2].item(), rel=1e-4)  # half the spread
+    with pytest.raises(ValueError, match="latent temperature"):
+        model.draw_latents(2, g(), "standard", 0.0)
+    with pytest.raises(ValueError, match="latent temperature"):
+        model.sample(2, levels=2, steps=1, latent_temperature=-1.0)
+    crystals = model.sample(3, seed=0, levels=2, steps=1, latent_temperature=0.5)
+    assert len(crystals) == 3

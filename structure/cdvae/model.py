@@ -117,6 +117,9 @@ class CDVAEConfig:
     # the latent prior of unconditional sampling (structure.cdvae.prior): "standard" N(0, I), or "gmm", a
     # Gaussian mixture of latent_prior_components components fitted to the training posterior means
     latent_prior: str = "standard"
+    # the latent noise's standard deviation when sampling (the prior's, p(z | condition)'s): 1 is the prior itself
+    # (CDVAE); below 1 the latents stay nearer its centre (precision up, coverage down)
+    latent_temperature: float = 1.0
     latent_prior_components: int = 0
     # Con-CDVAE property conditioning: PropertyBins of each property (evaluation.conditioning), their
     # encoding, and the probability that training drops a property's condition (classifier-free guidance)
@@ -359,18 +362,21 @@ class CDVAE(nn.Module):
         self.config.latent_prior = "standard" if prior is None else "gmm"
         self.config.latent_prior_components = 0 if prior is None else prior.components
 
-    def draw_latents(self, n: int, generator: torch.Generator, prior: str | None = None) -> torch.Tensor:
+    def draw_latents(self, n: int, generator: torch.Generator, prior: str | None = None,
+                     temperature: float | None = None) -> torch.Tensor:
         """``n`` latents for unconditional sampling from ``prior`` (default: the config's): ``standard``
-        N(0, I) or ``gmm``, the fitted mixture."""
+        N(0, I) or ``gmm``, the fitted mixture; their noise scaled by ``temperature`` (default: the config's
+        ``latent_temperature``)."""
         prior = prior or self.config.latent_prior
+        temperature = check_latent_temperature(self.config.latent_temperature if temperature is None else temperature)
         if prior not in PRIORS:
             raise ValueError(f"unknown latent prior {prior!r}; choose from {', '.join(PRIORS)}")
         if prior == "standard":
-            return torch.randn((n, self.config.latent), generator=generator)
+            return temperature * torch.randn((n, self.config.latent), generator=generator)
         if self.latent_prior is None:
             raise ValueError("this model has no fitted latent prior: run `composition-gen cdvae fit-prior` first, "
                              "or sample with --prior standard")
-        return self.latent_prior.sample(n, generator)
+        return self.latent_prior.sample(n, generator, temperature)
 
     # ------------------------------------------------------------------------ Con-CDVAE conditions
     def _init_conditioning(self, bins: list[PropertyBins], encoding: str, zero: bool) -> None:
@@ -532,12 +538,13 @@ class CDVAE(nn.Module):
                composition_retries: int | None = None, prior: str | None = None,
                volume_weight: float | None = None, resample_invalid: int | None = None,
                natom_sampler: str | None = None, min_element_share: float | None = None,
-               stats: dict | None = None) -> list:
+               latent_temperature: float | None = None, stats: dict | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
         ``type_update`` rule, the ``volume_weight`` of the composition's volume, the ``natom_sampler`` and the
-        ``resample_invalid`` rounds with their ``min_element_share`` default to the model's; ``stats`` receives how many crystals were decoded again).
+        ``resample_invalid`` rounds with their ``min_element_share`` and the ``latent_temperature`` default to the
+        model's; ``stats`` receives how many crystals were decoded again).
         A property-conditioned
         model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
         The same seed gives the same crystals.
@@ -556,5 +563,13 @@ class CDVAE(nn.Module):
                           guidance=guidance, composition_temperature=composition_temperature,
                           composition_retries=composition_retries, prior=prior, volume_weight=volume_weight,
                           resample_invalid=resample_invalid, natom_sampler=natom_sampler,
-                          min_element_share=min_element_share, stats=stats)
+                          min_element_share=min_element_share, latent_temperature=latent_temperature,
+                          stats=stats)
         return [c.structure() for c in crystals]
+
+
+def check_latent_temperature(temperature: float) -> float:
+    """``temperature`` if it is a usable latent temperature (> 0), else a clear ValueError."""
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"latent temperature must be > 0, got {temperature}")
+    return temperature

@@ -35,12 +35,12 @@ class GaussianMixturePrior(nn.Module):
     def components(self) -> int:
         return len(self.weights)
 
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
         """``n`` latents (n, D): a component by its weight, then its mean plus its Cholesky factor times
-        standard normal noise."""
+        standard normal noise (times ``temperature``: below 1, nearer the component's mean)."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn((n, self.means.shape[1]), generator=generator)
-        return self.means[k] + torch.einsum("nij,nj->ni", self.scale_tril[k], eps)
+        return self.means[k] + temperature * torch.einsum("nij,nj->ni", self.scale_tril[k], eps)
 
 
 @torch.no_grad()

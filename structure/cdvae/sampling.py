@@ -14,7 +14,7 @@ import torch
 
 from structure.cdvae.data import (cell_volume, composition_volume, lattice_matrix, to_structure,
                                   valid_cell_angles)
-from structure.cdvae.model import CDVAE, MAX_Z, check_volume_weight, sigma_levels
+from structure.cdvae.model import CDVAE, MAX_Z, check_latent_temperature, check_volume_weight, sigma_levels
 
 
 @dataclass
@@ -247,13 +247,14 @@ def invalid_compositions(crystals: list[Crystal], element_counts: list | None = 
 
 
 def _latents(model: CDVAE, size: int, generator: torch.Generator, prior: str | None,
-             conditions: torch.Tensor | None) -> torch.Tensor:
-    """``size`` latents: from the conditional prior p(z | condition) given ``conditions``, else from ``prior``."""
+             conditions: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """``size`` latents: from the conditional prior p(z | condition) given ``conditions``, else from ``prior``;
+    the noise scaled by ``temperature``."""
     if conditions is None:
-        return model.draw_latents(size, generator, prior)
+        return model.draw_latents(size, generator, prior, temperature)
     z = torch.randn((size, model.config.latent), generator=generator)
     mu, logvar = model.prior(conditions, model.condition_embedding(conditions), size)
-    return mu + torch.exp(0.5 * logvar) * z
+    return mu + temperature * torch.exp(0.5 * logvar) * z
 
 
 def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
@@ -263,14 +264,15 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
            composition_retries: int | None = None, prior: str | None = None,
            volume_weight: float | None = None, resample_invalid: int | None = None,
            natom_sampler: str | None = None, min_element_share: float | None = None,
-           stats: dict | None = None) -> list[Crystal]:
+           latent_temperature: float | None = None, stats: dict | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
     unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
     ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight``, ``natom_sampler`` and
     ``guidance`` as in :func:`langevin`. ``targets``: property windows
     (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
     crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
-    comes from the conditional prior p(z | condition); without targets from ``prior``.
+    comes from the conditional prior p(z | condition); without targets from ``prior``. ``latent_temperature``
+    (default the model's) scales the latent noise of either: below 1 the latents stay nearer the prior's centre.
 
     ``resample_invalid`` R (default the model's): up to R rounds in which every crystal whose decoded
     composition fails CDVAE's composition validity is decoded again from a new latent (with the same
@@ -294,6 +296,9 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     if not 0 <= share < 1:
         raise ValueError(f"min_element_share must be in [0, 1), got {share}")
 
+    temperature = check_latent_temperature(model.config.latent_temperature if latent_temperature is None
+                                           else latent_temperature)
+
     def rejected(crystals: list[Crystal]) -> list[int]:
         return invalid_compositions(crystals, model.config.element_counts, share)
     generator = torch.Generator().manual_seed(seed)
@@ -301,7 +306,7 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     counts = {"decoded": 0, "resampled": 0, "still_invalid": 0}
 
     def decode(conditions: torch.Tensor | None, size: int, bar) -> list[Crystal]:
-        z = _latents(model, size, generator, prior, conditions)
+        z = _latents(model, size, generator, prior, conditions, temperature)
         counts["decoded"] += size
         return langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
                         composition_temperature=composition_temperature, composition_retries=composition_retries,
