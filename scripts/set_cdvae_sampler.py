@@ -1,12 +1,13 @@
 """Set a CDVAE model's sampling defaults (config.json, rewritten in place through a temporary file):
 the composition sampler, its temperature and validity redraws, the Langevin type update, the volume
 weight (the sampled cell scaled toward its composition's volume) and the rounds of decoding again a crystal
-whose final composition is invalid, as chosen
-by measurement in benchmarks/cdvae_levers.md. The weights are untouched; every default can still be
+whose final composition is invalid (or whose number of elements is rare in training), the atom-count
+sampler and the latent temperature, as chosen by measurement in benchmarks/cdvae_levers.md. The weights are untouched; every default can still be
 overridden per call (`cdvae sample --composition ... --type-update ...`).
 
 Run: python scripts/set_cdvae_sampler.py MODEL_DIR --composition k-first --temperature 1 --retries 20 \
-         --type-update fixed [--volume-weight 0.75] [--resample-invalid 5 [--min-element-share 0.01]] [--natom-sampler sample]
+         --type-update fixed [--volume-weight 0.75] [--resample-invalid 5 [--min-element-share 0.01]] \
+         [--natom-sampler sample] [--latent-temperature 0.9]
 """
 
 from __future__ import annotations
