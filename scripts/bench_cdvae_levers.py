@@ -115,7 +115,8 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
                               resample_invalid=getattr(args, "resample_invalid", None),
                               natom_sampler=getattr(args, "natom_sampler", None),
                               min_element_share=getattr(args, "min_element_share", None),
-                              latent_temperature=getattr(args, "latent_temperature", None), stats=stats)
+                              latent_temperature=getattr(args, "latent_temperature", None),
+                              symmetrize=getattr(args, "symmetrize", None), stats=stats)
     seconds = time.perf_counter() - t
     if args.save:  # the crystals themselves, for a later look at what the metrics miss
         write_outputs(to_rows(structures), args.save / f"{args.dataset}-{label}-{spec}".replace("/", "_"))
@@ -134,6 +135,7 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
            else args.resample_invalid, "decoded": stats["decoded"], "resampled": stats["resampled"],
            "natom_sampler": getattr(args, "natom_sampler", None) or cfg.natom_sampler,
            "latent_temperature": getattr(args, "latent_temperature", None) or cfg.latent_temperature,
+           "symmetrize": cfg.symmetrize if getattr(args, "symmetrize", None) is None else args.symmetrize,
            "min_element_share": cfg.min_element_share if getattr(args, "min_element_share", None) is None
            else args.min_element_share,
            **{k: m.get(k) for k in KEYS},
@@ -320,6 +322,8 @@ def lever_table(rows: list[dict]) -> list[str]:
             comp += f", {r['prior']} prior"
         if r.get("latent_temperature", 1.0) != 1.0:
             comp += f", latent T={r['latent_temperature']:g}"
+        if r.get("symmetrize"):
+            comp += f", symmetrized at {r['symmetrize']:g} Å"
         if r.get("volume_weight"):
             comp += f", volume w={r['volume_weight']:g}"
         if r.get("natom_sampler", "argmax") != "argmax":
@@ -452,6 +456,7 @@ def main() -> int:
     s.add_argument("--resample-invalid", type=int, metavar="R",
                    help="rounds of decoding again a crystal with an invalid composition (default: the model's)")
     s.add_argument("--latent-temperature", type=float, metavar="T", help="latent noise scale (default: the model's)")
+    s.add_argument("--symmetrize", type=float, metavar="TOL", help="symmetrize at TOL Å (default: the model's)")
     s.add_argument("--min-element-share", type=float, metavar="P",
                    help="in those rounds also a crystal whose element count is rarer than P (default: the model's)")
     d = sub.add_parser("density", help="density W over --seeds sampling seeds, per --components K and --volume-weight "

@@ -2,8 +2,9 @@
 the composition sampler, its temperature and validity redraws, the Langevin type update, the volume
 weight (the sampled cell scaled toward its composition's volume) and the rounds of decoding again a crystal
 whose final composition is invalid (or whose number of elements is rare in training), the atom-count
-sampler and the latent temperature, as chosen by measurement in benchmarks/cdvae_levers.md. The weights are untouched; every default can still be
-overridden per call (`cdvae sample --composition ... --type-update ...`).
+sampler, the latent temperature and the symmetrization tolerance, as chosen by measurement in
+benchmarks/cdvae_levers.md. The weights are untouched; every default can still be overridden
+per call (`cdvae sample --composition ... --type-update ...`).
 
 Run: python scripts/set_cdvae_sampler.py MODEL_DIR --composition k-first --temperature 1 --retries 20 \
          --type-update fixed [--volume-weight 0.75] [--resample-invalid 5 [--min-element-share 0.01]] \
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--volume-weight", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--resample-invalid", type=int, help="(default: leave the model's as it is)")
     ap.add_argument("--latent-temperature", type=float, help="(default: leave the model's as it is)")
+    ap.add_argument("--symmetrize", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--min-element-share", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--natom-sampler", choices=NATOM_SAMPLERS, help="(default: leave the model's as it is)")
     args = ap.parse_args()
@@ -53,6 +55,10 @@ def main() -> None:
             cfg["latent_temperature"] = check_latent_temperature(args.latent_temperature)
         except ValueError as e:
             raise SystemExit(str(e)) from None
+    if args.symmetrize is not None:
+        if args.symmetrize < 0:
+            raise SystemExit("--symmetrize must be 0 or more (Å)")
+        cfg["symmetrize"] = args.symmetrize
     if args.min_element_share is not None:
         if not 0 <= args.min_element_share < 1:
             raise SystemExit("--min-element-share must be in [0, 1)")
@@ -67,7 +73,7 @@ def main() -> None:
           f"{cfg.get('resample_invalid', 0)} rounds of resampling invalid crystals "
           f"(element-count share below {cfg.get('min_element_share', 0.0):g} counted invalid), "
           f"atom counts by {cfg.get('natom_sampler', 'argmax')}, "
-          f"latent temperature {cfg.get('latent_temperature', 1.0):g}")
+          f"latent temperature {cfg.get('latent_temperature', 1.0):g}, symmetrized at {cfg.get('symmetrize', 0.0):g} Å")
 
 
 if __name__ == "__main__":

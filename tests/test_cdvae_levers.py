@@ -579,3 +579,30 @@ def test_min_element_share_decodes_rare_element_counts_again():
         sample(model, 4, resample_invalid=1, min_element_share=1.0, **kw)
     with pytest.raises(ValueError, match="element_counts"):
         sample(CDVAE(tiny_config()).eval(), 4, resample_invalid=1, min_element_share=0.1, **kw)
+
+
+def test_symmetrize_moves_near_symmetric_atoms_onto_the_symmetric_cell():
+    import numpy as np
+
+    from structure.cdvae.sampling import symmetrize_structure
+    from tests.test_cdvae import rock_salt, triclinic
+
+    shaken = rock_salt(primitive=False).copy()  # the 8-atom conventional cell, every atom moved up to 0.03 Å
+    rng = np.random.default_rng(0)
+    for i in range(len(shaken)):
+        shaken.translate_sites([i], rng.uniform(-0.03, 0.03, 3), frac_coords=False)
+    assert shaken.get_space_group_info(symprec=0.001)[1] != 225
+    out = symmetrize_structure(shaken, 0.2)
+    assert out.get_space_group_info(symprec=0.001)[1] == 225  # Fm-3m again, exactly
+    assert len(out) == 2 and out.composition.reduced_formula == "NaCl"  # its primitive cell
+    assert out.volume == pytest.approx(shaken.volume / 4, rel=0.02)
+    assert symmetrize_structure(shaken, 0.0) is shaken  # 0: as decoded
+    assert symmetrize_structure(shaken, 0.01).get_space_group_info(symprec=0.001)[1] != 225  # below the shake
+    odd = triclinic()
+    assert symmetrize_structure(odd, 0.1).composition.reduced_composition == odd.composition.reduced_composition
+    with pytest.raises(ValueError, match="tolerance"):
+        symmetrize_structure(odd, -0.1)
+    model = CDVAE(tiny_config()).eval()
+    plain = model.sample(4, seed=0, levels=2, steps=1)
+    sym = model.sample(4, seed=0, levels=2, steps=1, symmetrize=0.5)
+    assert all(s.composition.reduced_composition == p.composition.reduced_composition for s, p in zip(sym, plain))

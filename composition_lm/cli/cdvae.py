@@ -62,7 +62,7 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
                               composition_retries=args.composition_retries, prior=args.prior,
                               volume_weight=args.volume_weight, resample_invalid=args.resample_invalid,
                               natom_sampler=args.natom_sampler, min_element_share=args.min_element_share,
-                              latent_temperature=args.latent_temperature,
+                              latent_temperature=args.latent_temperature, symmetrize=args.symmetrize,
                               stats=stats, **condition_options(args))
     seconds = time.perf_counter() - t0
     if stats["resampled"]:
@@ -203,6 +203,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--latent-temperature", **positive_float, metavar="T",
                    help="scale the latent noise: below 1 the latents stay nearer the prior's centre (fewer odd "
                    "crystals, less coverage); 1 is the prior itself, as in CDVAE (default: the model's)")
+    s.add_argument("--symmetrize", type=float, metavar="TOL",
+                   help="replace each crystal by its symmetrized primitive standard cell, symmetry found at TOL Å "
+                   "(spglib symprec; e.g. 0.1); 0 keeps the decoded cell, as CDVAE does (default: the model's)")
     s.add_argument("--prior", choices=["standard", "gmm"],
                    help="latents of unconditional samples: standard N(0, I) (CDVAE) or gmm, the Gaussian mixture "
                    "fitted by `cdvae fit-prior` (default: the model's)")

@@ -120,6 +120,9 @@ class CDVAEConfig:
     # the latent noise's standard deviation when sampling (the prior's, p(z | condition)'s): 1 is the prior itself
     # (CDVAE); below 1 the latents stay nearer its centre (precision up, coverage down)
     latent_temperature: float = 1.0
+    # each sampled crystal replaced by its symmetrized primitive standard cell, symmetry found at this tolerance
+    # in Å (spglib's symprec; structure.cdvae.sampling.symmetrize); 0: the decoded cell as it is (CDVAE)
+    symmetrize: float = 0.0
     latent_prior_components: int = 0
     # Con-CDVAE property conditioning: PropertyBins of each property (evaluation.conditioning), their
     # encoding, and the probability that training drops a property's condition (classifier-free guidance)
@@ -538,23 +541,24 @@ class CDVAE(nn.Module):
                composition_retries: int | None = None, prior: str | None = None,
                volume_weight: float | None = None, resample_invalid: int | None = None,
                natom_sampler: str | None = None, min_element_share: float | None = None,
-               latent_temperature: float | None = None, stats: dict | None = None) -> list:
+               latent_temperature: float | None = None, symmetrize: float | None = None,
+               stats: dict | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
         ``type_update`` rule, the ``volume_weight`` of the composition's volume, the ``natom_sampler`` and the
-        ``resample_invalid`` rounds with their ``min_element_share`` and the ``latent_temperature`` default to the
-        model's; ``stats`` receives how many crystals were decoded again).
-        A property-conditioned
-        model takes ``targets`` (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale.
-        The same seed gives the same crystals.
+        ``resample_invalid`` rounds with their ``min_element_share``, the ``latent_temperature`` and the
+        ``symmetrize`` tolerance (Å; :func:`structure.cdvae.sampling.symmetrize_structure`) default to the model's;
+        ``stats`` receives how many crystals were decoded again). A property-conditioned model takes ``targets``
+        (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale. The same seed gives
+        the same crystals.
 
         >>> from structure.cdvae import CDVAE
         >>> crystals = CDVAE.from_pretrained("cdvae-perov5").sample(2, seed=0, levels=5, steps=1)
         >>> len(crystals), type(crystals[0]).__name__
         (2, 'Structure')
         """
-        from structure.cdvae.sampling import sample
+        from structure.cdvae.sampling import sample, symmetrize_structure
 
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
@@ -565,7 +569,8 @@ class CDVAE(nn.Module):
                           resample_invalid=resample_invalid, natom_sampler=natom_sampler,
                           min_element_share=min_element_share, latent_temperature=latent_temperature,
                           stats=stats)
-        return [c.structure() for c in crystals]
+        tolerance = self.config.symmetrize if symmetrize is None else symmetrize
+        return [symmetrize_structure(c.structure(), tolerance) for c in crystals]
 
 
 def check_latent_temperature(temperature: float) -> float:

@@ -228,6 +228,25 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
             for b, (s, n) in enumerate(zip(first, num_atoms.tolist()))]
 
 
+def symmetrize_structure(structure, tolerance: float):
+    """``structure`` (pymatgen) replaced by its symmetrized primitive standard cell, the symmetry found at
+    ``tolerance`` Å (spglib's symprec): atoms within the tolerance of a symmetric arrangement are moved onto it.
+    0 returns the structure as it is; so does a failed symmetry search (odd cells), and a cell whose
+    symmetrization changes the composition's proportions (not expected, but never worth a silent change)."""
+    if tolerance < 0:
+        raise ValueError(f"the symmetrize tolerance must be >= 0 Å, got {tolerance}")
+    if tolerance == 0:
+        return structure
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        out = SpacegroupAnalyzer(structure, symprec=tolerance).get_primitive_standard_structure()
+    except Exception:  # spglib can fail on degenerate cells; the decoded crystal is kept
+        return structure
+    same = out.composition.reduced_composition == structure.composition.reduced_composition
+    return out if same and len(out) > 0 else structure
+
+
 def invalid_compositions(crystals: list[Crystal], element_counts: list | None = None,
                          min_element_share: float = 0.0) -> list[int]:
     """Indices of the crystals whose composition fails CDVAE's composition validity or, with
