@@ -562,6 +562,9 @@ class CDVAE(nn.Module):
 
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
+        tolerance = self.config.symmetrize if symmetrize is None else symmetrize
+        if tolerance < 0:  # checked before any crystal is decoded
+            raise ValueError(f"the symmetrize tolerance must be >= 0 Å, got {tolerance}")
         crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
                           progress=progress, composition=composition, type_update=type_update, targets=targets,
                           guidance=guidance, composition_temperature=composition_temperature,
@@ -569,7 +572,6 @@ class CDVAE(nn.Module):
                           resample_invalid=resample_invalid, natom_sampler=natom_sampler,
                           min_element_share=min_element_share, latent_temperature=latent_temperature,
                           stats=stats)
-        tolerance = self.config.symmetrize if symmetrize is None else symmetrize
         return [symmetrize_structure(c.structure(), tolerance) for c in crystals]
 
 

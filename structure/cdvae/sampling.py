@@ -314,12 +314,12 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     share = model.config.min_element_share if min_element_share is None else min_element_share
     if not 0 <= share < 1:
         raise ValueError(f"min_element_share must be in [0, 1), got {share}")
-
     temperature = check_latent_temperature(model.config.latent_temperature if latent_temperature is None
                                            else latent_temperature)
 
     def rejected(crystals: list[Crystal]) -> list[int]:
         return invalid_compositions(crystals, model.config.element_counts, share)
+
     generator = torch.Generator().manual_seed(seed)
     schedule = langevin_schedule(model, levels, steps, step_lr)
     counts = {"decoded": 0, "resampled": 0, "still_invalid": 0}
