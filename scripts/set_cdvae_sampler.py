@@ -22,7 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.io import write_json  # noqa: E402
-from structure.cdvae.model import CDVAEConfig, check_latent_temperature, check_volume_weight  # noqa: E402
+from structure.cdvae.model import (  # noqa: E402
+    CDVAEConfig,
+    check_latent_temperature,
+    check_min_element_share,
+    check_symmetrize_tolerance,
+    check_volume_weight,
+)
 from structure.cdvae.sampling import COMPOSITION_SAMPLERS, NATOM_SAMPLERS, TYPE_UPDATES  # noqa: E402
 
 
@@ -50,19 +56,15 @@ def main() -> None:
         if args.resample_invalid < 0:
             raise SystemExit("--resample-invalid must be 0 or more")
         cfg["resample_invalid"] = args.resample_invalid
-    if args.latent_temperature is not None:
-        try:
-            cfg["latent_temperature"] = check_latent_temperature(args.latent_temperature)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    if args.symmetrize is not None:
-        if args.symmetrize < 0:
-            raise SystemExit("--symmetrize must be 0 or more (Å)")
-        cfg["symmetrize"] = args.symmetrize
-    if args.min_element_share is not None:
-        if not 0 <= args.min_element_share < 1:
-            raise SystemExit("--min-element-share must be in [0, 1)")
-        cfg["min_element_share"] = args.min_element_share
+    checks = {"latent_temperature": check_latent_temperature, "symmetrize": check_symmetrize_tolerance,
+              "min_element_share": check_min_element_share}
+    for key, check in checks.items():
+        value = getattr(args, key)
+        if value is not None:
+            try:
+                cfg[key] = check(value)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
     if args.natom_sampler is not None:
         cfg["natom_sampler"] = args.natom_sampler
     config = CDVAEConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})  # still a valid config

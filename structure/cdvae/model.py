@@ -328,6 +328,27 @@ def check_volume_weight(weight: float, atomic_volumes: list[float]) -> None:
                          "(scripts/add_element_counts.py adds it to a model trained without it)")
 
 
+def check_latent_temperature(temperature: float) -> float:
+    """``temperature`` if it is a usable latent temperature (> 0), else a clear ValueError."""
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"latent temperature must be > 0, got {temperature}")
+    return temperature
+
+
+def check_min_element_share(share: float) -> float:
+    """``share`` if it is a usable min_element_share (in [0, 1)), else a clear ValueError."""
+    if not 0 <= share < 1:
+        raise ValueError(f"min_element_share must be in [0, 1), got {share}")
+    return share
+
+
+def check_symmetrize_tolerance(tolerance: float) -> float:
+    """``tolerance`` if it is a usable symmetrize tolerance (>= 0 Å), else a clear ValueError."""
+    if tolerance < 0:
+        raise ValueError(f"the symmetrize tolerance must be >= 0 Å, got {tolerance}")
+    return tolerance
+
+
 class CDVAE(nn.Module):
     """Encoder + property heads + score-network decoder; see the module docstring."""
 
@@ -562,9 +583,8 @@ class CDVAE(nn.Module):
 
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        tolerance = self.config.symmetrize if symmetrize is None else symmetrize
-        if tolerance < 0:  # checked before any crystal is decoded
-            raise ValueError(f"the symmetrize tolerance must be >= 0 Å, got {tolerance}")
+        # checked before any crystal is decoded
+        tolerance = check_symmetrize_tolerance(self.config.symmetrize if symmetrize is None else symmetrize)
         crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
                           progress=progress, composition=composition, type_update=type_update, targets=targets,
                           guidance=guidance, composition_temperature=composition_temperature,
@@ -574,9 +594,3 @@ class CDVAE(nn.Module):
                           stats=stats)
         return [symmetrize_structure(c.structure(), tolerance) for c in crystals]
 
-
-def check_latent_temperature(temperature: float) -> float:
-    """``temperature`` if it is a usable latent temperature (> 0), else a clear ValueError."""
-    if not 0 < temperature < float("inf"):
-        raise ValueError(f"latent temperature must be > 0, got {temperature}")
-    return temperature

@@ -14,7 +14,8 @@ import torch
 
 from structure.cdvae.data import (cell_volume, composition_volume, lattice_matrix, to_structure,
                                   valid_cell_angles)
-from structure.cdvae.model import CDVAE, MAX_Z, check_latent_temperature, check_volume_weight, sigma_levels
+from structure.cdvae.model import (CDVAE, MAX_Z, check_latent_temperature, check_min_element_share,
+                                   check_symmetrize_tolerance, check_volume_weight, sigma_levels)
 
 
 @dataclass
@@ -233,9 +234,7 @@ def symmetrize_structure(structure, tolerance: float):
     ``tolerance`` Å (spglib's symprec): atoms within the tolerance of a symmetric arrangement are moved onto it.
     0 returns the structure as it is; so does a failed symmetry search (odd cells), and a cell whose
     symmetrization changes the composition's proportions (not expected, but never worth a silent change)."""
-    if tolerance < 0:
-        raise ValueError(f"the symmetrize tolerance must be >= 0 Å, got {tolerance}")
-    if tolerance == 0:
+    if check_symmetrize_tolerance(tolerance) == 0:
         return structure
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
@@ -311,9 +310,8 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     rounds = model.config.resample_invalid if resample_invalid is None else resample_invalid
     if rounds < 0:
         raise ValueError(f"resample_invalid must be 0 or more rounds, got {rounds}")
-    share = model.config.min_element_share if min_element_share is None else min_element_share
-    if not 0 <= share < 1:
-        raise ValueError(f"min_element_share must be in [0, 1), got {share}")
+    share = check_min_element_share(model.config.min_element_share if min_element_share is None
+                                    else min_element_share)
     temperature = check_latent_temperature(model.config.latent_temperature if latent_temperature is None
                                            else latent_temperature)
 
