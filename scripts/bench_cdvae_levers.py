@@ -116,7 +116,8 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
                               natom_sampler=getattr(args, "natom_sampler", None),
                               min_element_share=getattr(args, "min_element_share", None),
                               latent_temperature=getattr(args, "latent_temperature", None),
-                              symmetrize=getattr(args, "symmetrize", None), stats=stats)
+                              symmetrize=getattr(args, "symmetrize", None),
+                              snap_angles=getattr(args, "snap_angles", None), stats=stats)
     seconds = time.perf_counter() - t
     if args.save:  # the crystals themselves, for a later look at what the metrics miss
         write_outputs(to_rows(structures), args.save / f"{args.dataset}-{label}-{spec}".replace("/", "_"))
@@ -136,6 +137,7 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
            "natom_sampler": getattr(args, "natom_sampler", None) or cfg.natom_sampler,
            "latent_temperature": getattr(args, "latent_temperature", None) or cfg.latent_temperature,
            "symmetrize": cfg.symmetrize if getattr(args, "symmetrize", None) is None else args.symmetrize,
+           "snap_angles": cfg.snap_angles if getattr(args, "snap_angles", None) is None else args.snap_angles,
            "min_element_share": cfg.min_element_share if getattr(args, "min_element_share", None) is None
            else args.min_element_share,
            **{k: m.get(k) for k in KEYS},
@@ -322,6 +324,8 @@ def lever_table(rows: list[dict]) -> list[str]:
             comp += f", {r['prior']} prior"
         if r.get("latent_temperature", 1.0) != 1.0:
             comp += f", latent T={r['latent_temperature']:g}"
+        if r.get("snap_angles"):
+            comp += f", angles snapped within {r['snap_angles']:g}°"
         if r.get("symmetrize"):
             comp += f", symmetrized at {r['symmetrize']:g} Å"
         if r.get("volume_weight"):
@@ -457,6 +461,8 @@ def main() -> int:
                    help="rounds of decoding again a crystal with an invalid composition (default: the model's)")
     s.add_argument("--latent-temperature", type=float, metavar="T", help="latent noise scale (default: the model's)")
     s.add_argument("--symmetrize", type=float, metavar="TOL", help="symmetrize at TOL Å (default: the model's)")
+    s.add_argument("--snap-angles", type=float, metavar="DEG",
+                   help="snap cell angles within DEG degrees of 60/90/120 (default: the model's)")
     s.add_argument("--min-element-share", type=float, metavar="P",
                    help="in those rounds also a crystal whose element count is rarer than P (default: the model's)")
     d = sub.add_parser("density", help="density W over --seeds sampling seeds, per --components K and --volume-weight "

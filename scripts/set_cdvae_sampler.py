@@ -26,6 +26,7 @@ from structure.cdvae.model import (  # noqa: E402
     CDVAEConfig,
     check_latent_temperature,
     check_min_element_share,
+    check_snap_angles,
     check_symmetrize_tolerance,
     check_volume_weight,
 )
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--resample-invalid", type=int, help="(default: leave the model's as it is)")
     ap.add_argument("--latent-temperature", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--symmetrize", type=float, help="(default: leave the model's as it is)")
+    ap.add_argument("--snap-angles", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--min-element-share", type=float, help="(default: leave the model's as it is)")
     ap.add_argument("--natom-sampler", choices=NATOM_SAMPLERS, help="(default: leave the model's as it is)")
     args = ap.parse_args()
@@ -57,7 +59,7 @@ def main() -> None:
             raise SystemExit("--resample-invalid must be 0 or more")
         cfg["resample_invalid"] = args.resample_invalid
     checks = {"latent_temperature": check_latent_temperature, "symmetrize": check_symmetrize_tolerance,
-              "min_element_share": check_min_element_share}
+              "min_element_share": check_min_element_share, "snap_angles": check_snap_angles}
     for key, check in checks.items():
         value = getattr(args, key)
         if value is not None:
@@ -75,7 +77,8 @@ def main() -> None:
           f"{cfg.get('resample_invalid', 0)} rounds of resampling invalid crystals "
           f"(element-count share below {cfg.get('min_element_share', 0.0):g} counted invalid), "
           f"atom counts by {cfg.get('natom_sampler', 'argmax')}, "
-          f"latent temperature {cfg.get('latent_temperature', 1.0):g}, symmetrized at {cfg.get('symmetrize', 0.0):g} Å")
+          f"latent temperature {cfg.get('latent_temperature', 1.0):g}, "
+          f"angles snapped within {cfg.get('snap_angles', 0.0):g}°, symmetrized at {cfg.get('symmetrize', 0.0):g} Å")
 
 
 if __name__ == "__main__":

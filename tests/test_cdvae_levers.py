@@ -606,3 +606,42 @@ def test_symmetrize_moves_near_symmetric_atoms_onto_the_symmetric_cell():
     plain = model.sample(4, seed=0, levels=2, steps=1)
     sym = model.sample(4, seed=0, levels=2, steps=1, symmetrize=0.5)
     assert all(s.composition.reduced_composition == p.composition.reduced_composition for s, p in zip(sym, plain))
+
+
+def test_snap_cell_angles_sets_near_special_angles_exactly():
+    from structure.cdvae.data import volume_factor
+    from structure.cdvae.sampling import snap_cell_angles
+
+    angles = torch.tensor([[88.0, 93.5, 118.0], [61.0, 70.0, 95.5], [119.0, 121.0, 118.5]])
+    out = snap_cell_angles(angles, 5.0)
+    assert out[0].tolist() == [90.0, 90.0, 120.0]
+    assert out[1].tolist() == [60.0, 70.0, 95.5]  # 70 and 95.5 are more than 5 degrees from any special angle
+    # (120, 120, 120) makes no cell: pulled toward 90 degrees until it does
+    assert bool((volume_factor(out[2:]) > 0).all()) and not torch.equal(out[2], torch.tensor([120.0] * 3))
+    assert torch.equal(snap_cell_angles(angles, 0.0), angles)  # 0: the head's angles
+    assert snap_cell_angles(angles, 1.0)[0].tolist() == angles[0].tolist()  # none within 1 degree
+    with pytest.raises(ValueError, match="between 0 and 15"):
+        snap_cell_angles(angles, 16.0)
+
+
+def test_sampling_with_snapped_angles_places_atoms_in_the_snapped_cell():
+    model = CDVAE(tiny_config()).eval()
+    kw = dict(seed=0, levels=2, steps=1)
+    plain = model.sample(6, **kw)
+    snapped = model.sample(6, snap_angles=15.0, **kw)
+    special = torch.tensor([60.0, 90.0, 120.0])
+    near = 0
+    for p, s in zip(plain, snapped):
+        assert len(p) == len(s) and p.composition == s.composition  # the same latents and compositions
+        for a_plain, a_snap in zip(p.lattice.angles, s.lattice.angles):
+            gap = float((special - a_plain).abs().min())
+            if gap <= 15.0:
+                near += 1
+                assert float((special - a_snap).abs().min()) < 1e-3
+            else:
+                assert a_snap == pytest.approx(a_plain, abs=1e-3)
+    assert near > 0  # the untrained head's angles do come near 90
+    model.config.snap_angles = 15.0  # the config's value is the default
+    assert [s.lattice.angles for s in model.sample(6, **kw)] == [s.lattice.angles for s in snapped]
+    with pytest.raises(ValueError, match="between 0 and 15"):
+        model.sample(2, snap_angles=-1.0, **kw)

@@ -63,7 +63,7 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
                               volume_weight=args.volume_weight, resample_invalid=args.resample_invalid,
                               natom_sampler=args.natom_sampler, min_element_share=args.min_element_share,
                               latent_temperature=args.latent_temperature, symmetrize=args.symmetrize,
-                              stats=stats, **condition_options(args))
+                              snap_angles=args.snap_angles, stats=stats, **condition_options(args))
     seconds = time.perf_counter() - t0
     if stats["resampled"]:
         print(f"decoded {stats['resampled']} crystals again for an invalid composition (or a rare element count); "
@@ -203,6 +203,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--latent-temperature", **positive_float, metavar="T",
                    help="scale the latent noise: below 1 the latents stay nearer the prior's centre (fewer odd "
                    "crystals, less coverage); 1 is the prior itself, as in CDVAE (default: the model's)")
+    s.add_argument("--snap-angles", type=float, metavar="DEG",
+                   help="set each cell angle the lattice head puts within DEG degrees of 60, 90 or 120 to that angle "
+                   "before the atoms are placed (0 to 15; e.g. 5); 0 keeps the head's angles, as CDVAE does "
+                   "(default: the model's)")
     s.add_argument("--symmetrize", type=float, metavar="TOL",
                    help="replace each crystal by its symmetrized primitive standard cell, symmetry found at TOL Å "
                    "(spglib symprec; e.g. 0.1); 0 keeps the decoded cell, as CDVAE does (default: the model's)")

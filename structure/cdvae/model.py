@@ -123,6 +123,9 @@ class CDVAEConfig:
     # each sampled crystal replaced by its symmetrized primitive standard cell, symmetry found at this tolerance
     # in Å (spglib's symprec; structure.cdvae.sampling.symmetrize); 0: the decoded cell as it is (CDVAE)
     symmetrize: float = 0.0
+    # cell angles the lattice head puts within this many degrees of 60, 90 or 120° set to it before the atoms are
+    # placed (structure.cdvae.sampling.snap_angles); 0: the head's angles as they are (CDVAE)
+    snap_angles: float = 0.0
     latent_prior_components: int = 0
     # Con-CDVAE property conditioning: PropertyBins of each property (evaluation.conditioning), their
     # encoding, and the probability that training drops a property's condition (classifier-free guidance)
@@ -349,6 +352,14 @@ def check_symmetrize_tolerance(tolerance: float) -> float:
     return tolerance
 
 
+def check_snap_angles(tolerance: float) -> float:
+    """``tolerance`` if it is a usable angle-snapping tolerance (0 to 15°: 60, 90 and 120° stay 30° apart),
+    else a clear ValueError."""
+    if not 0 <= tolerance <= 15:
+        raise ValueError(f"the angle-snapping tolerance must be between 0 and 15 degrees, got {tolerance}")
+    return tolerance
+
+
 class CDVAE(nn.Module):
     """Encoder + property heads + score-network decoder; see the module docstring."""
 
@@ -563,12 +574,13 @@ class CDVAE(nn.Module):
                volume_weight: float | None = None, resample_invalid: int | None = None,
                natom_sampler: str | None = None, min_element_share: float | None = None,
                latent_temperature: float | None = None, symmetrize: float | None = None,
-               stats: dict | None = None) -> list:
+               snap_angles: float | None = None, stats: dict | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
         ``type_update`` rule, the ``volume_weight`` of the composition's volume, the ``natom_sampler`` and the
-        ``resample_invalid`` rounds with their ``min_element_share``, the ``latent_temperature`` and the
+        ``resample_invalid`` rounds with their ``min_element_share``, the ``latent_temperature``, the
+        ``snap_angles`` tolerance (degrees; :func:`structure.cdvae.sampling.snap_cell_angles`) and the
         ``symmetrize`` tolerance (Å; :func:`structure.cdvae.sampling.symmetrize_structure`) default to the model's;
         ``stats`` receives how many crystals were decoded again). A property-conditioned model takes ``targets``
         (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale. The same seed gives
@@ -591,6 +603,6 @@ class CDVAE(nn.Module):
                           composition_retries=composition_retries, prior=prior, volume_weight=volume_weight,
                           resample_invalid=resample_invalid, natom_sampler=natom_sampler,
                           min_element_share=min_element_share, latent_temperature=latent_temperature,
-                          stats=stats)
+                          snap_angles=snap_angles, stats=stats)
         return [symmetrize_structure(c.structure(), tolerance) for c in crystals]
 
