@@ -374,7 +374,11 @@ def test_shipped_mp20_model_loads_and_samples_cells_of_up_to_20_atoms():
     # issue 19's defaults: a 30-component mixture prior and the cell scaled toward the composition's volume
     assert model.config.latent_prior == "gmm" and model.latent_prior.components == 30
     assert model.config.volume_weight == 0.75 and len(model.config.atomic_volumes) == 100
+    assert model.config.snap_angles == 5.0  # and the head's cell angles within 5 degrees of 60/90/120 snapped
     crystals = sample(model, 8, seed=0, levels=10, steps=1)
     sizes = [len(c.types) for c in crystals]
     assert all(1 <= n <= 20 for n in sizes) and len(set(sizes)) > 1  # MP-20 cells vary in size
+    special = torch.tensor([60.0, 90.0, 120.0])
+    gaps = [float((special - a).abs().min()) for c in crystals for a in c.angles]
+    assert all(g < 1e-4 or g > 5.0 for g in gaps) and any(g < 1e-4 for g in gaps)
     assert sum(structure_validity(c.structure())[0] for c in crystals) >= 4
