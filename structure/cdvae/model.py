@@ -124,7 +124,7 @@ class CDVAEConfig:
     # in Å (spglib's symprec; structure.cdvae.sampling.symmetrize); 0: the decoded cell as it is (CDVAE)
     symmetrize: float = 0.0
     # cell angles the lattice head puts within this many degrees of 60, 90 or 120° set to it before the atoms are
-    # placed (structure.cdvae.sampling.snap_angles); 0: the head's angles as they are (CDVAE)
+    # placed (structure.cdvae.sampling.snap_cell_angles); 0: the head's angles as they are (CDVAE)
     snap_angles: float = 0.0
     latent_prior_components: int = 0
     # Con-CDVAE property conditioning: PropertyBins of each property (evaluation.conditioning), their

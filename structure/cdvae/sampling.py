@@ -139,15 +139,15 @@ def blend_volume(lengths: torch.Tensor, angles: torch.Tensor, target: torch.Tens
     return lengths * (target / cell_volume(lengths, angles)).pow(weight / 3.0)[:, None]
 
 
-#: the cell angles crystals take exactly far more often than any angle near them (MP-20: 35 % of the angles of
-#: cells up to 8 atoms are 90.0 ± 0.5°, 30 % 60.0 ± 0.5°, 6 % 120.0 ± 0.5°)
+#: the cell angles crystals take exactly far more often than any angle near them (MP-20 training split: of the angles
+#: of its cells up to 8 atoms, 35 % are 90.0 ± 0.5°, 30 % 60.0 ± 0.5°, 6 % 120.0 ± 0.5°)
 SPECIAL_ANGLES = (60.0, 90.0, 120.0)
 
 
 def snap_cell_angles(angles: torch.Tensor, tolerance: float) -> torch.Tensor:
     """``angles`` (B, 3, degrees) with each angle within ``tolerance`` degrees of 60, 90 or 120° set to it
     (0: unchanged). The lattice head regresses the mean of the cells it cannot tell apart, so it smears the
-    exact angles crystals share over a few degrees (MP-20's cells of up to 8 atoms: 35 % of their angles
+    exact angles crystals share over a few degrees (MP-20's training cells of up to 8 atoms: 35 % of their angles
     are 90.0 ± 0.5°, of the model's 4 %); snapping before the atoms are placed lets the decoder place
     them in the ideal cell. A triple that then makes no cell is pulled toward 90° (:func:`valid_cell_angles`)."""
     tolerance = check_snap_angles(tolerance)
@@ -308,8 +308,8 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
            stats: dict | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
     unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
-    ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight``, ``natom_sampler`` and
-    ``guidance`` as in :func:`langevin`. ``targets``: property windows
+    ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight``, ``natom_sampler``,
+    ``snap_angles`` and ``guidance`` as in :func:`langevin`. ``targets``: property windows
     (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
     crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
     comes from the conditional prior p(z | condition); without targets from ``prior``. ``latent_temperature``
