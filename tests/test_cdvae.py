@@ -368,6 +368,7 @@ def test_shipped_perov5_model_loads_and_samples_perovskite_cells():
 def test_shipped_mp20_model_loads_and_samples_cells_of_up_to_20_atoms():
     from evaluation.structures import structure_validity
     from structure.cdvae.model import resolve_model
+    from structure.cdvae.sampling import SPECIAL_ANGLES
 
     model = CDVAE.from_pretrained(resolve_model("cdvae-mp20"))
     assert model.config.max_atoms == 20 and model.config.trained["total_steps"] == 14000
@@ -378,7 +379,7 @@ def test_shipped_mp20_model_loads_and_samples_cells_of_up_to_20_atoms():
     crystals = sample(model, 8, seed=0, levels=10, steps=1)
     sizes = [len(c.types) for c in crystals]
     assert all(1 <= n <= 20 for n in sizes) and len(set(sizes)) > 1  # MP-20 cells vary in size
-    special = torch.tensor([60.0, 90.0, 120.0])
+    special = torch.tensor(SPECIAL_ANGLES)
     gaps = [float((special - a).abs().min()) for c in crystals for a in c.angles]
     assert all(g < 1e-4 or g > 5.0 for g in gaps) and any(g < 1e-4 for g in gaps)
     assert sum(structure_validity(c.structure())[0] for c in crystals) >= 4

@@ -121,7 +121,7 @@ class CDVAEConfig:
     # (CDVAE); below 1 the latents stay nearer its centre (precision up, coverage down)
     latent_temperature: float = 1.0
     # each sampled crystal replaced by its symmetrized primitive standard cell, symmetry found at this tolerance
-    # in Å (spglib's symprec; structure.cdvae.sampling.symmetrize); 0: the decoded cell as it is (CDVAE)
+    # in Å (spglib's symprec; structure.cdvae.sampling.symmetrize_structure); 0: the decoded cell as it is (CDVAE)
     symmetrize: float = 0.0
     # cell angles the lattice head puts within this many degrees of 60, 90 or 120° set to it before the atoms are
     # placed (structure.cdvae.sampling.snap_cell_angles); 0: the head's angles as they are (CDVAE)

@@ -337,7 +337,6 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
                                     else min_element_share)
     temperature = check_latent_temperature(model.config.latent_temperature if latent_temperature is None
                                            else latent_temperature)
-    snap = check_snap_angles(model.config.snap_angles if snap_angles is None else snap_angles)
 
     def rejected(crystals: list[Crystal]) -> list[int]:
         return invalid_compositions(crystals, model.config.element_counts, share)
@@ -351,7 +350,7 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
         counts["decoded"] += size
         return langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
                         composition_temperature=composition_temperature, composition_retries=composition_retries,
-                        volume_weight=volume_weight, natom_sampler=natom_sampler, snap_angles=snap)
+                        volume_weight=volume_weight, natom_sampler=natom_sampler, snap_angles=snap_angles)
 
     out: list[Crystal] = []
     conditions: list[torch.Tensor] = []  # per batch, for decoding a crystal again with its own condition
