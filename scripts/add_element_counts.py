@@ -1,10 +1,11 @@
-"""Add the element-count table (``element_counts``) and the per-element volume table (``atomic_volumes``)
-to a CDVAE model trained before models kept them.
+"""Add the element-count table (``element_counts``), the stoichiometry-pattern table (``stoichiometry_counts``)
+and the per-element volume table (``atomic_volumes``) to a CDVAE model trained before models kept them.
 
 The ``k-first`` composition sampler (`structure.cdvae.sampling.sample_composition`) draws a crystal's
 number of distinct elements from the share of training crystals of the same size with that many
-elements; a volume weight above 0 scales the sampled cell toward the drawn composition's volume, the
-sum of ``atomic_volumes`` over its atoms. Models trained now store both tables; this rebuilds them for
+elements; ``min_pattern_share`` decodes again a crystal whose stoichiometry pattern is rare among the
+training crystals; a volume weight above 0 scales the sampled cell toward the drawn composition's volume, the
+sum of ``atomic_volumes`` over its atoms. Models trained now store the three tables; this rebuilds them for
 an older model from the training split its own ``training_args.json`` names (the same held-out rows are
 left out, so the tables cover exactly the crystals it was trained on) and rewrites config.json in place
 (temporary file + rename); the weights are untouched.
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.io import write_json  # noqa: E402
-from structure.cdvae.data import atomic_volume_table, element_count_table  # noqa: E402
+from structure.cdvae.data import atomic_volume_table, element_count_table, stoichiometry_table  # noqa: E402
 from structure.cdvae.train import CDVAETrainingArguments, load_splits  # noqa: E402
 
 
@@ -38,9 +39,10 @@ def main() -> None:
     targs.update(cache_dir=args.cache, progress=False)
     train_set, _, note = load_splits(CDVAETrainingArguments(**targs))
     cfg["element_counts"] = element_count_table(train_set, cfg["max_atoms"])
+    cfg["stoichiometry_counts"] = stoichiometry_table(train_set)
     cfg["atomic_volumes"] = atomic_volume_table(train_set)
     write_json(path, cfg)
-    print(f"{path}: element_counts and atomic_volumes from {note}")
+    print(f"{path}: element_counts, stoichiometry_counts and atomic_volumes from {note}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
                               resample_invalid=getattr(args, "resample_invalid", None),
                               natom_sampler=getattr(args, "natom_sampler", None),
                               min_element_share=getattr(args, "min_element_share", None),
+                              min_pattern_share=getattr(args, "min_pattern_share", None),
                               latent_temperature=getattr(args, "latent_temperature", None),
                               symmetrize=getattr(args, "symmetrize", None),
                               snap_angles=getattr(args, "snap_angles", None), stats=stats)
@@ -140,6 +141,8 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
            "snap_angles": cfg.snap_angles if getattr(args, "snap_angles", None) is None else args.snap_angles,
            "min_element_share": cfg.min_element_share if getattr(args, "min_element_share", None) is None
            else args.min_element_share,
+           "min_pattern_share": cfg.min_pattern_share if getattr(args, "min_pattern_share", None) is None
+           else args.min_pattern_share,
            **{k: m.get(k) for k in KEYS},
            "cov_recall_struct": m.get("cov_recall_struct"), "cov_recall_comp": m.get("cov_recall_comp"),
            "n_elements": element_histogram(structures),
@@ -334,6 +337,8 @@ def lever_table(rows: list[dict]) -> list[str]:
             comp += f", atom count {r['natom_sampler']}"
         if r.get("resample_invalid"):
             rare = f" or element count < {r['min_element_share']:g} of training" if r.get("min_element_share") else ""
+            if r.get("min_pattern_share"):
+                rare += f" or stoichiometry pattern < {r['min_pattern_share']:g} of training"
             comp += (f", invalid{rare} decoded again (≤{r['resample_invalid']} rounds, "
                      f"{100 * r['resampled'] / r['n']:.1f} % more decodes)")
         label = r["label"] + (f", seed {r['seed']}" if r.get("seed") else "")
@@ -465,6 +470,9 @@ def main() -> int:
                    help="snap cell angles within DEG degrees of 60/90/120 (default: the model's)")
     s.add_argument("--min-element-share", type=float, metavar="P",
                    help="in those rounds also a crystal whose element count is rarer than P (default: the model's)")
+    s.add_argument("--min-pattern-share", type=float, metavar="P",
+                   help="in those rounds also a crystal whose stoichiometry pattern is rarer than P (default: the "
+                   "model's)")
     d = sub.add_parser("density", help="density W over --seeds sampling seeds, per --components K and --volume-weight "
                        "W (no Langevin step: the density is fixed before the first)")
     d.add_argument("--model", required=True)

@@ -357,6 +357,8 @@ def test_shipped_perov5_model_loads_and_samples_perovskite_cells():
     assert model.config.max_atoms == 5
     assert model.config.resample_invalid == 5  # issue 19: an invalid composition is decoded again
     assert model.config.min_element_share == 0.01  # ... and so is a binary (0.6 % of Perov-5's training crystals)
+    patterns = model.config.stoichiometry_counts  # the training crystals' stoichiometry patterns
+    assert max(patterns, key=patterns.get) == "2,1,1,1" and patterns["2,2,1"] < 0.01
     stats: dict = {}
     crystals = sample(model, 4, seed=0, levels=5, steps=1, stats=stats)
     assert all(len(c.types) == 5 for c in crystals)  # the count head learned Perov-5's five-atom cells

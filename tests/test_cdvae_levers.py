@@ -186,11 +186,15 @@ def test_cli_trains_a_conditioned_model_and_samples_a_target(tmp_path, capsys):
     model = CDVAE.from_pretrained(tmp_path / "run" / "model")
     assert model.config.property_conditions[0]["name"] == "heat_ref"
     assert len(model.config.atomic_volumes) == 100 and max(model.config.atomic_volumes) > 0  # fitted in training
+    patterns = model.config.stoichiometry_counts  # counted in training over the 24 perovskites
+    assert set(patterns) <= {"2,1,1,1", "3,1,1", "1,1,1,1,1", "2,2,1", "3,2"}
+    assert sum(patterns.values()) == pytest.approx(1.0, abs=1e-5)
     out = tmp_path / "s"
     assert main(["cdvae", "sample", "--model", str(tmp_path / "run" / "model"), "-n", "3", "--levels", "2",
                  "--steps", "1", "--target", "heat_ref=:0", "--guidance", "2", "--composition", "k-first",
                  "--type-update", "element-set", "--volume-weight", "1", "--resample-invalid", "3",
-                 "--min-element-share", "0.01", "--latent-temperature", "0.9", "--no-progress",
+                 "--min-element-share", "0.01", "--min-pattern-share", "0.01", "--latent-temperature", "0.9",
+                 "--no-progress",
                  "-o", str(out)]) == 0
     assert len(pd.read_csv(out / "structures.csv")) == 3
     assert "crystals again for an invalid composition" in capsys.readouterr().out  # 3 training steps: few valid
@@ -579,6 +583,75 @@ def test_min_element_share_decodes_rare_element_counts_again():
         sample(model, 4, resample_invalid=1, min_element_share=1.0, **kw)
     with pytest.raises(ValueError, match="element_counts"):
         sample(CDVAE(tiny_config()).eval(), 4, resample_invalid=1, min_element_share=0.1, **kw)
+
+
+def test_stoichiometry_key_and_table():
+    from pymatgen.core import Lattice, Structure
+
+    from structure.cdvae.data import stoichiometry_key, stoichiometry_table
+
+    assert stoichiometry_key([8, 22, 8, 56, 8]) == "3,1,1"  # BaTiO3
+    assert stoichiometry_key([82, 7, 82, 7, 8]) == "2,2,1"  # Pb2N2O: which elements is left out
+    lat = Lattice.cubic(4.0)
+    nacl = Structure(lat, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    kbr = Structure(lat, ["K", "Br"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    bto = Structure(lat, ["Ba", "Ti", "O", "O", "O"], [[0, 0, 0], [.5, .5, .5], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
+    table = stoichiometry_table(crystals_from_structures([nacl, bto, kbr, nacl]))
+    assert table == {"1,1": 0.75, "3,1,1": 0.25} and list(table) == ["1,1", "3,1,1"]  # commonest first
+
+
+def test_invalid_compositions_counts_a_rare_stoichiometry_pattern_only_when_asked():
+    from structure.cdvae.sampling import Crystal, invalid_compositions
+
+    def crystal(*z):
+        return Crystal(torch.rand(len(z), 3), torch.tensor(z), torch.ones(3) * 4, torch.ones(3) * 90)
+
+    # Perov-5-like shares: A B X2 Y 57 %, A B X3 28 %, A2 X2 Y 0.8 %; 1,1 and 2,1 never seen
+    patterns = {"2,1,1,1": 0.57, "3,1,1": 0.28, "2,2,1": 0.008}
+    srtio3 = crystal(38, 22, 8, 8, 8)  # 3,1,1
+    ti2n2o = crystal(22, 22, 7, 7, 8)  # 2,2,1, charge neutral (Ti4+ N3- O2-)
+    kf = crystal(19, 9)  # 1,1
+    nacl2 = crystal(11, 17, 17)  # 2,1, not charge neutral
+    crystals = [srtio3, ti2n2o, kf, nacl2]
+    assert invalid_compositions(crystals) == [3]  # CDVAE's validity alone
+    assert invalid_compositions(crystals, stoichiometry_counts=patterns) == [3]  # a share of 0: never asked
+    # patterns absent from the table (share 0) are rare at any share; 2,2,1 (0.8 %) is not rarer than 0.5 %
+    # but is rarer than 1 %
+    assert invalid_compositions(crystals, stoichiometry_counts=patterns, min_pattern_share=0.005) == [2, 3]
+    assert invalid_compositions(crystals, stoichiometry_counts=patterns, min_pattern_share=0.01) == [1, 2, 3]
+    with pytest.raises(ValueError, match="stoichiometry_counts"):
+        invalid_compositions(crystals, min_pattern_share=0.01)
+
+
+def test_min_pattern_share_decodes_rare_stoichiometries_again():
+    from structure.cdvae.data import stoichiometry_key
+    from structure.cdvae.sampling import invalid_compositions
+
+    torch.manual_seed(0)
+    patterns = {"2,1": 0.5, "1,1,1": 0.5}  # "training" has only these two 3-atom patterns
+    model = CDVAE(tiny_config(stoichiometry_counts=patterns)).eval()
+    kw = dict(seed=1, levels=3, steps=1, composition="per-atom", type_update="fixed", batch_size=30)
+    plain = sample(model, 60, **kw)
+    stats: dict = {}
+    again = sample(model, 60, resample_invalid=6, min_pattern_share=0.1, stats=stats, **kw)
+    rare_plain = invalid_compositions(plain, stoichiometry_counts=patterns, min_pattern_share=0.1)
+    assert len(rare_plain) > len(invalid_compositions(plain))  # the pattern check adds crystals to decode again
+    assert stats["resampled"] >= len(rare_plain)
+    still = invalid_compositions(again, stoichiometry_counts=patterns, min_pattern_share=0.1)
+    assert stats["still_invalid"] == len(still) < len(rare_plain)
+    rare_keys = [stoichiometry_key(c.types.tolist()) for c in again if stoichiometry_key(c.types.tolist())
+                 not in patterns]
+    assert len(rare_keys) < sum(stoichiometry_key(c.types.tolist()) not in patterns for c in plain)
+    for i, c in enumerate(plain):  # a crystal that passes every check at the first decode is kept
+        if i not in rare_plain:
+            assert torch.equal(again[i].types, c.types)
+    model.config.min_pattern_share = 0.1  # the config's value is the default
+    assert [c.types.tolist() for c in sample(model, 60, resample_invalid=6, **kw)] == [
+        c.types.tolist() for c in again]
+    with pytest.raises(ValueError, match="min_pattern_share"):
+        sample(model, 4, resample_invalid=1, min_pattern_share=1.0, **kw)
+    with pytest.raises(ValueError, match="stoichiometry_counts"):  # before any decoding
+        sample(CDVAE(tiny_config()).eval(), 4, resample_invalid=1, min_pattern_share=0.1, **kw)
 
 
 def test_symmetrize_moves_near_symmetric_atoms_onto_the_symmetric_cell():

@@ -62,12 +62,13 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
                               composition_retries=args.composition_retries, prior=args.prior,
                               volume_weight=args.volume_weight, resample_invalid=args.resample_invalid,
                               natom_sampler=args.natom_sampler, min_element_share=args.min_element_share,
+                              min_pattern_share=args.min_pattern_share,
                               latent_temperature=args.latent_temperature, symmetrize=args.symmetrize,
                               snap_angles=args.snap_angles, stats=stats, **condition_options(args))
     seconds = time.perf_counter() - t0
     if stats["resampled"]:
-        print(f"decoded {stats['resampled']} crystals again for an invalid composition (or a rare element count); "
-              f"{stats['still_invalid']} still invalid")
+        print(f"decoded {stats['resampled']} crystals again for an invalid composition (or a rare element count "
+              f"or stoichiometry); {stats['still_invalid']} still invalid")
     rows = to_rows(structures)
     if relax is not None:
         relax.relax_rows(rows, workers=args.workers, progress=not args.no_progress)
@@ -192,6 +193,10 @@ def add_parsers(sub) -> None:
                    help="in those rounds, decode a crystal again also when its number of distinct elements is rarer "
                    "than P among the training crystals of its size (e.g. 0.01: a binary where 0.6 %% of training "
                    "crystals are binaries); 0 never (default: the model's)")
+    s.add_argument("--min-pattern-share", type=float, metavar="P",
+                   help="in those rounds, decode a crystal again also when its stoichiometry pattern (element "
+                   "multiplicities, largest first: Pb2N2O is 2,2,1) is rarer than P among the training crystals "
+                   "(e.g. 0.01); 0 never (default: the model's)")
     s.add_argument("--type-update", choices=["free", "element-set", "fixed"],
                    help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
                    "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "

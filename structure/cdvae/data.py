@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -446,6 +447,20 @@ def element_count_table(crystals: Crystals, max_atoms: int | None = None) -> lis
     return [[round(float(x), 6) for x in row[:width]] for row in rows]
 
 
+def stoichiometry_key(types) -> str:
+    """A crystal's stoichiometry pattern: its element multiplicities, largest first, as "2,1,1,1" (CaTiO3 in a
+    5-atom cell is "3,1,1"; which elements they are is left out)."""
+    counts = Counter(int(t) for t in types)
+    return ",".join(str(c) for c in sorted(counts.values(), reverse=True))
+
+
+def stoichiometry_table(crystals: Crystals) -> dict[str, float]:
+    """The share of ``crystals`` with each stoichiometry pattern (:func:`stoichiometry_key`), commonest first."""
+    counts = Counter(stoichiometry_key(crystals.types[int(s):int(s) + int(n)].tolist())
+                     for s, n in zip(crystals.first, crystals.num_atoms))
+    return {k: round(v / len(crystals), 6) for k, v in counts.most_common()}
+
+
 def atomic_volume_table(crystals: Crystals, max_z: int = 100) -> list[float]:
     """Per-element volumes (Å³ per atom; index Z - 1) such that a crystal's cell volume is about the sum of
     its atoms' volumes: non-negative least squares on the relative error over ``crystals`` (Biltz-style
@@ -472,6 +487,6 @@ def composition_volume(types: torch.Tensor, batch: torch.Tensor, n_crystals: int
 
 __all__ = ["CrystalBatch", "Crystals", "GraphCache", "atomic_volume_table", "canonical", "cell_volume", "collate",
            "composition_volume", "crystals_from_structures", "edge_vectors", "element_count_table", "lattice_matrix",
-           "lattice_parameters", "lattice_statistics", "lattice_targets",
-           "length_scale", "load_crystals", "load_properties", "min_image_displacement", "periodic_edges",
+           "lattice_parameters", "lattice_statistics", "lattice_targets", "length_scale", "load_crystals",
+           "load_properties", "min_image_displacement", "periodic_edges", "stoichiometry_key", "stoichiometry_table",
            "to_structure"]

@@ -109,6 +109,12 @@ class CDVAEConfig:
     # element_counts[N][k]: share of training crystals of N atoms with k distinct elements (the k-first
     # composition sampler draws k from it); data.element_count_table
     element_counts: list[list[float]] = field(default_factory=list)
+    # in those rounds, a crystal is also decoded again when its stoichiometry pattern (element multiplicities,
+    # largest first: "2,2,1") is rarer than this share among the training crystals (stoichiometry_counts[pattern]
+    # < min_pattern_share; 0: never)
+    min_pattern_share: float = 0.0
+    # stoichiometry_counts[pattern]: share of training crystals with that pattern; data.stoichiometry_table
+    stoichiometry_counts: dict[str, float] = field(default_factory=dict)
     # the sampled cell's volume: the lattice head's V_z blended geometrically with the volume of the drawn
     # composition V_c (atomic_volumes: Å³ per atom of each element, data.atomic_volume_table), V_z^(1 - w) V_c^w
     # with w = volume_weight; 0 keeps CDVAE's lattice head alone
@@ -338,10 +344,11 @@ def check_latent_temperature(temperature: float) -> float:
     return temperature
 
 
-def check_min_element_share(share: float) -> float:
-    """``share`` if it is a usable min_element_share (in [0, 1)), else a clear ValueError."""
+def check_min_share(share: float, name: str = "min_element_share") -> float:
+    """``share`` if it is a usable minimum training share ``name`` (min_element_share, min_pattern_share: in
+    [0, 1)), else a clear ValueError."""
     if not 0 <= share < 1:
-        raise ValueError(f"min_element_share must be in [0, 1), got {share}")
+        raise ValueError(f"{name} must be in [0, 1), got {share}")
     return share
 
 
@@ -573,14 +580,15 @@ class CDVAE(nn.Module):
                composition_retries: int | None = None, prior: str | None = None,
                volume_weight: float | None = None, resample_invalid: int | None = None,
                natom_sampler: str | None = None, min_element_share: float | None = None,
-               latent_temperature: float | None = None, symmetrize: float | None = None,
-               snap_angles: float | None = None, stats: dict | None = None) -> list:
+               min_pattern_share: float | None = None, latent_temperature: float | None = None,
+               symmetrize: float | None = None, snap_angles: float | None = None,
+               stats: dict | None = None) -> list:
         """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
         dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
         ``type_update`` rule, the ``volume_weight`` of the composition's volume, the ``natom_sampler`` and the
-        ``resample_invalid`` rounds with their ``min_element_share``, the ``latent_temperature``, the
-        ``snap_angles`` tolerance (degrees; :func:`structure.cdvae.sampling.snap_cell_angles`) and the
+        ``resample_invalid`` rounds with their ``min_element_share`` and ``min_pattern_share``, the
+        ``latent_temperature``, the ``snap_angles`` tolerance (degrees; :func:`structure.cdvae.sampling.snap_cell_angles`) and the
         ``symmetrize`` tolerance (Å; :func:`structure.cdvae.sampling.symmetrize_structure`) default to the model's;
         ``stats`` receives how many crystals were decoded again). A property-conditioned model takes ``targets``
         (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale. The same seed gives
@@ -602,7 +610,8 @@ class CDVAE(nn.Module):
                           guidance=guidance, composition_temperature=composition_temperature,
                           composition_retries=composition_retries, prior=prior, volume_weight=volume_weight,
                           resample_invalid=resample_invalid, natom_sampler=natom_sampler,
-                          min_element_share=min_element_share, latent_temperature=latent_temperature,
+                          min_element_share=min_element_share, min_pattern_share=min_pattern_share,
+                          latent_temperature=latent_temperature,
                           snap_angles=snap_angles, stats=stats)
         return [symmetrize_structure(c.structure(), tolerance) for c in crystals]
 

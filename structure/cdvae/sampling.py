@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from structure.cdvae.data import (cell_volume, composition_volume, lattice_matrix, to_structure,
+from structure.cdvae.data import (cell_volume, composition_volume, lattice_matrix, stoichiometry_key, to_structure,
                                   valid_cell_angles)
-from structure.cdvae.model import (CDVAE, MAX_Z, check_latent_temperature, check_min_element_share,
+from structure.cdvae.model import (CDVAE, MAX_Z, check_latent_temperature, check_min_share,
                                    check_snap_angles, check_symmetrize_tolerance, check_volume_weight, sigma_levels)
 
 
@@ -269,21 +269,35 @@ def symmetrize_structure(structure, tolerance: float):
 
 
 def invalid_compositions(crystals: list[Crystal], element_counts: list | None = None,
-                         min_element_share: float = 0.0) -> list[int]:
-    """Indices of the crystals whose composition fails CDVAE's composition validity or, with
-    ``min_element_share`` > 0, whose number of distinct elements k is rarer than that share among the training
-    crystals of its size N (``element_counts[N][k]``, :func:`structure.cdvae.data.element_count_table`)."""
+                         min_element_share: float = 0.0, stoichiometry_counts: dict | None = None,
+                         min_pattern_share: float = 0.0) -> list[int]:
+    """Indices of the crystals whose composition fails CDVAE's composition validity or
+
+    * with ``min_element_share`` > 0, whose number of distinct elements k is rarer than that share among the
+      training crystals of its size N (``element_counts[N][k]``,
+      :func:`structure.cdvae.data.element_count_table`);
+    * with ``min_pattern_share`` > 0, whose stoichiometry pattern (element multiplicities, largest first:
+      :func:`structure.cdvae.data.stoichiometry_key`) is rarer than that share among the training crystals
+      (``stoichiometry_counts``, :func:`structure.cdvae.data.stoichiometry_table`); a pattern absent from it
+      counts 0."""
     if min_element_share and not element_counts:
         raise ValueError("min_element_share needs the model's element_counts table "
                          "(scripts/add_element_counts.py adds it to a model trained without it)")
+    if min_pattern_share and not stoichiometry_counts:
+        raise ValueError("min_pattern_share needs the model's stoichiometry_counts table "
+                         "(scripts/add_element_counts.py adds it to a model trained without it)")
 
-    def rare(c: Crystal) -> bool:
+    def rare_count(c: Crystal) -> bool:
         n, k = len(c.types), len(set(c.types.tolist()))
         row = element_counts[n] if n < len(element_counts) else []
         return (row[k] if k < len(row) else 0.0) < min_element_share
 
+    def rare_pattern(c: Crystal) -> bool:
+        return stoichiometry_counts.get(stoichiometry_key(c.types.tolist()), 0.0) < min_pattern_share
+
     return [i for i, c in enumerate(crystals)
-            if not composition_is_valid(c.types - 1) or (min_element_share > 0 and rare(c))]
+            if not composition_is_valid(c.types - 1) or (min_element_share > 0 and rare_count(c))
+            or (min_pattern_share > 0 and rare_pattern(c))]
 
 
 def _latents(model: CDVAE, size: int, generator: torch.Generator, prior: str | None,
@@ -304,8 +318,8 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
            composition_retries: int | None = None, prior: str | None = None,
            volume_weight: float | None = None, resample_invalid: int | None = None,
            natom_sampler: str | None = None, min_element_share: float | None = None,
-           latent_temperature: float | None = None, snap_angles: float | None = None,
-           stats: dict | None = None) -> list[Crystal]:
+           min_pattern_share: float | None = None, latent_temperature: float | None = None,
+           snap_angles: float | None = None, stats: dict | None = None) -> list[Crystal]:
     """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
     unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
     ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight``, ``natom_sampler``,
@@ -319,7 +333,8 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     composition fails CDVAE's composition validity is decoded again from a new latent (with the same
     property condition); one still invalid after R rounds is kept. ``min_element_share`` p (default the model's)
     counts a crystal as invalid in those rounds also when its number of distinct elements is rarer than p among
-    the training crystals of its size (:func:`invalid_compositions`). ``stats``, a dict, receives
+    the training crystals of its size; ``min_pattern_share`` q (default the model's) when its stoichiometry
+    pattern is rarer than q among the training crystals (:func:`invalid_compositions`). ``stats``, a dict, receives
     ``decoded`` (crystals decoded in all), ``resampled`` (decoded again) and ``still_invalid``."""
     from tqdm.auto import tqdm
 
@@ -333,13 +348,18 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
     rounds = model.config.resample_invalid if resample_invalid is None else resample_invalid
     if rounds < 0:
         raise ValueError(f"resample_invalid must be 0 or more rounds, got {rounds}")
-    share = check_min_element_share(model.config.min_element_share if min_element_share is None
-                                    else min_element_share)
+    share = check_min_share(model.config.min_element_share if min_element_share is None else min_element_share,
+                            "min_element_share")
+    pattern_share = check_min_share(model.config.min_pattern_share if min_pattern_share is None
+                                    else min_pattern_share, "min_pattern_share")
     temperature = check_latent_temperature(model.config.latent_temperature if latent_temperature is None
                                            else latent_temperature)
 
     def rejected(crystals: list[Crystal]) -> list[int]:
-        return invalid_compositions(crystals, model.config.element_counts, share)
+        return invalid_compositions(crystals, model.config.element_counts, share,
+                                    model.config.stoichiometry_counts, pattern_share)
+
+    rejected([])  # a share asked for without its table fails here, before any decoding
 
     generator = torch.Generator().manual_seed(seed)
     schedule = langevin_schedule(model, levels, steps, step_lr)

@@ -18,7 +18,7 @@ from evaluation.conditioning import PropertyBins, training_conditions
 from evaluation.io import write_json, write_text
 from evaluation.training_loop import LoopSettings, epoch_batch, open_run, resume_from, run_training
 from structure.cdvae.data import (Crystals, atomic_volume_table, element_count_table, lattice_statistics, load_crystals,
-                                  load_properties)
+                                  load_properties, stoichiometry_table)
 from structure.cdvae.model import CDVAE, CDVAEConfig
 
 
@@ -170,6 +170,7 @@ def _new_model(args: CDVAETrainingArguments, train_set: Crystals) -> CDVAE:
                              beta=args.beta, max_atoms=int(train_set.num_atoms.max()),
                              lattice_mean=stats["mean"], lattice_std=stats["std"],
                              element_counts=element_count_table(train_set),
+                             stoichiometry_counts=stoichiometry_table(train_set),
                              atomic_volumes=atomic_volume_table(train_set)))
 
 
