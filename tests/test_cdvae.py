@@ -359,6 +359,7 @@ def test_shipped_perov5_model_loads_and_samples_perovskite_cells():
     assert model.config.min_element_share == 0.01  # ... and so is a binary (0.6 % of Perov-5's training crystals)
     patterns = model.config.stoichiometry_counts  # the training crystals' stoichiometry patterns
     assert max(patterns, key=patterns.get) == "2,1,1,1" and patterns["2,2,1"] < 0.01
+    assert model.config.min_pattern_share == 0.01  # ... and a rarer stoichiometry (A2X2Y: 0.8 %), since stop 33
     stats: dict = {}
     crystals = sample(model, 4, seed=0, levels=5, steps=1, stats=stats)
     assert all(len(c.types) == 5 for c in crystals)  # the count head learned Perov-5's five-atom cells
