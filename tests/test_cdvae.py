@@ -370,6 +370,7 @@ def test_shipped_perov5_model_loads_and_samples_perovskite_cells():
 
 def test_shipped_mp20_model_loads_and_samples_cells_of_up_to_20_atoms():
     from evaluation.structures import structure_validity
+    from structure.cdvae.data import stoichiometry_key
     from structure.cdvae.model import resolve_model
     from structure.cdvae.sampling import SPECIAL_ANGLES
 
@@ -379,7 +380,12 @@ def test_shipped_mp20_model_loads_and_samples_cells_of_up_to_20_atoms():
     assert model.config.latent_prior == "gmm" and model.latent_prior.components == 30
     assert model.config.volume_weight == 0.75 and len(model.config.atomic_volumes) == 100
     assert model.config.snap_angles == 5.0  # and the head's cell angles within 5 degrees of 60/90/120 snapped
-    crystals = sample(model, 8, seed=0, levels=10, steps=1)
+    # since stop 33 a crystal whose stoichiometry pattern no training crystal has is decoded again (<= 5 rounds)
+    assert model.config.resample_invalid == 5 and model.config.min_pattern_share == 1e-5
+    stats: dict = {}
+    crystals = sample(model, 8, seed=0, levels=10, steps=1, stats=stats)
+    unseen = [c for c in crystals if stoichiometry_key(c.types.tolist()) not in model.config.stoichiometry_counts]
+    assert len(unseen) <= stats["still_invalid"] and stats["decoded"] == 8 + stats["resampled"]
     sizes = [len(c.types) for c in crystals]
     assert all(1 <= n <= 20 for n in sizes) and len(set(sizes)) > 1  # MP-20 cells vary in size
     special = torch.tensor(SPECIAL_ANGLES)
