@@ -344,7 +344,7 @@ def check_latent_temperature(temperature: float) -> float:
     return temperature
 
 
-def check_min_share(share: float, name: str = "min_element_share") -> float:
+def check_min_share(share: float, name: str) -> float:
     """``share`` if it is a usable minimum training share ``name`` (min_element_share, min_pattern_share: in
     [0, 1)), else a clear ValueError."""
     if not 0 <= share < 1:
@@ -588,9 +588,10 @@ class CDVAE(nn.Module):
         ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
         ``type_update`` rule, the ``volume_weight`` of the composition's volume, the ``natom_sampler`` and the
         ``resample_invalid`` rounds with their ``min_element_share`` and ``min_pattern_share``, the
-        ``latent_temperature``, the ``snap_angles`` tolerance (degrees; :func:`structure.cdvae.sampling.snap_cell_angles`) and the
-        ``symmetrize`` tolerance (Å; :func:`structure.cdvae.sampling.symmetrize_structure`) default to the model's;
-        ``stats`` receives how many crystals were decoded again). A property-conditioned model takes ``targets``
+        ``latent_temperature``, the ``snap_angles`` tolerance (degrees;
+        :func:`structure.cdvae.sampling.snap_cell_angles`) and the ``symmetrize`` tolerance (Å;
+        :func:`structure.cdvae.sampling.symmetrize_structure`) default to the model's; ``stats`` receives how many
+        crystals were decoded again). A property-conditioned model takes ``targets``
         (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale. The same seed gives
         the same crystals.
 
