@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -53,13 +54,17 @@ def main() -> int:
 
     folder, train_split, cdvae = DATASETS[args.dataset]
     work = ROOT / "runs" / "compare" / (args.out_name or args.dataset)
-    cmd = ["compare", "--dataset", str(args.shared / "data/structures" / folder), "--train-split", train_split]
+
+    def rel(path: Path) -> str:  # the command runs in ROOT: relative paths keep the committed report portable
+        return os.path.relpath(path, ROOT)
+
+    cmd = ["compare", "--dataset", rel(args.shared / "data/structures" / folder), "--train-split", train_split]
     for lm in args.lm or ["diffusion-bert", "diffusion-lm"]:
         cmd += ["--lm", lm]
     cmd += ["--cdvae", args.cdvae or cdvae, "-n", str(args.n), "--seed", str(args.seed), "--workers", str(args.workers),
-            "--cache", str(ROOT / "runs/cdvae/fingerprints"), "--no-progress", "-o", str(work)]
+            "--cache", rel(ROOT / "runs/cdvae/fingerprints"), "--no-progress", "-o", rel(work)]
     if args.relax:
-        cmd += ["--relax", "--potential", str(args.shared / "models/matgl/M3GNet-MP-2021.2.8-PES"),
+        cmd += ["--relax", "--potential", rel(args.shared / "models/matgl/M3GNet-MP-2021.2.8-PES"),
                 "--max-steps", str(args.relax_max_steps), "--optimizer", args.optimizer]
     if args.no_coverage:
         cmd.append("--no-coverage")
