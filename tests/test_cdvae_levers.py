@@ -623,7 +623,7 @@ def test_invalid_compositions_counts_a_rare_stoichiometry_pattern_only_when_aske
         invalid_compositions(crystals, min_pattern_share=0.01)
 
 
-def test_min_pattern_share_decodes_rare_stoichiometries_again():
+def test_min_pattern_share_decodes_rare_stoichiometries_again(monkeypatch):
     from structure.cdvae.data import stoichiometry_key
     from structure.cdvae.sampling import invalid_compositions
 
@@ -650,6 +650,10 @@ def test_min_pattern_share_decodes_rare_stoichiometries_again():
         c.types.tolist() for c in again]
     with pytest.raises(ValueError, match="min_pattern_share"):
         sample(model, 4, resample_invalid=1, min_pattern_share=1.0, **kw)
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded before the missing table was reported")
+
+    monkeypatch.setattr("structure.cdvae.sampling.langevin", no_decoding)
     with pytest.raises(ValueError, match="stoichiometry_counts"):  # before any decoding
         sample(CDVAE(tiny_config()).eval(), 4, resample_invalid=1, min_pattern_share=0.1, **kw)
 
