@@ -26,6 +26,7 @@ from structure.cdvae.model import (  # noqa: E402
     CDVAEConfig,
     check_latent_temperature,
     check_min_share,
+    check_share_tables,
     check_snap_angles,
     check_symmetrize_tolerance,
     check_volume_weight,
@@ -73,9 +74,11 @@ def main() -> None:
         cfg["natom_sampler"] = args.natom_sampler
     config = CDVAEConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"})  # still a valid config
     check_volume_weight(config.volume_weight, config.atomic_volumes)
-    for share, table in (("min_element_share", "element_counts"), ("min_pattern_share", "stoichiometry_counts")):
-        if getattr(config, share) and not getattr(config, table):
-            raise SystemExit(f"{share} needs the model's {table} table (scripts/add_element_counts.py adds it)")
+    try:
+        check_share_tables(config.element_counts, config.min_element_share, config.stoichiometry_counts,
+                           config.min_pattern_share)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     write_json(path, cfg)
     print(f"{path}: {args.composition} (T={args.temperature:g}, {args.retries} redraws), "
           f"type update {args.type_update}, volume weight {cfg.get('volume_weight', 0.0):g}, "

@@ -344,6 +344,18 @@ def check_latent_temperature(temperature: float) -> float:
     return temperature
 
 
+def check_share_tables(element_counts: list | None, min_element_share: float,
+                       stoichiometry_counts: dict | None, min_pattern_share: float) -> None:
+    """Each training-share rule asked for (a share above 0) needs its table: ``min_element_share`` the model's
+    ``element_counts``, ``min_pattern_share`` its ``stoichiometry_counts``; else a clear ValueError."""
+    rules = [("min_element_share", min_element_share, "element_counts", element_counts),
+             ("min_pattern_share", min_pattern_share, "stoichiometry_counts", stoichiometry_counts)]
+    for name, share, table_name, table in rules:
+        if share and not table:
+            raise ValueError(f"{name} needs the model's {table_name} table "
+                             "(scripts/add_element_counts.py adds it to a model trained without it)")
+
+
 def check_min_share(share: float, name: str) -> float:
     """``share`` if it is a usable minimum training share ``name`` (min_element_share, min_pattern_share: in
     [0, 1)), else a clear ValueError."""

@@ -14,7 +14,7 @@ import torch
 
 from structure.cdvae.data import (cell_volume, composition_volume, lattice_matrix, stoichiometry_key, to_structure,
                                   valid_cell_angles)
-from structure.cdvae.model import (CDVAE, MAX_Z, check_latent_temperature, check_min_share,
+from structure.cdvae.model import (CDVAE, MAX_Z, check_latent_temperature, check_min_share, check_share_tables,
                                    check_snap_angles, check_symmetrize_tolerance, check_volume_weight, sigma_levels)
 
 
@@ -280,12 +280,7 @@ def invalid_compositions(crystals: list[Crystal], element_counts: list | None = 
       :func:`structure.cdvae.data.stoichiometry_key`) is rarer than that share among the training crystals
       (``stoichiometry_counts``, :func:`structure.cdvae.data.stoichiometry_table`); a pattern absent from it
       counts 0."""
-    if min_element_share and not element_counts:
-        raise ValueError("min_element_share needs the model's element_counts table "
-                         "(scripts/add_element_counts.py adds it to a model trained without it)")
-    if min_pattern_share and not stoichiometry_counts:
-        raise ValueError("min_pattern_share needs the model's stoichiometry_counts table "
-                         "(scripts/add_element_counts.py adds it to a model trained without it)")
+    check_share_tables(element_counts, min_element_share, stoichiometry_counts, min_pattern_share)
 
     def rare_count(c: Crystal) -> bool:
         n, k = len(c.types), len(set(c.types.tolist()))
@@ -359,7 +354,8 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
         return invalid_compositions(crystals, model.config.element_counts, share,
                                     model.config.stoichiometry_counts, pattern_share)
 
-    rejected([])  # a share asked for without its table fails here, before any decoding
+    # a share asked for without its table fails here, before any decoding
+    check_share_tables(model.config.element_counts, share, model.config.stoichiometry_counts, pattern_share)
 
     generator = torch.Generator().manual_seed(seed)
     schedule = langevin_schedule(model, levels, steps, step_lr)
