@@ -71,7 +71,7 @@ def judge(structures, targets_of_interest, relax_n: int, potential: Path) -> dic
 
         todo = valid[:relax_n]
         t = time.perf_counter()
-        records = StabilityScorer(potential, time_limit=600).score([structures[i] for i in todo], workers=1)
+        records = StabilityScorer(potential, settings={"time_limit": 600}).score([structures[i] for i in todo], workers=1)
         out["relax_s"] = time.perf_counter() - t
         relaxed = {i: r for i, r in zip(todo, records)}
         ef = [r.e_form_per_atom for r in records if math.isfinite(r.e_form_per_atom)]

@@ -1,4 +1,4 @@
-"""Relax many structures at once: one batched M3GNet forward pass drives a FIRE optimizer per structure.
+"""Relax many structures at once: one forward pass (batched for matgl models) drives an optimizer per structure.
 
 Why
     A matgl forward pass on a cell of a few atoms is dominated by fixed per-call costs (Python, graph
@@ -19,6 +19,11 @@ Same answers as :func:`structure.relax.relax_structure`
     it itself. Batched and one-by-one forward passes differ only by float summation order, so final
     energies agree to well below a meV/atom (measured in ``scripts/bench_relax.py``).
 
+Other potentials
+    The loop is the potential's: :meth:`structure.potentials.Potential.evaluate` batches a matgl model and
+    calls any other calculator (CHGNet, SevenNet, a user's own) once per structure, so every potential gets
+    the same optimizers, filter, convergence test, time limit and failure handling.
+
 Failure handling is per structure: a bad input, a graph that cannot be built, non-finite energies or
 forces, or an explosion gives that structure a ``failed`` :class:`~structure.relax.RelaxResult` with a
 reason and the others carry on.
@@ -31,7 +36,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from pymatgen.core import Structure
@@ -74,7 +78,7 @@ def relax_batched(
 
     Args:
         structures: inputs (not modified).
-        potential: a loaded matgl ``Potential``, or a folder / hub name for :func:`structure.relax.load_potential`.
+        potential: a :class:`~structure.potentials.Potential` or what :func:`structure.relax.load_potential` takes.
         fmax, max_steps, relax_cell: as for :func:`structure.relax.relax_structure`.
         batch_size: structures in flight at once (>= 1).
         optimizer: one of :data:`OPTIMIZERS` (ASE's defaults for its parameters).
@@ -96,8 +100,7 @@ def relax_batched(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    if isinstance(potential, str | Path):
-        potential = load_potential(potential)
+    potential = load_potential(potential)
     results: list = [None] * len(structures)
 
     def finish(index: int, result) -> None:
@@ -158,14 +161,13 @@ def relax_batched(
 
 
 def _start(index: int, structure: Structure, potential, relax_cell: bool, optimizer: str = "FIRE") -> _InFlight:
-    """Atoms with a matgl calculator (as ``Relaxer`` sets it up), the cell filter and the optimizer."""
+    """Atoms with the potential's calculator (as ``Relaxer`` sets it up), the cell filter and the optimizer."""
     import ase.optimize
     from ase.filters import FrechetCellFilter
-    from matgl.ext.ase import PESCalculator
     from pymatgen.io.ase import AseAtomsAdaptor
 
     atoms = AseAtomsAdaptor().get_atoms(structure)
-    atoms.calc = PESCalculator(potential, stress_unit="eV/A3")
+    atoms.calc = potential.calculator()
     target = FrechetCellFilter(atoms) if relax_cell else atoms
     dynamics = getattr(ase.optimize, optimizer)(target, logfile=None)
     dynamics.nsteps = 0
@@ -173,36 +175,11 @@ def _start(index: int, structure: Structure, potential, relax_cell: bool, optimi
 
 
 def _evaluate(items: list[_InFlight], potential) -> None:
-    """One forward pass over ``items``' current geometries; store each one's results in its calculator."""
-    import torch
-    from ase.stress import full_3x3_to_voigt_6_stress
-    from torch_geometric.data import Batch
-
-    graphs, lattices, states = [], [], []
-    for item in items:
-        graph, lattice, state = item.atoms.calc._atoms2graph.get_graph(item.atoms)
-        graphs.append(graph)
-        lattices.append(torch.as_tensor(lattice).reshape(1, 3, 3))
-        states.append(torch.as_tensor(np.asarray(state)).reshape(1, -1))
-    batch = Batch.from_data_list(graphs)
+    """One forward pass over ``items``' current geometries (batched for a matgl model); each one's results stay
+    in its calculator."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        energies, forces, stresses = potential(batch, torch.cat(lattices), torch.cat(states))[:3]
-    energies = energies.detach().cpu().numpy().reshape(-1)
-    forces = forces.detach().cpu().numpy()
-    stresses = stresses.detach().cpu().numpy().reshape(len(items), 3, 3)
-    start = 0
-    for k, item in enumerate(items):
-        n = len(item.atoms)
-        calc = item.atoms.calc
-        calc.atoms = item.atoms.copy()
-        calc.results = {
-            "energy": float(energies[k]),
-            "free_energy": float(energies[k]),
-            "forces": forces[start:start + n].copy(),
-            "stress": full_3x3_to_voigt_6_stress(stresses[k]) * calc.conversion_factor,
-        }
-        start += n
+        potential.evaluate([item.atoms for item in items])
 
 
 def _check(item: _InFlight, fmax: float) -> None:

@@ -1,4 +1,4 @@
-"""The discovery funnel after sampling: formulas -> validity -> template structures -> M3GNet relaxation ->
+"""The discovery funnel after sampling: formulas -> validity -> template structures -> relaxation ->
 formation energy and energy above the hull -> uniqueness and structural novelty -> SUN.
 
 :class:`DiscoveryFunnel` takes formulas (from any generator, or a user's list), so ``structure`` never
@@ -38,7 +38,7 @@ __all__ = ["CANDIDATE_COLUMNS", "DiscoveryFunnel", "read_journal"]
 
 #: ``stage``: the last stage of :data:`STAGES` the candidate reached (``sun``: it passed them all)
 CANDIDATE_COLUMNS = ["index", "formula", "novel_formula", "rank", "template_id", "energy_per_atom", "e_form_per_atom",
-                     "e_hull_per_atom", "decomposition", "relax_status", "best", "unique", "novel", "stable", "sun",
+                     "e_hull_per_atom", "e_hull_std", "decomposition", "relax_status", "best", "unique", "novel", "stable", "sun",
                      "stage", "reason"]
 STAGES = ("sampled", "parsed", "valid", "with_structure", "relaxed", "on_hull", "stable", "unique", "novel", "sun")
 
@@ -200,6 +200,7 @@ class DiscoveryFunnel:
             out.append({"kind": "structure", "index": t.index, "rank": t.rank, "formula": t.formula,
                         "template_id": t.template_id, "energy_per_atom": _num(r.energy_per_atom),
                         "e_form_per_atom": _num(r.e_form_per_atom), "e_hull_per_atom": _num(r.e_hull_per_atom),
+                        "e_hull_std": _num(r.e_hull_std),
                         "decomposition": r.decomposition, "relax_status": r.status, "reason": r.reason,
                         "hull_lower_bound": r.hull_lower_bound,
                         "structure": r.structure.as_dict() if r.structure is not None and r.status != "failed" else None})
@@ -269,7 +270,7 @@ class DiscoveryFunnel:
             "sun_rate": {f"{self.e_hull_max:g}": len(sun_rows) / n if n else 0.0, "0": sun_at_0 / n if n else 0.0},
             "sun_per_cpu_hour": {f"{self.e_hull_max:g}": len(sun_rows) / cpu_hours if cpu_hours else None,
                                  "0": sun_at_0 / cpu_hours if cpu_hours else None},
-            "seconds": seconds, "reference_hull": _hull_name(self.scorer.hull),
+            "seconds": seconds, "reference_hull": _hull_name(self.scorer.hull), "potential": self.scorer.describe(),
             "templates": str(self.predictor.store.path or "pymatgen AFLOW prototypes"),
         }
         write_discovery(out, rows, sun_rows, {r["index"]: s for r, s in zip(best_rows, best_structs)}, result,
@@ -284,6 +285,7 @@ class DiscoveryFunnel:
         if s is not None:
             row.update({k: s[k] for k in ("rank", "template_id", "energy_per_atom", "e_form_per_atom",
                                           "e_hull_per_atom", "decomposition", "relax_status")})
+            row["e_hull_std"] = s.get("e_hull_std")
             row["hull_lower_bound"] = s.get("hull_lower_bound", False)
         return row
 

@@ -62,6 +62,9 @@ def score_chunks_on_dask(scorer, chunks: Sequence[Sequence], scheduler) -> Itera
             scorer.relaxer.references.energy_per_atom(el)
         except ValueError:
             pass  # the records say "no formation energy" for that element, as locally
+    if scorer.potential.spec is None:
+        raise ValueError("a potential wrapped from an ASE calculator cannot be sent to Dask workers: pass its name "
+                         "or folder")
     settings = tuple(sorted(scorer.settings().items()))
     client, own = _client(scheduler)
     try:

@@ -3,8 +3,8 @@
 
 For each formula: parse it, skip it (a row with the reason) if it fails the cdvae validity check unless
 invalid formulas are included, predict up to ``top_k`` structures from ratio-matching templates
-(:func:`structure.predict.predict`), optionally relax them with M3GNet and compute the formation energy
-per atom against elemental references relaxed with the same potential. A formula that cannot be
+(:func:`structure.predict.predict`), optionally relax them with an interatomic potential and compute the formation
+energy per atom against elemental references relaxed with the same potential. A formula that cannot be
 handled becomes a row with a status and a reason; the batch goes on.
 
 The rows are written by :func:`structure.io.write_outputs`.
@@ -24,10 +24,7 @@ from structure.predict import predict
 from structure.substitution import substitute
 from structure.templates import TemplateStore, aflow_store, element_of
 
-__all__ = ["DEFAULT_POTENTIAL", "Relaxer", "StructurePredictor", "elemental_candidates", "predict_formulas"]
-
-DEFAULT_POTENTIAL = "M3GNet-MP-2021.2.8-PES"
-
+__all__ = ["Relaxer", "StructurePredictor", "elemental_candidates", "predict_formulas"]
 
 def _spacegroup(structure) -> str:
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
@@ -166,46 +163,32 @@ class StructurePredictor:
 
 
 class Relaxer:
-    """Relaxation with an M3GNet potential (matgl; FIRE on cell and positions), and formation energies
+    """Relaxation with an interatomic potential (ASE optimizer on cell and positions), and formation energies
     against elemental references relaxed with the same potential.
 
-    ``potential``: a matgl hub name or a local model folder. ``references``: the template store (object or
-    folder) whose single-element structures give the elemental reference energies (default: the shipped
-    compact MP store); they are relaxed on first use and cached in ``elemental_references.json`` in that store's
-    folder, else in ``cache_dir``, with ``reference_max_steps`` FIRE steps (default: ``max_steps``).
-    ``optimizer``: ``"FIRE"`` (as ``matgl.ext.ase.Relaxer``), ``"LBFGS"`` or ``"BFGS"``; ``batch_size``: structures
-    per batched forward pass in each process (:mod:`structure.batched`). ``time_limit``: seconds a structure
-    may take before it stops ``not_converged`` with its last geometry (None: no limit).
+    ``potential``: a :class:`~structure.potentials.Potential`, a registered name (``chgnet``, ``sevennet-0``,
+    ``m3gnet``, ...), a matgl model folder or hub name, or None for
+    :data:`~structure.potentials.DEFAULT_POTENTIAL`, installed with the package. ``settings``: a
+    :class:`~structure.relax.RelaxSettings` (or a dict of its fields). ``references``: the template store
+    (object or folder) whose single-element structures are checked against the shipped elemental ground states
+    (:class:`~structure.relax.ElementalReferences`; default: the shipped compact MP store); the references are
+    relaxed on first use, with at least 500 steps (a molecular crystal such as Cl2 needs them), and cached in
+    ``elemental_references.json`` in that store's folder, else in ``cache_dir``.
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure import Relaxer
-    >>> relaxer = Relaxer("../shared/models/matgl/M3GNet-MP-2021.2.8-PES", max_steps=50)  # doctest: +SKIP
+    >>> relaxer = Relaxer("chgnet")  # doctest: +SKIP
     >>> nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.7), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     >>> result = relaxer.relax([nacl])[0]  # doctest: +SKIP
     >>> result.status, round(result.energy_per_atom, 1)  # doctest: +SKIP
-    ('converged', -3.4)
+    ('converged', -3.7)
     """
 
-    def __init__(self, potential: str | Path = DEFAULT_POTENTIAL, fmax: float = 0.05, max_steps: int = 500,
-                 references=None, cache_dir: str | Path | None = None, reference_max_steps: int | None = None,
-                 optimizer: str = "FIRE", batch_size: int = 1, time_limit: float | None = None):
-        from structure.batched import OPTIMIZERS
-        from structure.relax import load_potential
+    def __init__(self, potential=None, settings=None, references=None, cache_dir: str | Path | None = None):
+        from structure.relax import RelaxSettings, load_potential
 
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if fmax <= 0:
-            raise ValueError(f"fmax must be positive, got {fmax}")
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-        if time_limit is not None and time_limit <= 0:
-            raise ValueError(f"time_limit must be positive, got {time_limit}")
-        load_potential(potential)  # a bad potential fails here, before any other work
-        self.potential, self.fmax, self.max_steps = potential, fmax, max_steps
-        self.optimizer, self.batch_size, self.time_limit = optimizer, batch_size, time_limit
-        self.reference_max_steps = reference_max_steps or max_steps
+        self.settings = RelaxSettings.of(settings)
+        self.potential = load_potential(potential)  # a bad potential fails here, before any other work
         self._references, self._cache_dir = references, cache_dir
         self._elemental = None
 
@@ -220,7 +203,7 @@ class Relaxer:
                 Path(self._cache_dir) if self._cache_dir is not None else None)  # never write into the package
             cache = folder / "elemental_references.json" if folder is not None else None
             self._elemental = ElementalReferences(self.potential, elemental_candidates(store), cache_path=cache,
-                                                  fmax=self.fmax, max_steps=self.reference_max_steps)
+                                                  fmax=self.settings.fmax, max_steps=max(self.settings.max_steps, 500))
         return self._elemental
 
     def relax(self, structures, workers: int = 1, progress: bool = False) -> list:
@@ -231,9 +214,8 @@ class Relaxer:
 
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        return relax_many(list(structures), self.potential, fmax=self.fmax, max_steps=self.max_steps,
-                          workers=workers, progress=progress, optimizer=self.optimizer, batch_size=self.batch_size,
-                          time_limit=self.time_limit)
+        return relax_many(list(structures), self.potential, workers=workers, progress=progress,
+                          **self.settings.as_dict())
 
     def energies(self, structures, workers: int = 1, progress: bool = False) -> list:
         """The energy of each structure as given (no relaxation; status ``not_converged`` with 0 steps, or
@@ -242,8 +224,8 @@ class Relaxer:
 
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        return relax_many(list(structures), self.potential, fmax=self.fmax, max_steps=0, workers=workers,
-                          progress=progress, batch_size=self.batch_size)
+        return relax_many(list(structures), self.potential, fmax=self.settings.fmax, max_steps=0, workers=workers,
+                          progress=progress, batch_size=self.settings.batch_size)
 
     def formation_energy_per_atom(self, composition, energy_per_atom: float) -> float:
         """eV/atom against the elemental references (``ValueError`` when an element has none)."""

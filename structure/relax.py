@@ -1,17 +1,10 @@
-"""Relax crystal structures with a matgl M3GNet potential and compute formation energies.
+"""Relax crystal structures with an interatomic potential and compute formation energies.
 
 Potentials
-    :func:`load_potential` takes a local model folder (``model.json``, ``model.pt``, ``state.pt``, e.g.
-    ``../shared/models/matgl/M3GNet-MP-2021.2.8-PES``) or a matgl hub name (``M3GNet-MatPES-PBE-v2025.1-PES``
-    for matgl's ``materialyze`` Hugging Face org, or an ``owner/name`` repo id). Hub names are handed to
-    ``matgl.load_model`` only when the Hub answers within a few seconds; offline, a copy already in matgl's
-    download cache is used, and otherwise a ``ValueError`` says so at once. (Offline, ``matgl.load_model``
-    itself retries with back-off for about 45 s on a hub name, and about 20 s on a mistyped local path
-    while it looks for a "did you mean" suggestion.) A string
-    that exists on disk is a folder; a string that cannot be a hub name (absolute, ``./``, ``~``, several
-    ``/``) or a :class:`~pathlib.Path` that does not exist raises ``FileNotFoundError``. Loaded potentials
-    are cached per process, keyed by the resolved folder or the name (:func:`potential_key`). matgl reads
-    the weights with ``torch.load(weights_only=True)``; nothing here unpickles files.
+    Every function here takes a :class:`structure.potentials.Potential`, or anything
+    :func:`structure.potentials.get_potential` turns into one (a registered name such as ``chgnet`` or
+    ``sevennet-0``, a matgl model folder or hub name); :func:`load_potential` is that function. Loaded
+    potentials are cached per process, keyed by :attr:`Potential.key`.
 
 Relaxation
     :func:`relax_structure` runs ASE's FIRE through ``matgl.ext.ase.Relaxer``. With ``relax_cell=True``
@@ -54,11 +47,12 @@ Workers
     the calling process first, so a bad name raises before any worker starts.
 
 Reference energies
-    :class:`ElementalReferences` gives each element's energy per atom. It relaxes every candidate
-    structure a callable returns for that element (e.g. the elemental polymorphs of a template store) and
-    keeps the lowest converged energy per atom. Values are kept in memory and, with ``cache_path``, in a
-    JSON file keyed by :func:`potential_key` and element. The file is written atomically and read again
-    on construction. ``formation_energy_per_atom`` is ``E/atom - sum_el x_el * E_el``.
+    :class:`ElementalReferences` gives each element's energy per atom: its Materials Project ground state
+    (shipped, :data:`GROUND_STATES`) relaxed with the potential, whatever the template store; a store's own
+    elemental polymorphs are relaxed as a check, and an element whose store polymorph lies well below the
+    ground state is reported (:meth:`ElementalReferences.notes`). Values are kept in memory and, with
+    ``cache_path``, in a JSON file keyed by the potential's key and element, written atomically and read
+    again on construction. ``formation_energy_per_atom`` is ``E/atom - sum_el x_el * E_el``.
 """
 
 from __future__ import annotations
@@ -69,9 +63,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -82,17 +73,21 @@ import numpy as np
 from pymatgen.core import Composition, Element, Structure
 
 from evaluation.io import write_json
+from structure.potentials import Potential, get_potential, potential_key
 
 __all__ = [
     "MAX_VOLUME_FACTOR",
     "MIN_DISTANCE",
     "MIN_VOLUME_PER_ATOM",
+    "GROUND_STATES",
     "ElementalReferences",
     "RelaxResult",
+    "RelaxSettings",
     "load_potential",
     "potential_key",
     "relax_many",
     "relax_structure",
+    "ground_states",
 ]
 
 #: Atoms closer than this (Å, periodic images included) mean overlapping input or an exploded result.
@@ -102,11 +97,6 @@ MIN_DISTANCE = 0.5
 MIN_VOLUME_PER_ATOM = 2.5
 #: A relaxation whose cell volume grows or shrinks by more than this factor has exploded.
 MAX_VOLUME_FACTOR = 4.0
-#: Seconds to wait for the Hugging Face Hub before treating a hub name as unavailable.
-HUB_TIMEOUT_S = 3.0
-
-_MODEL_FILES = ("model.json", "model.pt", "state.pt")
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _SINGLE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 Status = Literal["converged", "not_converged", "failed"]
@@ -114,111 +104,48 @@ Status = Literal["converged", "not_converged", "failed"]
 
 # --------------------------------------------------------------------------------------------- potentials
 
-
-def potential_key(name_or_path: str | Path) -> str:
-    """The string that identifies a potential: the resolved folder if it exists on disk, else the name."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else str(name_or_path)
+#: Loads a potential: a registered name, a matgl folder or hub name, or a Potential (see structure.potentials).
+load_potential = get_potential
 
 
-def load_potential(name_or_path: str | Path):
-    """Load a matgl ``Potential`` from a local model folder or a matgl hub name (cached per process).
-
-    Raises:
-        FileNotFoundError: a local path that does not exist or lacks one of the model files.
-        ValueError: the model cannot be loaded, is not a potential, or is a hub name that cannot be
-            downloaded (Hub unreachable and not in matgl's cache).
-    """
-    key = potential_key(name_or_path)
-    if not Path(key).exists() and (isinstance(name_or_path, Path) or not _HUB_NAME.match(key)):
-        raise FileNotFoundError(
-            f"matgl model folder {key!r} does not exist (nor is it a hub name such as "
-            "'M3GNet-MatPES-PBE-v2025.1-PES')"
-        )
-    return _load_potential_cached(key)
+# --------------------------------------------------------------------------------------------- settings
 
 
-@functools.lru_cache(maxsize=None)
-def _load_potential_cached(key: str):
-    """Load the potential behind a :func:`potential_key` (an existing folder or a hub name)."""
-    folder = Path(key)
-    if folder.exists():
-        return _load_local(folder)
-    return _load_hub(key)
+@dataclass(frozen=True)
+class RelaxSettings:
+    """How a relaxation runs, whatever the potential: ``fmax`` (eV/Å), ``max_steps``, ``optimizer`` (``FIRE``,
+    ``LBFGS`` or ``BFGS``), ``batch_size`` (structures per forward pass, batched for matgl models) and
+    ``time_limit`` (seconds a structure may take before it stops ``not_converged``; None: no limit)."""
 
+    fmax: float = 0.05
+    max_steps: int = 500
+    optimizer: str = "FIRE"
+    batch_size: int = 1
+    time_limit: float | None = None
 
-def _load_local(folder: Path):
-    """Load a local model folder after checking it holds the three matgl model files."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is a file, not a matgl model folder")
-    missing = [name for name in _MODEL_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"matgl model folder {folder} lacks {', '.join(missing)}")
-    return _matgl_load(str(folder), f"the matgl model in {folder}")
+    def __post_init__(self) -> None:
+        from structure.batched import OPTIMIZERS
 
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.fmax > 0:
+            raise ValueError(f"fmax must be positive, got {self.fmax}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be positive, got {self.time_limit}")
 
-def _load_hub(name: str):
-    """Load a hub name: from the Hub when it answers, else from matgl's download cache, else fail fast."""
-    if _hub_reachable():
-        return _matgl_load(name, f"matgl hub model {name!r}")
-    cached = _cached_hub_folder(name)
-    if cached is None:
-        from huggingface_hub import constants
-        from matgl.config import MATGL_CACHE
+    @classmethod
+    def of(cls, settings: RelaxSettings | dict | None) -> RelaxSettings:
+        """``settings`` as a :class:`RelaxSettings` (a dict of its fields, or None for the defaults)."""
+        if settings is None:
+            return cls()
+        return settings if isinstance(settings, cls) else cls(**settings)
 
-        raise ValueError(
-            f"{name!r} is not a local model folder, the Hugging Face Hub ({constants.ENDPOINT}) cannot be "
-            f"reached to download it, and it is not in matgl's cache ({MATGL_CACHE}). Pass a local folder "
-            "with model.json, model.pt and state.pt instead."
-        )
-    return _matgl_load(str(cached), f"matgl hub model {name!r} (cached in {cached})")
-
-
-def _hub_reachable() -> bool:
-    """Whether the Hugging Face Hub answers within ``HUB_TIMEOUT_S`` (False in HF offline mode)."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return False
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_TIMEOUT_S)
-    except urllib.error.HTTPError:
-        return True  # the server answered, if with an error status
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _cached_hub_folder(name: str) -> Path | None:
-    """The folder of a hub model already in matgl's download cache, or None (no network used)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    from matgl.config import MATGL_CACHE
-    from matgl.utils.io import HF_MATGL_ORG
-
-    repo_id = name if "/" in name else f"{HF_MATGL_ORG}/{name}"
-    try:
-        files = [
-            hf_hub_download(repo_id, fn, cache_dir=str(MATGL_CACHE), local_files_only=True) for fn in _MODEL_FILES
-        ]
-    except LocalEntryNotFoundError:
-        return None
-    return Path(files[0]).parent
-
-
-def _matgl_load(source: str, what: str):
-    """``matgl.load_model`` with its errors turned into a ``ValueError`` that names the cause."""
-    import matgl
-    from matgl.apps.pes import Potential
-
-    try:
-        model = matgl.load_model(source)
-    except (ValueError, RuntimeError) as err:
-        cause = err.__cause__ or err
-        raise ValueError(f"could not load {what}: {type(cause).__name__}: {cause}") from err
-    if not isinstance(model, Potential):
-        raise ValueError(f"{what} is a {type(model).__name__}, not an interatomic potential (matgl Potential)")
-    return model
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -338,15 +265,21 @@ def relax_structure(
 ) -> RelaxResult:
     """Relax one structure with FIRE; a problem gives a ``failed`` row, never an exception.
 
+    A matgl potential goes through ``matgl.ext.ase.Relaxer`` (the reference the batched loop is measured
+    against); any other potential through :func:`structure.batched.relax_batched` with one structure.
+
     Args:
         structure: the input (not modified).
-        potential: a loaded matgl ``Potential``, or a folder / hub name for :func:`load_potential`.
+        potential: a :class:`~structure.potentials.Potential` or what :func:`load_potential` takes.
         fmax: force threshold in eV/Å.
         max_steps: FIRE step limit.
         relax_cell: relax the cell with the positions (``FrechetCellFilter``); positions only if False.
     """
-    if isinstance(potential, str | Path):
-        potential = load_potential(potential)
+    potential = load_potential(potential)
+    if potential.matgl_model is None:
+        from structure.batched import relax_batched
+
+        return relax_batched([structure], potential, fmax=fmax, max_steps=max_steps, relax_cell=relax_cell)[0]
     initial_volume = float(structure.volume)
     problem = _geometry_problem(structure)
     if problem is not None:
@@ -373,7 +306,8 @@ def _run_fire(
 
     with warnings.catch_warnings():  # matgl's Relaxer still calls the deprecated atoms.set_calculator
         warnings.filterwarnings("ignore", message="Please use atoms.calc", category=FutureWarning)
-        out = Relaxer(potential, optimizer=fire, relax_cell=relax_cell).relax(structure, fmax=fmax, steps=max_steps)
+        out = Relaxer(potential.matgl_model, optimizer=fire, relax_cell=relax_cell).relax(structure, fmax=fmax,
+                                                                                           steps=max_steps)
     final: Structure = out["final_structure"]
     energy = out["trajectory"].energies[-1] / len(final)
     forces = np.linalg.norm(fire.target.get_forces(), axis=1)
@@ -391,6 +325,7 @@ def _classify(
 ) -> RelaxResult:
     """The :class:`RelaxResult` of a finished FIRE run (``forces``: the row norms FIRE compared with ``fmax``);
     shared by the one-by-one and the batched (:mod:`structure.batched`) relaxations."""
+    energy = float(energy)  # some calculators (CHGNet) give numpy float32
     if not math.isfinite(energy):
         return _failed("non-finite energy", initial_volume, steps)
     if not np.isfinite(forces).all():
@@ -417,7 +352,7 @@ _WORKER: dict[str, Any] = {}
 
 def relax_many(
     structures: Sequence[Structure],
-    potential: str | Path,
+    potential: str | Path | Potential,
     fmax: float = 0.05,
     max_steps: int = 500,
     workers: int = 1,
@@ -433,7 +368,8 @@ def relax_many(
 
     Args:
         structures: inputs; each travels as ``Structure.as_dict()`` (also when ``workers=1``).
-        potential: a folder or hub name for :func:`load_potential` (a string, so workers can load it).
+        potential: a :class:`~structure.potentials.Potential` or what :func:`load_potential` takes; with
+            ``workers > 1`` it must come from a name or folder (workers load it again from that).
         fmax, max_steps: as for :func:`relax_structure`; the cell is relaxed.
         workers: number of processes; each worker is single-threaded (see the module docstring).
         progress: show a tqdm progress bar.
@@ -451,6 +387,8 @@ def relax_many(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load_potential(potential)  # validates the name here, before any worker starts
+    if workers > 1 and len(structures) > 1 and loaded.spec is None:
+        raise ValueError("a potential wrapped from an ASE calculator relaxes in this process only: use workers=1")
     payloads = [s.as_dict() for s in structures]
     if time_limit is not None and time_limit <= 0:
         raise ValueError(f"time_limit must be positive, got {time_limit}")
@@ -472,7 +410,7 @@ def relax_many(
         context = multiprocessing.get_context("spawn")
         with _single_threaded_children():
             pool = context.Pool(min(workers, len(chunks)), initializer=_init_worker,
-                                initargs=(potential_key(potential),))
+                                initargs=(loaded.spec,))
         rows = []
         with pool:
             for part in pool.imap(task, chunks):
@@ -526,43 +464,88 @@ def _worker_relax(payloads: list[dict], settings: dict) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- references
 
 
+#: The elemental ground states shipped with the package (scripts/make_elemental_references.py; MP, CC BY 4.0).
+GROUND_STATES = Path(__file__).resolve().parent / "data" / "elemental_ground_states.json.gz"
+#: eV/atom by which a template store's polymorph may lie below the shipped ground state before the element's
+#: reference is marked uncertain.
+REFERENCE_TOLERANCE = 0.05
+
+
+@functools.lru_cache(maxsize=1)
+def ground_states() -> dict[str, dict[str, Any]]:
+    """``element -> {"material_id", "e_above_hull", "source", "structure"}``: MP's elemental ground states."""
+    import gzip
+
+    from structure.io import structure_from_cif
+
+    with gzip.open(GROUND_STATES, "rt", encoding="utf-8") as fh:
+        rows = json.load(fh)["ground_states"]
+    return {r["element"]: {**{k: r[k] for k in ("material_id", "e_above_hull", "source")},
+                           "structure": structure_from_cif(r["cif"])} for r in rows}
+
+
 class ElementalReferences:
-    """Elemental reference energies (eV/atom) from relaxed candidate structures, cached in memory and JSON.
+    """Elemental reference energies (eV/atom), cached in memory and JSON.
+
+    Each element's reference is its Materials Project ground state shipped with the package
+    (:data:`GROUND_STATES`) relaxed with the potential, less MP's ``e_above_hull`` of that polymorph (non-zero
+    only where the structure set lacks the true ground state, e.g. Mn: 0.053), whatever the template store.
+    ``candidates`` (e.g. a template store's elemental polymorphs) are relaxed too, as a check: when one lies
+    more than ``tolerance`` below the ground state under this potential, the element is listed in
+    :attr:`uncertain` and :meth:`notes` names it for every composition that holds it. An element without a
+    shipped ground state takes the candidates' lowest converged energy, and :meth:`notes` says so.
 
     Args:
-        potential: folder or hub name of the potential (also the cache key, via :func:`potential_key`).
-        candidates: ``element symbol -> structures`` to relax for that element (e.g. its known polymorphs).
-        cache_path: JSON file ``{potential_key: {element: {"energy_per_atom": ..., ...}}}``; None for none.
-        fmax, max_steps: relaxation settings for the candidates.
+        potential: a :class:`~structure.potentials.Potential` or what :func:`load_potential` takes; its
+            :attr:`~structure.potentials.Potential.key` keys the cache.
+        candidates: ``element symbol -> structures`` (None: the ground states alone).
+        cache_path: JSON file ``{potential key: {element: {"energy_per_atom": ..., ...}}}``; None for none.
+        fmax, max_steps: relaxation settings.
     """
 
     def __init__(
         self,
-        potential: str | Path,
-        candidates: Callable[[str], Sequence[Structure]],
+        potential,
+        candidates: Callable[[str], Sequence[Structure]] | None = None,
         cache_path: Path | None = None,
         fmax: float = 0.05,
         max_steps: int = 500,
+        tolerance: float = REFERENCE_TOLERANCE,
     ) -> None:
-        self.potential = potential
-        self.key = potential_key(potential)
+        self.potential = load_potential(potential)
+        self.key = self.potential.key
         self.candidates = candidates
         self.cache_path = None if cache_path is None else Path(cache_path)
-        self.fmax = fmax
-        self.max_steps = max_steps
+        self.fmax, self.max_steps, self.tolerance = fmax, max_steps, tolerance
         stored = self._read_cache().get(self.key, {})
-        self._energies: dict[str, float] = {el: float(entry["energy_per_atom"]) for el, entry in stored.items()}
+        self._entries: dict[str, dict[str, Any]] = {el: e for el, e in stored.items() if "source" in e}
+
+    @property
+    def uncertain(self) -> dict[str, str]:
+        """``element -> why`` for the references computed so far that the check did not confirm."""
+        return {el: e["note"] for el, e in self._entries.items() if e.get("note")}
 
     def energy_per_atom(self, element: str) -> float:
-        """Lowest converged energy per atom over the element's candidates (relaxed on first use only).
+        """The element's reference energy per atom (relaxed on first use only).
 
         Raises:
-            ValueError: unknown element, no candidates, a candidate of another composition, or none converged.
+            ValueError: unknown element, a ground state that does not converge, or (without one) no candidate
+                that converges.
         """
+        return float(self.entry(element)["energy_per_atom"])
+
+    def entry(self, element: str) -> dict[str, Any]:
+        """The cached record of an element's reference: energy, source, the check's result."""
         symbol = Element(element).symbol
-        if symbol not in self._energies:
-            self._energies[symbol] = self._compute(symbol)
-        return self._energies[symbol]
+        if symbol not in self._entries:
+            self._entries[symbol] = self._compute(symbol)
+            self._write_cache(symbol, self._entries[symbol])
+        return self._entries[symbol]
+
+    def notes(self, composition: str | Composition) -> list[str]:
+        """Why the references of a composition's elements are uncertain (empty when none is)."""
+        return [self.entry(el.symbol)["note"] for el in Composition(composition).elements
+                if self.entry(el.symbol).get("note")]
 
     def formation_energy_per_atom(self, composition: str | Composition, energy_per_atom: float) -> float:
         """``energy_per_atom - sum_el x_el * E_el`` in eV/atom, ``x_el`` the atomic fractions."""
@@ -573,29 +556,46 @@ class ElementalReferences:
             comp.get_atomic_fraction(el) * self.energy_per_atom(el.symbol) for el in comp.elements
         )
 
-    def _compute(self, symbol: str) -> float:
-        """Relax the candidates for ``symbol``, keep the lowest converged energy, store it in the cache."""
-        structures = list(self.candidates(symbol))
-        if not structures:
-            raise ValueError(f"no candidate structures for {symbol}: the candidates callable returned none")
+    def _relax(self, structures: list[Structure]) -> list[RelaxResult]:
+        return relax_many(structures, self.potential, fmax=self.fmax, max_steps=self.max_steps, progress=False)
+
+    def _store_candidates(self, symbol: str) -> list[Structure]:
+        structures = list(self.candidates(symbol)) if self.candidates is not None else []
         foreign = [s.composition.reduced_formula for s in structures if {e.symbol for e in s.composition} != {symbol}]
         if foreign:
             raise ValueError(f"candidates for {symbol} must contain only {symbol}, got {', '.join(foreign)}")
-        results = relax_many(structures, self.potential, fmax=self.fmax, max_steps=self.max_steps, progress=False)
-        converged = [r.energy_per_atom for r in results if r.status == "converged"]
-        if not converged:
-            summary = "; ".join(f"#{i}: {r.status} ({r.reason})" for i, r in enumerate(results))
-            raise ValueError(f"none of the {len(results)} candidate structures for {symbol} converged: {summary}")
-        energy = min(converged)
-        entry = {
-            "energy_per_atom": energy,
-            "n_candidates": len(results),
-            "n_converged": len(converged),
-            "fmax": self.fmax,
-            "max_steps": self.max_steps,
-        }
-        self._write_cache(symbol, entry)
-        return energy
+        return structures
+
+    def _compute(self, symbol: str) -> dict[str, Any]:
+        """Relax the ground state (and the candidates, as the check) for ``symbol``."""
+        ground = ground_states().get(symbol)
+        candidates = self._store_candidates(symbol)
+        results = self._relax(([ground["structure"]] if ground else []) + candidates)
+        entry: dict[str, Any] = {"fmax": self.fmax, "max_steps": self.max_steps, "n_candidates": len(candidates)}
+        store = results[1:] if ground else results
+        converged = [r.energy_per_atom for r in store if r.status == "converged"]
+        store_min = min(converged) if converged else None
+        entry["store_min_energy_per_atom"] = store_min
+        if ground is None:
+            if store_min is None:
+                summary = "; ".join(f"#{i}: {r.status} ({r.reason})" for i, r in enumerate(results)) or "none given"
+                raise ValueError(f"no shipped ground state for {symbol} and no candidate structure converged: "
+                                 f"{summary}")
+            entry.update(energy_per_atom=store_min, source="template store (no shipped ground state)",
+                         note=f"{symbol}: no shipped MP ground state, reference from the template store's lowest "
+                              "polymorph")
+            return entry
+        own = results[0]
+        if own.status != "converged":
+            raise ValueError(f"the ground state of {symbol} ({ground['material_id']}) did not converge with "
+                             f"{self.potential.name}: {own.status} ({own.reason})")
+        energy = own.energy_per_atom - (ground["e_above_hull"] or 0.0)
+        entry.update(energy_per_atom=energy, ground_state_energy_per_atom=own.energy_per_atom,
+                     source=f"MP ground state {ground['material_id']}", note="")
+        if store_min is not None and store_min < energy - self.tolerance:
+            entry["note"] = (f"{symbol} reference uncertain: a template-store polymorph lies {energy - store_min:.3f} "
+                             f"eV/atom below MP's ground state ({ground['material_id']}) under {self.potential.name}")
+        return entry
 
     def _read_cache(self) -> dict[str, dict[str, dict[str, Any]]]:
         """The whole JSON cache file ({} without a file)."""

@@ -1,23 +1,29 @@
-"""Thermodynamic stability of structures: M3GNet energy -> formation energy -> energy above the convex hull.
+"""Thermodynamic stability of structures: potential energy -> formation energy -> energy above the convex hull.
 
-:class:`StabilityScorer` relaxes each structure (or evaluates it as given, ``relax=False``) with a matgl
-potential through :class:`structure.Relaxer`, turns the energy into a formation energy per atom against
-elemental references relaxed with the same potential, puts it on the Materials Project scale and places it
-on the hull of a :class:`evaluation.hull.ReferenceHull` (default: the shipped MP table).
+:class:`StabilityScorer` relaxes each structure (or evaluates it as given, ``relax=False``) with an interatomic
+potential (:mod:`structure.potentials`; default :data:`~structure.potentials.DEFAULT_POTENTIAL`) through
+:class:`structure.Relaxer`, turns the energy into a formation energy per atom against the shipped elemental
+ground states relaxed with the same potential, puts it on the Materials Project scale and places it on the hull
+of a :class:`evaluation.hull.ReferenceHull` (default: the shipped MP table).
 
 The energy scale (``correction``):
 
-``mp2020`` (default)
-    M3GNet-MP-2021 learnt MP's *uncorrected* energies (GGA, and GGA+U for oxides and fluorides of Co, Cr, Fe,
+``auto`` (default)
+    What the potential needs (:attr:`structure.potentials.Potential.correction`): ``mp2020`` for a model trained
+    on MP's uncorrected energies (M3GNet, SevenNet), ``none`` for one whose training energies already carry
+    the corrections (CHGNet). A potential on another scale (MatPES) is refused against an MP hull.
+``mp2020``
+    The potential learnt MP's *uncorrected* energies (GGA, and GGA+U for oxides and fluorides of Co, Cr, Fe,
     Mn, Mo, Ni, V, W), while the reference hull holds MP's *corrected* formation energies. As Matbench
     Discovery does, each structure becomes a ``ComputedStructureEntry`` with the parameters MP would have run
     it with (``run_type`` GGA+U with MP's U values for those compositions, else GGA), and pymatgen's
     ``MaterialsProject2020Compatibility`` adds its anion and GGA/GGA+U mixing corrections. A composition the
     scheme rejects keeps its uncorrected energy and says so in ``reason``.
 ``none``
-    The M3GNet formation energy as it is, against the DFT hull.
+    The potential's formation energy as it is, against the DFT hull.
 
-``benchmarks/stability.md`` measures both on MP-20 test structures (``scripts/bench_stability.py``).
+``benchmarks/stability_wbm.md`` measures each potential on WBM structures no potential trained on
+(``scripts/bench_stability.py --set wbm``); ``benchmarks/stability.md`` on MP-20 test structures.
 """
 
 from __future__ import annotations
@@ -32,22 +38,25 @@ from evaluation.hull import ReferenceHull
 __all__ = ["CORRECTIONS", "STABILITY_COLUMNS", "StabilityRecord", "StabilityScorer", "correction_per_atom",
            "mp2020_correction"]
 
-CORRECTIONS = ("mp2020", "none")
-STABILITY_COLUMNS = ["index", "formula", "energy_per_atom", "e_form_per_atom", "e_hull_per_atom", "decomposition",
-                     "status", "reason"]
+CORRECTIONS = ("auto", "mp2020", "none")
+STABILITY_COLUMNS = ["index", "formula", "energy_per_atom", "e_form_per_atom", "e_hull_per_atom", "e_hull_std",
+                     "decomposition", "status", "reason"]
 
 
 @dataclass
 class StabilityRecord:
     """One structure's stability: ``status`` is the relaxation's (``converged``, ``not_converged``,
     ``failed``) or ``static`` (energy of the structure as given); ``e_hull_per_atom`` is NaN, with the
-    ``reason``, when the structure could not be placed on the hull."""
+    ``reason``, when the structure could not be placed on the hull. With several judges (a committee or a
+    two-stage scheme) ``e_form_per_atom`` and ``e_hull_per_atom`` are their mean and ``e_hull_std`` their
+    spread (population standard deviation); ``energy_per_atom`` stays the relaxing potential's."""
 
     index: int
     formula: str
     energy_per_atom: float = math.nan
     e_form_per_atom: float = math.nan
     e_hull_per_atom: float = math.nan
+    e_hull_std: float = math.nan  # spread of the judges' E_hull (NaN with one judge)
     decomposition: str = ""
     status: str = ""
     reason: str = ""
@@ -105,12 +114,29 @@ def mp2020_correction(structure, energy_per_atom: float) -> tuple[float, str]:
 
 
 def correction_per_atom(structure, energy_per_atom: float, correction: str = "mp2020") -> tuple[float, str]:
-    """What puts an M3GNet formation energy on the reference hull's scale under the energy scale
-    ``correction`` (:data:`CORRECTIONS`): :func:`mp2020_correction` for ``mp2020``, ``(0.0, "")`` for ``none``.
-    The one definition :class:`StabilityScorer`, ``compare`` and the stability benchmark share."""
+    """What puts a potential's formation energy on the reference hull's scale under the energy scale
+    ``correction`` (``mp2020`` or ``none``; resolve ``auto`` with :func:`resolve_correction` first):
+    :func:`mp2020_correction` for ``mp2020``, ``(0.0, "")`` for ``none``. The one definition
+    :class:`StabilityScorer`, ``compare`` and the stability benchmark share."""
+    if correction not in ("mp2020", "none"):
+        raise ValueError(f"correction must be mp2020 or none here, got {correction!r}")
+    return mp2020_correction(structure, energy_per_atom) if correction == "mp2020" else (0.0, "")
+
+
+def resolve_correction(potential, correction: str = "auto", mp_hull: bool = True) -> str:
+    """``mp2020`` or ``none`` for a :class:`~structure.potentials.Potential` and a ``correction`` choice
+    (:data:`CORRECTIONS`). ``ValueError`` for a potential whose energies are not on MP's scale placed on an MP
+    hull (``mp_hull``); against a hull of the user's own (computed with that potential) it gets ``none``."""
     if correction not in CORRECTIONS:
         raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
-    return mp2020_correction(structure, energy_per_atom) if correction == "mp2020" else (0.0, "")
+    if potential.energy_scale not in ("mp-uncorrected", "mp-corrected"):
+        if not mp_hull:
+            return "none" if correction == "auto" else correction
+        raise ValueError(f"potential {potential.name!r} was trained on the {potential.energy_scale} energy scale, not "
+                         "the Materials Project's: its formation energies cannot be placed on the MP reference hull. "
+                         "Use an MP-trained potential (chgnet, sevennet-0, m3gnet), or a reference hull of competing "
+                         "phases computed with this same potential (--reference)")
+    return potential.correction if correction == "auto" else correction
 
 
 _COMPAT = None
@@ -128,49 +154,62 @@ def _compatibility():
 class StabilityScorer:
     """Energy above the hull of structures (see the module docstring).
 
-    ``potential``: matgl hub name or folder. ``reference``: a :class:`~evaluation.hull.ReferenceHull`, a
-    table path (CSV of formula + formation_energy_per_atom, or a JSON list of pymatgen entries) or None for
-    the shipped MP table. ``references``: the template store (object or folder) whose single-element
-    structures give the elemental energies (default: pymatgen's AFLOW prototypes). ``relax``: relax first
-    (cell + positions) or evaluate the structures as given. ``optimizer`` and ``batch_size``: as for
-    :class:`~structure.Relaxer`.
+    ``potential``: a :class:`~structure.potentials.Potential`, a registered name, a matgl folder or hub name,
+    or None for the default (installed with the package). ``settings``: a :class:`~structure.relax.RelaxSettings`
+    (or a dict of its fields). ``reference``: a :class:`~evaluation.hull.ReferenceHull`, a table path (CSV of
+    formula + formation_energy_per_atom, or a JSON list of pymatgen entries) or None for the shipped MP table.
+    ``references``: the template store (object or folder) whose single-element structures are checked against
+    the shipped elemental ground states. ``relax``: relax first (cell + positions) or evaluate the structures as
+    given. ``correction``: ``auto`` (what the potential needs), ``mp2020`` or ``none``.
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure.stability import StabilityScorer
-    >>> scorer = StabilityScorer("../shared/models/matgl/M3GNet-MP-2021.2.8-PES")  # doctest: +SKIP
+    >>> scorer = StabilityScorer()  # doctest: +SKIP
     >>> nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.7), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     >>> record = scorer.score([nacl])[0]  # doctest: +SKIP
     >>> record.status, record.decomposition  # doctest: +SKIP
     ('converged', '1 NaCl')
     """
 
-    def __init__(self, potential: str | Path = "M3GNet-MP-2021.2.8-PES", reference=None, relax: bool = True,
-                 fmax: float = 0.05, max_steps: int = 500, references=None, cache_dir: str | Path | None = None,
-                 correction: str = "mp2020", optimizer: str = "FIRE", batch_size: int = 1,
-                 time_limit: float | None = None):
-        from structure.pipeline import Relaxer
+    def __init__(self, potential=None, settings=None, reference=None, relax: bool = True, references=None,
+                 cache_dir: str | Path | None = None, correction: str = "auto", judges=None):
+        from structure.pipeline import DEFAULT_TEMPLATES, Relaxer
+        from structure.relax import RelaxSettings
 
-        if correction not in CORRECTIONS:
-            raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+        settings = RelaxSettings.of(dict(settings) if isinstance(settings, tuple) else settings)
         self.hull = reference if isinstance(reference, ReferenceHull) else ReferenceHull.load(reference)
-        # references get at least 500 FIRE steps: a molecular crystal such as Cl2 needs them, and a reference
-        # that does not converge would leave every compound of its element without a formation energy
-        self.relaxer = Relaxer(potential, fmax=fmax, max_steps=max_steps, references=references, cache_dir=cache_dir,
-                               reference_max_steps=max(max_steps, 500), optimizer=optimizer, batch_size=batch_size,
-                               time_limit=time_limit)
-        self.relax_first, self.correction = relax, correction
+        self.relaxer = Relaxer(potential, settings=settings, references=references, cache_dir=cache_dir)
+        self.potential = self.relaxer.potential
+        mp_hull = reference is None or self.hull is ReferenceHull.default()
+        self.correction = resolve_correction(self.potential, correction, mp_hull=mp_hull)
+        self.relax_first = relax
+        # judges: the potentials whose energies of the relaxed structure are averaged (default: the relaxing one)
+        self.judges = [self.relaxer]
+        if judges:
+            from structure.potentials import get_potential
+
+            self.judges = [self.relaxer if get_potential(j) is self.potential else
+                           Relaxer(j, settings=settings, references=references, cache_dir=cache_dir) for j in judges]
+        self.judge_corrections = [resolve_correction(j.potential, correction, mp_hull=mp_hull) for j in self.judges]
         hull_file = None if isinstance(reference, ReferenceHull) and reference is ReferenceHull.default() else (
             reference.source if isinstance(reference, ReferenceHull) else reference)
         store_path = getattr(references, "path", references)
-        from structure.pipeline import DEFAULT_TEMPLATES
-
         if store_path is not None and Path(store_path).resolve() == DEFAULT_TEMPLATES.resolve():
             store_path = None
-        self._settings = {"potential": str(potential), "reference": None if hull_file is None else str(hull_file),
-                          "relax": relax, "fmax": fmax, "max_steps": max_steps,
+        self._settings = {"potential": self.potential.spec, "settings": tuple(sorted(settings.as_dict().items())),
+                          "reference": None if hull_file is None else str(hull_file), "relax": relax,
                           "references": None if store_path is None else str(store_path),
                           "cache_dir": None if cache_dir is None else str(cache_dir), "correction": correction,
-                          "optimizer": optimizer, "batch_size": batch_size, "time_limit": time_limit}
+                          "judges": None if judges is None else tuple(j.potential.spec for j in self.judges)}
+
+    def describe(self) -> str:
+        """One line for reports: which potential relaxed and which judged, on which energy scale."""
+        how = "relaxed" if self.relax_first else "as given"
+        if self.judges == [self.relaxer]:
+            return f"{self.potential.name} ({self.potential.energy_scale}; correction {self.correction}; {how})"
+        names = " + ".join(f"{j.potential.name} ({c})" for j, c in zip(self.judges, self.judge_corrections))
+        kind = "committee mean" if len(self.judges) > 1 else "single point"
+        return f"{how} with {self.potential.name}, judged by {kind} of {names}"
 
     def settings(self) -> dict:
         """The arguments that rebuild this scorer in another process (paths as strings; the shipped hull and
@@ -186,9 +225,27 @@ class StabilityScorer:
         todo = [i for i, s in enumerate(structures) if s is not None]
         evaluate = self.relaxer.relax if self.relax_first else self.relaxer.energies
         results = dict(zip(todo, evaluate([structures[i] for i in todo], workers=workers, progress=progress)))
-        return [self._record(i, structures[i], results.get(i), exclude[i]) for i in range(len(structures))]
+        judged = self._judge_energies(structures, results, workers)
+        return [self._record(i, structures[i], results.get(i), exclude[i], judged.get(i, []))
+                for i in range(len(structures))]
 
-    def _record(self, index: int, structure, result, exclude) -> StabilityRecord:
+    def _judge_energies(self, structures, results: dict, workers: int) -> dict[int, list]:
+        """``index -> [energy per atom or None, one per judge]`` on each relaxed (or given) structure; the
+        relaxing potential's own energy where it is a judge."""
+        usable = [i for i, r in results.items() if r.status != "failed"]
+        final = [results[i].structure if self.relax_first else structures[i] for i in usable]
+        out: dict[int, list] = {i: [] for i in usable}
+        for judge in self.judges:
+            if judge is self.relaxer:
+                energies = [results[i].energy_per_atom for i in usable]
+            else:
+                energies = [r.energy_per_atom if r.status != "failed" else None
+                            for r in judge.energies(final, workers=workers)]
+            for i, e in zip(usable, energies):
+                out[i].append(e)
+        return out
+
+    def _record(self, index: int, structure, result, exclude, energies: list) -> StabilityRecord:
         if structure is None:
             return StabilityRecord(index, "", status="failed", reason="unreadable structure")
         rec = StabilityRecord(index, structure.composition.reduced_formula, structure=structure)
@@ -202,17 +259,36 @@ class StabilityScorer:
                 rec.reason = result.reason
         rec.energy_per_atom = result.energy_per_atom
         notes = [rec.reason] if rec.reason else []
-        try:
-            e_form = self.relaxer.formation_energy_per_atom(rec.structure.composition, result.energy_per_atom)
-        except ValueError as err:
-            rec.reason = "; ".join([*notes, f"no formation energy: {err}"])
+        comp = rec.structure.composition
+        e_forms, corrections = [], []
+        for judge, correction, energy in zip(self.judges, self.judge_corrections, energies):
+            who = "" if len(self.judges) == 1 else f"{judge.potential.name}: "
+            if energy is None or not math.isfinite(energy):
+                notes.append(f"{who}no energy")
+                continue
+            try:
+                e_form = judge.formation_energy_per_atom(comp, energy)
+            except ValueError as err:
+                notes.append(f"{who}no formation energy: {err}")
+                continue
+            corr, why = correction_per_atom(rec.structure, energy, correction)
+            if why:
+                notes.append(f"{who}{why}")
+            notes += [f"{who}{n}" for n in judge.references.notes(comp)]
+            e_forms.append(e_form + corr)
+            corrections.append(corr)
+        if len(e_forms) < len(self.judges):  # a committee member that cannot judge leaves the row unplaced
+            rec.reason = "; ".join(notes)
             return rec
-        rec.correction_per_atom, why = correction_per_atom(rec.structure, result.energy_per_atom, self.correction)
-        if why:
-            notes.append(why)
-        rec.e_form_per_atom = e_form + rec.correction_per_atom
-        hull = self.hull.e_above_hull(rec.structure.composition, rec.e_form_per_atom, exclude=exclude)
+        rec.correction_per_atom = sum(corrections) / len(corrections)
+        rec.e_form_per_atom = sum(e_forms) / len(e_forms)
+        hulls = [self.hull.e_above_hull(comp, e, exclude=exclude) for e in e_forms]
+        hull = self.hull.e_above_hull(comp, rec.e_form_per_atom, exclude=exclude)
         rec.e_hull_per_atom, rec.decomposition = hull.e_hull_per_atom, hull.decomposition
+        if len(hulls) > 1:
+            values = [h.e_hull_per_atom for h in hulls]
+            mean = sum(values) / len(values)
+            rec.e_hull_std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
         rec.hull_lower_bound = hull.lower_bound
         if hull.reason:
             notes.append(hull.reason)

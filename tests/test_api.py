@@ -160,8 +160,9 @@ def test_structure_predictor_gives_what_the_command_writes(tmp_path):
 @pytest.mark.skipif(not POTENTIAL.is_dir(), reason="needs the M3GNet weights in ../shared")
 def test_relaxer_relaxes_and_gives_formation_energies(tmp_path):
     from structure import Relaxer, StructurePredictor
+    from structure.relax import RelaxSettings
 
-    relaxer = Relaxer(POTENTIAL, max_steps=300, cache_dir=tmp_path)  # enough for the Cl2 reference
+    relaxer = Relaxer(POTENTIAL, settings=RelaxSettings(max_steps=300), cache_dir=tmp_path)
     rows = StructurePredictor().predict(["NaCl"], top_k=1)
     results = relaxer.relax([rows[0].structure])
     assert results[0].status in ("converged", "not_converged") and results[0].energy_per_atom < 0
@@ -172,7 +173,7 @@ def test_relaxer_relaxes_and_gives_formation_energies(tmp_path):
     with pytest.raises(FileNotFoundError):
         Relaxer(tmp_path / "no-potential")
     with pytest.raises(ValueError, match="max_steps"):
-        Relaxer(POTENTIAL, max_steps=0)
+        Relaxer(POTENTIAL, settings=RelaxSettings(max_steps=0))
 
 
 def test_cdvae_from_a_shipped_name_samples_structures(tmp_path):

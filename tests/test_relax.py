@@ -17,6 +17,7 @@ from pymatgen.core import Lattice, Structure  # noqa: E402
 from structure.relax import (  # noqa: E402
     ElementalReferences,
     _explosion,
+    ground_states,
     load_potential,
     potential_key,
     relax_many,
@@ -126,14 +127,17 @@ def test_worker_count_does_not_change_results():
     assert one[1].structure.composition.reduced_formula == "Na"
 
 
-def test_elemental_references_and_cache(tmp_path, nacl):
+def test_elemental_references_use_the_shipped_ground_state_and_cache(tmp_path, nacl):
     cache = tmp_path / "refs.json"
     refs = ElementalReferences(str(MODEL_DIR), elemental_candidates, cache_path=cache)
-    candidates = relax_many(elemental_candidates("Na"), str(MODEL_DIR), progress=False)
-    assert refs.energy_per_atom("Na") == pytest.approx(min(r.energy_per_atom for r in candidates), abs=1e-9)
+    ground = ground_states()["Na"]
+    own = relax_many([ground["structure"]], str(MODEL_DIR), progress=False)[0]
+    assert refs.energy_per_atom("Na") == pytest.approx(own.energy_per_atom - ground["e_above_hull"], abs=1e-9)
     stored = json.loads(cache.read_text())[potential_key(MODEL_DIR)]
     assert stored["Na"]["energy_per_atom"] == refs.energy_per_atom("Na")
-    assert stored["Na"]["n_candidates"] == 2
+    assert stored["Na"]["source"] == f"MP ground state {ground['material_id']}"
+    assert stored["Na"]["n_candidates"] == 2 and stored["Na"]["note"] == ""  # bcc / fcc Na agree with it
+    assert refs.notes("NaCl") == []
 
     e_form = refs.formation_energy_per_atom("NaCl", nacl.energy_per_atom)
     assert -2.5 < e_form < -1.0  # MP: about -2.0 eV/atom
@@ -145,15 +149,28 @@ def test_elemental_references_and_cache(tmp_path, nacl):
     assert again.formation_energy_per_atom("NaCl", nacl.energy_per_atom) == pytest.approx(e_form, abs=1e-12)
 
 
+def test_a_store_with_a_wrong_polymorph_does_not_move_the_reference():
+    """The failure the shipped ground states fix: a store whose only Na structure is a wrong polymorph (here one
+    atom in a 10 Å box, which relaxes nowhere: no force, no stress) used to become the reference, making every
+    Na compound look up to 0.8 eV/atom too stable."""
+    isolated = Structure(Lattice.cubic(10.0), ["Na"], [[0, 0, 0]])
+    wrong = relax_many([isolated], str(MODEL_DIR), progress=False)[0]
+    refs = ElementalReferences(str(MODEL_DIR), lambda el: [isolated] if el == "Na" else [])
+    plain = ElementalReferences(str(MODEL_DIR))
+    assert wrong.status == "converged" and refs.entry("Na")["store_min_energy_per_atom"] == wrong.energy_per_atom
+    assert refs.energy_per_atom("Na") == pytest.approx(plain.energy_per_atom("Na"), abs=1e-9)
+    assert wrong.energy_per_atom > refs.energy_per_atom("Na") + 0.5  # it would have moved it by 0.79 eV/atom
+    assert refs.notes("NaCl") == []  # a polymorph above the ground state is not a warning
+
+
 def test_elemental_references_errors(tmp_path):
-    refs = ElementalReferences(str(MODEL_DIR), elemental_candidates, cache_path=tmp_path / "refs.json")
-    with pytest.raises(ValueError, match="no candidate structures for K"):
-        refs.energy_per_atom("K")
     with pytest.raises(ValueError, match="must contain only Cl"):
         ElementalReferences(str(MODEL_DIR), lambda el: [rock_salt(5.6)]).energy_per_atom("Cl")
-    overlapping = Structure(Lattice.cubic(3.0), ["Na", "Na"], [[0, 0, 0], [0.1, 0, 0]], coords_are_cartesian=True)
-    with pytest.raises(ValueError, match="none of the 1 candidate structures for Na converged.*overlapping"):
-        ElementalReferences(str(MODEL_DIR), lambda el: [overlapping]).energy_per_atom("Na")
+    overlapping = Structure(Lattice.cubic(3.0), ["Ra", "Ra"], [[0, 0, 0], [0.1, 0, 0]], coords_are_cartesian=True)
+    with pytest.raises(ValueError, match="no shipped ground state for Ra and no candidate structure converged.*"
+                                         "overlapping"):
+        ElementalReferences(str(MODEL_DIR), lambda el: [overlapping],
+                            cache_path=tmp_path / "refs.json").energy_per_atom("Ra")
     assert not (tmp_path / "refs.json").exists()
 
 
@@ -162,7 +179,7 @@ def test_load_potential_is_cached(potential):
 
 
 def test_load_potential_missing_folder_fails_fast(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="neither a registered name"):
         load_potential(tmp_path / "no-such-model")
     with pytest.raises(FileNotFoundError, match="lacks model.json, model.pt, state.pt"):
         load_potential(tmp_path)

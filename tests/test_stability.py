@@ -124,7 +124,8 @@ def test_scorer_relaxed_static_and_failures_in_input_order(references):
 
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     overlap = Structure(Lattice.cubic(3), ["Na", "Cl"], [[0, 0, 0], [0.01, 0, 0]])
-    scorer = StabilityScorer(POTENTIAL, max_steps=300, cache_dir=references)
+    scorer = StabilityScorer(POTENTIAL, settings={"max_steps": 300}, cache_dir=references)
+    assert scorer.correction == "mp2020"  # M3GNet learnt MP's uncorrected energies
     records = scorer.score([nacl, overlap, None])
     assert [r.index for r in records] == [0, 1, 2]
     ok, bad, missing = records
@@ -133,7 +134,8 @@ def test_scorer_relaxed_static_and_failures_in_input_order(references):
     assert abs(ok.e_hull_per_atom) < 0.15 and ok.reason == ""
     assert bad.status == "failed" and "overlapping" in bad.reason and math.isnan(bad.e_hull_per_atom)
     assert missing.status == "failed" and missing.reason == "unreadable structure"
-    static = StabilityScorer(POTENTIAL, relax=False, max_steps=300, cache_dir=references, correction="none")
+    static = StabilityScorer(POTENTIAL, settings={"max_steps": 300}, relax=False, cache_dir=references,
+                             correction="none")
     r = static.score([nacl])[0]
     assert r.status == "static" and r.correction_per_atom == 0.0
     assert r.e_form_per_atom == pytest.approx(ok.e_form_per_atom - ok.correction_per_atom, abs=0.02)

@@ -6,7 +6,8 @@ One module per command group, each owning its argparse block:
 * :mod:`~composition_lm.cli.formulas`: ``validate``, ``evaluate``
 * :mod:`~composition_lm.cli.lm`: ``train``, ``sample``
 * :mod:`~composition_lm.cli.structures`: ``templates``, ``structure``, ``evaluate-structures``
-* :mod:`~composition_lm.cli.discovery`: ``stability``
+* :mod:`~composition_lm.cli.discovery`: ``stability``, ``discover``
+* :mod:`~composition_lm.cli.potentials`: ``potentials``
 * :mod:`~composition_lm.cli.cdvae`: ``cdvae train|export|sample``
 * :mod:`~composition_lm.cli.compare`: ``compare``
 * :mod:`~composition_lm.cli.options`: what several commands share (checked numeric types, relaxation options)
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from composition_lm.cli import cdvae, compare, discovery, formulas, lm, structures
+from composition_lm.cli import cdvae, compare, discovery, formulas, lm, potentials, structures
 
 __all__ = ["build_parser", "main"]
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     discovery.add_parsers(sub)
     cdvae.add_parsers(sub)
     compare.add_parsers(sub)
+    potentials.add_parsers(sub)
     return parser
 
 

@@ -75,13 +75,13 @@ def _score_generator(gen_dir: Path, samples: list[str], context: dict, args: arg
         with_structure = table[table["status"].isin(["converged", "not_converged", "failed"])]
         out["energy"] = energy_summary(with_structure["energy_per_atom"].tolist(),
                                        with_structure["formation_energy_per_atom"].tolist(), len(with_structure))
-        out["_e_hull"] = _e_hull(with_structure, structures, context["hull"])
+        out["_e_hull"] = _e_hull(with_structure, structures, context["hull"], context["correction"])
     return out
 
 
-def _e_hull(rows, structures: list, hull) -> list[float]:
-    """E_hull (eV/atom; NaN when not placed, or only a lower bound) of each relaxed structure: its M3GNet
-    formation energy with MP2020 corrections on the reference hull, as `stability` computes it."""
+def _e_hull(rows, structures: list, hull, correction: str) -> list[float]:
+    """E_hull (eV/atom; NaN when not placed, or only a lower bound) of each relaxed structure: its formation energy
+    with the potential's energy-scale correction on the reference hull, as `stability` computes it."""
     import math
 
     from structure.stability import correction_per_atom
@@ -92,7 +92,7 @@ def _e_hull(rows, structures: list, hull) -> list[float]:
         if s is None or row["status"] == "failed" or not (math.isfinite(e) and math.isfinite(ef)):
             out.append(math.nan)
             continue
-        r = hull.e_above_hull(s.composition, ef + correction_per_atom(s, e)[0])
+        r = hull.e_above_hull(s.composition, ef + correction_per_atom(s, e, correction)[0])
         out.append(math.nan if r.lower_bound else r.e_hull_per_atom)
     return out
 
@@ -181,10 +181,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not Path(compscaler).is_file():
         raise FileNotFoundError(f"COV-R / COV-P need CDVAE's Magpie constants: no file at {compscaler} (--compscaler)")
     cdvae_dir = resolve_model(args.cdvae) if args.cdvae else None  # a bad model name fails before any work
+    correction = None
     if args.relax:
-        from structure.relax import load_potential
+        from structure.potentials import get_potential
+        from structure.stability import resolve_correction
 
-        load_potential(args.potential)  # a bad potential fails before any work too
+        potential = get_potential(args.potential)  # a bad potential fails before any work too
+        correction = resolve_correction(potential, "auto", mp_hull=args.reference is None)
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     cov_dataset = args.cov_dataset or infer_dataset(args.dataset) or "mp20"
@@ -197,7 +200,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "training_structures": [r.structure for r in training], "cov_dataset": cov_dataset,
         "training_by_formula": _by_formula(r.structure for r in training),
         "compscaler": compscaler, "cache": args.cache or out.resolve().parent / ".fingerprint_cache",
-        "hull": ReferenceHull.load(args.reference) if args.relax else None,
+        "hull": ReferenceHull.load(args.reference) if args.relax else None, "correction": correction,
     }
     store_dir = args.templates or out / "templates"
     if args.templates is None and _store_source(store_dir) != str(files["train"]):  # none yet, or of other data
@@ -206,8 +209,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"templates: {len(store)} structures in {store_dir}", file=sys.stderr)
     references = _reference_store(args, store, store_dir, out)
     relax = relaxer(args, references=references)
-    relaxed = (f"; relaxed with M3GNet ({args.potential}, FIRE, fmax {args.fmax} eV/Å, at most {args.max_steps} "
-               f"steps; elemental references from {references})" if args.relax else "")
+    relaxed = (f"; relaxed and judged with {relax.potential.name} ({relax.potential.energy_scale}, correction "
+               f"{correction}; {args.optimizer}, fmax {args.fmax} eV/Å, at most {args.max_steps} steps; elemental "
+               f"references: the shipped MP ground states, checked against {references})" if args.relax else "")
 
     generators: dict[str, dict] = {}
     taken: dict[str, int] = {}
@@ -286,7 +290,8 @@ def add_parsers(sub) -> None:
         "compare", help="compare formula-LM + templates against CDVAE on one dataset, with one metric suite",
         description="Run every generator with the same budget of N samples: each --lm samples formulas, drops "
         "invalid ones and takes a template structure from the dataset's training split; --cdvae samples whole "
-        "crystals; --relax relaxes both with M3GNet. Score them all with the metrics of `evaluate` and "
+        "crystals; --relax relaxes both with an interatomic potential (--potential). Score them all with the "
+        "metrics of `evaluate` and "
         "`evaluate-structures` against the test split, plus structure uniqueness/novelty, energies and wall time "
         "per valid structure. Writes OUTPUT/report.md, a self-contained report.html, metrics.json, plots and "
         "each generator's outputs (OUTPUT/<generator>/structures.csv, structures_cif.zip, structures.extxyz).")

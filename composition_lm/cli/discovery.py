@@ -10,23 +10,27 @@ import time
 from pathlib import Path
 
 from composition_lm.cli.options import (add_condition_arguments, add_progress, add_relax_arguments,
-                                        add_validity_arguments, condition_options, model_for, validity_options)
+                                        add_validity_arguments, condition_options, model_for, relax_settings,
+                                        validity_options)
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
     from structure.io import read_generated_structures
     from structure.stability import StabilityScorer, write_stability
 
-    scorer = StabilityScorer(args.potential, reference=args.reference, relax=args.relax, fmax=args.fmax,
-                             max_steps=args.max_steps, references=args.references, cache_dir=args.output,
-                             correction=args.correction, optimizer=args.optimizer, batch_size=args.relax_batch_size,
-                             time_limit=args.relax_time_limit)
+    from evaluation.hull import ReferenceHull
+
+    hull = ReferenceHull.load(args.reference)  # bad inputs fail before the potential loads
     structures, source = read_generated_structures(args.structures)
     if not structures:
         raise ValueError(f"{args.structures} holds no structures")
-    print(f"{len(structures)} structures from {source}; reference hull: {scorer.hull.source} "
-          f"({len(scorer.hull)} entries)", file=sys.stderr)
+    scorer = StabilityScorer(args.potential, settings=relax_settings(args), reference=hull,
+                             relax=args.relax, references=args.references, cache_dir=args.output,
+                             correction=args.correction, judges=args.judge)
+    print(f"{len(structures)} structures from {source}; judged by {scorer.describe()}; reference hull: "
+          f"{scorer.hull.source} ({len(scorer.hull)} entries)", file=sys.stderr)
     t0 = time.perf_counter()
+    quiet_console()
     records = scorer.score(structures, workers=args.workers, progress=not args.no_progress)
     args.output.mkdir(parents=True, exist_ok=True)
     path = write_stability(records, args.output / "stability.csv")
@@ -38,12 +42,24 @@ def cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_correction_argument(p) -> None:
+    p.add_argument("--judge", action="append", metavar="NAME|PATH",
+                   help="score the relaxed structure with this potential's single point instead of the relaxing "
+                   "potential's energy (two-stage: relax cheaply, judge with a stronger model); repeat for a committee: "
+                   "E_hull is the judges' mean and e_hull_std their spread (default: the --potential alone)")
+    p.add_argument("--correction", choices=["auto", "mp2020", "none"], default="auto",
+                   help="energy scale: auto: what the potential needs (MP2020 corrections for one trained on MP's "
+                   "uncorrected energies: m3gnet, sevennet-*; none for chgnet, whose training energies carry them); "
+                   "mp2020 / none force the choice (default: auto; benchmarks/stability_wbm.md)")
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser(
-        "stability", help="energy above the convex hull of structures (M3GNet energies, MP reference hull)",
-        description="Relax each structure with an M3GNet potential (or take it as given with --no-relax), compute "
-        "its formation energy against elemental references relaxed with the same potential, put it on the "
-        "Materials Project scale (MP2020 corrections, --correction) and place it on the reference hull of its "
+        "stability", help="energy above the convex hull of structures (interatomic potential, MP reference hull)",
+        description="Relax each structure with an interatomic potential (--potential; or take it as given with "
+        "--no-relax), compute its formation energy against the MP elemental ground states relaxed with the same "
+        "potential, put it on the Materials Project scale (MP2020 corrections where the potential needs them, "
+        "--correction) and place it on the reference hull of its "
         "chemical system. Writes OUTPUT/stability.csv (index, formula, energy_per_atom, e_form_per_atom, "
         "e_hull_per_atom, decomposition, status, reason), one row per input structure in input order; a "
         "structure that cannot be placed keeps its row with an empty e_hull_per_atom and the reason.")
@@ -53,9 +69,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--reference", type=Path, metavar="TABLE",
                    help="reference phases: a CSV of formula + formation_energy_per_atom (eV/atom), or a JSON list of "
                    "pymatgen entries (default: the Materials Project table shipped in the package, CC BY 4.0)")
-    p.add_argument("--correction", choices=["mp2020", "none"], default="mp2020",
-                   help="mp2020: MP's anion and GGA/GGA+U corrections on the M3GNet energy, as the reference hull "
-                   "has them; none: the raw M3GNet formation energy (default: mp2020; benchmarks/stability.md)")
+    add_correction_argument(p)
     add_relax_arguments(p, relax_by_default=True)
     add_progress(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output directory")
@@ -96,6 +110,17 @@ def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dic
     return table["formula"].tolist(), gen.training_formulas(), {"sampling_s": summary["seconds"]}
 
 
+def quiet_console() -> None:
+    """Keep the progress bars readable: scipy's ``logm result may be inaccurate`` (from pymatgen's cell filter
+    maths, once per step) and matplotlib's font messages say nothing a user can act on."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="logm result may be inaccurate")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="scipy")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from structure import StructurePredictor
     from structure.discovery import DiscoveryFunnel
@@ -112,11 +137,12 @@ def cmd_discover(args: argparse.Namespace) -> int:
         if not read_samples(args.from_file, args.column):
             raise ValueError(f"{args.from_file} holds no formulas")
     predictor = StructurePredictor(args.templates)
-    scorer = StabilityScorer(args.potential, reference=args.reference, fmax=args.fmax, max_steps=args.max_steps,
+    scorer = StabilityScorer(args.potential, settings=relax_settings(args), reference=args.reference,
                              references=args.references or predictor.store, cache_dir=args.output,
-                             correction=args.correction, optimizer=args.optimizer, batch_size=args.relax_batch_size,
-                             time_limit=args.relax_time_limit)
+                             correction=args.correction, judges=args.judge)
+    print(f"judged by {scorer.describe()}", file=sys.stderr)
     formulas, known, seconds = _formulas(args)
+    quiet_console()
     funnel = DiscoveryFunnel(predictor, scorer, known_formulas=known, top_k=args.top_k, e_hull_max=args.e_hull_max)
     result = funnel.run(formulas, args.output, resume=args.resume, workers=args.workers,
                         progress=not args.no_progress, seconds=seconds, scheduler=args.scheduler)
@@ -134,7 +160,8 @@ def add_discover_parser(sub) -> None:
     p = sub.add_parser(
         "discover", help="the whole funnel: sample -> validity -> templates -> relaxation -> E_hull -> SUN candidates",
         description="Sample N formulas (or take --from a file), keep the valid ones, give each its top-k template "
-        "structures, relax them with M3GNet, place them on the reference hull, and keep the stable, unique and "
+        "structures, relax them with an interatomic potential (--potential), place them on the reference hull, "
+        "and keep the stable, unique and "
         "novel ones (SUN). Every result is appended to OUTPUT/journal.jsonl as it finishes, so --resume finishes a "
         "stopped run with nothing lost or repeated. Writes candidates.csv, sun.csv, sun_cif.zip, funnel.json, "
         "report.md and report.html.")
@@ -156,7 +183,7 @@ def add_discover_parser(sub) -> None:
     p.add_argument("--top-k", **positive_int, default=1, help="template structures per formula (default: 1)")
     p.add_argument("--reference", type=Path, metavar="TABLE",
                    help="reference hull table (default: the shipped Materials Project table)")
-    p.add_argument("--correction", choices=["mp2020", "none"], default="mp2020", help="energy scale (default: mp2020)")
+    add_correction_argument(p)
     p.add_argument("--e-hull-max", **non_negative_float, default=0.1,
                    help="stable: E_hull at most this, eV/atom (default: 0.1; SUN at 0 is reported too)")
     add_relax_arguments(p, relax_by_default=True)

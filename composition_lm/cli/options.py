@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 PROTOCOL_CHOICES = ("cdvae", "smact", "both")
-DEFAULT_POTENTIAL = "M3GNet-MP-2021.2.8-PES"  # structure.pipeline.DEFAULT_POTENTIAL (kept import-free for --help)
+DEFAULT_POTENTIAL = "chgnet"  # structure.potentials.DEFAULT_POTENTIAL (kept import-free for --help; a test checks)
+POTENTIAL_NAMES = ("chgnet", "sevennet-0", "sevennet-l3i5", "m3gnet")  # structure.potentials.POTENTIALS
 
 
 # ------------------------------------------------------------------------------------ numeric types
@@ -51,32 +52,46 @@ half_open_unit = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 # --------------------------------------------------------------------------------- shared options
 def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = False) -> None:
-    """The M3GNet relaxation options of ``structure``, ``cdvae sample``, ``compare`` (off unless ``--relax``)
-    and ``stability`` (on unless ``--no-relax``)."""
+    """The relaxation options of ``structure``, ``cdvae sample``, ``compare`` (off unless ``--relax``) and
+    ``stability`` / ``discover`` (on unless ``--no-relax``)."""
     if relax_by_default:
         p.add_argument("--relax", action=argparse.BooleanOptionalAction, default=True,
                        help="relax every structure first (FIRE, cell + positions), or take its energy as given "
                        "(--no-relax) (default: relax)")
     else:
         p.add_argument("--relax", action="store_true",
-                       help="relax every structure with an M3GNet potential (FIRE, cell + positions)")
-    p.add_argument("--potential", default=DEFAULT_POTENTIAL,
-                   help=f"matgl hub name or local model folder (default: {DEFAULT_POTENTIAL})")
+                       help="relax every structure with an interatomic potential (FIRE, cell + positions)")
+    p.add_argument("--potential", default=DEFAULT_POTENTIAL, metavar="NAME|PATH",
+                   help=f"interatomic potential: {', '.join(POTENTIAL_NAMES)} (sevennet-*: pip install "
+                   "'composition-gen[sevennet]'; m3gnet loads from matgl's cache or hub, so offline pass its folder, "
+                   "e.g. ../shared/models/matgl/M3GNet-MP-2021.2.8-PES), or a matgl model folder; "
+                   "`composition-gen potentials` lists them with their WBM calibration "
+                   f"(default: {DEFAULT_POTENTIAL}, installed with the package, benchmarks/stability_wbm.md)")
     p.add_argument("--fmax", **positive_float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
     p.add_argument("--max-steps", **positive_int, default=500, help="optimizer steps per structure (default: 500)")
     p.add_argument("--optimizer", type=str.upper, choices=("FIRE", "LBFGS", "BFGS"), default="FIRE",
                    help="ASE optimizer: FIRE as matgl's Relaxer, or LBFGS (same minima in fewer force calls; "
                    "see benchmarks/relax.md) (default: FIRE)")
     p.add_argument("--relax-batch-size", **positive_int, default=1,
-                   help="structures per batched M3GNet forward pass in each process: 1.3x faster on near-minimum "
-                   "structures on one CPU core, no gain on far-from-minimum ones (benchmarks/relax.md) (default: 1)")
+                   help="structures per batched forward pass in each process (matgl models; other potentials "
+                   "evaluate one structure at a time): 1.3x faster on near-minimum structures on one CPU core with "
+                   "M3GNet, no gain on far-from-minimum ones (benchmarks/relax.md) (default: 1)")
     p.add_argument("--relax-time-limit", **positive_float, default=600, metavar="SECONDS",
                    help="wall-clock seconds one structure may take; one still relaxing then stops as not converged, "
                    "with its last geometry, so a single pathological structure cannot hold up a run (default: 600)")
     p.add_argument("--workers", **positive_int, default=1, help="relaxation worker processes (default: 1)")
     p.add_argument("--references", type=Path, metavar="DB",
-                   help="template store whose single-element structures give the elemental reference energies for "
-                   "formation energies (default: the --templates store, else the shipped compact MP store)")
+                   help="template store whose single-element structures are checked against the shipped MP elemental "
+                   "ground states, which give the reference energies of formation energies (default: the "
+                   "--templates store, else the shipped compact MP store)")
+
+
+def relax_settings(args: argparse.Namespace):
+    """The :class:`structure.relax.RelaxSettings` of the relaxation options."""
+    from structure.relax import RelaxSettings
+
+    return RelaxSettings(fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer,
+                         batch_size=args.relax_batch_size, time_limit=args.relax_time_limit)
 
 
 def add_validity_arguments(p: argparse.ArgumentParser) -> None:
@@ -138,15 +153,14 @@ def validity_options(args: argparse.Namespace) -> dict:
 
 def relaxer(args: argparse.Namespace, references=None):
     """The :class:`structure.Relaxer` of the relaxation options (None without ``--relax``), built before any
-    other work so that a bad potential fails at once. Elemental references: ``--references``, else
-    ``references`` (a store or folder), else the shipped compact MP store, cached beside a store of the user's or
-    in the output folder."""
+    other work so that a bad potential fails at once. Elemental references: the shipped ground states, checked
+    against ``--references``, else ``references`` (a store or folder), else the shipped compact MP store, cached
+    beside a store of the user's or in the output folder."""
     if not args.relax:
         return None
     from structure import Relaxer
 
-    return Relaxer(args.potential, fmax=args.fmax, max_steps=args.max_steps, optimizer=args.optimizer,
-                   batch_size=args.relax_batch_size, time_limit=args.relax_time_limit,
+    return Relaxer(args.potential, settings=relax_settings(args),
                    references=args.references if args.references is not None else references, cache_dir=args.output)
 
 
