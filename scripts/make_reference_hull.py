@@ -4,12 +4,17 @@ Writes ``evaluation/data/mp_hull.csv.gz``: one row per MP entry with a formation
 reduced_formula, formation_energy_per_atom`` in eV/atom, ``source``), under a header that carries the
 attribution; ``evaluation.hull.ReferenceHull`` builds its phase diagrams from it. Entries of
 ``mp_union.csv.gz`` (MP's MP2020-corrected values, as in MP-20) come first; the entries of
-``mp_formulas.csv`` that it lacks (an older correction scheme; median 14 meV/atom apart where both exist) fill
-the hull's gaps. An element's entries take their ``e_above_hull``, which for an element is its formation
-energy. Compositions MP lists that neither source gives an energy for (1,628, such as KBr) are kept without
-one: a candidate there gets its E_hull flagged as a lower bound. Measured on 1,000 MP-20 test entries with their own DFT formation energies, each without its own
-entry, against MP's e_above_hull: mp_union alone MAE 0.0072 eV/atom, F1 (stable) 0.816, 196 unscored;
-mp_formulas alone 0.0125, 0.817; both 0.0090, 0.898, none unscored (benchmarks/stability.md).
+``mp_formulas.csv`` that it lacks fill the hull's gaps, moved onto the MP2020 scale first: mp_formulas holds MP's
+legacy corrections (no Br, I, Se, Te or Sb anion correction, another sulfide one), so its Br compounds sat
+~0.5 eV per Br atom above mp_union's. :func:`legacy_offsets` fits one offset per element on the 21,196 entries
+both price (Br -0.51, I -0.36, Se -0.46, Te -0.39, Sb -0.17, S +0.17 eV per atom of the element; the MP2020
+anion corrections are -0.534, -0.379, -0.472, -0.422, -0.192). An element's entries take their ``e_above_hull``,
+which for an element is its formation energy. Compositions MP lists that neither source gives an energy for
+(1,628, such as KBr) are kept without one: a candidate there gets its E_hull flagged as a lower bound.
+Measured on 1,000 MP-20 test entries with their own DFT formation energies, each without its own entry, against
+MP's e_above_hull (the oracle row of benchmarks/stability.md): mp_union alone MAE 0.0072 eV/atom, F1 (stable)
+0.816, 196 unscored; mp_formulas alone 0.0125, 0.817; both without the offsets 0.0090, 0.898; both with them
+0.0052, F1 0.918 at <= 0 (recall at <= 0.1: 0.966 -> 0.987), none unscored.
 
     python scripts/make_reference_hull.py [--shared ../shared]
 """
@@ -58,6 +63,39 @@ def _with_elements(df):
     return df[df["formation_energy_per_atom"].notna()]
 
 
+#: elements whose anion correction differs between MP's legacy scheme (mp_formulas.csv) and MP2020 (mp_union)
+SCALE_ELEMENTS = ("Br", "I", "Se", "Te", "Sb", "S", "N", "H", "Cl", "F", "O", "Si")
+
+
+def legacy_offsets(union, formulas) -> dict[str, float]:
+    """Per-element offsets (eV per atom of the element) that put mp_formulas.csv's formation energies (MP's
+    legacy correction scheme: no Br, I, Se, Te or Sb anion correction, another sulfide one) on mp_union's MP2020
+    scale: least squares of the difference over the entries both price, on the atomic fractions of
+    :data:`SCALE_ELEMENTS`. A shift linear in composition leaves every E_hull within one scale unchanged; it
+    matters where the two scales meet (this hull's fill-ins; WBM's labels against an MP2020 prediction)."""
+    import numpy as np
+    from pymatgen.core import Composition
+
+    both = union.merge(formulas, on="material_id", suffixes=("_u", "_f")).dropna(
+        subset=["formation_energy_per_atom_u", "formation_energy_per_atom_f"])
+    x = np.array([[Composition(f).get_atomic_fraction(e) for e in SCALE_ELEMENTS] for f in both["reduced_formula_f"]])
+    d = (both["formation_energy_per_atom_u"] - both["formation_energy_per_atom_f"]).to_numpy(float)
+    coef, *_ = np.linalg.lstsq(x, d, rcond=None)
+    return {e: round(float(c), 4) for e, c in zip(SCALE_ELEMENTS, coef)}
+
+
+def to_mp2020(formulas: list[str], energies, offsets: dict[str, float]) -> list[float]:
+    """Legacy-scale formation energies moved onto the MP2020 scale with :func:`legacy_offsets`."""
+    from pymatgen.core import Composition
+
+    out = []
+    for f, e in zip(formulas, energies):
+        comp = Composition(f)
+        shift = sum(comp.get_atomic_fraction(el) * c for el, c in offsets.items() if el in comp)
+        out.append(float(e) + (shift if len(comp.elements) > 1 else 0.0))  # an element is its own zero
+    return out
+
+
 def main() -> int:
     import pandas as pd
 
@@ -71,6 +109,10 @@ def main() -> int:
                            na_values=[""], dtype={"reduced_formula": str, "material_id": str})
     all_formulas = formulas
     formulas = _with_elements(formulas.copy())[cols]
+    offsets = legacy_offsets(union, formulas)
+    print("legacy -> MP2020 offsets (eV per atom of the element):", offsets)
+    formulas["formation_energy_per_atom"] = to_mp2020(formulas["reduced_formula"], formulas["formation_energy_per_atom"],
+                                                      offsets)
     df = pd.concat([union.assign(source="mp_union"),
                     formulas[~formulas["material_id"].isin(union["material_id"])].assign(source="mp_formulas")])
     # compositions MP knows but no source gives an energy for (KBr, ...): kept without an energy, so that a

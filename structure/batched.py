@@ -216,7 +216,7 @@ def _result(item: _InFlight, fmax: float):
     steps = item.optimizer.nsteps
     if item.error is not None:
         return _failed(item.error, item.initial_volume, steps)
-    final = AseAtomsAdaptor.get_structure(item.atoms)
+    final = AseAtomsAdaptor.get_structure(item.atoms.copy())  # without the calculator: no float32 magmoms
     energy = item.atoms.get_potential_energy() / len(final)
     result = _classify(final, energy, np.linalg.norm(item.forces, axis=1), item.converged, steps, fmax,
                        item.initial_volume)

@@ -162,3 +162,42 @@ def test_a_committee_averages_its_judges_and_reports_their_spread(tmp_path):
     assert both.e_hull_std == pytest.approx(0.05, abs=1e-9)
     assert both.energy_per_atom == alone.energy_per_atom  # the relaxing potential's energy
     assert "committee mean of a (none) + b (none)" in committee.describe()
+
+
+def test_discover_runs_offline_on_the_default_potential(tmp_path, monkeypatch):
+    """No --potential and no network: three formulas through the whole funnel on the installed default."""
+    import json
+    import socket
+
+    from composition_lm.cli import main
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    src = tmp_path / "formulas.txt"
+    src.write_text("NaCl\nKCl\nNaBr\n")
+    assert main(["discover", "--from", str(src), "--max-steps", "100", "--no-progress", "-o", str(tmp_path / "o")]) == 0
+    funnel = json.loads((tmp_path / "o" / "funnel.json").read_text())
+    assert funnel["potential"].startswith(f"{potentials.DEFAULT_POTENTIAL} ")
+    assert funnel["counts"]["on_hull"] == 3
+    assert "judged by chgnet" in (tmp_path / "o" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("bad", ["no-such-potential", "EMPTY_FOLDER", "/no/such/folder"])
+def test_a_bad_potential_fails_before_sampling(bad, tmp_path, capsys):
+    import time
+
+    from composition_lm.cli import main
+
+    (tmp_path / "empty").mkdir()
+    bad = str(tmp_path / "empty") if bad == "EMPTY_FOLDER" else bad
+    start = time.perf_counter()
+    assert main(["discover", "-n", "4", "--potential", bad, "--no-progress", "-o", str(tmp_path / "o")]) == 2
+    assert time.perf_counter() - start < 15  # before any sampling (which alone takes longer)
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and ("lacks model.json" in err or "registered name" in err
+                                         or "cannot be reached" in err)
+    assert not (tmp_path / "o" / "formulas.csv").exists()
