@@ -2,6 +2,7 @@
 reference hull without its own entry, against MP's ``e_above_hull``.
 
     python scripts/bench_stability.py [--n 1000] [--seed 0] [--workers 2] [--skip-relaxed]
+    python scripts/bench_stability.py --set wbm run|report ...   # out of distribution: scripts/bench_stability_wbm.py
 
 Rows: the oracle (MP's own DFT formation energy placed on the same hull: the floor the table itself sets), and
 M3GNet energies of the MP structures as given (static) and relaxed, each with the raw M3GNet formation energy
@@ -89,7 +90,15 @@ def evaluate_energies(structures, ids, mode: str, args, journal: Path, scorer) -
 
 
 def main() -> int:
+    if sys.argv[1:3] == ["--set", "wbm"]:  # the WBM calibration (benchmarks/stability_wbm.md) has its own script
+        from scripts import bench_stability_wbm
+
+        sys.argv = [bench_stability_wbm.__file__, *sys.argv[3:]]
+        return bench_stability_wbm.main()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=("mp20", "wbm"), default="mp20",
+                    help="mp20: MP-20 test structures (in M3GNet's and CHGNet's training data); wbm: the WBM "
+                    "calibration set (give it first: --set wbm run|report ...)")
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)

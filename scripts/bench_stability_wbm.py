@@ -17,8 +17,8 @@ with ``--seed``, default 0), so a row of 1,000 is the first 1,000 of the row of 
 elemental ground states relaxed with the same potential (:class:`structure.relax.ElementalReferences`), the
 potential's energy-scale correction (:func:`structure.stability.resolve_correction`), E_hull on the hull of
 ``mp_formulas.csv`` (lowest formation energy per reduced formula, elements at 0: the hull WBM's
-``e_above_mp_hull`` is measured against, moved onto the MP2020 scale as the shipped hull is (:func:`truth_hull`);
-the oracle row checks that the labels come back), and writes
+``e_above_mp_hull`` is measured against, on MP's legacy correction scheme, so each MP2020-scale prediction is moved
+onto it: :func:`truth_hull`; the oracle row checks that the labels come back), and writes
 ``benchmarks/stability_wbm.{md,json}``: MAE and RMSE of E_hull (not clipped), precision, recall, F1 and DAF at 0
 and 0.1 eV/atom, structures left unscored with reasons, CPU-seconds per structure. ``--committee A+B`` adds the
 mean of the rows' E_hull (on the structures both scored), with their spread as the uncertainty; a two-stage row
@@ -165,6 +165,7 @@ def e_hull_row(table, journal: dict[int, dict], potential: str, n: int, hull) ->
 
     from structure.io import structure_from_cif
     from structure.potentials import get_potential
+    from scripts.make_reference_hull import to_mp2020
     from structure.stability import correction_per_atom, resolve_correction
 
     pot = get_potential(potential)
@@ -186,7 +187,8 @@ def e_hull_row(table, journal: dict[int, dict], potential: str, n: int, hull) ->
         except ValueError as err:
             reasons[i] = f"no formation energy: {str(err)[:80]}"
             continue
-        e_form += correction_per_atom(s, rec["energy_per_atom"], correction)[0]
+        e_form += correction_per_atom(s, rec["energy_per_atom"], correction)[0]  # on MP2020's scale
+        e_form = to_mp2020([table["formula"][i]], [e_form], hull.offsets, inverse=True)[0]  # on the labels'
         h = hull.e_above_hull(Composition(table["formula"][i]), e_form)
         pred[i] = h.e_hull_per_atom
         if not math.isfinite(pred[i]):
@@ -197,17 +199,16 @@ def e_hull_row(table, journal: dict[int, dict], potential: str, n: int, hull) ->
 
 
 def truth_hull(shared: Path):
-    """The hull WBM's ``e_above_mp_hull`` is measured against, ``mp_formulas.csv``'s formation energies with every
-    element at 0 (its elemental rows carry no formation energy), moved onto the MP2020 scale with the offsets the
-    shipped hull uses (scripts/make_reference_hull.py). WBM's labels sit on mp_formulas' legacy scale (no Br, I,
-    Se, Te, Sb anion corrections: each potential's residual regresses on those fractions with MP2020's values);
-    the offsets are linear in composition, so the labels' E_hull is the same on either scale, and a prediction
-    on the MP2020 scale is placed on a hull of that scale."""
+    """The hull WBM's ``e_above_mp_hull`` is measured against: ``mp_formulas.csv``'s formation energies with every
+    element at 0 (its elemental rows carry no formation energy). That is MP's legacy correction scheme (no Br, I,
+    Se, Te or Sb anion correction, another sulfide one: each potential's residual on the MP2020 scale regresses on
+    those elements' fractions with MP2020's values), so a prediction is moved onto it with the offsets the shipped
+    hull uses the other way (:func:`scripts.make_reference_hull.legacy_offsets`, in ``hull.offsets``)."""
     import pandas as pd
     from pymatgen.core import Composition
 
     from evaluation.hull import ReferenceHull
-    from scripts.make_reference_hull import _union_table, _with_elements, legacy_offsets, to_mp2020
+    from scripts.make_reference_hull import _union_table, _with_elements, legacy_offsets
 
     df = pd.read_csv(shared / "data/formulas/mp_formulas.csv")
     cols = ["material_id", "reduced_formula", "formation_energy_per_atom"]
@@ -215,8 +216,8 @@ def truth_hull(shared: Path):
                              _with_elements(df.copy())[cols])
     df = df[df["formation_energy_per_atom"].notna()]
     elements = sorted({el.symbol for f in df["reduced_formula"].unique() for el in Composition(f).elements})
-    energies = to_mp2020(df["reduced_formula"], df["formation_energy_per_atom"], offsets)
-    hull = ReferenceHull(df["reduced_formula"].tolist() + elements, energies + [0.0] * len(elements),
+    hull = ReferenceHull(df["reduced_formula"].tolist() + elements,
+                         df["formation_energy_per_atom"].tolist() + [0.0] * len(elements),
                          df["material_id"].tolist() + [f"element-{e}" for e in elements], source="mp_formulas.csv")
     hull.offsets = offsets
     return hull
@@ -239,10 +240,8 @@ def cmd_report(args) -> int:
         preds[name] = pred
         print(name, json.dumps({k: v for k, v in rows[name].items() if k not in ("unscored",)}), flush=True)
 
-    from scripts.make_reference_hull import to_mp2020
-
-    dft = to_mp2020(table["formula"], table["formation_energy_per_atom"], hull.offsets)
-    oracle = np.array([hull.e_above_hull(f, e).e_hull_per_atom for f, e in zip(table["formula"], dft)])
+    oracle = np.array([hull.e_above_hull(f, e).e_hull_per_atom for f, e in
+                       zip(table["formula"], table["formation_energy_per_atom"])])
     add("oracle: WBM's DFT formation energy on the same hull", oracle, [""] * len(oracle),
         {"cpu_s_per_structure": None})
     for path in sorted(RUNS.glob("*__*.jsonl")):
@@ -275,7 +274,7 @@ def cmd_report(args) -> int:
                  "e_hull_std_median": float(np.nanmedian(stack.std(axis=0))), "members": names})
         del members
     meta = {"command": command_line(__file__), "cpu": cpu(), "machine": platform.platform(), "seed": args.seed,
-            "hull": "mp_formulas.csv: lowest formation energy per reduced formula, elements at 0, on the MP2020 scale",
+            "hull": "mp_formulas.csv: lowest formation energy per reduced formula, elements at 0 (MP's legacy scale)",
             "legacy_offsets": hull.offsets}
     write_json(ROOT / "benchmarks" / "stability_wbm.json", {"meta": meta, "rows": rows})
     write_text(ROOT / "benchmarks" / "stability_wbm.md", render(rows, meta))
@@ -289,10 +288,12 @@ def render(rows: dict, meta: dict) -> str:
              "substitution-generated, DFT-relaxed, none in MP, so no potential trained on them), in one fixed "
              f"order (seed {meta['seed']}); a row of N is the first N. Truth: `e_above_mp_hull`. Prediction: the "
              "project's own stability stage (formation energy against the shipped MP elemental ground states "
-             "relaxed with the same potential, the potential's energy-scale correction, the hull of "
-             "`mp_formulas.csv` moved onto the MP2020 scale as the shipped hull is: WBM's labels carry MP's legacy "
-             "corrections, without the Br, I, Se, Te and Sb anion ones, and every potential's residual regressed on "
-             "those elements' fractions with MP2020's values; the oracle row shows the labels come back exactly). "
+             "relaxed with the same potential, the potential's energy-scale correction), then moved from MP2020's "
+             "scale onto that of the labels and placed on their hull (`mp_formulas.csv`): WBM's labels carry MP's "
+             "legacy corrections, without the Br, I, Se, Te and Sb anion ones (every potential's MP2020-scale "
+             "residual regressed on those elements' fractions with MP2020's values), so the per-element offsets the "
+             "shipped hull is built with (`scripts/make_reference_hull.py`) are taken off again; the oracle row "
+             "shows the labels come back exactly. "
              "MAE and RMSE are not clipped (WBM compounds can lie below MP's hull). Stable: "
              "E_hull <= threshold; DAF = precision / share truly stable. CPU-s: process CPU seconds per structure "
              f"on one thread ({meta['cpu']}), a two-stage row including its first stage.", "",

@@ -8,7 +8,8 @@ attribution; ``evaluation.hull.ReferenceHull`` builds its phase diagrams from it
 legacy corrections (no Br, I, Se, Te or Sb anion correction, another sulfide one), so its Br compounds sat
 ~0.5 eV per Br atom above mp_union's. :func:`legacy_offsets` fits one offset per element on the 21,196 entries
 both price (Br -0.51, I -0.36, Se -0.46, Te -0.39, Sb -0.17, S +0.17 eV per atom of the element; the MP2020
-anion corrections are -0.534, -0.379, -0.472, -0.422, -0.192). An element's entries take their ``e_above_hull``,
+anion corrections are -0.534, -0.379, -0.472, -0.422, -0.192); elements keep 0, as no anion correction
+applies to them. An element's entries take their ``e_above_hull``,
 which for an element is its formation energy. Compositions MP lists that neither source gives an energy for
 (1,628, such as KBr) are kept without one: a candidate there gets its E_hull flagged as a lower bound.
 Measured on 1,000 MP-20 test entries with their own DFT formation energies, each without its own entry, against
@@ -84,14 +85,16 @@ def legacy_offsets(union, formulas) -> dict[str, float]:
     return {e: round(float(c), 4) for e, c in zip(SCALE_ELEMENTS, coef)}
 
 
-def to_mp2020(formulas: list[str], energies, offsets: dict[str, float]) -> list[float]:
-    """Legacy-scale formation energies moved onto the MP2020 scale with :func:`legacy_offsets`."""
+def to_mp2020(formulas: list[str], energies, offsets: dict[str, float], inverse: bool = False) -> list[float]:
+    """Legacy-scale formation energies moved onto the MP2020 scale with :func:`legacy_offsets` (``inverse``: MP2020
+    ones moved onto the legacy scale)."""
     from pymatgen.core import Composition
 
     out = []
     for f, e in zip(formulas, energies):
         comp = Composition(f)
         shift = sum(comp.get_atomic_fraction(el) * c for el, c in offsets.items() if el in comp)
+        shift = -shift if inverse else shift
         out.append(float(e) + (shift if len(comp.elements) > 1 else 0.0))  # an element is its own zero
     return out
 

@@ -246,6 +246,8 @@ class Relaxer:
                 try:
                     row.formation_energy_per_atom = round(
                         self.formation_energy_per_atom(row.structure.composition, res.energy_per_atom), 6)
+                    notes = self.references.notes(row.structure.composition)
                 except ValueError as e:
-                    row.reason = (row.reason + "; " if row.reason else "") + f"no formation energy: {e}"
+                    notes = [f"no formation energy: {e}"]
+                row.reason = "; ".join([row.reason, *notes] if row.reason else notes)
         return rows

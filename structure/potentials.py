@@ -11,10 +11,10 @@ Names (:data:`POTENTIALS`; ``composition-gen potentials`` lists them, with wheth
     *with* MP2020 corrections (its NaCl is 0.28 eV/atom below M3GNet's and SevenNet's, half MP2020's Cl
     correction; Matbench Discovery applies none to it), so no correction is added: scale ``mp-corrected``.
 ``sevennet-0`` / ``sevennet-l3i5``
-    SevenNet-0 (11 Jul 2024) and SevenNet-l3i5 (Park et al. 2024), weights inside the ``sevenn`` wheel, whose
-    licence file (MIT, (c) 2024 Yutack Park) covers the package and the checkpoints it carries; extra
-    ``composition-gen[sevennet]``. Trained on MPtrj's *uncorrected* energies: scale ``mp-uncorrected``
-    (MP2020 corrections are added, as Matbench Discovery does).
+    SevenNet-0 (11 Jul 2024) and SevenNet-l3i5 (Park et al. 2024), weights inside the ``sevenn`` wheel (a core
+    dependency: SevenNet-l3i5 judges the default scheme), whose licence file (MIT, (c) 2024 Yutack Park) covers
+    the package and the checkpoints it carries. Trained on MPtrj's *uncorrected* energies: scale
+    ``mp-uncorrected`` (MP2020 corrections are added, as Matbench Discovery does).
 ``m3gnet``
     M3GNet-MP-2021.2.8 (Chen & Ong 2022; BSD-3) through matgl: scale ``mp-uncorrected``. Its weights do not
     come with matgl's wheel: the name loads them from matgl's download cache or hub, and a local folder
@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_POTENTIAL", "ENERGY_SCALES", "POTENTIALS", "MissingExtraError", "Potential", "PotentialSpec",
+__all__ = ["DEFAULT_JUDGES", "DEFAULT_POTENTIAL", "ENERGY_SCALES", "POTENTIALS", "MissingExtraError", "Potential", "PotentialSpec",
            "get_potential", "load_matgl", "potential_key"]
 
 #: Energy scales a potential can sit on (see the module docstring).
@@ -182,19 +182,22 @@ def _matgl_calculator_factory(model):
 POTENTIALS: dict[str, PotentialSpec] = {
     "chgnet": PotentialSpec("chgnet", "CHGNet 0.3.0 (MPtrj)", "chgnet", "", "mp-corrected", "BSD-3-Clause",
                             "F1 0.613, MAE 0.063", _chgnet_factory),
-    "sevennet-0": PotentialSpec("sevennet-0", "SevenNet-0, 11 Jul 2024 (MPtrj)", "sevenn", "sevennet",
+    "sevennet-0": PotentialSpec("sevennet-0", "SevenNet-0, 11 Jul 2024 (MPtrj)", "sevenn", "",
                                 "mp-uncorrected", "MIT", "F1 0.724, MAE 0.048",
                                 functools.partial(_sevennet_factory, "sevennet-0")),
-    "sevennet-l3i5": PotentialSpec("sevennet-l3i5", "SevenNet-l3i5 (MPtrj)", "sevenn", "sevennet",
+    "sevennet-l3i5": PotentialSpec("sevennet-l3i5", "SevenNet-l3i5 (MPtrj)", "sevenn", "",
                                    "mp-uncorrected", "MIT", "F1 0.760, MAE 0.044",
                                    functools.partial(_sevennet_factory, "sevennet-l3i5")),
     "m3gnet": PotentialSpec("m3gnet", "M3GNet-MP-2021.2.8 via matgl (weights from matgl's cache or hub, or pass "
                             "the model folder)", "matgl", "", "mp-uncorrected", "BSD-3-Clause",
                             "F1 0.569, MAE 0.075", _m3gnet_factory("M3GNet-MP-2021.2.8-PES")),
 }
-#: What ``stability``, ``discover`` and ``compare --relax`` use without ``--potential``: installed with the
-#: package and chosen on the WBM calibration (benchmarks/stability_wbm.md).
+#: What relaxes without ``--potential``: installed with the package (benchmarks/stability_wbm.md).
 DEFAULT_POTENTIAL = "chgnet"
+#: What judges the relaxed structures in ``stability`` and ``discover`` when neither ``--potential`` nor ``--judge``
+#: is given: a single point of a stronger model on CHGNet's relaxed structure (two-stage; chosen on the WBM
+#: calibration within the cost budget, benchmarks/stability_wbm.md).
+DEFAULT_JUDGES = ("sevennet-l3i5",)
 
 
 # --------------------------------------------------------------------------------------------- the object

@@ -155,7 +155,10 @@ class StabilityScorer:
     """Energy above the hull of structures (see the module docstring).
 
     ``potential``: a :class:`~structure.potentials.Potential`, a registered name, a matgl folder or hub name,
-    or None for the default (installed with the package). ``settings``: a :class:`~structure.relax.RelaxSettings`
+    or None for the default (installed with the package). ``judges``: potentials whose single points on the
+    relaxed structures give E_hull (one: a two-stage scheme; several: a committee, mean and spread); None: the
+    relaxing potential's own energy, or, when ``potential`` is None too, the default scheme
+    (:data:`~structure.potentials.DEFAULT_POTENTIAL` judged by :data:`~structure.potentials.DEFAULT_JUDGES`). ``settings``: a :class:`~structure.relax.RelaxSettings`
     (or a dict of its fields). ``reference``: a :class:`~evaluation.hull.ReferenceHull`, a table path (CSV of
     formula + formation_energy_per_atom, or a JSON list of pymatgen entries) or None for the shipped MP table.
     ``references``: the template store (object or folder) whose single-element structures are checked against
@@ -183,7 +186,12 @@ class StabilityScorer:
         mp_hull = reference is None or self.hull is ReferenceHull.default()
         self.correction = resolve_correction(self.potential, correction, mp_hull=mp_hull)
         self.relax_first = relax
-        # judges: the potentials whose energies of the relaxed structure are averaged (default: the relaxing one)
+        # judges: the potentials whose energies of the relaxed structure are averaged (default: the relaxing one;
+        # with neither a potential nor judges given, the default two-stage scheme)
+        if potential is None and judges is None:
+            from structure.potentials import DEFAULT_JUDGES
+
+            judges = list(DEFAULT_JUDGES) or None
         self.judges = [self.relaxer]
         if judges:
             from structure.potentials import get_potential

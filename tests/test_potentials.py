@@ -67,21 +67,21 @@ def test_the_default_potential_is_installed_and_named_in_the_cli():
     from composition_lm.cli import options
 
     assert options.DEFAULT_POTENTIAL == potentials.DEFAULT_POTENTIAL
+    assert options.DEFAULT_JUDGES == potentials.DEFAULT_JUDGES
     assert set(options.POTENTIAL_NAMES) == set(potentials.POTENTIALS)
-    assert potentials.POTENTIALS[potentials.DEFAULT_POTENTIAL].installed()
-    assert potentials.POTENTIALS[potentials.DEFAULT_POTENTIAL].extra == ""  # a core dependency: offline by default
+    for name in (potentials.DEFAULT_POTENTIAL, *potentials.DEFAULT_JUDGES):  # core dependencies: offline by default
+        assert potentials.POTENTIALS[name].installed() and potentials.POTENTIALS[name].extra == ""
 
 
 def test_a_missing_extra_names_the_pip_extra(monkeypatch):
     spec = potentials.POTENTIALS["sevennet-0"]
-    monkeypatch.setitem(potentials.POTENTIALS, "sevennet-0",
-                        potentials.PotentialSpec(**{**vars(spec), "package": "no_such_package_here"}))
-    potentials._registered.cache_clear()
-    try:
-        with pytest.raises(MissingExtraError, match=r"composition-gen\[sevennet\]"):
-            get_potential("sevennet-0")
-    finally:
-        potentials._registered.cache_clear()
+    monkeypatch.setitem(potentials.POTENTIALS, "optional-one",
+                        potentials.PotentialSpec(**{**vars(spec), "name": "optional-one",
+                                                    "package": "no_such_package_here", "extra": "optional"}))
+    with pytest.raises(MissingExtraError, match=r"pip install \"composition-gen\[optional\]\""):
+        get_potential("optional-one")
+    with pytest.raises(ValueError, match="composition-gen\\[optional\\]"):  # the console script reports it in a line
+        get_potential("Optional-One")
 
 
 def test_bad_potentials_fail_with_a_clear_message(tmp_path):
@@ -181,23 +181,27 @@ def test_discover_runs_offline_on_the_default_potential(tmp_path, monkeypatch):
     src.write_text("NaCl\nKCl\nNaBr\n")
     assert main(["discover", "--from", str(src), "--max-steps", "100", "--no-progress", "-o", str(tmp_path / "o")]) == 0
     funnel = json.loads((tmp_path / "o" / "funnel.json").read_text())
-    assert funnel["potential"].startswith(f"{potentials.DEFAULT_POTENTIAL} ")
+    scheme = f"relaxed with {potentials.DEFAULT_POTENTIAL}, judged by single point of {potentials.DEFAULT_JUDGES[0]}"
+    assert funnel["potential"].startswith(scheme)
     assert funnel["counts"]["on_hull"] == 3
-    assert "judged by chgnet" in (tmp_path / "o" / "report.md").read_text()
+    assert scheme in (tmp_path / "o" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("bad", ["no-such-potential", "EMPTY_FOLDER", "/no/such/folder"])
-def test_a_bad_potential_fails_before_sampling(bad, tmp_path, capsys):
-    import time
-
+def test_a_bad_potential_fails_before_sampling(bad, tmp_path, capsys, monkeypatch):
     from composition_lm.cli import main
+    from composition_lm.generator import FormulaGenerator
 
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started before the potential was checked")
+
+    monkeypatch.setattr(FormulaGenerator, "from_pretrained", no_sampling)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "empty").mkdir()
     bad = str(tmp_path / "empty") if bad == "EMPTY_FOLDER" else bad
-    start = time.perf_counter()
     assert main(["discover", "-n", "4", "--potential", bad, "--no-progress", "-o", str(tmp_path / "o")]) == 2
-    assert time.perf_counter() - start < 15  # before any sampling (which alone takes longer)
     err = capsys.readouterr().err
     assert err.startswith("error:") and ("lacks model.json" in err or "registered name" in err
                                          or "cannot be reached" in err)
     assert not (tmp_path / "o" / "formulas.csv").exists()
+    assert main(["discover", "-n", "4", "--judge", bad, "--no-progress", "-o", str(tmp_path / "o")]) == 2

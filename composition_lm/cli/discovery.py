@@ -20,7 +20,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
     from evaluation.hull import ReferenceHull
 
-    hull = ReferenceHull.load(args.reference)  # bad inputs fail before the potential loads
+    check_potentials(args)
+    hull = ReferenceHull.load(args.reference)
     structures, source = read_generated_structures(args.structures)
     if not structures:
         raise ValueError(f"{args.structures} holds no structures")
@@ -110,6 +111,15 @@ def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dic
     return table["formula"].tolist(), gen.training_formulas(), {"sampling_s": summary["seconds"]}
 
 
+def check_potentials(args: argparse.Namespace) -> None:
+    """Load ``--potential`` and every ``--judge`` first: a bad name or folder fails in seconds, before any other
+    input is read or anything sampled."""
+    from structure.potentials import get_potential
+
+    for name in [args.potential, *(args.judge or [])]:
+        get_potential(name)
+
+
 def quiet_console() -> None:
     """Keep the progress bars readable: scipy's ``logm result may be inaccurate`` (from pymatgen's cell filter
     maths, once per step) and matplotlib's font messages say nothing a user can act on."""
@@ -128,6 +138,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
     if (args.output / "journal.jsonl").exists() and not args.resume:
         raise FileExistsError(f"{args.output} holds a discovery run: pass --resume to finish it, or choose a new -o")
+    check_potentials(args)
     if args.templates is None:
         print("no --templates given: using the compact Materials Project store shipped in the package",
               file=sys.stderr)

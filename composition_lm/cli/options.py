@@ -11,6 +11,7 @@ from pathlib import Path
 
 PROTOCOL_CHOICES = ("cdvae", "smact", "both")
 DEFAULT_POTENTIAL = "chgnet"  # structure.potentials.DEFAULT_POTENTIAL (kept import-free for --help; a test checks)
+DEFAULT_JUDGES = ("sevennet-l3i5",)  # structure.potentials.DEFAULT_JUDGES
 POTENTIAL_NAMES = ("chgnet", "sevennet-0", "sevennet-l3i5", "m3gnet")  # structure.potentials.POTENTIALS
 
 
@@ -61,12 +62,13 @@ def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = Fal
     else:
         p.add_argument("--relax", action="store_true",
                        help="relax every structure with an interatomic potential (FIRE, cell + positions)")
-    p.add_argument("--potential", default=DEFAULT_POTENTIAL, metavar="NAME|PATH",
-                   help=f"interatomic potential: {', '.join(POTENTIAL_NAMES)} (sevennet-*: pip install "
-                   "'composition-gen[sevennet]'; m3gnet loads from matgl's cache or hub, so offline pass its folder, "
-                   "e.g. ../shared/models/matgl/M3GNet-MP-2021.2.8-PES), or a matgl model folder; "
-                   "`composition-gen potentials` lists them with their WBM calibration "
-                   f"(default: {DEFAULT_POTENTIAL}, installed with the package, benchmarks/stability_wbm.md)")
+    p.add_argument("--potential", default=None, metavar="NAME|PATH",
+                   help=f"interatomic potential: {', '.join(POTENTIAL_NAMES)} (m3gnet loads from matgl's cache or hub, "
+                   "so offline pass its folder, e.g. ../shared/models/matgl/M3GNet-MP-2021.2.8-PES), or a matgl model "
+                   "folder; `composition-gen potentials` lists them (default: "
+                   f"{DEFAULT_POTENTIAL}, installed with the package; stability and discover then judge its relaxed "
+                   f"structures with a single point of {' + '.join(DEFAULT_JUDGES)}, the scheme that measured best on "
+                   "WBM within the cost budget: benchmarks/stability_wbm.md)")
     p.add_argument("--fmax", **positive_float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
     p.add_argument("--max-steps", **positive_int, default=500, help="optimizer steps per structure (default: 500)")
     p.add_argument("--optimizer", type=str.upper, choices=("FIRE", "LBFGS", "BFGS"), default="FIRE",
