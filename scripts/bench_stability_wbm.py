@@ -5,6 +5,7 @@ calibration set (``../shared/data/structures/wbm_calibration.csv.gz``; measure a
     python scripts/bench_stability_wbm.py run --potential chgnet --mode relaxed --n 5000
     python scripts/bench_stability_wbm.py run --potential sevennet-l3i5 --mode static --on chgnet --n 1000
     python scripts/bench_stability_wbm.py report --committee chgnet+sevennet-0 ...
+    python scripts/bench_stability_wbm.py cost --n 40 --repeats 3 --scheme chgnet --scheme chgnet>sevennet-l3i5
 
 ``run`` computes the energies of one potential in one mode and appends them to
 ``runs/stability_wbm/<potential>__<mode>.jsonl`` as they come (a rerun resumes; a kill loses at most one chunk):
@@ -315,6 +316,56 @@ def render(rows: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cmd_cost(args) -> int:
+    """CPU-seconds per structure of each scheme on the same WBM structures in one process, against M3GNet's
+    relaxation in the same run (the cost budget's baseline): min / median / max over ``--repeats``."""
+    import torch
+
+    from structure.io import structure_from_cif
+    from structure.potentials import get_potential
+    from structure.relax import relax_many
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    table = wbm(args.shared, args.seed)
+    structures = [structure_from_cif(table["cif"][i]) for i in range(args.n)]
+    schemes = {"m3gnet relaxed (baseline)": (args.m3gnet, None)}
+    for spec in args.scheme:
+        relaxer, _, judge = spec.partition(">")
+        schemes[f"{relaxer} relaxed" + (f" + {judge} single point" if judge else "")] = (relaxer, judge or None)
+    for relaxer, judge in schemes.values():  # load every model before any timing
+        get_potential(relaxer)
+        if judge:
+            get_potential(judge)
+    seconds: dict[str, list[float]] = {name: [] for name in schemes}
+    for r in range(args.repeats):
+        for name, (relaxer, judge) in schemes.items():
+            c0 = time.process_time()
+            results = relax_many(structures, relaxer, progress=False, time_limit=600)
+            if judge:
+                relax_many([x.structure for x in results if x.structure is not None], judge, max_steps=0,
+                           progress=False)
+            seconds[name].append((time.process_time() - c0) / len(structures))
+            print(f"repeat {r}: {name}: {seconds[name][-1]:.3f} CPU-s/structure", flush=True)
+    base = seconds["m3gnet relaxed (baseline)"]
+    rows = {name: {"cpu_s": sorted(v), "ratio": sorted(x / b for x, b in zip(v, base))} for name, v in seconds.items()}
+    meta = {"command": command_line(__file__), "cpu": cpu(), "n": args.n, "repeats": args.repeats}
+    write_json(ROOT / "benchmarks" / "stability_wbm_cost.json", {"meta": meta, "rows": rows})
+    lines = ["# CPU cost of the stability schemes (WBM structures)", "",
+             f"The first {args.n} structures of the WBM calibration order, each scheme in turn in one process on one "
+             f"thread, {args.repeats} repeats; CPU: {meta['cpu']}. Command: `{meta['command']}`. Elemental references "
+             "were relaxed and cached before timing (a one-off per potential).", "",
+             "| scheme | CPU-s / structure (min / median / max) | × M3GNet relaxation, same repeat (min / median / max) |",
+             "|---|---:|---:|"]
+    for name, r in rows.items():
+        c, q = r["cpu_s"], r["ratio"]
+        lines.append(f"| {name} | {c[0]:.3f} / {c[len(c) // 2]:.3f} / {c[-1]:.3f} | "
+                     f"{q[0]:.2f} / {q[len(q) // 2]:.2f} / {q[-1]:.2f} |")
+    write_text(ROOT / "benchmarks" / "stability_wbm_cost.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -329,6 +380,13 @@ def main() -> int:
     r.add_argument("--max-steps", type=int, default=500)
     r.add_argument("--time-limit", type=float, default=600)
     r.set_defaults(func=cmd_run)
+    c = sub.add_parser("cost", help="CPU-s per structure of schemes against M3GNet relaxation, same run")
+    c.add_argument("--n", type=int, default=40)
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--m3gnet", default=str(ROOT.parent / "shared/models/matgl/M3GNet-MP-2021.2.8-PES"))
+    c.add_argument("--scheme", action="append", default=[], metavar="RELAXER[>JUDGE]",
+                   help="e.g. chgnet>sevennet-l3i5 (repeatable)")
+    c.set_defaults(func=cmd_cost)
     p = sub.add_parser("report", help="score every journal and write benchmarks/stability_wbm.{md,json}")
     p.add_argument("--committee", action="append", default=[], metavar="A+B[+C]")
     p.add_argument("--min-n", type=int, default=1000, help="rows with fewer structures are left out")
