@@ -159,7 +159,8 @@ def test_stability_command_writes_one_row_per_input(references, tmp_path, capsys
                  "--max-steps", "60", "--no-progress", "-o", str(tmp_path / "out")]) == 0
     table = pd.read_csv(tmp_path / "out" / "stability.csv", keep_default_na=False)
     assert table.columns.tolist() == ["index", "formula", "energy_per_atom", "e_form_per_atom", "e_hull_per_atom",
-                                      "decomposition", "status", "reason"]
+                                      "e_hull_std", "decomposition", "status", "reason"]
+    assert (table["e_hull_std"] == "").all()  # one judge: no spread
     assert table["index"].tolist() == [0, 1, 2]
     assert table.loc[0, "decomposition"] == "1 NaCl" and table.loc[0, "status"] in ("converged", "not_converged")
     assert table.loc[1, "status"] == "failed" and table.loc[1, "e_hull_per_atom"] == ""
