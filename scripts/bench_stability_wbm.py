@@ -328,7 +328,8 @@ def render(rows: dict, meta: dict) -> str:
     if default in rows and "mae" in rows[default]:
         r = rows[default]
         a = r["stable_0"]
-        lines += ["", f"**The default** (`stability` and `discover` without `--potential`): {DEFAULT_POTENTIAL} relaxes, "
+        lines += ["", "**The default** (`stability` and `discover` without `--potential`): "
+                  f"{DEFAULT_POTENTIAL} relaxes, "
                   f"{' + '.join(DEFAULT_JUDGES)} judges, row `{default}`, on {r['n_scored']} structures. Targets: "
                   f"F1 at E_hull <= 0 >= 0.75: {a['f1']:.3f} ± {a['f1_se']:.3f} "
                   f"{'met' if a['f1'] >= 0.75 else 'missed'}; precision >= 0.70: {a['precision']:.3f} "
@@ -381,7 +382,8 @@ def cmd_cost(args) -> int:
              f"The first {args.n} structures of the WBM calibration order, each scheme in turn in one process on one "
              f"thread, {args.repeats} repeats; CPU: {meta['cpu']}. Command: `{meta['command']}`. Elemental references "
              "were relaxed and cached before timing (a one-off per potential).", "",
-             "| scheme | CPU-s / structure (min / median / max) | × M3GNet relaxation, same repeat (min / median / max) |",
+             "| scheme | CPU-s / structure (min / median / max) | × M3GNet relaxation, same repeat "
+             "(min / median / max) |",
              "|---|---:|---:|"]
     for name, r in rows.items():
         c, q = r["cpu_s"], r["ratio"]

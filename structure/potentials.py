@@ -53,8 +53,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_JUDGES", "DEFAULT_POTENTIAL", "ENERGY_SCALES", "POTENTIALS", "MissingExtraError", "Potential", "PotentialSpec",
-           "get_potential", "load_matgl", "potential_key"]
+__all__ = ["DEFAULT_JUDGES", "DEFAULT_POTENTIAL", "ENERGY_SCALES", "POTENTIALS", "MissingExtraError", "Potential",
+           "PotentialSpec", "get_potential", "load_matgl", "potential_key"]
 
 #: Energy scales a potential can sit on (see the module docstring).
 ENERGY_SCALES = ("mp-uncorrected", "mp-corrected", "matpes-pbe")
@@ -316,10 +316,15 @@ def get_potential(potential=None) -> Potential:
     if isinstance(potential, str) and potential.lower() in POTENTIALS:
         return _registered(potential.lower())
     key = potential_key(potential)
-    if not Path(key).exists() and (isinstance(potential, Path) or not _HUB_NAME.match(key)):
+    if _neither_folder_nor_hub_name(potential, key):
         raise FileNotFoundError(f"potential {key!r} is neither a registered name ({', '.join(POTENTIALS)}) nor an "
                                 "existing matgl model folder")
     return _matgl_potential(key)
+
+
+def _neither_folder_nor_hub_name(name_or_path: str | Path, key: str) -> bool:
+    """A path that does not exist and cannot be a hub name either (absolute, ``./``, several ``/``, a Path)."""
+    return not Path(key).exists() and (isinstance(name_or_path, Path) or not _HUB_NAME.match(key))
 
 
 @functools.lru_cache(maxsize=None)
@@ -363,7 +368,7 @@ def load_matgl(name_or_path: str | Path):
         ValueError: the model cannot be loaded, is not a potential, or is a hub name that cannot be downloaded.
     """
     key = potential_key(name_or_path)
-    if not Path(key).exists() and (isinstance(name_or_path, Path) or not _HUB_NAME.match(key)):
+    if _neither_folder_nor_hub_name(name_or_path, key):
         raise FileNotFoundError(f"matgl model folder {key!r} does not exist (nor is it a hub name such as "
                                 "'M3GNet-MatPES-PBE-v2025.1-PES')")
     return _load_matgl_cached(key)
