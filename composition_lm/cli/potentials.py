@@ -7,19 +7,21 @@ import argparse
 
 
 def cmd_potentials(args: argparse.Namespace) -> int:
-    from structure.potentials import DEFAULT_POTENTIAL, POTENTIALS, get_potential
+    from structure.potentials import DEFAULT_JUDGES, DEFAULT_POTENTIAL, POTENTIALS, get_potential
 
-    print(f"{'name':15} {'installed':10} {'energy scale':15} {'licence':13} published (Matbench Discovery, WBM)")
+    print(f"{'name':22} {'installed':10} {'energy scale':15} {'licence':13} published (Matbench Discovery, WBM)")
     for name, spec in POTENTIALS.items():
         installed = "yes" if spec.installed() else f"no: pip install 'composition-gen[{spec.extra}]'" if spec.extra \
             else f"no: pip install {spec.package}"
-        mark = " (default)" if name == DEFAULT_POTENTIAL else ""
-        print(f"{name + mark:15} {installed:10} {spec.energy_scale:15} {spec.licence:13} {spec.published}; "
+        mark = " (default)" if name == DEFAULT_POTENTIAL else " (judge)" if name in DEFAULT_JUDGES else ""
+        print(f"{name + mark:22} {installed:10} {spec.energy_scale:15} {spec.licence:13} {spec.published}; "
               f"{spec.description}")
     if args.check:
         pot = get_potential(args.check)  # loads it: a missing extra or a bad folder fails here with the reason
         print(f"{args.check}: loaded {pot.name} ({pot.energy_scale}, correction {pot.correction})")
-    print("Any matgl model folder works too (--potential PATH). Measured on WBM: benchmarks/stability_wbm.md.")
+    print(f"Default: {DEFAULT_POTENTIAL} relaxes; stability and discover judge with {' + '.join(DEFAULT_JUDGES)} "
+          "(single point) unless --potential or --judge is given. Any matgl model folder works too (--potential "
+          "PATH). Measured on WBM: benchmarks/stability_wbm.md.")
     return 0
 
 
