@@ -90,7 +90,7 @@ def structures_of(table, idx: list[int], on: str | None):
 def cmd_run(args) -> int:
     import torch
 
-    from structure.relax import RelaxSettings, relax_many
+    from structure.relax import relax_many
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
@@ -100,7 +100,7 @@ def cmd_run(args) -> int:
     done = read_journal(path)
     todo = [i for i in range(min(args.n, len(table))) if i not in done]
     print(f"{path.name}: {len(done)} in the journal, {len(todo)} to go", flush=True)
-    settings = RelaxSettings(max_steps=args.max_steps if args.mode == "relaxed" else 1, time_limit=args.time_limit)
+    max_steps = args.max_steps if args.mode == "relaxed" else 0  # 0: a single point, as Relaxer.energies
     t0 = time.perf_counter()
     for start in range(0, len(todo), args.chunk):
         chunk = todo[start:start + args.chunk]
@@ -108,7 +108,7 @@ def cmd_run(args) -> int:
         ok = [k for k, s in enumerate(structures) if s is not None]
         c0 = time.process_time()
         results = relax_many([structures[k] for k in ok], args.potential, progress=False, workers=1,
-                             **{**settings.as_dict(), "max_steps": settings.max_steps if args.mode == "relaxed" else 0})
+                             max_steps=max_steps, time_limit=args.time_limit)
         cpu_each = (time.process_time() - c0) / max(len(ok), 1)
         by_k = dict(zip(ok, results))
         for k, i in enumerate(chunk):

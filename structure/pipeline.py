@@ -26,6 +26,7 @@ from structure.templates import TemplateStore, aflow_store, element_of
 
 __all__ = ["Relaxer", "StructurePredictor", "elemental_candidates", "predict_formulas"]
 
+
 def _spacegroup(structure) -> str:
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 

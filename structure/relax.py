@@ -544,8 +544,8 @@ class ElementalReferences:
 
     def notes(self, composition: str | Composition) -> list[str]:
         """Why the references of a composition's elements are uncertain (empty when none is)."""
-        return [self.entry(el.symbol)["note"] for el in Composition(composition).elements
-                if self.entry(el.symbol).get("note")]
+        notes = (self.entry(el.symbol).get("note") for el in Composition(composition).elements)
+        return [note for note in notes if note]
 
     def formation_energy_per_atom(self, composition: str | Composition, energy_per_atom: float) -> float:
         """``energy_per_atom - sum_el x_el * E_el`` in eV/atom, ``x_el`` the atomic fractions."""

@@ -158,9 +158,10 @@ class StabilityScorer:
     or None for the default (installed with the package). ``judges``: potentials whose single points on the
     relaxed structures give E_hull (one: a two-stage scheme; several: a committee, mean and spread); None: the
     relaxing potential's own energy, or, when ``potential`` is None too, the default scheme
-    (:data:`~structure.potentials.DEFAULT_POTENTIAL` judged by :data:`~structure.potentials.DEFAULT_JUDGES`). ``settings``: a :class:`~structure.relax.RelaxSettings`
-    (or a dict of its fields). ``reference``: a :class:`~evaluation.hull.ReferenceHull`, a table path (CSV of
-    formula + formation_energy_per_atom, or a JSON list of pymatgen entries) or None for the shipped MP table.
+    (:data:`~structure.potentials.DEFAULT_POTENTIAL` judged by :data:`~structure.potentials.DEFAULT_JUDGES`).
+    ``settings``: a :class:`~structure.relax.RelaxSettings` (or a dict of its fields). ``reference``: a
+    :class:`~evaluation.hull.ReferenceHull`, a table path (CSV of formula + formation_energy_per_atom, or a JSON
+    list of pymatgen entries) or None for the shipped MP table.
     ``references``: the template store (object or folder) whose single-element structures are checked against
     the shipped elemental ground states. ``relax``: relax first (cell + positions) or evaluate the structures as
     given. ``correction``: ``auto`` (what the potential needs), ``mp2020`` or ``none``.
@@ -290,11 +291,10 @@ class StabilityScorer:
             return rec
         rec.correction_per_atom = sum(corrections) / len(corrections)
         rec.e_form_per_atom = sum(e_forms) / len(e_forms)
-        hulls = [self.hull.e_above_hull(comp, e, exclude=exclude) for e in e_forms]
         hull = self.hull.e_above_hull(comp, rec.e_form_per_atom, exclude=exclude)
         rec.e_hull_per_atom, rec.decomposition = hull.e_hull_per_atom, hull.decomposition
-        if len(hulls) > 1:
-            values = [h.e_hull_per_atom for h in hulls]
+        if len(e_forms) > 1:  # the judges' own E_hull only for a committee's spread
+            values = [self.hull.e_above_hull(comp, e, exclude=exclude).e_hull_per_atom for e in e_forms]
             mean = sum(values) / len(values)
             rec.e_hull_std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
         rec.hull_lower_bound = hull.lower_bound
