@@ -80,7 +80,7 @@ def _markdown(result: dict, sun_rows: list[dict], images) -> str:
     lines = [f"# Discovery: {result['n_formulas']} formulas", "",
              f"SUN (stable, unique, novel) per formula: **{100 * rate[key]:.2f} %** at "
              f"E_hull ≤ {result['e_hull_max']:g} eV/atom, {100 * rate['0']:.2f} % at E_hull ≤ 0 "
-             f"({sum(result['seconds'].values()) / 60:.1f} min; judged by {result.get('potential', 'M3GNet')}; "
+             f"({sum(result['seconds'].values()) / 60:.1f} min; energies: {result.get('potential', 'M3GNet')}; "
              f"reference hull {result['reference_hull']}; templates "
              f"{result['templates']}).", "", "| stage | samples |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in c.items()]

@@ -155,7 +155,9 @@ def _sevennet_factory(name: str):
     model.eval()
 
     def factory():
-        return SevenNetCalculator(model=model, file_type="model_instance", device="cpu", sevennet_config=config)
+        with warnings.catch_warnings():  # "no tensor product accelerator": CPU-only here, said once per structure
+            warnings.filterwarnings("ignore", message="No tensor product accelerator")
+            return SevenNetCalculator(model=model, file_type="model_instance", device="cpu", sevennet_config=config)
 
     return factory
 

@@ -28,7 +28,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     scorer = StabilityScorer(args.potential, settings=relax_settings(args), reference=hull,
                              relax=args.relax, references=args.references, cache_dir=args.output,
                              correction=args.correction, judges=args.judge)
-    print(f"{len(structures)} structures from {source}; judged by {scorer.describe()}; reference hull: "
+    print(f"{len(structures)} structures from {source}; energies: {scorer.describe()}; reference hull: "
           f"{scorer.hull.source} ({len(scorer.hull)} entries)", file=sys.stderr)
     t0 = time.perf_counter()
     quiet_console()
@@ -151,7 +151,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     scorer = StabilityScorer(args.potential, settings=relax_settings(args), reference=args.reference,
                              references=args.references or predictor.store, cache_dir=args.output,
                              correction=args.correction, judges=args.judge)
-    print(f"judged by {scorer.describe()}", file=sys.stderr)
+    print(f"energies: {scorer.describe()}", file=sys.stderr)
     formulas, known, seconds = _formulas(args)
     quiet_console()
     funnel = DiscoveryFunnel(predictor, scorer, known_formulas=known, top_k=args.top_k, e_hull_max=args.e_hull_max)
