@@ -46,7 +46,8 @@ def cmd_stability(args: argparse.Namespace) -> int:
 def add_correction_argument(p) -> None:
     p.add_argument("--judge", action="append", metavar="NAME|PATH",
                    help="score the relaxed structure with this potential's single point instead of the relaxing "
-                   "potential's energy (two-stage: relax cheaply, judge with a stronger model); repeat for a committee: "
+                   "potential's energy (two-stage: relax cheaply, judge with a stronger model); repeat for a "
+                   "committee: "
                    "E_hull is the judges' mean and e_hull_std their spread (default: the --potential alone)")
     p.add_argument("--correction", choices=["auto", "mp2020", "none"], default="auto",
                    help="energy scale: auto: what the potential needs (MP2020 corrections for one trained on MP's "
