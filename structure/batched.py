@@ -60,6 +60,7 @@ class _InFlight:
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     timed_out: bool = False
+    stopped: str | None = None  # why an early stop rule ended it (see ``ceilings``)
     forces: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
 
 
@@ -73,6 +74,8 @@ def relax_batched(
     optimizer: str = "FIRE",
     on_result: Callable[[int, object], None] | None = None,
     time_limit: float | None = None,
+    ceilings: Sequence[float | None] | None = None,
+    stop_after: int = 50,
 ) -> list:
     """Relax ``structures`` with FIRE, ``batch_size`` of them per forward pass; results in input order.
 
@@ -90,6 +93,10 @@ def relax_batched(
             there as ``failed``: a dense cell's neighbour graph grows with the cube of its density (an input
             at 0.58 Å^3/atom held a discover worker at 7 GB for over 15 minutes), and such a structure
             would fail the final geometry check anyway.
+        ceilings: early stop of hopeless relaxations: ``ceilings[i]`` is an energy per atom (eV/atom, None for
+            none) above which structure ``i`` is not worth finishing (the screening stage sets it where its
+            E_hull would exceed a bound, :class:`structure.stability.Screening`); a structure still above it after
+            ``stop_after`` steps stops ``not_converged`` with ``stopped_early`` set and says so.
 
     Returns:
         One :class:`~structure.relax.RelaxResult` per input, never an exception for a bad structure.
@@ -100,6 +107,8 @@ def relax_batched(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if ceilings is not None and len(ceilings) != len(structures):
+        raise ValueError(f"ceilings must give one value per structure ({len(structures)}), got {len(ceilings)}")
     potential = load_potential(potential)
     results: list = [None] * len(structures)
 
@@ -134,8 +143,11 @@ def relax_batched(
             now = time.monotonic()
             for item in flight:
                 item.timed_out = not (item.error or item.converged) and now - item.started > time_limit
-        done = [item for item in flight
-                if item.error or item.converged or item.timed_out or item.optimizer.nsteps >= max_steps]
+        if ceilings is not None:
+            for item in flight:
+                _stop_if_hopeless(item, ceilings[item.index], stop_after)
+        done = [item for item in flight if item.error or item.converged or item.timed_out or item.stopped
+                or item.optimizer.nsteps >= max_steps]
         for item in done:
             finish(item.index, _result(item, fmax))
         flight = [item for item in flight if item not in done]
@@ -195,6 +207,16 @@ def _check(item: _InFlight, fmax: float) -> None:
         item.converged = bool(item.optimizer.converged())
 
 
+def _stop_if_hopeless(item: _InFlight, ceiling: float | None, stop_after: int) -> None:
+    """Mark a structure still above its energy ceiling after ``stop_after`` steps as not worth finishing."""
+    if ceiling is None or item.error or item.converged or item.optimizer.nsteps < stop_after:
+        return
+    energy = item.atoms.get_potential_energy() / len(item.atoms)
+    if energy > ceiling:
+        item.stopped = (f"stopped early after {item.optimizer.nsteps} steps: {energy:.3f} eV/atom, "
+                        f"{energy - ceiling:.3f} above the screening ceiling")
+
+
 def _guard_volume(item: _InFlight) -> None:
     """Stop a structure whose cell left the ``MAX_VOLUME_FACTOR`` band (collapse or blow-up) or became denser
     than ``MIN_VOLUME_PER_ATOM`` mid-relaxation (the checks :func:`structure.relax._explosion` makes at the end)."""
@@ -222,4 +244,6 @@ def _result(item: _InFlight, fmax: float):
                        item.initial_volume)
     if item.timed_out and result.status == "not_converged":
         result.reason = f"stopped by the time limit after {steps} steps; " + result.reason
+    if item.stopped and result.status == "not_converged":
+        result.reason, result.stopped_early = item.stopped, True
     return result

@@ -80,14 +80,21 @@ class DiscoveryFunnel:
     ``predictor``: a :class:`structure.StructurePredictor` (its store is also the novelty reference);
     ``scorer``: a :class:`structure.stability.StabilityScorer`; ``known_formulas``: reduced formulas counted
     as known for the formula-novelty column (e.g. the generator's training formulas); ``top_k`` templates per
-    formula; ``e_hull_max`` the stability threshold (eV/atom).
+    formula; ``e_hull_max`` the stability threshold (eV/atom); ``skip_above``: formulas whose E_hull by the
+    shipped composition property predictor (:class:`evaluation.properties.PropertyPredictor`) exceeds this
+    (eV/atom) get no structure (None: every valid formula goes on).
+
+    Each distinct (formula, template) structure is relaxed once per run: a formula sampled again takes its
+    first sample's result (``reason`` says so), which then counts as not unique.
     """
 
     def __init__(self, predictor, scorer, known_formulas: set[str] | None = None, top_k: int = 1,
-                 e_hull_max: float = 0.1):
+                 e_hull_max: float = 0.1, skip_above: float | None = None):
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.predictor, self.scorer, self.top_k, self.e_hull_max = predictor, scorer, top_k, e_hull_max
+        self.skip_above = skip_above
+        self._property_predictor = None
         self.known_compositions = scorer.hull.formulas()
         self.known = set(known_formulas or ()) | self.known_compositions
         self._reference = None
@@ -131,10 +138,17 @@ class DiscoveryFunnel:
         tasks: list[_Task] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            predicted = self._predicted_e_hull([f for i, f in enumerate(formulas) if i not in formula_done])
             for i, text in enumerate(tqdm(formulas, desc="templates", unit="formula", disable=not progress)):
                 rec = formula_done.get(i)
                 if rec is None:
                     rec = self._formula_record(i, text)
+                    guess = predicted.get(rec["formula"])
+                    if rec["stage"] == "with_structure" and guess is not None:
+                        rec["predicted_e_hull"] = guess
+                        if self.skip_above is not None and guess > self.skip_above:
+                            rec.update(stage="valid", reason=f"skipped: predicted E_hull {guess:.3f} > "
+                                                             f"{self.skip_above:g} eV/atom (composition model)")
                     if rec["stage"] == "with_structure":
                         rows = self.predictor.predict([rec["formula"]], top_k=self.top_k)
                         rows = [r for r in rows if r.structure is not None]
@@ -149,10 +163,20 @@ class DiscoveryFunnel:
         timing["templates_s"] += time.perf_counter() - t0
         append_jsonl(journal, {"kind": "timing", "seconds": {"templates_s": time.perf_counter() - t0}})
 
-        # stage 4-5: relaxation, formation energy, hull (the cost; journalled per structure)
+        # stage 4-5: relaxation, formation energy, hull (the cost; journalled per structure); each distinct
+        # (formula, template) structure once, its repeats taking the first one's result
         t0 = time.perf_counter()
+        first: dict[tuple[str, str], _Task] = {}
+        repeats: dict[tuple[str, str], list[_Task]] = {}
+        for t in tasks:
+            key = (t.formula, t.template_id)
+            if key in first:
+                repeats[key].append(t)
+            else:
+                first[key], repeats[key] = t, []
+        unique_tasks = list(first.values())
         size = chunk or max(4, 4 * workers)
-        parts = [tasks[start:start + size] for start in range(0, len(tasks), size)]
+        parts = [unique_tasks[start:start + size] for start in range(0, len(unique_tasks), size)]
         if scheduler is not None:
             from structure.distributed import score_chunks_on_dask
 
@@ -162,10 +186,15 @@ class DiscoveryFunnel:
             scored = ((part, self.scorer.score([self._structure(t) for t in part], workers=workers)) for part in parts)
         with tqdm(total=len(tasks), desc="relax + hull", unit="structure", disable=not progress) as bar:
             for part, recs in scored:
-                for rec in self._records(part, recs):
-                    append_jsonl(journal, rec)
-                    records.append(rec)
-                bar.update(len(part))
+                for task, rec in zip(part, self._records(part, recs)):
+                    copies = [{**rec, "index": t.index, "rank": t.rank,
+                               "reason": "; ".join(x for x in (f"same structure as sample {task.index}",
+                                                               rec["reason"]) if x)}
+                              for t in repeats[(task.formula, task.template_id)]]
+                    for r in (rec, *copies):
+                        append_jsonl(journal, r)
+                        records.append(r)
+                bar.update(sum(1 + len(repeats[(t.formula, t.template_id)]) for t in part))
                 append_jsonl(journal, {"kind": "timing", "seconds": {"relaxation_s": time.perf_counter() - t0}})
                 timing["relaxation_s"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -175,6 +204,23 @@ class DiscoveryFunnel:
         result = self._finish(formulas, records, out, timing)
         result["seconds"]["novelty_s"] = time.perf_counter() - t0
         return result
+
+    def _predicted_e_hull(self, formulas: Sequence[str]) -> dict[str, float]:
+        """Reduced formula -> E_hull by the shipped composition property predictor (for ``skip_above`` and the
+        ``predicted_e_hull`` column); {} when nothing is to be skipped."""
+        if self.skip_above is None:
+            return {}
+        from evaluation.properties import PropertyPredictor
+
+        parsed = {str(f) for f, _ in (try_parse_formula(t) if t and t.strip() else (None, "") for t in formulas)
+                  if f is not None}
+        if not parsed:
+            return {}
+        if self._property_predictor is None:
+            self._property_predictor = PropertyPredictor.load()
+        names = sorted(parsed)
+        values = self._property_predictor.predict(names)["e_above_hull"]
+        return {n: float(v) for n, v in zip(names, values)}
 
     def _formula_record(self, i: int, text: str) -> dict:
         f, err = try_parse_formula(text) if text and text.strip() else (None, "empty")
@@ -271,6 +317,7 @@ class DiscoveryFunnel:
             "sun_per_cpu_hour": {f"{self.e_hull_max:g}": len(sun_rows) / cpu_hours if cpu_hours else None,
                                  "0": sun_at_0 / cpu_hours if cpu_hours else None},
             "seconds": seconds, "reference_hull": _hull_name(self.scorer.hull), "potential": self.scorer.describe(),
+            "screening": {**self.scorer.screening.as_dict(), "skip_above": self.skip_above},
             "templates": str(self.predictor.store.path or "pymatgen AFLOW prototypes"),
         }
         write_discovery(out, rows, sun_rows, {r["index"]: s for r, s in zip(best_rows, best_structs)}, result,

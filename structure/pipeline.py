@@ -12,6 +12,8 @@ The rows are written by :func:`structure.io.write_outputs`.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import warnings
 from pathlib import Path
@@ -93,14 +95,22 @@ def predict_formulas(formulas: list[str], store, ranker, top_k: int = 5, ranking
     return rows
 
 
+#: where reference energies for the shipped template store are kept between runs (relaxed once per potential)
+USER_CACHE = Path.home() / ".cache" / "composition-gen"
 #: the compact Materials Project template store shipped in the package (scripts/make_default_templates.py)
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent / "pretrained" / "templates-mp"
 
 
 def default_store() -> TemplateStore:
-    """The shipped compact MP store, else (an installation without it) pymatgen's AFLOW prototypes."""
-    if (DEFAULT_TEMPLATES / "store.json").is_file():
-        return TemplateStore.load(DEFAULT_TEMPLATES)
+    """The shipped compact MP store, else (an installation without it) pymatgen's AFLOW prototypes; loaded once
+    per process (several seconds) and shared, read-only."""
+    return _load_default(DEFAULT_TEMPLATES)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_default(folder: Path) -> TemplateStore:
+    if (folder / "store.json").is_file():
+        return TemplateStore.load(folder)
     return aflow_store()
 
 
@@ -174,7 +184,8 @@ class Relaxer:
     (object or folder) whose single-element structures are checked against the shipped elemental ground states
     (:class:`~structure.relax.ElementalReferences`; default: the shipped compact MP store); the references are
     relaxed on first use, with at least 500 steps (a molecular crystal such as Cl2 needs them), and cached in
-    ``elemental_references.json`` in that store's folder, else in ``cache_dir``.
+    ``elemental_references.json`` in that store's folder, else in ``cache_dir``, else (the shipped store) in
+    :data:`USER_CACHE`, so that each potential relaxes them once per machine.
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure import Relaxer
@@ -200,23 +211,30 @@ class Relaxer:
             from structure.relax import ElementalReferences
 
             store = _as_store(self._references)
-            folder = store.path if store.path is not None and not _shipped(store) else (
-                Path(self._cache_dir) if self._cache_dir is not None else None)  # never write into the package
+            if store.path is not None and not _shipped(store):
+                folder = Path(store.path)
+            elif self._cache_dir is not None:
+                folder = Path(self._cache_dir)
+            else:  # never write into the package; a user's own calculator (no spec) is not cached across runs
+                folder = USER_CACHE / "references" / (store.path.name if store.path else "aflow") \
+                    if self.potential.spec is not None else None
             cache = folder / "elemental_references.json" if folder is not None else None
             self._elemental = ElementalReferences(self.potential, elemental_candidates(store), cache_path=cache,
                                                   fmax=self.settings.fmax, max_steps=max(self.settings.max_steps, 500))
         return self._elemental
 
-    def relax(self, structures, workers: int = 1, progress: bool = False) -> list:
+    def relax(self, structures, workers: int = 1, progress: bool = False, ceilings=None,
+              stop_after: int = 50) -> list:
         """One :class:`~structure.relax.RelaxResult` per structure (``structure``, ``energy_per_atom``,
         ``status``, ``reason``, ...), in input order; a structure that cannot be relaxed gives a ``failed``
-        result, never an exception. ``workers`` > 1 relaxes in that many processes."""
+        result, never an exception. ``workers`` > 1 relaxes in that many processes. ``ceilings`` and
+        ``stop_after``: early stop of hopeless relaxations (:func:`structure.batched.relax_batched`)."""
         from structure.relax import relax_many
 
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         return relax_many(list(structures), self.potential, workers=workers, progress=progress,
-                          **self.settings.as_dict())
+                          ceilings=ceilings, stop_after=stop_after, **self.settings.as_dict())
 
     def energies(self, structures, workers: int = 1, progress: bool = False) -> list:
         """The energy of each structure as given (no relaxation; status ``not_converged`` with 0 steps, or

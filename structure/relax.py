@@ -164,6 +164,8 @@ class RelaxResult:
         max_force: largest force row (eV/Å) FIRE compared with ``fmax`` at the end; NaN when unknown.
         initial_volume: input cell volume (Å^3).
         final_volume: relaxed cell volume (Å^3); NaN when failed.
+        stopped_early: a ``not_converged`` relaxation that an early-stop ceiling ended (``relax_batched``'s
+            ``ceilings``): its energy is an upper estimate, the structure not relaxed.
     """
 
     structure: Structure | None
@@ -174,6 +176,7 @@ class RelaxResult:
     max_force: float
     initial_volume: float
     final_volume: float
+    stopped_early: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-dict form (the structure as ``Structure.as_dict()``), for pickling and JSON."""
@@ -360,6 +363,8 @@ def relax_many(
     optimizer: str = "FIRE",
     batch_size: int = 1,
     time_limit: float | None = None,
+    ceilings: Sequence[float | None] | None = None,
+    stop_after: int = 50,
 ) -> list[RelaxResult]:
     """Relax structures in input order, in this process (``workers=1``) or in a spawned pool.
 
@@ -377,6 +382,7 @@ def relax_many(
         batch_size: structures per forward pass in each process (1: one by one).
         time_limit: seconds per structure before it stops ``not_converged`` (None: no limit; see
             :func:`structure.batched.relax_batched`).
+        ceilings, stop_after: early stop of hopeless relaxations (see :func:`structure.batched.relax_batched`).
     """
     from tqdm.auto import tqdm
 
@@ -392,8 +398,11 @@ def relax_many(
     payloads = [s.as_dict() for s in structures]
     if time_limit is not None and time_limit <= 0:
         raise ValueError(f"time_limit must be positive, got {time_limit}")
+    if ceilings is not None and len(ceilings) != len(payloads):
+        raise ValueError(f"ceilings must give one value per structure ({len(payloads)}), got {len(ceilings)}")
+    ceilings = list(ceilings) if ceilings is not None else [None] * len(payloads)
     settings = {"fmax": fmax, "max_steps": max_steps, "optimizer": optimizer, "batch_size": batch_size,
-                "time_limit": time_limit}
+                "time_limit": time_limit, "stop_after": stop_after}
     with tqdm(total=len(payloads), desc="relax", unit="structure", disable=not progress) as bar:
         if workers <= 1 or len(payloads) <= 1:  # a pool is not worth starting for one structure
             import torch
@@ -401,11 +410,11 @@ def relax_many(
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # graphs of a few atoms: extra threads only contend (measured 10-40x slower)
             try:
-                return _relax_payloads(payloads, loaded, settings, on_result=lambda *_: bar.update())
+                return _relax_payloads(payloads, ceilings, loaded, settings, on_result=lambda *_: bar.update())
             finally:
                 torch.set_num_threads(threads)
         size = max(1, min(batch_size, math.ceil(len(payloads) / (4 * workers))))  # >= 4 tasks per worker: balance
-        chunks = [payloads[i:i + size] for i in range(0, len(payloads), size)]
+        chunks = [(payloads[i:i + size], ceilings[i:i + size]) for i in range(0, len(payloads), size)]
         task = functools.partial(_worker_relax, settings=settings)
         context = multiprocessing.get_context("spawn")
         with _single_threaded_children():
@@ -419,12 +428,14 @@ def relax_many(
     return [RelaxResult.from_dict(row) for row in rows]
 
 
-def _relax_payloads(payloads: list[dict], potential, settings: dict, on_result=None) -> list[RelaxResult]:
+def _relax_payloads(payloads: list[dict], ceilings: list, potential, settings: dict,
+                    on_result=None) -> list[RelaxResult]:
     """Relax structures given as ``Structure.as_dict()`` with :func:`structure.batched.relax_batched`."""
     from structure.batched import relax_batched
 
     structures = [Structure.from_dict(p) for p in payloads]
-    return relax_batched(structures, potential, on_result=on_result, **settings)
+    ceilings = ceilings if any(c is not None for c in ceilings) else None
+    return relax_batched(structures, potential, on_result=on_result, ceilings=ceilings, **settings)
 
 
 @contextlib.contextmanager
@@ -454,11 +465,13 @@ def _init_worker(key: str) -> None:
         _WORKER["error"] = err
 
 
-def _worker_relax(payloads: list[dict], settings: dict) -> list[dict[str, Any]]:
-    """Pool task: relax a chunk of structure dicts with the worker's potential; the results as dicts."""
+def _worker_relax(chunk: tuple[list[dict], list], settings: dict) -> list[dict[str, Any]]:
+    """Pool task: relax a chunk of structure dicts (with their ceilings) with the worker's potential; the
+    results as dicts."""
     if "error" in _WORKER:
         raise _WORKER["error"]
-    return [r.as_dict() for r in _relax_payloads(payloads, _WORKER["potential"], settings)]
+    payloads, ceilings = chunk
+    return [r.as_dict() for r in _relax_payloads(payloads, ceilings, _WORKER["potential"], settings)]
 
 
 # --------------------------------------------------------------------------------------------- references
@@ -518,7 +531,9 @@ class ElementalReferences:
         self.cache_path = None if cache_path is None else Path(cache_path)
         self.fmax, self.max_steps, self.tolerance = fmax, max_steps, tolerance
         stored = self._read_cache().get(self.key, {})
-        self._entries: dict[str, dict[str, Any]] = {el: e for el, e in stored.items() if "source" in e}
+        # an entry relaxed with other settings is computed again (and replaces it in the file)
+        self._entries: dict[str, dict[str, Any]] = {el: e for el, e in stored.items() if "source" in e and
+                                                    e.get("fmax") == fmax and e.get("max_steps") == max_steps}
 
     @property
     def uncertain(self) -> dict[str, str]:

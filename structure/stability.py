@@ -35,8 +35,8 @@ from pathlib import Path
 
 from evaluation.hull import ReferenceHull
 
-__all__ = ["CORRECTIONS", "STABILITY_COLUMNS", "StabilityRecord", "StabilityScorer", "correction_per_atom",
-           "mp2020_correction"]
+__all__ = ["CORRECTIONS", "STABILITY_COLUMNS", "Screening", "StabilityRecord", "StabilityScorer",
+           "correction_per_atom", "mp2020_correction"]
 
 CORRECTIONS = ("auto", "mp2020", "none")
 STABILITY_COLUMNS = ["index", "formula", "energy_per_atom", "e_form_per_atom", "e_hull_per_atom", "e_hull_std",
@@ -81,6 +81,50 @@ class StabilityRecord:
             return "" if isinstance(v, float) and not math.isfinite(v) else round(v, 6) if isinstance(v, float) else v
 
         return [cell(getattr(self, c)) for c in STABILITY_COLUMNS]
+
+
+#: ``discover``'s screening (eV/atom above its stability threshold, steps), chosen in benchmarks/funnel_speed.md
+DEFAULT_STOP_MARGIN, DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER = 0.5, 0.2, 50
+
+
+@dataclass(frozen=True)
+class Screening:
+    """Shortcuts that spend less on structures that cannot come out stable (``benchmarks/funnel_speed.md``
+    measures what each saves and loses). Both bounds are on E_hull by the *relaxing* potential's own energy
+    (eV/atom); None turns a shortcut off, and the default :class:`Screening()` turns both off.
+
+    ``stop_above``: a relaxation whose structure still lies above this after ``stop_after`` steps stops there
+    (status ``not_converged``, ``reason`` says so, and its E_hull, an upper estimate, is the relaxing potential's).
+    ``judge_below``: the judges (two-stage or committee scoring) score only the structures whose relaxed E_hull is
+    at most this; the others keep the relaxing potential's E_hull and say so.
+    """
+
+    stop_above: float | None = None
+    stop_after: int = DEFAULT_STOP_AFTER
+    judge_below: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_after < 0:
+            raise ValueError(f"stop_after must be at least 0, got {self.stop_after}")
+
+    @classmethod
+    def of(cls, screening: Screening | dict | None) -> Screening:
+        """``screening`` as a :class:`Screening` (a dict of its fields, or None for no shortcuts)."""
+        if screening is None:
+            return cls()
+        return screening if isinstance(screening, cls) else cls(**dict(screening))
+
+    @classmethod
+    def for_threshold(cls, e_hull_max: float, stop_margin: float | None = DEFAULT_STOP_MARGIN,
+                      judge_margin: float | None = DEFAULT_JUDGE_MARGIN,
+                      stop_after: int = DEFAULT_STOP_AFTER) -> Screening:
+        """Bounds a ``margin`` above a stability threshold (None: that shortcut off); the defaults are the
+        margins ``discover`` uses, chosen in ``benchmarks/funnel_speed.md``."""
+        return cls(stop_above=None if stop_margin is None else e_hull_max + stop_margin, stop_after=stop_after,
+                   judge_below=None if judge_margin is None else e_hull_max + judge_margin)
+
+    def as_dict(self) -> dict:
+        return {"stop_above": self.stop_above, "stop_after": self.stop_after, "judge_below": self.judge_below}
 
 
 def _u_values() -> dict[str, float]:
@@ -164,7 +208,9 @@ class StabilityScorer:
     list of pymatgen entries) or None for the shipped MP table.
     ``references``: the template store (object or folder) whose single-element structures are checked against
     the shipped elemental ground states. ``relax``: relax first (cell + positions) or evaluate the structures as
-    given. ``correction``: ``auto`` (what the potential needs), ``mp2020`` or ``none``.
+    given. ``correction``: ``auto`` (what the potential needs), ``mp2020`` or ``none``. ``screening``: a
+    :class:`Screening` (or a dict of its fields): early stop of hopeless relaxations, judges only for plausible
+    structures (default: neither).
 
     >>> from pymatgen.core import Lattice, Structure
     >>> from structure.stability import StabilityScorer
@@ -176,11 +222,12 @@ class StabilityScorer:
     """
 
     def __init__(self, potential=None, settings=None, reference=None, relax: bool = True, references=None,
-                 cache_dir: str | Path | None = None, correction: str = "auto", judges=None):
+                 cache_dir: str | Path | None = None, correction: str = "auto", judges=None, screening=None):
         from structure.pipeline import DEFAULT_TEMPLATES, Relaxer
         from structure.relax import RelaxSettings
 
         settings = RelaxSettings.of(dict(settings) if isinstance(settings, tuple) else settings)
+        self.screening = Screening.of(dict(screening) if isinstance(screening, tuple) else screening)
         self.hull = reference if isinstance(reference, ReferenceHull) else ReferenceHull.load(reference)
         self.relaxer = Relaxer(potential, settings=settings, references=references, cache_dir=cache_dir)
         self.potential = self.relaxer.potential
@@ -209,7 +256,8 @@ class StabilityScorer:
                           "reference": None if hull_file is None else str(hull_file), "relax": relax,
                           "references": None if store_path is None else str(store_path),
                           "cache_dir": None if cache_dir is None else str(cache_dir), "correction": correction,
-                          "judges": None if judges is None else tuple(j.potential.spec for j in self.judges)}
+                          "judges": None if judges is None else tuple(j.potential.spec for j in self.judges),
+                          "screening": tuple(sorted(self.screening.as_dict().items()))}
 
     def describe(self) -> str:
         """One line for reports: which potential relaxed and which judged, on which energy scale."""
@@ -232,29 +280,82 @@ class StabilityScorer:
         structures = list(structures)
         exclude = list(exclude) if exclude is not None else [()] * len(structures)
         todo = [i for i, s in enumerate(structures) if s is not None]
-        evaluate = self.relaxer.relax if self.relax_first else self.relaxer.energies
-        results = dict(zip(todo, evaluate([structures[i] for i in todo], workers=workers, progress=progress)))
-        judged = self._judge_energies(structures, results, workers)
-        return [self._record(i, structures[i], results.get(i), exclude[i], judged.get(i, []))
+        inputs = [structures[i] for i in todo]
+        if not self.relax_first:
+            evaluated = self.relaxer.energies(inputs, workers=workers, progress=progress)
+        elif self.screening.stop_above is not None:
+            ceilings = [self._ceiling(structures[i], exclude[i]) for i in todo]
+            evaluated = self.relaxer.relax(inputs, workers=workers, progress=progress, ceilings=ceilings,
+                                           stop_after=self.screening.stop_after)
+        else:
+            evaluated = self.relaxer.relax(inputs, workers=workers, progress=progress)
+        results = dict(zip(todo, evaluated))
+        judged = self._judge_energies(structures, results, exclude, workers)
+        return [self._record(i, structures[i], results.get(i), exclude[i], *judged.get(i, ([], "")))
                 for i in range(len(structures))]
 
-    def _judge_energies(self, structures, results: dict, workers: int) -> dict[int, list]:
-        """``index -> [energy per atom or None, one per judge]`` on each relaxed (or given) structure; the
-        relaxing potential's own energy where it is a judge."""
+    def _relaxer_e_hull(self, structure, energy_per_atom: float, exclude=()) -> float:
+        """E_hull by the relaxing potential's own energy (NaN where it cannot be placed)."""
+        comp = structure.composition
+        try:
+            e_form = self.relaxer.formation_energy_per_atom(comp, energy_per_atom)
+        except ValueError:
+            return math.nan
+        e_form += correction_per_atom(structure, energy_per_atom, self.correction)[0]
+        return self.hull.e_above_hull(comp, e_form, exclude=exclude).e_hull_per_atom
+
+    def _ceiling(self, structure, exclude=()) -> float | None:
+        """The relaxing potential's energy per atom at which ``structure`` lies ``screening.stop_above`` above the
+        hull (None where it cannot be placed): E <= ceiling  <=>  E_hull <= stop_above."""
+        if structure is None:
+            return None
+        try:
+            mu = self.relaxer.formation_energy_per_atom(structure.composition, 0.0)  # -sum_el x_el E_el
+        except ValueError:
+            return None
+        corr = correction_per_atom(structure, 0.0, self.correction)[0]
+        hull_form = -self.hull.e_above_hull(structure.composition, 0.0, exclude=exclude).e_hull_per_atom
+        ceiling = self.screening.stop_above + hull_form - mu - corr
+        return float(ceiling) if math.isfinite(ceiling) else None
+
+    def _judge_energies(self, structures, results: dict, exclude: list, workers: int) -> dict[int, tuple[list, str]]:
+        """``index -> ([(judge, correction, energy per atom or None), ...], note)`` on each relaxed (or given)
+        structure: every judge's, the relaxing potential's own energy where it is a judge; a structure that the
+        screening leaves unjudged (stopped early, or relaxed E_hull above ``judge_below``) gets the relaxing
+        potential's energy alone and a note saying why."""
         usable = [i for i, r in results.items() if r.status != "failed"]
-        final = [results[i].structure if self.relax_first else structures[i] for i in usable]
-        out: dict[int, list] = {i: [] for i in usable}
-        for judge in self.judges:
+        own = [(self.relaxer, self.correction)]
+        out: dict[int, tuple[list, str]] = {}
+        judged = []
+        solo = self.judges == [self.relaxer]
+        bound = self.screening.judge_below
+        for i in usable:
+            r = results[i]
+            final = r.structure if self.relax_first else structures[i]
+            if solo:
+                judged.append(i)
+            elif r.stopped_early:
+                out[i] = ([(self.relaxer, self.correction, r.energy_per_atom)],
+                          f"not judged (stopped early): E_hull by {self.potential.name}")
+            elif bound is not None and not self._relaxer_e_hull(final, r.energy_per_atom, exclude[i]) <= bound:
+                out[i] = ([(self.relaxer, self.correction, r.energy_per_atom)],
+                          f"not judged: E_hull by {self.potential.name} above the screening bound {bound:g} eV/atom")
+            else:
+                judged.append(i)
+        final = [results[i].structure if self.relax_first else structures[i] for i in judged]
+        for i in judged:
+            out[i] = ([], "")
+        for judge, correction in (own if solo else zip(self.judges, self.judge_corrections)):
             if judge is self.relaxer:
-                energies = [results[i].energy_per_atom for i in usable]
+                energies = [results[i].energy_per_atom for i in judged]
             else:
                 energies = [r.energy_per_atom if r.status != "failed" else None
-                            for r in judge.energies(final, workers=workers)]
-            for i, e in zip(usable, energies):
-                out[i].append(e)
+                            for r in judge.energies(final, workers=workers)] if judged else []
+            for i, e in zip(judged, energies):
+                out[i][0].append((judge, correction, e))
         return out
 
-    def _record(self, index: int, structure, result, exclude, energies: list) -> StabilityRecord:
+    def _record(self, index: int, structure, result, exclude, scored: list, note: str = "") -> StabilityRecord:
         if structure is None:
             return StabilityRecord(index, "", status="failed", reason="unreadable structure")
         rec = StabilityRecord(index, structure.composition.reduced_formula, structure=structure)
@@ -267,11 +368,11 @@ class StabilityScorer:
             if result.status == "not_converged":
                 rec.reason = result.reason
         rec.energy_per_atom = result.energy_per_atom
-        notes = [rec.reason] if rec.reason else []
+        notes = [x for x in (rec.reason, note) if x]
         comp = rec.structure.composition
         e_forms, corrections = [], []
-        for judge, correction, energy in zip(self.judges, self.judge_corrections, energies):
-            who = "" if len(self.judges) == 1 else f"{judge.potential.name}: "
+        for judge, correction, energy in scored:
+            who = "" if len(scored) == 1 else f"{judge.potential.name}: "
             if energy is None or not math.isfinite(energy):
                 notes.append(f"{who}no energy")
                 continue
@@ -286,7 +387,7 @@ class StabilityScorer:
             notes += [f"{who}{n}" for n in judge.references.notes(comp)]
             e_forms.append(e_form + corr)
             corrections.append(corr)
-        if len(e_forms) < len(self.judges):  # a committee member that cannot judge leaves the row unplaced
+        if len(e_forms) < len(scored):  # a committee member that cannot judge leaves the row unplaced
             rec.reason = "; ".join(notes)
             return rec
         rec.correction_per_atom = sum(corrections) / len(corrections)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ def _argv(src: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One uninterrupted run on FORMULAS (its elemental references are reused by the other tests)."""
+    """One uninterrupted run on FORMULAS (its elemental references, cached per machine, serve the other tests)."""
     root = tmp_path_factory.mktemp("discover")
     src = root / "formulas.txt"
     src.write_text("\n".join(FORMULAS) + "\n")
@@ -48,6 +47,8 @@ def test_every_formula_has_a_row_with_its_stage(run):
     assert by[7]["stage"] == "sampled" and "unparseable" in by[7]["reason"]
     assert by[8]["stage"] == "parsed" and "validity" in by[8]["reason"]
     assert str(by[6]["unique"]) == "False" and by[6]["sun"] in (False, "False")  # NaCl again: not unique
+    assert "same structure as sample 0" in by[6]["reason"]  # and not relaxed a second time
+    assert by[6]["energy_per_atom"] == by[0]["energy_per_atom"]
     kbr = by[3]  # MP knows KBr, but the reference table holds no energy for it: never counted stable
     assert "lower bound" in kbr["reason"] and str(kbr["stable"]) == "False"
     nacl = by[0]  # known composition, known structure: not novel (it is the AFLOW rock-salt prototype itself)
@@ -75,7 +76,6 @@ def test_resume_after_a_kill_loses_and_repeats_nothing(run, tmp_path):
     src, done = run
     out = tmp_path / "out"
     out.mkdir()
-    shutil.copy(done / "elemental_references.json", out / "elemental_references.json")
     proc = subprocess.Popen([sys.executable, "-m", "composition_lm.cli", *_argv(src, out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / "journal.jsonl"
@@ -114,10 +114,26 @@ def test_dask_local_cluster_gives_the_same_candidates(run, tmp_path):
     src, done = run
     out = tmp_path / "out"
     out.mkdir()
-    shutil.copy(done / "elemental_references.json", out / "elemental_references.json")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         assert main(_argv(src, out, "--scheduler", cluster.scheduler_address)) == 0
     assert (out / "candidates.csv").read_text() == (done / "candidates.csv").read_text()
     keys = [(r["index"], r["rank"]) for r in map(json.loads, (out / "journal.jsonl").read_text().splitlines())
             if r["kind"] == "structure"]
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 7
+
+
+def test_skip_above_gives_no_structure_to_formulas_the_composition_model_rules_out(tmp_path):
+    from evaluation.properties import PropertyPredictor
+
+    src = tmp_path / "formulas.txt"
+    src.write_text("NaCl\nKBr\nAsN\n")
+    names = ["NaCl", "KBr", "AsN"]
+    predicted = dict(zip(names, PropertyPredictor.load().predict(names)["e_above_hull"]))
+    bound = (predicted["NaCl"] + predicted["AsN"]) / 2
+    assert predicted["NaCl"] < bound < predicted["AsN"]
+    assert main(_argv(src, tmp_path / "out", "--skip-above", f"{bound:.6f}")) == 0
+    table = pd.read_csv(tmp_path / "out" / "candidates.csv", keep_default_na=False).set_index("formula")
+    assert table.loc["AsN", "stage"] == "valid" and table.loc["AsN", "reason"].startswith("skipped: predicted E_hull")
+    assert table.loc["NaCl", "energy_per_atom"] != ""  # below the bound: relaxed as usual
+    funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
+    assert funnel["screening"]["skip_above"] == pytest.approx(bound, abs=1e-6)

@@ -205,3 +205,54 @@ def test_a_bad_potential_fails_before_sampling(bad, tmp_path, capsys, monkeypatc
                                          or "cannot be reached" in err)
     assert not (tmp_path / "o" / "formulas.csv").exists()
     assert main(["discover", "-n", "4", "--judge", bad, "--no-progress", "-o", str(tmp_path / "o")]) == 2
+
+
+class Sliding(ToyCalculator):
+    """The toy energies with a constant force on the first atom of a compound: its relaxation never converges
+    (an element's, for the references, converges at once)."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if len(set(self.atoms.get_chemical_symbols())) > 1:
+            self.results["forces"][0, 0] = 0.2
+
+
+def test_early_stop_ends_a_relaxation_above_its_ceiling_after_stop_after_steps():
+    from structure.batched import relax_batched
+
+    sliding = Potential.from_calculator(Sliding(), energy_scale="mp-corrected", name="sliding")
+    stopped, kept = relax_batched([rock_salt(5.6), rock_salt(5.6)], sliding, max_steps=20, ceilings=[-0.6, None],
+                                  stop_after=5)
+    assert stopped.status == "not_converged" and stopped.stopped_early and stopped.steps == 5
+    assert stopped.reason.startswith("stopped early after 5 steps: -0.500 eV/atom, 0.100 above")
+    assert kept.status == "not_converged" and not kept.stopped_early and kept.steps == 20
+    with pytest.raises(ValueError, match="one value per structure"):
+        relax_batched([rock_salt(5.6)], sliding, ceilings=[None, None])
+
+
+def test_screening_stops_hopeless_relaxations_and_judges_only_plausible_structures(tmp_path):
+    from structure.stability import Screening, StabilityScorer
+
+    sliding = Potential.from_calculator(Sliding(), energy_scale="mp-corrected", name="sliding")
+    judge = Potential.from_calculator(MixedBonus(), energy_scale="mp-corrected", name="b")
+    hull = tmp_path / "hull.csv"
+    hull.write_text("formula,formation_energy_per_atom\nNa,0\nCl,0\nNaCl,-2.0\n")
+    nacl = rock_salt(5.6)
+    settings = {"max_steps": 12}
+
+    def scored(screening):
+        return StabilityScorer(sliding, settings=settings, reference=hull, cache_dir=tmp_path, judges=[judge],
+                               screening=screening).score([nacl])[0]
+
+    full = scored(None)  # no screening: relaxed to max_steps and judged (0.1 eV/atom below the relaxer's energy)
+    h = full.e_hull_per_atom + 0.1  # the relaxing potential's own E_hull (its energy does not change)
+    assert "not judged" not in full.reason and "stopped early" not in full.reason
+    # the ceiling is exactly where the relaxer's E_hull crosses stop_above
+    assert "stopped early" not in scored(Screening(stop_above=h + 0.01, stop_after=3)).reason
+    early = scored(Screening(stop_above=h - 0.01, stop_after=3))
+    assert early.reason.startswith("stopped early after 3 steps") and "not judged (stopped early)" in early.reason
+    assert early.e_hull_per_atom == pytest.approx(h, abs=1e-9)  # the relaxer's E_hull, unjudged
+    unjudged = scored(Screening(judge_below=h - 0.01))
+    assert unjudged.e_hull_per_atom == pytest.approx(h, abs=1e-9) and "not judged: E_hull by sliding" in unjudged.reason
+    assert scored(Screening(judge_below=h + 0.01)).e_hull_per_atom == pytest.approx(full.e_hull_per_atom, abs=1e-9)
+    assert Screening.for_threshold(0.1, stop_margin=None, judge_margin=0.2) == Screening(judge_below=0.1 + 0.2)

@@ -148,14 +148,19 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
         if not read_samples(args.from_file, args.column):
             raise ValueError(f"{args.from_file} holds no formulas")
+    from structure.stability import Screening
+
     predictor = StructurePredictor(args.templates)
+    screening = Screening.for_threshold(args.e_hull_max, stop_margin=args.stop_margin, stop_after=args.stop_after,
+                                        judge_margin=args.judge_margin)
     scorer = StabilityScorer(args.potential, settings=relax_settings(args), reference=args.reference,
-                             references=args.references or predictor.store, cache_dir=args.output,
-                             correction=args.correction, judges=args.judge)
+                             references=args.references or predictor.store, correction=args.correction,
+                             judges=args.judge, screening=screening)
     print(f"energies: {scorer.describe()}", file=sys.stderr)
     formulas, known, seconds = _formulas(args)
     quiet_console()
-    funnel = DiscoveryFunnel(predictor, scorer, known_formulas=known, top_k=args.top_k, e_hull_max=args.e_hull_max)
+    funnel = DiscoveryFunnel(predictor, scorer, known_formulas=known, top_k=args.top_k, e_hull_max=args.e_hull_max,
+                             skip_above=args.skip_above)
     result = funnel.run(formulas, args.output, resume=args.resume, workers=args.workers,
                         progress=not args.no_progress, seconds=seconds, scheduler=args.scheduler)
     c, key = result["counts"], f"{args.e_hull_max:g}"
@@ -164,6 +169,26 @@ def cmd_discover(args: argparse.Namespace) -> int:
           f"{100 * result['sun_rate']['0']:.2f} % at <= 0; {sum(result['seconds'].values()) / 60:.1f} min; "
           f"wrote candidates.csv, sun.csv, sun_cif.zip, funnel.json, report.md, report.html to {args.output}")
     return 0
+
+
+def add_screening_arguments(p) -> None:
+    """discover's shortcuts past candidates that cannot come out stable (benchmarks/funnel_speed.md)."""
+    from composition_lm.cli.options import (DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER, DEFAULT_STOP_MARGIN,
+                                             bound_or_off, non_negative_int)
+
+    p.add_argument("--stop-margin", **bound_or_off, default=DEFAULT_STOP_MARGIN, metavar="E|off",
+                   help="early stop: a relaxation whose structure still lies more than E eV/atom above --e-hull-max "
+                   "(by the relaxing potential's energy) after --stop-after steps stops there, its E_hull an upper "
+                   f"estimate; off: relax every structure to the end (default: {DEFAULT_STOP_MARGIN})")
+    p.add_argument("--stop-after", **non_negative_int, default=DEFAULT_STOP_AFTER, metavar="STEPS",
+                   help=f"steps before the early-stop test applies (default: {DEFAULT_STOP_AFTER})")
+    p.add_argument("--judge-margin", **bound_or_off, default=DEFAULT_JUDGE_MARGIN, metavar="E|off",
+                   help="two-stage and committee scoring: the judges score only structures that the relaxing "
+                   "potential puts at most E eV/atom above --e-hull-max; the others keep its E_hull; off: judge "
+                   f"every structure (default: {DEFAULT_JUDGE_MARGIN})")
+    p.add_argument("--skip-above", **bound_or_off, default=None, metavar="E|off",
+                   help="give no structure to a formula whose E_hull by the shipped composition property predictor "
+                   "exceeds E eV/atom (default: off)")
 
 
 def add_discover_parser(sub) -> None:
@@ -199,6 +224,7 @@ def add_discover_parser(sub) -> None:
     p.add_argument("--e-hull-max", **non_negative_float, default=0.1,
                    help="stable: E_hull at most this, eV/atom (default: 0.1; SUN at 0 is reported too)")
     add_relax_arguments(p, relax_by_default=True)
+    add_screening_arguments(p)
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="relax and score on a Dask cluster (tcp://host:8786; e.g. one started by dask-jobqueue on "
                    "SLURM/PBS) instead of local --workers; needs pip install 'dask[distributed]' and paths the "

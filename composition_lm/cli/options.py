@@ -13,6 +13,8 @@ PROTOCOL_CHOICES = ("cdvae", "smact", "both")
 DEFAULT_POTENTIAL = "chgnet"  # structure.potentials.DEFAULT_POTENTIAL (kept import-free for --help; a test checks)
 DEFAULT_JUDGES = ("sevennet-l3i5",)  # structure.potentials.DEFAULT_JUDGES
 POTENTIAL_NAMES = ("chgnet", "sevennet-0", "sevennet-l3i5", "m3gnet")  # structure.potentials.POTENTIALS
+# structure.stability.DEFAULT_STOP_MARGIN, DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER (a test checks)
+DEFAULT_STOP_MARGIN, DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER = 0.5, 0.2, 50
 
 
 # ------------------------------------------------------------------------------------ numeric types
@@ -49,6 +51,14 @@ unit_interval = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 fraction = _checked(float, lambda v: 0 < v < 1, "in (0, 1)")
 probability = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 half_open_unit = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _number_or_off(text: str) -> float | None:
+    return None if text.strip().lower() in ("off", "none") else float(text)
+
+
+#: a number >= 0, or ``off`` (None): a bound that can be switched off
+bound_or_off = _checked(_number_or_off, lambda v: v is None or 0 <= v < float("inf"), "a number >= 0 or 'off'")
 
 
 # --------------------------------------------------------------------------------- shared options

@@ -1,0 +1,196 @@
+"""SUN candidates per CPU-hour of the discovery funnel: M3GNet (the seed's potential) against the default scheme
+(CHGNet relaxes, SevenNet-l3i5 judges), with and without the screening shortcuts, on the same formulas.
+
+    python scripts/bench_funnel_speed.py run [--n 200] [--config NAME ...]   # each config resumes where it stopped
+    python scripts/bench_funnel_speed.py report                              # -> benchmarks/funnel_speed.{md,json}
+
+``run`` samples N formulas once (Diffusion-BERT, seed 0; ``runs/funnel_speed/sample/formulas.csv``), relaxes the
+elemental references of every potential once (the per-machine cache, a one-off timed apart), then runs
+``composition-gen discover --from`` those formulas for each configuration in a child process on one thread
+(``runs/funnel_speed/<config>``), recording the child's CPU seconds in ``benchmarks/funnel_speed.jsonl`` as each
+finishes. A configuration stopped part-way resumes from its journal (its CPU then sums the parts).
+
+``report`` adds the cross-check that keeps the comparison honest: every configuration's SUN candidates judged
+again by the default's judge (a SevenNet-l3i5 single point on the structure the run relaxed), since a potential
+that places too much below the hull also reports more SUN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.benchlib import EXE, command_line, cpu  # noqa: E402
+
+from evaluation.io import append_jsonl, write_json, write_text  # noqa: E402
+
+RUNS = ROOT / "runs" / "funnel_speed"
+LOG = ROOT / "benchmarks" / "funnel_speed.jsonl"
+M3GNET = ROOT.parent / "shared" / "models" / "matgl" / "M3GNet-MP-2021.2.8-PES"
+OFF = ["--stop-margin", "off", "--judge-margin", "off"]
+#: name -> (discover arguments, what it is)
+CONFIGS = {
+    "m3gnet": (["--potential", os.path.relpath(M3GNET, ROOT), *OFF], "M3GNet relaxes and judges (the seed's funnel)"),
+    "default": (OFF, "CHGNet relaxes, SevenNet-l3i5 judges; no screening"),
+    "default+screening": ([], "the same with discover's default screening (early stop, judge only plausible)"),
+    "default+screening+skip": (["--skip-above", "0.15"], "and no structure for formulas the composition model "
+                               "puts above 0.15 eV/atom"),
+}
+
+
+def sample(n: int) -> Path:
+    out = RUNS / "sample"
+    if not (out / "formulas.csv").is_file():
+        subprocess.run([*EXE, "sample", "-n", str(n), "--seed", "0", "--threads", "1", "--no-progress", "-o", str(out)],
+                       check=True, cwd=ROOT)
+    return out / "formulas.csv"
+
+
+def warm_references(formulas: Path) -> dict:
+    """Relax each potential's elemental references for the formulas' elements (cached per machine): CPU s each."""
+    import pandas as pd
+    from pymatgen.core import Composition
+
+    from structure.pipeline import Relaxer
+    from structure.potentials import DEFAULT_JUDGES, DEFAULT_POTENTIAL
+
+    elements = sorted({e.symbol for f in pd.read_csv(formulas)["formula"].dropna() for e in Composition(f)})
+    spent = {}
+    for pot in (str(M3GNET), DEFAULT_POTENTIAL, *DEFAULT_JUDGES):
+        t0 = time.process_time()
+        refs = Relaxer(pot).references
+        for el in elements:
+            try:
+                refs.entry(el)
+            except ValueError as err:
+                print(f"{pot}: {el}: {err}", flush=True)
+        spent[Path(pot).name] = time.process_time() - t0
+        print(f"references {Path(pot).name}: {spent[Path(pot).name]:.0f} CPU-s ({len(elements)} elements)", flush=True)
+    return spent
+
+
+def run_config(name: str, formulas: Path) -> dict:
+    extra, _ = CONFIGS[name]
+    out = RUNS / name
+    if (out / "funnel.json").is_file():
+        print(f"{name}: done", flush=True)
+        return json.loads((out / "funnel.json").read_text())
+    cmd = [*EXE, "discover", "--from", os.path.relpath(formulas, ROOT), "--column", "formula", *extra,
+           "--no-progress", "-o", os.path.relpath(out, ROOT)]
+    if (out / "journal.jsonl").is_file():
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    append_jsonl(LOG, {"config": name, "part_cpu_s": cpu_s, "part_wall_s": time.perf_counter() - t0,
+                       "command": "composition-gen " + " ".join(cmd[3:]), "cpu": cpu(), "when": time.time()})
+    print(f"{name}: {cpu_s:.0f} CPU-s", flush=True)
+    return json.loads((out / "funnel.json").read_text())
+
+
+def cmd_run(args) -> int:
+    formulas = sample(args.n)
+    if not args.no_warm:
+        append_jsonl(LOG, {"references_cpu_s": warm_references(formulas), "cpu": cpu(), "when": time.time()})
+    for name in args.config or list(CONFIGS):
+        run_config(name, formulas)
+    return 0
+
+
+def rejudge(name: str) -> dict:
+    """The run's SUN candidates (at 0.1) scored again by the default judge's single point on its structures."""
+    import pandas as pd
+    from pymatgen.core import Structure
+
+    from structure.discovery import read_journal
+    from structure.potentials import DEFAULT_JUDGES
+    from structure.stability import StabilityScorer
+
+    out = RUNS / name
+    sun = pd.read_csv(out / "sun.csv", keep_default_na=False)
+    structures = {(r["index"], r["rank"]): r["structure"] for r in read_journal(out / "journal.jsonl")
+                  if r.get("kind") == "structure"}
+    picked = [Structure.from_dict(structures[(int(r["index"]), int(r["rank"]))]) for _, r in sun.iterrows()]
+    scorer = StabilityScorer(DEFAULT_JUDGES[0], relax=False)
+    values = [r.e_hull_per_atom for r in scorer.score(picked)] if picked else []
+    return {"n_sun": len(picked), "still_stable_0.1": sum(v <= 0.1 + 1e-12 for v in values),
+            "still_stable_0": sum(v <= 1e-12 for v in values)}
+
+
+def cmd_report(args) -> int:
+    warnings.simplefilter("ignore")
+    log = [json.loads(line) for line in LOG.read_text().splitlines()] if LOG.is_file() else []
+    refs = next((r["references_cpu_s"] for r in reversed(log) if "references_cpu_s" in r), {})
+    rows = {}
+    for name, (extra, what) in CONFIGS.items():
+        out = RUNS / name
+        if not (out / "funnel.json").is_file():
+            continue
+        funnel = json.loads((out / "funnel.json").read_text())
+        parts = [r for r in log if r.get("config") == name]
+        cpu_s = sum(r["part_cpu_s"] for r in parts)
+        n_sun = funnel["counts"]["sun"]
+        n_sun0 = round(funnel["sun_rate"]["0"] * funnel["n_formulas"])
+        check = rejudge(name)
+        rows[name] = {"what": what, "args": extra, "counts": funnel["counts"], "sun_0.1": n_sun, "sun_0": n_sun0,
+                      "cpu_s": cpu_s, "cpu_s_parts": len(parts), "funnel_seconds": funnel["seconds"],
+                      "sun_per_cpu_hour": n_sun / (cpu_s / 3600) if cpu_s else None,
+                      "rejudged": check, "rejudged_per_cpu_hour": check["still_stable_0.1"] / (cpu_s / 3600)
+                      if cpu_s else None, "potential": funnel["potential"], "screening": funnel.get("screening"),
+                      "command": parts[-1]["command"] if parts else None}
+        print(name, json.dumps({k: v for k, v in rows[name].items() if k not in ("counts",)}), flush=True)
+    meta = {"command": command_line(__file__), "cpu": cpu(), "references_cpu_s": refs,
+            "n_formulas": next(iter(rows.values()))["counts"]["sampled"] if rows else None}
+    write_json(ROOT / "benchmarks" / "funnel_speed.json", {"meta": meta, "rows": rows})
+    lines = ["# SUN candidates per CPU-hour of the discovery funnel", "",
+             f"The same {meta['n_formulas']} formulas (Diffusion-BERT, seed 0, `composition-gen sample -n 200 --seed 0`) "
+             "through `composition-gen discover --from` under each configuration, one after another on this "
+             f"machine, each in a child process on one thread; CPU: {meta['cpu']}. CPU-s: the child process's user + "
+             "system seconds (model loading, templates, relaxation, judging, novelty). Elemental references were "
+             "relaxed beforehand, once per potential (the per-machine cache; one-off CPU-s: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in refs.items()) + "). Another job shared the machine's 2 cores, "
+             "which CPU seconds measure less than wall time does.", "",
+             f"Command: `{meta['command']}`, then `python scripts/bench_funnel_speed.py report`.", "",
+             "| configuration | with structure | relaxed | stable (0.1) | SUN at 0.1 | SUN at 0 | CPU-s | SUN / CPU-hour | "
+             "SUN still stable by SevenNet-l3i5 (0.1 / 0) | those / CPU-hour |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        c = r["counts"]
+        lines.append(f"| {name}: {r['what']} | {c['with_structure']} | {c['relaxed']} | {c['stable']} | {r['sun_0.1']} | "
+                     f"{r['sun_0']} | {r['cpu_s']:.0f} | {r['sun_per_cpu_hour']:.1f} | "
+                     f"{r['rejudged']['still_stable_0.1']} / {r['rejudged']['still_stable_0']} | "
+                     f"{r['rejudged_per_cpu_hour']:.1f} |")
+    write_text(ROOT / "benchmarks" / "funnel_speed.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--n", type=int, default=200)
+    r.add_argument("--config", action="append", choices=list(CONFIGS))
+    r.add_argument("--no-warm", action="store_true", help="skip relaxing the elemental references first")
+    r.set_defaults(func=cmd_run)
+    sub.add_parser("report").set_defaults(func=cmd_report)
+    args = ap.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
