@@ -44,7 +44,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lm", action="append", help="formula models (default: diffusion-bert and diffusion-lm)")
     ap.add_argument("--cdvae", help="CDVAE model (default: the dataset's shipped one)")
-    ap.add_argument("--relax", action="store_true", help="relax both paths with the shared M3GNet-MP-2021.2.8-PES")
+    ap.add_argument("--relax", action="store_true", help="relax both paths (with --potential)")
+    ap.add_argument("--potential", default=None,
+                    help="compare's --potential (default: the package's default potential; the seed benchmarks used "
+                    "../shared/models/matgl/M3GNet-MP-2021.2.8-PES)")
     ap.add_argument("--relax-max-steps", type=int, default=300)
     ap.add_argument("--workers", type=int, default=1, help="relaxation and fingerprint processes (default: 1)")
     ap.add_argument("--no-coverage", action="store_true", help="skip COV-R / COV-P (no fingerprints)")
@@ -64,8 +67,9 @@ def main() -> int:
     cmd += ["--cdvae", args.cdvae or cdvae, "-n", str(args.n), "--seed", str(args.seed), "--workers", str(args.workers),
             "--cache", rel(ROOT / "runs/cdvae/fingerprints"), "--no-progress", "-o", rel(work)]
     if args.relax:
-        cmd += ["--relax", "--potential", rel(args.shared / "models/matgl/M3GNet-MP-2021.2.8-PES"),
-                "--max-steps", str(args.relax_max_steps), "--optimizer", args.optimizer]
+        cmd += ["--relax", "--max-steps", str(args.relax_max_steps), "--optimizer", args.optimizer]
+        if args.potential:
+            cmd += ["--potential", rel(Path(args.potential)) if Path(args.potential).exists() else args.potential]
     if args.no_coverage:
         cmd.append("--no-coverage")
     print("composition-gen " + shlex.join(cmd), flush=True)

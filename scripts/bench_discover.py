@@ -1,5 +1,5 @@
 """The discovery benchmark: `composition-gen discover` on N formulas from a shipped formula model, templates from the
-whole mp_union store, the shared M3GNet; SUN rates, the funnel, the best candidates, and the rediscovery check.
+whole mp_union store, the package's default potential scheme (or --potential); SUN rates, the funnel, the best candidates, and the rediscovery check.
 
     python scripts/bench_discover.py [--model diffusion-bert] [--n 1000] [--seed 0] [--workers 2] [--resume]
 
@@ -77,6 +77,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--templates", type=Path, default=ROOT / "runs" / "mp_union.db",
                     help="template store (built from mp_union.csv.gz when missing)")
+    ap.add_argument("--potential", default=None, help="discover's --potential (default: the package's default "
+                    "scheme; the seed run used ../shared/models/matgl/M3GNet-MP-2021.2.8-PES)")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -88,8 +90,7 @@ def main() -> int:
     os.chdir(ROOT)  # the command it records names paths relative to the repository, so a reader can rerun it
     out = Path("runs") / "discover" / f"{args.model}-n{args.n}-seed{args.seed}"
     argv = ["discover", "--model", args.model, "-n", str(args.n), "--seed", str(args.seed), "--templates",
-            os.path.relpath(args.templates, ROOT), "--potential",
-            os.path.relpath(args.shared / "models/matgl/M3GNet-MP-2021.2.8-PES", ROOT),
+            os.path.relpath(args.templates, ROOT), *(["--potential", args.potential] if args.potential else []),
             "--workers", str(args.workers), "--no-progress", "-o", str(out)]
     t0 = time.perf_counter()
     if cli(argv + (["--resume"] if args.resume else [])) != 0:

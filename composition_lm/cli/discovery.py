@@ -123,13 +123,14 @@ def check_potentials(args: argparse.Namespace) -> None:
 
 def quiet_console() -> None:
     """Keep the progress bars readable: scipy's ``logm result may be inaccurate`` (from pymatgen's cell filter
-    maths, once per step) and matplotlib's font messages say nothing a user can act on."""
+    maths, once per step), matplotlib's font messages and its "Ignoring fixed y limits to fulfill fixed data
+    aspect" (a logged warning, from the hull diagrams) say nothing a user can act on."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message="logm result may be inaccurate")
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="scipy")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
