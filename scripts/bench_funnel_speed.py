@@ -3,6 +3,7 @@
 
     python scripts/bench_funnel_speed.py run [--n 200] [--config NAME ...]   # each config resumes where it stopped
     python scripts/bench_funnel_speed.py report                              # -> benchmarks/funnel_speed.{md,json}
+    python scripts/bench_funnel_speed.py snapshot    # journals so far -> benchmarks/funnel_speed_runs/ (resume elsewhere)
 
 ``run`` samples N formulas once (Diffusion-BERT, seed 0; ``runs/funnel_speed/sample/formulas.csv``), relaxes the
 elemental references of every potential once (the per-machine cache, a one-off timed apart), then runs
@@ -18,9 +19,9 @@ that places too much below the hull also reports more SUN.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -32,10 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.benchlib import EXE, command_line, cpu  # noqa: E402
 
-from evaluation.io import append_jsonl, write_json, write_text  # noqa: E402
+from evaluation.io import append_jsonl, atomic_path, write_json, write_text  # noqa: E402
 
 RUNS = ROOT / "runs" / "funnel_speed"
 LOG = ROOT / "benchmarks" / "funnel_speed.jsonl"
+SNAPSHOTS = ROOT / "benchmarks" / "funnel_speed_runs"
 M3GNET = ROOT.parent / "shared" / "models" / "matgl" / "M3GNet-MP-2021.2.8-PES"
 OFF = ["--stop-margin", "off", "--judge-margin", "off"]
 #: name -> (discover arguments, what it is)
@@ -50,6 +52,7 @@ CONFIGS = {
 
 def sample(n: int) -> Path:
     out = RUNS / "sample"
+    restore("sample", "formulas.csv")
     if not (out / "formulas.csv").is_file():
         subprocess.run([*EXE, "sample", "-n", str(n), "--seed", "0", "--threads", "1", "--no-progress", "-o", str(out)],
                        check=True, cwd=ROOT)
@@ -64,6 +67,7 @@ def warm_references(formulas: Path) -> dict:
     from structure.pipeline import Relaxer
     from structure.potentials import DEFAULT_JUDGES, DEFAULT_POTENTIAL
 
+    warnings.simplefilter("ignore")
     elements = sorted({e.symbol for f in pd.read_csv(formulas)["formula"].dropna() for e in Composition(f)})
     spent = {}
     for pot in (str(M3GNET), DEFAULT_POTENTIAL, *DEFAULT_JUDGES):
@@ -79,9 +83,30 @@ def warm_references(formulas: Path) -> dict:
     return spent
 
 
+def snapshot() -> None:
+    """Each configuration's journal (and the sampled formulas) gzipped into ``benchmarks/funnel_speed_runs/``, so
+    that a run stopped on one machine resumes on another (``run`` restores them where ``runs/`` lacks them)."""
+    SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+    for src in [RUNS / "sample" / "formulas.csv", *sorted(RUNS.glob("*/journal.jsonl"))]:
+        dest = SNAPSHOTS / f"{src.parent.name}.{src.name}.gz"
+        with open(src, "rb") as fh, atomic_path(dest) as tmp:
+            tmp.write_bytes(gzip.compress(fh.read(), mtime=0))
+        print(f"{dest.relative_to(ROOT)}: {dest.stat().st_size / 1e6:.1f} MB", flush=True)
+
+
+def restore(folder: str, name: str) -> None:
+    """A snapshot back into ``runs/funnel_speed/<folder>/<name>`` when only the snapshot is here."""
+    src, dest = SNAPSHOTS / f"{folder}.{name}.gz", RUNS / folder / name
+    if src.is_file() and not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(gzip.decompress(src.read_bytes()))
+        print(f"restored {dest.relative_to(ROOT)} from {src.relative_to(ROOT)}", flush=True)
+
+
 def run_config(name: str, formulas: Path) -> dict:
     extra, _ = CONFIGS[name]
     out = RUNS / name
+    restore(name, "journal.jsonl")
     if (out / "funnel.json").is_file():
         print(f"{name}: done", flush=True)
         return json.loads((out / "funnel.json").read_text())
@@ -90,17 +115,41 @@ def run_config(name: str, formulas: Path) -> dict:
     if (out / "journal.jsonl").is_file():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    part = {"config": name, "pid": proc.pid, "command": "composition-gen " + " ".join(cmd[3:]), "cpu": cpu(),
+            "when": time.time()}
+    cpu_s, last = 0.0, 0.0
+    while proc.poll() is None:  # the child's CPU seconds so far, logged as it goes: a kill loses at most a minute
+        cpu_s = max(cpu_s, _cpu_seconds(proc.pid))
+        if time.perf_counter() - last > 60:
+            append_jsonl(LOG, {**part, "part_cpu_s": cpu_s, "part_wall_s": time.perf_counter() - t0, "final": False})
+            last = time.perf_counter()
+        time.sleep(1.0)
+    err = proc.stderr.read()
     if proc.returncode:
-        raise RuntimeError(f"{name} failed: {proc.stderr[-2000:]}")
-    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    append_jsonl(LOG, {"config": name, "part_cpu_s": cpu_s, "part_wall_s": time.perf_counter() - t0,
-                       "command": "composition-gen " + " ".join(cmd[3:]), "cpu": cpu(), "when": time.time()})
+        raise RuntimeError(f"{name} failed: {err[-2000:]}")
+    append_jsonl(LOG, {**part, "part_cpu_s": cpu_s, "part_wall_s": time.perf_counter() - t0, "final": True})
     print(f"{name}: {cpu_s:.0f} CPU-s", flush=True)
     return json.loads((out / "funnel.json").read_text())
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc); 0 once it has gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_spent(log: list[dict], name: str) -> tuple[float, int]:
+    """A configuration's CPU seconds over all its parts (each part's last record) and the number of parts."""
+    parts: dict[int, float] = {}
+    for r in log:
+        if r.get("config") == name:
+            parts[r["pid"]] = r["part_cpu_s"]
+    return sum(parts.values()), len(parts)
 
 
 def cmd_run(args) -> int:
@@ -143,12 +192,12 @@ def cmd_report(args) -> int:
             continue
         funnel = json.loads((out / "funnel.json").read_text())
         parts = [r for r in log if r.get("config") == name]
-        cpu_s = sum(r["part_cpu_s"] for r in parts)
+        cpu_s, n_parts = cpu_spent(log, name)
         n_sun = funnel["counts"]["sun"]
         n_sun0 = round(funnel["sun_rate"]["0"] * funnel["n_formulas"])
         check = rejudge(name)
         rows[name] = {"what": what, "args": extra, "counts": funnel["counts"], "sun_0.1": n_sun, "sun_0": n_sun0,
-                      "cpu_s": cpu_s, "cpu_s_parts": len(parts), "funnel_seconds": funnel["seconds"],
+                      "cpu_s": cpu_s, "cpu_s_parts": n_parts, "funnel_seconds": funnel["seconds"],
                       "sun_per_cpu_hour": n_sun / (cpu_s / 3600) if cpu_s else None,
                       "rejudged": check, "rejudged_per_cpu_hour": check["still_stable_0.1"] / (cpu_s / 3600)
                       if cpu_s else None, "potential": funnel["potential"], "screening": funnel.get("screening"),
@@ -158,7 +207,7 @@ def cmd_report(args) -> int:
             "n_formulas": next(iter(rows.values()))["counts"]["sampled"] if rows else None}
     write_json(ROOT / "benchmarks" / "funnel_speed.json", {"meta": meta, "rows": rows})
     lines = ["# SUN candidates per CPU-hour of the discovery funnel", "",
-             f"The same {meta['n_formulas']} formulas (Diffusion-BERT, seed 0, `composition-gen sample -n 200 --seed 0`) "
+             f"The same {meta['n_formulas']} formulas (Diffusion-BERT, seed 0: `composition-gen sample -n 200 --seed 0`) "
              "through `composition-gen discover --from` under each configuration, one after another on this "
              f"machine, each in a child process on one thread; CPU: {meta['cpu']}. CPU-s: the child process's user + "
              "system seconds (model loading, templates, relaxation, judging, novelty). Elemental references were "
@@ -166,12 +215,13 @@ def cmd_report(args) -> int:
              + ", ".join(f"{k} {v:.0f}" for k, v in refs.items()) + "). Another job shared the machine's 2 cores, "
              "which CPU seconds measure less than wall time does.", "",
              f"Command: `{meta['command']}`, then `python scripts/bench_funnel_speed.py report`.", "",
-             "| configuration | with structure | relaxed | stable (0.1) | SUN at 0.1 | SUN at 0 | CPU-s | SUN / CPU-hour | "
-             "SUN still stable by SevenNet-l3i5 (0.1 / 0) | those / CPU-hour |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| configuration | with structure | relaxed | stable (0.1) | SUN at 0.1 | SUN at 0 | CPU-s | SUN / CPU-hour "
+             "| SUN still stable by SevenNet-l3i5 (0.1 / 0) | those / CPU-hour |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         c = r["counts"]
-        lines.append(f"| {name}: {r['what']} | {c['with_structure']} | {c['relaxed']} | {c['stable']} | {r['sun_0.1']} | "
-                     f"{r['sun_0']} | {r['cpu_s']:.0f} | {r['sun_per_cpu_hour']:.1f} | "
+        lines.append(f"| {name}: {r['what']} | {c['with_structure']} | {c['relaxed']} | {c['stable']} | "
+                     f"{r['sun_0.1']} | {r['sun_0']} | {r['cpu_s']:.0f} | {r['sun_per_cpu_hour']:.1f} | "
                      f"{r['rejudged']['still_stable_0.1']} / {r['rejudged']['still_stable_0']} | "
                      f"{r['rejudged_per_cpu_hour']:.1f} |")
     write_text(ROOT / "benchmarks" / "funnel_speed.md", "\n".join(lines) + "\n")
@@ -188,6 +238,8 @@ def main() -> int:
     r.add_argument("--no-warm", action="store_true", help="skip relaxing the elemental references first")
     r.set_defaults(func=cmd_run)
     sub.add_parser("report").set_defaults(func=cmd_report)
+    sub.add_parser("snapshot", help="journals so far -> benchmarks/funnel_speed_runs/").set_defaults(
+        func=lambda _: snapshot() or 0)
     args = ap.parse_args()
     return args.func(args)
 

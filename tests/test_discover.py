@@ -104,6 +104,9 @@ def test_discover_bad_input(tmp_path, capsys):
     assert main(_argv(empty, tmp_path / "o")) == 2
     assert "error:" in capsys.readouterr().err
     assert main(["discover", "-n", "0", "-o", str(tmp_path / "o")]) == 2
+    assert main(["discover", "--stop-margin", "-0.1", "-o", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit):
+        main(["discover", "--judge-margin", "tight", "-o", str(tmp_path / "o")])
     assert main(["discover", "--from", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o2")]) == 2
 
 

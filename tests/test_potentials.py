@@ -69,6 +69,10 @@ def test_the_default_potential_is_installed_and_named_in_the_cli():
     assert options.DEFAULT_POTENTIAL == potentials.DEFAULT_POTENTIAL
     assert options.DEFAULT_JUDGES == potentials.DEFAULT_JUDGES
     assert set(options.POTENTIAL_NAMES) == set(potentials.POTENTIALS)
+    from structure import stability
+
+    assert (options.DEFAULT_STOP_MARGIN, options.DEFAULT_JUDGE_MARGIN, options.DEFAULT_STOP_AFTER) == (
+        stability.DEFAULT_STOP_MARGIN, stability.DEFAULT_JUDGE_MARGIN, stability.DEFAULT_STOP_AFTER)
     for name in (potentials.DEFAULT_POTENTIAL, *potentials.DEFAULT_JUDGES):  # core dependencies: offline by default
         assert potentials.POTENTIALS[name].installed() and potentials.POTENTIALS[name].extra == ""
 

@@ -53,12 +53,13 @@ probability = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 half_open_unit = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-def _number_or_off(text: str) -> float | None:
+def number_or_off(text: str) -> float | None:
+    """A number, or None for ``off``/``none``."""
     return None if text.strip().lower() in ("off", "none") else float(text)
 
 
 #: a number >= 0, or ``off`` (None): a bound that can be switched off
-bound_or_off = _checked(_number_or_off, lambda v: v is None or 0 <= v < float("inf"), "a number >= 0 or 'off'")
+bound_or_off = _checked(number_or_off, lambda v: v is None or 0 <= v < float("inf"), "a number >= 0 or 'off'")
 
 
 # --------------------------------------------------------------------------------- shared options
