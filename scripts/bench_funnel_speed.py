@@ -3,6 +3,7 @@
 
     python scripts/bench_funnel_speed.py run [--n 200] [--config NAME ...]   # each config resumes where it stopped
     python scripts/bench_funnel_speed.py report                              # -> benchmarks/funnel_speed.{md,json}
+    python scripts/bench_funnel_speed.py traces [--potential P] [--n 20]  # early-stop rules from energy traces
     python scripts/bench_funnel_speed.py snapshot    # journals so far -> benchmarks/funnel_speed_runs/ (resume elsewhere)
 
 ``run`` samples N formulas once (Diffusion-BERT, seed 0; ``runs/funnel_speed/sample/formulas.csv``), relaxes the
@@ -181,6 +182,63 @@ def rejudge(name: str) -> dict:
             "still_stable_0": sum(v <= 1e-12 for v in values)}
 
 
+def cmd_traces(args) -> int:
+    """Energy traces of the first N formulas' top-1 template relaxations, and what each early-stop rule (steps K,
+    margin m above 0.1 eV/atom) would have stopped, saved and lost: ``benchmarks/funnel_speed_traces.{json,md}``."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from structure import StructurePredictor
+    from structure.batched import relax_batched
+    from structure.potentials import get_potential
+    from structure.stability import StabilityScorer
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    formulas = pd.read_csv(sample(200))["formula"].dropna().tolist()[:args.n]
+    rows = [r for r in StructurePredictor().predict(formulas, top_k=1) if r.structure is not None]
+    traces: dict[int, list[float]] = {}
+    results = relax_batched([r.structure for r in rows], get_potential(args.potential),
+                            on_step=lambda i, step, e: traces.setdefault(i, []).append(e))
+    finals = [r.structure if r.status != "failed" else None for r in results]
+    scored = StabilityScorer(args.potential, relax=False).score(finals)
+    records = [{"formula": row.formula, "steps": res.steps, "status": res.status, "energies": traces.get(i, []),
+                "e_hull_final": rec.e_hull_per_atom} for i, (row, res, rec) in enumerate(zip(rows, results, scored))]
+    total = sum(len(r["energies"]) - 1 for r in records if r["energies"])
+    rules = []
+    for k in (25, 50, 100):
+        for m in (0.2, 0.3, 0.5, 1.0):
+            saved, stopped, lost = 0, 0, []
+            for r in records:
+                e, h = np.array(r["energies"]), r["e_hull_final"]
+                if len(e) == 0 or not np.isfinite(h):
+                    continue
+                over = [j for j in range(k, len(e)) if h + e[j] - e[-1] > 0.1 + m]
+                if over:
+                    stopped, saved = stopped + 1, saved + len(e) - 1 - over[0]
+                    lost += [r["formula"]] if h <= 0.1 else []
+            rules.append({"stop_after": k, "margin": m, "stopped": stopped, "steps_saved": saved, "lost": lost})
+    pot = Path(args.potential).name
+    write_json(ROOT / "benchmarks" / "funnel_speed_traces.json",
+               {"command": command_line(__file__), "potential": pot, "records": records, "rules": rules})
+    lines = [f"# Early-stop rules on energy traces ({pot}, first {args.n} formulas' top-1 templates)", "",
+             f"Command: `{command_line(__file__)}`; CPU: {cpu()}. {len(records)} relaxations, {total} steps. A rule "
+             "stops a relaxation at the first step >= K where its E_hull (the final E_hull plus the energy still to "
+             "fall) exceeds 0.1 + m eV/atom; lost: stopped although it ended at E_hull <= 0.1.", "",
+             "| K (steps) | margin m | stopped | steps saved | stable lost |", "|---:|---:|---:|---:|---|",
+             *[f"| {r['stop_after']} | {r['margin']} | {r['stopped']} | {r['steps_saved']} ({r['steps_saved'] / total:.0%}) "
+               f"| {', '.join(r['lost']) or 'none'} |" for r in rules], "",
+             "Energy still to fall after step K (eV/atom), per structure:", "",
+             "| formula | steps | final E_hull | after 25 | after 50 | after 100 |", "|---|---:|---:|---:|---:|---:|",
+             *[f"| {r['formula']} | {r['steps']} | {r['e_hull_final']:.3f} | " + " | ".join(
+                 f"{max(r['energies'][k:]) - r['energies'][-1]:.3f}" if len(r["energies"]) > k else "0"
+                 for k in (25, 50, 100)) + " |" for r in records if r["energies"]]]
+    write_text(ROOT / "benchmarks" / "funnel_speed_traces.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_report(args) -> int:
     warnings.simplefilter("ignore")
     log = [json.loads(line) for line in LOG.read_text().splitlines()] if LOG.is_file() else []
@@ -238,6 +296,10 @@ def main() -> int:
     r.add_argument("--no-warm", action="store_true", help="skip relaxing the elemental references first")
     r.set_defaults(func=cmd_run)
     sub.add_parser("report").set_defaults(func=cmd_report)
+    t = sub.add_parser("traces", help="energy traces -> early-stop rules (benchmarks/funnel_speed_traces.md)")
+    t.add_argument("--potential", default=os.path.relpath(M3GNET, ROOT))
+    t.add_argument("--n", type=int, default=20)
+    t.set_defaults(func=cmd_traces)
     sub.add_parser("snapshot", help="journals so far -> benchmarks/funnel_speed_runs/").set_defaults(
         func=lambda _: snapshot() or 0)
     args = ap.parse_args()

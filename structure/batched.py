@@ -76,6 +76,7 @@ def relax_batched(
     time_limit: float | None = None,
     ceilings: Sequence[float | None] | None = None,
     stop_after: int = 50,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> list:
     """Relax ``structures`` with FIRE, ``batch_size`` of them per forward pass; results in input order.
 
@@ -97,6 +98,8 @@ def relax_batched(
             none) above which structure ``i`` is not worth finishing (the screening stage sets it where its
             E_hull would exceed a bound, :class:`structure.stability.Screening`); a structure still above it after
             ``stop_after`` steps stops ``not_converged`` with ``stopped_early`` set and says so.
+        on_step: called as ``on_step(index, steps, energy_per_atom)`` after each energy evaluation (the initial
+            one is step 0): energy traces, e.g. for choosing an early-stop margin (``scripts/bench_funnel_speed.py``).
 
     Returns:
         One :class:`~structure.relax.RelaxResult` per input, never an exception for a bad structure.
@@ -136,6 +139,7 @@ def relax_batched(
                 finish(index, _failed(f"{type(err).__name__}: {err}", float(structure.volume)))
                 continue
             _check(item, fmax)
+            _report(item, on_step)
             flight.append(item)
         if not flight:
             break
@@ -167,9 +171,15 @@ def relax_batched(
         for item in flight:
             if item.error is None:
                 _check(item, fmax)
+                _report(item, on_step)
             if item.error is None:
                 _guard_volume(item)
     return results
+
+
+def _report(item: _InFlight, on_step) -> None:
+    if on_step is not None and item.error is None:
+        on_step(item.index, item.optimizer.nsteps, float(item.atoms.get_potential_energy()) / len(item.atoms))
 
 
 def _start(index: int, structure: Structure, potential, relax_cell: bool, optimizer: str = "FIRE") -> _InFlight:

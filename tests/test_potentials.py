@@ -225,8 +225,10 @@ def test_early_stop_ends_a_relaxation_above_its_ceiling_after_stop_after_steps()
     from structure.batched import relax_batched
 
     sliding = Potential.from_calculator(Sliding(), energy_scale="mp-corrected", name="sliding")
+    seen = []
     stopped, kept = relax_batched([rock_salt(5.6), rock_salt(5.6)], sliding, max_steps=20, ceilings=[-0.6, None],
-                                  stop_after=5)
+                                  stop_after=5, on_step=lambda *a: seen.append(a))
+    assert [s for i, s, _ in seen if i == 0] == list(range(6)) and {e for *_, e in seen} == {-0.5}
     assert stopped.status == "not_converged" and stopped.stopped_early and stopped.steps == 5
     assert stopped.reason.startswith("stopped early after 5 steps: -0.500 eV/atom, 0.100 above")
     assert kept.status == "not_converged" and not kept.stopped_early and kept.steps == 20
