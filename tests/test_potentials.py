@@ -262,3 +262,15 @@ def test_screening_stops_hopeless_relaxations_and_judges_only_plausible_structur
     assert unjudged.e_hull_per_atom == pytest.approx(h, abs=1e-9) and "not judged: E_hull by sliding" in unjudged.reason
     assert scored(Screening(judge_below=h + 0.01)).e_hull_per_atom == pytest.approx(full.e_hull_per_atom, abs=1e-9)
     assert Screening.for_threshold(0.1, stop_margin=None, judge_margin=0.2) == Screening(judge_below=0.1 + 0.2)
+
+
+def test_references_for_the_shipped_store_are_cached_per_machine_not_in_the_package(tmp_path, monkeypatch):
+    from structure import pipeline
+    from structure.pipeline import Relaxer
+
+    monkeypatch.setattr(pipeline, "USER_CACHE", tmp_path / "cache")
+    registered = Relaxer(_source("chgnet")).references
+    assert registered.cache_path == tmp_path / "cache" / "references" / "templates-mp" / "elemental_references.json"
+    toy = Potential.from_calculator(ToyCalculator(), energy_scale="mp-corrected", name="toy")
+    assert Relaxer(toy).references.cache_path is None  # a user's calculator has no identity across runs
+    assert Relaxer(toy, cache_dir=tmp_path).references.cache_path == tmp_path / "elemental_references.json"
