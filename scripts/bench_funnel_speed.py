@@ -4,7 +4,7 @@
     python scripts/bench_funnel_speed.py run [--n 200] [--config NAME ...]   # each config resumes where it stopped
     python scripts/bench_funnel_speed.py report                              # -> benchmarks/funnel_speed.{md,json}
     python scripts/bench_funnel_speed.py traces [--potential P] [--n 20]  # early-stop rules from energy traces
-    python scripts/bench_funnel_speed.py snapshot    # journals so far -> benchmarks/funnel_speed_runs/ (resume elsewhere)
+    python scripts/bench_funnel_speed.py snapshot    # journals so far -> benchmarks/funnel_speed_runs/
 
 ``run`` samples N formulas once (Diffusion-BERT, seed 0; ``runs/funnel_speed/sample/formulas.csv``), relaxes the
 elemental references of every potential once (the per-machine cache, a one-off timed apart), then runs
@@ -227,7 +227,8 @@ def cmd_traces(args) -> int:
              "stops a relaxation at the first step >= K where its E_hull (the final E_hull plus the energy still to "
              "fall) exceeds 0.1 + m eV/atom; lost: stopped although it ended at E_hull <= 0.1.", "",
              "| K (steps) | margin m | stopped | steps saved | stable lost |", "|---:|---:|---:|---:|---|",
-             *[f"| {r['stop_after']} | {r['margin']} | {r['stopped']} | {r['steps_saved']} ({r['steps_saved'] / total:.0%}) "
+             *[f"| {r['stop_after']} | {r['margin']} | {r['stopped']} | "
+               f"{r['steps_saved']} ({r['steps_saved'] / total:.0%}) "
                f"| {', '.join(r['lost']) or 'none'} |" for r in rules], "",
              "Energy still to fall after step K (eV/atom), per structure:", "",
              "| formula | steps | final E_hull | after 25 | after 50 | after 100 |", "|---|---:|---:|---:|---:|---:|",
@@ -265,7 +266,8 @@ def cmd_report(args) -> int:
             "n_formulas": next(iter(rows.values()))["counts"]["sampled"] if rows else None}
     write_json(ROOT / "benchmarks" / "funnel_speed.json", {"meta": meta, "rows": rows})
     lines = ["# SUN candidates per CPU-hour of the discovery funnel", "",
-             f"The same {meta['n_formulas']} formulas (Diffusion-BERT, seed 0: `composition-gen sample -n 200 --seed 0`) "
+             f"The same {meta['n_formulas']} formulas (Diffusion-BERT, seed 0: "
+             "`composition-gen sample -n 200 --seed 0`) "
              "through `composition-gen discover --from` under each configuration, one after another on this "
              f"machine, each in a child process on one thread; CPU: {meta['cpu']}. CPU-s: the child process's user + "
              "system seconds (model loading, templates, relaxation, judging, novelty). Elemental references were "
@@ -273,7 +275,8 @@ def cmd_report(args) -> int:
              + ", ".join(f"{k} {v:.0f}" for k, v in refs.items()) + "). Another job shared the machine's 2 cores, "
              "which CPU seconds measure less than wall time does.", "",
              f"Command: `{meta['command']}`, then `python scripts/bench_funnel_speed.py report`.", "",
-             "| configuration | with structure | relaxed | stable (0.1) | SUN at 0.1 | SUN at 0 | CPU-s | SUN / CPU-hour "
+             "| configuration | with structure | relaxed | stable (0.1) | SUN at 0.1 | SUN at 0 | CPU-s "
+             "| SUN / CPU-hour "
              "| SUN still stable by SevenNet-l3i5 (0.1 / 0) | those / CPU-hour |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
