@@ -172,7 +172,8 @@ def rejudge(name: str) -> dict:
     from structure.stability import StabilityScorer
 
     out = RUNS / name
-    sun = pd.read_csv(out / "sun.csv", keep_default_na=False)
+    cands = pd.read_csv(out / "candidates.csv", keep_default_na=False)
+    sun = cands[cands["sun"].astype(str) == "True"]
     structures = {(r["index"], r["rank"]): r["structure"] for r in read_journal(out / "journal.jsonl")
                   if r.get("kind") == "structure"}
     picked = [Structure.from_dict(structures[(int(r["index"]), int(r["rank"]))]) for _, r in sun.iterrows()]
