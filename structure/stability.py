@@ -324,7 +324,6 @@ class StabilityScorer:
         screening leaves unjudged (stopped early, or relaxed E_hull above ``judge_below``) gets the relaxing
         potential's energy alone and a note saying why."""
         usable = [i for i, r in results.items() if r.status != "failed"]
-        own = [(self.relaxer, self.correction)]
         out: dict[int, tuple[list, str]] = {}
         judged = []
         solo = self.judges == [self.relaxer]
@@ -345,7 +344,7 @@ class StabilityScorer:
         final = [results[i].structure if self.relax_first else structures[i] for i in judged]
         for i in judged:
             out[i] = ([], "")
-        for judge, correction in (own if solo else zip(self.judges, self.judge_corrections)):
+        for judge, correction in zip(self.judges, self.judge_corrections):
             if judge is self.relaxer:
                 energies = [results[i].energy_per_atom for i in judged]
             else:
