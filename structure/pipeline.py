@@ -256,17 +256,26 @@ class Relaxer:
         todo = [r for r in rows if r.structure is not None]
         results = self.relax([r.structure for r in todo], workers=workers, progress=progress)
         for row, res in zip(todo, results):
-            row.status, row.reason = res.status, res.reason
-            if res.structure is not None and res.status != "failed":
-                row.structure = res.structure
-                row.volume = round(res.structure.volume, 4)
-            if math.isfinite(res.energy_per_atom):
-                row.energy_per_atom = round(res.energy_per_atom, 6)
-                try:
-                    row.formation_energy_per_atom = round(
-                        self.formation_energy_per_atom(row.structure.composition, res.energy_per_atom), 6)
-                    notes = self.references.notes(row.structure.composition)
-                except ValueError as e:
-                    notes = [f"no formation energy: {e}"]
-                row.reason = "; ".join([row.reason, *notes] if row.reason else notes)
+            self.update_row(row, res)
         return rows
+
+    def update_row(self, row: Row, result) -> Row:
+        """Put a relaxation's outcome (a :class:`~structure.relax.RelaxResult` or anything with its status,
+        reason, structure and energy_per_atom) into ``row``: the relaxed structure, its volume, energy/atom and
+        formation energy/atom by this potential (elemental references' notes added to the reason)."""
+        row.status, row.reason = result.status, result.reason
+        if result.structure is not None and result.status != "failed":
+            row.structure = result.structure
+            row.volume = round(result.structure.volume, 4)
+        energy = result.energy_per_atom
+        if energy is not None and math.isfinite(energy):
+            row.energy_per_atom = round(energy, 6)
+            try:
+                row.formation_energy_per_atom = round(
+                    self.formation_energy_per_atom(row.structure.composition, energy), 6)
+                notes = self.references.notes(row.structure.composition)
+            except ValueError as e:
+                notes = [f"no formation energy: {e}"]
+            notes = [n for n in notes if n not in row.reason]
+            row.reason = "; ".join([row.reason, *notes] if row.reason else notes)
+        return row

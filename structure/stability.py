@@ -40,7 +40,7 @@ __all__ = ["CORRECTIONS", "STABILITY_COLUMNS", "Screening", "StabilityRecord", "
 
 CORRECTIONS = ("auto", "mp2020", "none")
 STABILITY_COLUMNS = ["index", "formula", "energy_per_atom", "e_form_per_atom", "e_hull_per_atom", "e_hull_std",
-                     "decomposition", "status", "reason"]
+                     "hull_lower_bound", "decomposition", "status", "reason"]
 
 
 @dataclass
@@ -293,6 +293,18 @@ class StabilityScorer:
         judged = self._judge_energies(structures, results, exclude, workers)
         return [self._record(i, structures[i], results.get(i), exclude[i], *judged.get(i, ([], "")))
                 for i in range(len(structures))]
+
+    def score_rows(self, rows, workers: int = 1, progress: bool = False) -> list[StabilityRecord]:
+        """Score every output row that holds a structure (template predictions, CDVAE samples) and put the
+        relaxation into the row as :meth:`Relaxer.relax_rows` does (relaxed structure, energy and formation energy
+        by the relaxing potential, status, reason). One record per such row, in order, indexed as the row."""
+        todo = [r for r in rows if r.structure is not None]
+        records = self.score([r.structure for r in todo], workers=workers, progress=progress)
+        for row, rec in zip(todo, records):
+            if self.relax_first:
+                self.relaxer.update_row(row, rec)
+            rec.index = row.index
+        return records
 
     def _relaxer_e_hull(self, structure, energy_per_atom: float, exclude=()) -> float:
         """E_hull by the relaxing potential's own energy (NaN where it cannot be placed)."""

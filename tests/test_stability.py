@@ -142,6 +142,26 @@ def test_scorer_relaxed_static_and_failures_in_input_order(references):
 
 
 @needs_potential
+def test_score_rows_relaxes_output_rows_in_place_and_indexes_records_as_the_rows(references):
+    from structure.io import Row
+    from structure.stability import StabilityScorer
+
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    overlap = Structure(Lattice.cubic(3), ["Na", "Cl"], [[0, 0, 0], [0.01, 0, 0]])
+    rows = [Row(7, "NaCl", structure=nacl.copy()), Row(8, "Xx", status="unparseable"),
+            Row(9, "NaCl", structure=overlap)]
+    records = StabilityScorer(POTENTIAL, settings={"max_steps": 300}, cache_dir=references).score_rows(rows)
+    assert [r.index for r in records] == [7, 9]  # one record per row with a structure, numbered as the row
+    ok, bad = records
+    assert rows[0].status == ok.status == "converged" and rows[0].volume != pytest.approx(nacl.volume, abs=0.5)
+    assert rows[0].energy_per_atom == pytest.approx(ok.energy_per_atom, abs=1e-5)
+    # the row keeps the potential's own formation energy; the record's is on the hull's (corrected) scale
+    assert rows[0].formation_energy_per_atom == pytest.approx(ok.e_form_per_atom - ok.correction_per_atom, abs=1e-4)
+    assert rows[1].status == "unparseable" and rows[2].status == bad.status == "failed"
+    assert rows[2].structure is overlap and rows[2].energy_per_atom is None
+
+
+@needs_potential
 def test_stability_command_writes_one_row_per_input(references, tmp_path, capsys):
     from pymatgen.io.cif import CifWriter
 
@@ -159,7 +179,7 @@ def test_stability_command_writes_one_row_per_input(references, tmp_path, capsys
                  "--max-steps", "60", "--no-progress", "-o", str(tmp_path / "out")]) == 0
     table = pd.read_csv(tmp_path / "out" / "stability.csv", keep_default_na=False)
     assert table.columns.tolist() == ["index", "formula", "energy_per_atom", "e_form_per_atom", "e_hull_per_atom",
-                                      "e_hull_std", "decomposition", "status", "reason"]
+                                      "e_hull_std", "hull_lower_bound", "decomposition", "status", "reason"]
     assert (table["e_hull_std"] == "").all()  # one judge: no spread
     assert table["index"].tolist() == [0, 1, 2]
     assert table.loc[0, "decomposition"] == "1 NaCl" and table.loc[0, "status"] in ("converged", "not_converged")

@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from composition_lm.cli.options import (add_progress, add_relax_arguments, command_line, infer_dataset, load_spec,
-                                        positive_int, relaxer)
+from composition_lm.cli.options import (add_correction_argument, add_progress, add_relax_arguments, check_potentials,
+                                        command_line, infer_dataset, load_spec, positive_int, quiet_console,
+                                        relax_settings)
 from evaluation.io import shown_path
 
 
@@ -75,26 +76,23 @@ def _score_generator(gen_dir: Path, samples: list[str], context: dict, args: arg
         with_structure = table[table["status"].isin(["converged", "not_converged", "failed"])]
         out["energy"] = energy_summary(with_structure["energy_per_atom"].tolist(),
                                        with_structure["formation_energy_per_atom"].tolist(), len(with_structure))
-        out["_e_hull"] = _e_hull(with_structure, structures, context["hull"], context["correction"])
+        out["_e_hull"] = _e_hull(gen_dir / "stability.csv", len(with_structure))
     return out
 
 
-def _e_hull(rows, structures: list, hull, correction: str) -> list[float]:
-    """E_hull (eV/atom; NaN when not placed, or only a lower bound) of each relaxed structure: its formation energy
-    with the potential's energy-scale correction on the reference hull, as `stability` computes it."""
+def _e_hull(stability_csv: Path, n: int) -> list[float]:
+    """E_hull (eV/atom; NaN when not placed, or only a lower bound) of each of the ``n`` structures, from the
+    ``stability.csv`` the scorer wrote beside them (rows in the order of ``structures.csv``'s structures)."""
     import math
 
-    from structure.stability import correction_per_atom
+    import pandas as pd
 
-    out = []
-    for (_, row), s in zip(rows.iterrows(), structures):
-        e, ef = row["energy_per_atom"], row["formation_energy_per_atom"]
-        if s is None or row["status"] == "failed" or not (math.isfinite(e) and math.isfinite(ef)):
-            out.append(math.nan)
-            continue
-        r = hull.e_above_hull(s.composition, ef + correction_per_atom(s, e, correction)[0])
-        out.append(math.nan if r.lower_bound else r.e_hull_per_atom)
-    return out
+    table = pd.read_csv(stability_csv, keep_default_na=False, na_values=[""])
+    if len(table) != n:
+        raise ValueError(f"{stability_csv}: {len(table)} rows for {n} structures")
+    bound = table["hull_lower_bound"].astype(str).str.lower().isin(["true", "1"])
+    return [math.nan if b or not math.isfinite(e) else float(e)
+            for e, b in zip(table["e_hull_per_atom"].astype(float), bound)]
 
 
 def _by_formula(structures) -> dict[str, list]:
@@ -110,9 +108,21 @@ def _store_source(store_dir: Path) -> str | None:
     return json.loads(path.read_text())["meta"].get("source") if path.is_file() else None
 
 
-def _run_lm(lm: str, gen_dir: Path, predictor, relax, args: argparse.Namespace) -> dict:
-    """Sample ``args.n`` formulas with ``lm`` and give each its top-1 template structure (relaxed with
-    ``relax`` unless None): ``formulas.csv``, ``run_config.json`` and the structure files in ``gen_dir``."""
+def _relax_and_score(rows, gen_dir: Path, scorer, args: argparse.Namespace) -> None:
+    """Relax the rows' structures in place and write their E_hull to ``gen_dir/stability.csv`` (as `stability`
+    writes it), when there is a scorer."""
+    from structure.stability import write_stability
+
+    if scorer is not None:
+        gen_dir.mkdir(parents=True, exist_ok=True)
+        write_stability(scorer.score_rows(rows, workers=args.workers, progress=not args.no_progress),
+                        gen_dir / "stability.csv")
+
+
+def _run_lm(lm: str, gen_dir: Path, predictor, scorer, args: argparse.Namespace) -> dict:
+    """Sample ``args.n`` formulas with ``lm`` and give each its top-1 template structure (relaxed and judged by
+    ``scorer`` unless None): ``formulas.csv``, ``run_config.json``, the structure files and ``stability.csv`` in
+    ``gen_dir``."""
     from composition_lm.cli.lm import save_samples
     from composition_lm.generator import FormulaGenerator
     from structure.io import write_outputs
@@ -126,8 +136,7 @@ def _run_lm(lm: str, gen_dir: Path, predictor, relax, args: argparse.Namespace) 
     summary = save_samples(gen, table, gen_dir, run, t0, t_sampled)
     t_sample = time.perf_counter() - t0
     rows = predictor.predict(table["formula"].tolist(), top_k=1, seed=args.seed)
-    if relax is not None:
-        relax.relax_rows(rows, workers=args.workers)
+    _relax_and_score(rows, gen_dir, scorer, args)
     write_outputs(rows, gen_dir)
     elapsed = time.perf_counter() - t0
     print(f"{gen_dir.name}: {args.n} formulas (cdvae validity {summary['validity_cdvae']:.3f}) -> "
@@ -136,8 +145,8 @@ def _run_lm(lm: str, gen_dir: Path, predictor, relax, args: argparse.Namespace) 
             "timing": {"sample_s": t_sample, "structures_s": elapsed - t_sample, "generate_s": elapsed}}
 
 
-def _run_cdvae(model_dir: Path, gen_dir: Path, relax, args: argparse.Namespace) -> dict:
-    """Sample ``args.n`` crystals with the CDVAE in ``model_dir`` (relaxed with ``relax`` unless None)."""
+def _run_cdvae(model_dir: Path, gen_dir: Path, scorer, args: argparse.Namespace) -> dict:
+    """Sample ``args.n`` crystals with the CDVAE in ``model_dir`` (relaxed and judged by ``scorer`` unless None)."""
     from structure.cdvae import CDVAE
     from structure.cdvae.sampling import to_rows
     from structure.io import write_outputs
@@ -145,8 +154,7 @@ def _run_cdvae(model_dir: Path, gen_dir: Path, relax, args: argparse.Namespace) 
     t0 = time.perf_counter()
     model = CDVAE.from_pretrained(model_dir)
     rows = to_rows(model.sample(args.n, seed=args.seed))
-    if relax is not None:
-        relax.relax_rows(rows, workers=args.workers)
+    _relax_and_score(rows, gen_dir, scorer, args)
     write_outputs(rows, gen_dir)
     elapsed = time.perf_counter() - t0
     print(f"{gen_dir.name}: {args.n} crystals in {elapsed:.1f} s", file=sys.stderr)
@@ -158,7 +166,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from composition_lm.data import read_samples
     from evaluation.compare import density_histograms, summary_rows, sun_summary, write_comparison
-    from evaluation.hull import ReferenceHull
     from evaluation.structures import DEFAULT_COMPSCALER
     from structure import StructurePredictor
     from structure.cdvae.model import resolve_model
@@ -181,13 +188,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not Path(compscaler).is_file():
         raise FileNotFoundError(f"COV-R / COV-P need CDVAE's Magpie constants: no file at {compscaler} (--compscaler)")
     cdvae_dir = resolve_model(args.cdvae) if args.cdvae else None  # a bad model name fails before any work
-    correction = None
     if args.relax:
-        from structure.potentials import get_potential
-        from structure.stability import resolve_correction
-
-        potential = get_potential(args.potential)  # a bad potential fails before any work too
-        correction = resolve_correction(potential, "auto", mp_hull=args.reference is None)
+        check_potentials(args)  # a bad potential fails before any work too
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     cov_dataset = args.cov_dataset or infer_dataset(args.dataset) or "mp20"
@@ -200,7 +202,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "training_structures": [r.structure for r in training], "cov_dataset": cov_dataset,
         "training_by_formula": _by_formula(r.structure for r in training),
         "compscaler": compscaler, "cache": args.cache or out.resolve().parent / ".fingerprint_cache",
-        "hull": ReferenceHull.load(args.reference) if args.relax else None, "correction": correction,
     }
     store_dir = args.templates or out / "templates"
     if args.templates is None and _store_source(store_dir) != str(files["train"]):  # none yet, or of other data
@@ -208,10 +209,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     store = TemplateStore.load(store_dir)
     print(f"templates: {len(store)} structures in {store_dir}", file=sys.stderr)
     references = _reference_store(args, store, store_dir, out)
-    relax = relaxer(args, references=references)
-    relaxed = (f"; relaxed and judged with {relax.potential.name} ({relax.potential.energy_scale}, correction "
-               f"{correction}; {args.optimizer}, fmax {args.fmax} eV/Å, at most {args.max_steps} steps; elemental "
-               f"references: the shipped MP ground states, checked against {references})" if args.relax else "")
+    scorer, relaxed = None, ""
+    if args.relax:
+        from structure.stability import StabilityScorer
+
+        scorer = StabilityScorer(args.potential, settings=relax_settings(args), reference=args.reference,
+                                 references=args.references or references, cache_dir=args.output,
+                                 correction=args.correction, judges=args.judge)
+        quiet_console()
+        relaxed = (f"; E_hull: {scorer.describe()} ({args.optimizer}, fmax {args.fmax} eV/Å, at most "
+                   f"{args.max_steps} steps; elemental references: the shipped MP ground states, checked against "
+                   f"{args.references or references}; reference hull: {scorer.hull.source})")
 
     generators: dict[str, dict] = {}
     taken: dict[str, int] = {}
@@ -220,7 +228,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for lm in args.lm or []:
         name = _generator_name(lm, "lm", taken)
         gen_dir = out / name
-        run = _run_lm(lm, gen_dir, predictor, relax, args)
+        run = _run_lm(lm, gen_dir, predictor, scorer, args)
         generators[name] = {
             "kind": "formula LM + templates", "model": run["model"],
             "given": (f"{args.n} formulas sampled by the language model (seed {args.seed}); those failing the cdvae "
@@ -234,7 +242,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.cdvae:
         name = _generator_name(args.cdvae, "cdvae", taken)
         gen_dir = out / name
-        run = _run_cdvae(cdvae_dir, gen_dir, relax, args)
+        run = _run_cdvae(cdvae_dir, gen_dir, scorer, args)
         cfg = run["config"]
         generators[name] = {
             "kind": "CDVAE", "model": shown_path(cdvae_dir),
@@ -267,12 +275,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "scores high composition validity on its structures. Structure uniqueness: structures matching no "
             "earlier one (StructureMatcher, pymatgen defaults); novelty: unique structures matching no training "
             "structure of the same composition. Valid = structure + composition valid (+ a fingerprint).",
-            *(["Relaxation: elemental reference energies are relaxed once per element and cached in the reference "
-               "store, so the first path to meet an element pays for it in its wall time."] if args.relax else []),
+            *([f"Stability: {scorer.describe()}; each generator's E_hull is in its stability.csv. Elemental "
+               "reference energies are relaxed once per element and potential and cached, so the first path to "
+               "meet an element pays for it in its wall time."] if scorer is not None else []),
         ],
         "command": command_line(args), "dataset": str(args.dataset), "train_split": args.train_split,
         "test_split": args.test_split, "n": args.n, "seed": args.seed, "relaxed": bool(args.relax),
-        "machine": platform.platform(), "templates": str(store_dir), "generators": generators,
+        "stability": scorer.describe() if scorer is not None else None, "machine": platform.platform(),
+        "templates": str(store_dir), "generators": generators,
         "density_histograms": density_histograms(densities),
     }
     paths = write_comparison(result, out, plots=not args.no_plots)
@@ -309,6 +319,7 @@ def add_parsers(sub) -> None:
                    help="a template store built from the training split (default: build one into OUTPUT/templates, "
                    "or reuse it when there)")
     add_relax_arguments(p)
+    add_correction_argument(p)
     p.add_argument("--reference", type=Path, metavar="TABLE",
                    help="with --relax: reference hull for E_hull and the SUN rate (default: the shipped MP table)")
     p.add_argument("--cov-dataset", choices=["mp20", "perov5", "carbon24"],

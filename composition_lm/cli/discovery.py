@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from composition_lm.cli.options import (add_condition_arguments, add_progress, add_relax_arguments,
-                                        add_validity_arguments, condition_options, model_for, relax_settings,
+from composition_lm.cli.options import (add_condition_arguments, add_correction_argument, add_progress,
+                                        add_relax_arguments, add_validity_arguments, check_potentials,
+                                        condition_options, model_for, quiet_console, relax_settings,
                                         validity_options)
 
 
@@ -41,18 +42,6 @@ def cmd_stability(args: argparse.Namespace) -> int:
           f"{sum(x <= 0 for x in scored)} on or below it, {sum(x <= 0.1 for x in scored)} within 0.1 eV/atom, "
           f"{len(records) - len(scored)} not placed (see the reason column); wrote {path}")
     return 0
-
-
-def add_correction_argument(p) -> None:
-    p.add_argument("--judge", action="append", metavar="NAME|PATH",
-                   help="score the relaxed structure with this potential's single point instead of the relaxing "
-                   "potential's energy (two-stage: relax cheaply, judge with a stronger model); repeat for a "
-                   "committee: "
-                   "E_hull is the judges' mean and e_hull_std their spread (default: the --potential alone)")
-    p.add_argument("--correction", choices=["auto", "mp2020", "none"], default="auto",
-                   help="energy scale: auto: what the potential needs (MP2020 corrections for one trained on MP's "
-                   "uncorrected energies: m3gnet, sevennet-*; none for chgnet, whose training energies carry them); "
-                   "mp2020 / none force the choice (default: auto; benchmarks/stability_wbm.md)")
 
 
 def add_parsers(sub) -> None:
@@ -110,27 +99,6 @@ def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dic
            **table.attrs["sampling"], "validity_repair": table.attrs["validity"]}
     summary = save_samples(gen, table, out, run, t0, time.perf_counter())
     return table["formula"].tolist(), gen.training_formulas(), {"sampling_s": summary["seconds"]}
-
-
-def check_potentials(args: argparse.Namespace) -> None:
-    """Load ``--potential`` and every ``--judge`` first: a bad name or folder fails in seconds, before any other
-    input is read or anything sampled."""
-    from structure.potentials import get_potential
-
-    for name in [args.potential, *(args.judge or [])]:
-        get_potential(name)
-
-
-def quiet_console() -> None:
-    """Keep the progress bars readable: scipy's ``logm result may be inaccurate`` (from pymatgen's cell filter
-    maths, once per step), matplotlib's font messages and its "Ignoring fixed y limits to fulfill fixed data
-    aspect" (a logged warning, from the hull diagrams) say nothing a user can act on."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message="logm result may be inaccurate")
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module="scipy")
-    logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
 
 def cmd_discover(args: argparse.Namespace) -> int:

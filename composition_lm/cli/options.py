@@ -99,6 +99,41 @@ def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = Fal
                    "--templates store, else the shipped compact MP store)")
 
 
+def add_correction_argument(p) -> None:
+    """``--judge`` and ``--correction`` of the commands that give E_hull (``stability``, ``discover``,
+    ``compare --relax``)."""
+    p.add_argument("--judge", action="append", metavar="NAME|PATH",
+                   help="score the relaxed structure with this potential's single point instead of the relaxing "
+                   "potential's energy (two-stage: relax cheaply, judge with a stronger model); repeat for a "
+                   "committee: "
+                   "E_hull is the judges' mean and e_hull_std their spread (default: the --potential alone)")
+    p.add_argument("--correction", choices=["auto", "mp2020", "none"], default="auto",
+                   help="energy scale: auto: what the potential needs (MP2020 corrections for one trained on MP's "
+                   "uncorrected energies: m3gnet, sevennet-*; none for chgnet, whose training energies carry them); "
+                   "mp2020 / none force the choice (default: auto; benchmarks/stability_wbm.md)")
+
+
+def check_potentials(args: argparse.Namespace) -> None:
+    """Load ``--potential`` and every ``--judge`` first: a bad name or folder fails in seconds, before any other
+    input is read or anything sampled."""
+    from structure.potentials import get_potential
+
+    for name in [args.potential, *(args.judge or [])]:
+        get_potential(name)
+
+
+def quiet_console() -> None:
+    """Keep the progress bars readable: scipy's ``logm result may be inaccurate`` (from pymatgen's cell filter
+    maths, once per step), matplotlib's font messages and its "Ignoring fixed y limits to fulfill fixed data
+    aspect" (a logged warning, from the hull diagrams) say nothing a user can act on."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="logm result may be inaccurate")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="scipy")
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
+
+
 def relax_settings(args: argparse.Namespace):
     """The :class:`structure.relax.RelaxSettings` of the relaxation options."""
     from structure.relax import RelaxSettings
