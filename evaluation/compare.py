@@ -76,16 +76,31 @@ def structure_novelty(structures: Sequence, training: Sequence, matcher=None) ->
 
 
 def sun_summary(e_hull: Sequence, flags: Sequence[tuple[bool, bool]], n_samples: int, seconds: float,
-                thresholds: Sequence[float] = (0.0, 0.1)) -> dict:
+                thresholds: Sequence[float] = (0.0, 0.1), n_elements: Sequence[int] | None = None) -> dict:
     """SUN counts and rates of a generator's structures: ``e_hull[i]`` (eV/atom, NaN when not placed) and
     ``flags[i]`` = (unique, novel) per structure; a structure is SUN at threshold t when E_hull <= t and it is
-    unique and novel. Rates are per generated sample (``n_samples``) and per hour of the path's wall time."""
+    unique and novel. Rates are per generated sample (``n_samples``) and per hour of the path's wall time.
+    With ``n_elements[i]`` (elements in structure i), ``by_n_elements`` breaks the counts down by it:
+    ``{k: {"n_structures", "n_with_e_hull", "<t>": {"n_stable", "n_sun"}}}``."""
+    def counts(idx: Sequence[int]) -> dict:
+        out = {}
+        for t in thresholds:
+            stable = [i for i in idx if e_hull[i] == e_hull[i] and e_hull[i] <= t + 1e-12]
+            out[f"{t:g}"] = {"n_stable": len(stable), "n_sun": sum(1 for i in stable if all(flags[i]))}
+        return out
+
+    every = range(len(e_hull))
     out: dict = {"n_samples": n_samples, "n_with_e_hull": int(sum(1 for e in e_hull if e == e)), "seconds": seconds}
-    for t in thresholds:
-        n = sum(1 for e, (u, v) in zip(e_hull, flags) if e == e and e <= t + 1e-12 and u and v)
-        n_stable = sum(1 for e in e_hull if e == e and e <= t + 1e-12)
-        out[f"{t:g}"] = {"n_stable": n_stable, "n_sun": n, "sun_rate": n / n_samples if n_samples else None,
-                         "sun_per_hour": n / (seconds / 3600) if seconds else None}
+    for t, c in counts(every).items():
+        out[t] = {**c, "sun_rate": c["n_sun"] / n_samples if n_samples else None,
+                  "sun_per_hour": c["n_sun"] / (seconds / 3600) if seconds else None}
+    if n_elements is not None:
+        out["by_n_elements"] = {}
+        for k in sorted(set(n_elements)):
+            idx = [i for i in every if n_elements[i] == k]
+            out["by_n_elements"][str(k)] = {"n_structures": len(idx),
+                                            "n_with_e_hull": sum(1 for i in idx if e_hull[i] == e_hull[i]),
+                                            **counts(idx)}
     return out
 
 
@@ -181,6 +196,11 @@ def summary_rows(result: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
         if all(v is None for v in values):
             continue
         rows.append((label, [_fmt(v, kind) for v in values]))
+    sizes = sorted({int(k) for n in names for k in (_get(gens[n], "sun", "by_n_elements") or {})})
+    for k in sizes:  # SUN / structures by number of elements
+        cells = [(_get(gens[n], "sun", "by_n_elements") or {}).get(str(k)) for n in names]
+        rows.append((f"SUN at E_hull <= 0.1 / structures, {k} element{'s' if k > 1 else ''}",
+                     ["-" if c is None else f"{c['0.1']['n_sun']} / {c['n_structures']}" for c in cells]))
     return names, rows
 
 

@@ -60,6 +60,14 @@ def test_sun_summary_counts_stable_unique_novel():
     assert r["n_with_e_hull"] == 4
     assert r["0"]["n_stable"] == 2 and r["0"]["n_sun"] == 1  # the E_hull 0 one is not novel
     assert r["0.1"]["n_sun"] == 2 and r["0.1"]["sun_rate"] == 0.2 and r["0.1"]["sun_per_hour"] == 2
+    assert "by_n_elements" not in r
+    by = sun_summary(e_hull, flags, n_samples=10, seconds=3600, n_elements=[2, 3, 3, 2, 2])["by_n_elements"]
+    assert list(by) == ["2", "3"]
+    assert by["2"]["n_structures"] == 3 and by["2"]["n_with_e_hull"] == 2 and by["2"]["0.1"] == {"n_stable": 2,
+                                                                                                  "n_sun": 1}
+    assert by["3"]["0.1"] == {"n_stable": 1, "n_sun": 1} and by["3"]["0"] == {"n_stable": 0, "n_sun": 0}
+    names, rows = summary_rows({"generators": {"g": {"sun": {"by_n_elements": by}}}})
+    assert ("SUN at E_hull <= 0.1 / structures, 3 elements", ["1 / 2"]) in rows
 
 
 def test_density_histograms_share_edges_and_sum_to_one():

@@ -69,6 +69,7 @@ def _score_generator(gen_dir: Path, samples: list[str], context: dict, args: arg
         out["structure_novelty"] = structure_novelty(readable, context["training_structures"])
         if args.relax:
             out["_flags"] = unique_novel_flags(structures, context["training_by_formula"])
+            out["_n_elements"] = [len(s.composition) if s is not None else 0 for s in structures]
         valid = [s for s in readable if structure_validity(s)[0] and composition_validity(s)[0]]
         out["densities"] = [float(s.density) for s in valid]
     if args.relax:
@@ -256,9 +257,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for g in generators.values():
         n_valid = (g.get("structure_metrics") or {}).get("n_valid") or 0
         g["timing"]["per_valid_structure_s"] = g["timing"]["generate_s"] / n_valid if n_valid else None
-        e_hull, flags = g.pop("_e_hull", None), g.pop("_flags", None)
+        e_hull, flags, n_elements = g.pop("_e_hull", None), g.pop("_flags", None), g.pop("_n_elements", None)
         if e_hull is not None:
-            g["sun"] = sun_summary(e_hull, flags or [], args.n, g["timing"]["generate_s"])
+            g["sun"] = sun_summary(e_hull, flags or [], args.n, g["timing"]["generate_s"], n_elements=n_elements)
     densities = {"test": [float(s.density) for s in context["reference"]]}
     densities.update({n: g.pop("densities") for n, g in generators.items() if "densities" in g})
     result = {
