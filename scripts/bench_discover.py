@@ -2,8 +2,10 @@
 whole mp_union store, the package's default potential scheme (or --potential); SUN rates, the funnel, the best candidates, and the rediscovery check.
 
     python scripts/bench_discover.py [--model diffusion-bert] [--n 1000] [--seed 0] [--workers 2] [--resume]
+    python scripts/bench_discover.py --snapshot [--n 1000 ...]   # the run so far -> benchmarks/discover_runs/
 
-The run goes to runs/discover/<model>-n<N>-seed<S> (`--resume` finishes a stopped one); the report to
+The run goes to runs/discover/<model>-n<N>-seed<S> (`--resume` finishes a stopped one, from the snapshot in
+benchmarks/discover_runs/ where runs/ lacks it, e.g. on another machine); the report to
 benchmarks/discover_<model>.md and .json, with the run's report.html and plots copied beside it.
 
 Rediscovery: generated formulas that belong to MP's held-out `test` split (mp_formulas.csv) are MP compounds
@@ -26,9 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchlib import command_line, cpu  # noqa: E402
+from scripts.benchlib import command_line, cpu, restore_file, snapshot_files  # noqa: E402
 
 from evaluation.io import write_json, write_text  # noqa: E402
+
+SNAPSHOTS = ROOT / "benchmarks" / "discover_runs"
 
 
 def rediscovery(out: Path, shared: Path) -> dict:
@@ -80,15 +84,24 @@ def main() -> int:
     ap.add_argument("--potential", default=None, help="discover's --potential (default: the package's default "
                     "scheme; the seed run used ../shared/models/matgl/M3GNet-MP-2021.2.8-PES)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--snapshot", action="store_true", help="save the run's sampled formulas, run config and journal so far "
+                    "(gzipped) to benchmarks/discover_runs/ and stop")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    out = Path("runs") / "discover" / f"{args.model}-n{args.n}-seed{args.seed}"
+    files = [ROOT / out / name for name in ("formulas.csv", "run_config.json", "journal.jsonl")]
+    if args.snapshot:
+        snapshot_files([p for p in files if p.is_file()], SNAPSHOTS)
+        return 0
+    if args.resume:
+        for path in files:
+            restore_file(path, SNAPSHOTS)
     from composition_lm.cli import main as cli
 
     if not (args.templates / "store.json").is_file():
         assert cli(["templates", "build", str(args.shared / "data/structures/mp_union.csv.gz"), "-o",
                     str(args.templates), "--no-progress"]) == 0
     os.chdir(ROOT)  # the command it records names paths relative to the repository, so a reader can rerun it
-    out = Path("runs") / "discover" / f"{args.model}-n{args.n}-seed{args.seed}"
     argv = ["discover", "--model", args.model, "-n", str(args.n), "--seed", str(args.seed), "--templates",
             os.path.relpath(args.templates, ROOT), *(["--potential", args.potential] if args.potential else []),
             "--workers", str(args.workers), "--no-progress", "-o", str(out)]

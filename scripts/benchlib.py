@@ -4,6 +4,7 @@ the benchmark section of a model card."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -47,6 +48,32 @@ def time_sample_command(model: str, n: int, repeats: int, tmp: Path) -> dict:
     return {"seconds": times, "formulas_per_s": _spread([n / t for t in times]),
             "valid_novel_unique_per_s": _spread([v / t for v, t in zip(vnu, times)]),
             "sample_command": "composition-gen " + shlex.join(cmd[3:])}
+
+
+def snapshot_files(files: list[Path], dest_dir: Path) -> list[Path]:
+    """Gzip each run file (journals, sampled formulas) into ``dest_dir`` as ``<its folder>.<its name>.gz``, so a run
+    stopped on one machine resumes on another (:func:`restore_file` puts them back)."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in files:
+        dest = dest_dir / f"{src.parent.name}.{src.name}.gz"
+        with open(src, "rb") as fh, atomic_path(dest) as tmp:
+            tmp.write_bytes(gzip.compress(fh.read(), mtime=0))
+        print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB", flush=True)
+        out.append(dest)
+    return out
+
+
+def restore_file(dest: Path, dest_dir: Path) -> bool:
+    """Put a file that :func:`snapshot_files` saved back at ``dest`` when ``dest`` is missing; True if it did."""
+    src = dest_dir / f"{dest.parent.name}.{dest.name}.gz"
+    if not src.is_file() or dest.is_file():
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(gzip.decompress(src.read_bytes()))
+    print(f"restored {dest} from {src}", flush=True)
+    return True
 
 
 def cpu() -> str:
