@@ -84,8 +84,8 @@ def main() -> int:
     ap.add_argument("--potential", default=None, help="discover's --potential (default: the package's default "
                     "scheme; the seed run used ../shared/models/matgl/M3GNet-MP-2021.2.8-PES)")
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--snapshot", action="store_true", help="save the run's sampled formulas, run config and journal so far "
-                    "(gzipped) to benchmarks/discover_runs/ and stop")
+    ap.add_argument("--snapshot", action="store_true", help="save the run's sampled formulas, run config and "
+                    "journal so far (gzipped) to benchmarks/discover_runs/ and stop")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     out = Path("runs") / "discover" / f"{args.model}-n{args.n}-seed{args.seed}"
