@@ -264,23 +264,30 @@ def cmd_report(args) -> int:
     lines = ["# SUN candidates per CPU-hour of the discovery funnel", "",
              f"The same {meta['n_formulas']} formulas (Diffusion-BERT, seed 0: "
              "`composition-gen sample -n 200 --seed 0`) "
-             "through `composition-gen discover --from` under each configuration, one after another on this "
-             f"machine, each in a child process on one thread; CPU: {meta['cpu']}. CPU-s: the child process's user + "
-             "system seconds (model loading, templates, relaxation, judging, novelty). Elemental references were "
-             "relaxed beforehand, once per potential (the per-machine cache; one-off CPU-s: "
-             + ", ".join(f"{k} {v:.0f}" for k, v in refs.items()) + "). Another job shared the machine's 2 cores, "
-             "which CPU seconds measure less than wall time does.", "",
-             f"Command: `{meta['command']}`, then `python scripts/bench_funnel_speed.py report`.", "",
+             "through `composition-gen discover --from` under each configuration on this machine, each in a child "
+             f"process on one thread; CPU: {meta['cpu']}. CPU-s: the child process's user + system seconds (model "
+             "loading, templates, relaxation, judging, novelty). Elemental references were relaxed beforehand, once "
+             "per potential (the per-machine cache; one-off CPU-s: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in refs.items()) + "). Other jobs shared the machine's 2 cores "
+             "(two to three processes at a time), which CPU seconds measure less than wall time does. SUN still "
+             "stable: each SUN candidate's structure scored again by a SevenNet-l3i5 single point (the default's "
+             "judge; its cost is not counted), so that a potential that places too much below the hull does not "
+             "count more SUN. x m3gnet: the ratio to the `m3gnet` row, the seed's funnel.", "",
+             "Command: `python scripts/bench_funnel_speed.py run`, then `python scripts/bench_funnel_speed.py "
+             "report`.", "",
              "| configuration | with structure | relaxed | stable (0.1) | SUN at 0.1 | SUN at 0 | CPU-s "
-             "| SUN / CPU-hour "
-             "| SUN still stable by SevenNet-l3i5 (0.1 / 0) | those / CPU-hour |",
+             "| SUN / CPU-hour (x m3gnet) "
+             "| SUN still stable by SevenNet-l3i5 (0.1 / 0) | those / CPU-hour (x m3gnet) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = rows.get("m3gnet")
     for name, r in rows.items():
         c = r["counts"]
+        ratio = (f" ({r['sun_per_cpu_hour'] / base['sun_per_cpu_hour']:.2f})" if base else "")
+        ratio_checked = (f" ({r['rejudged_per_cpu_hour'] / base['rejudged_per_cpu_hour']:.2f})" if base else "")
         lines.append(f"| {name}: {r['what']} | {c['with_structure']} | {c['relaxed']} | {c['stable']} | "
-                     f"{r['sun_0.1']} | {r['sun_0']} | {r['cpu_s']:.0f} | {r['sun_per_cpu_hour']:.1f} | "
+                     f"{r['sun_0.1']} | {r['sun_0']} | {r['cpu_s']:.0f} | {r['sun_per_cpu_hour']:.1f}{ratio} | "
                      f"{r['rejudged']['still_stable_0.1']} / {r['rejudged']['still_stable_0']} | "
-                     f"{r['rejudged_per_cpu_hour']:.1f} |")
+                     f"{r['rejudged_per_cpu_hour']:.1f}{ratio_checked} |")
     write_text(ROOT / "benchmarks" / "funnel_speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
