@@ -306,15 +306,21 @@ class StabilityScorer:
             rec.index = row.index
         return records
 
+    @staticmethod
+    def _e_form(judge, correction: str, structure, energy_per_atom: float) -> tuple[float, float, str]:
+        """(formation energy per atom on the hull's scale, the correction in it, a note on the correction) by one
+        potential's energy; ValueError where its elemental references lack an element."""
+        e_form = judge.formation_energy_per_atom(structure.composition, energy_per_atom)
+        corr, why = correction_per_atom(structure, energy_per_atom, correction)
+        return e_form + corr, corr, why
+
     def _relaxer_e_hull(self, structure, energy_per_atom: float, exclude=()) -> float:
         """E_hull by the relaxing potential's own energy (NaN where it cannot be placed)."""
-        comp = structure.composition
         try:
-            e_form = self.relaxer.formation_energy_per_atom(comp, energy_per_atom)
+            e_form = self._e_form(self.relaxer, self.correction, structure, energy_per_atom)[0]
         except ValueError:
             return math.nan
-        e_form += correction_per_atom(structure, energy_per_atom, self.correction)[0]
-        return self.hull.e_above_hull(comp, e_form, exclude=exclude).e_hull_per_atom
+        return self.hull.e_above_hull(structure.composition, e_form, exclude=exclude).e_hull_per_atom
 
     def _ceiling(self, structure, exclude=()) -> float | None:
         """The relaxing potential's energy per atom at which ``structure`` lies ``screening.stop_above`` above the
@@ -388,15 +394,14 @@ class StabilityScorer:
                 notes.append(f"{who}no energy")
                 continue
             try:
-                e_form = judge.formation_energy_per_atom(comp, energy)
+                e_form, corr, why = self._e_form(judge, correction, rec.structure, energy)
             except ValueError as err:
                 notes.append(f"{who}no formation energy: {err}")
                 continue
-            corr, why = correction_per_atom(rec.structure, energy, correction)
             if why:
                 notes.append(f"{who}{why}")
             notes += [f"{who}{n}" for n in judge.references.notes(comp)]
-            e_forms.append(e_form + corr)
+            e_forms.append(e_form)
             corrections.append(corr)
         if len(e_forms) < len(scored):  # a committee member that cannot judge leaves the row unplaced
             rec.reason = "; ".join(notes)
