@@ -15,6 +15,14 @@ Names (:data:`POTENTIALS`; ``composition-gen potentials`` lists them, with wheth
     dependency: SevenNet-l3i5 judges the default scheme), whose licence file (MIT, (c) 2024 Yutack Park) covers
     the package and the checkpoints it carries. Trained on MPtrj's *uncorrected* energies: scale
     ``mp-uncorrected`` (MP2020 corrections are added, as Matbench Discovery does).
+``nequix-mp-1``
+    Nequix MP-1 (Koker et al. 2025; MIT code, CC BY 4.0 weights) on JAX's CPU backend (its PyTorch backend
+    imports JAX too, and its kernels need a GPU), optional: ``pip install "composition-gen[nequix]"``. Its
+    weights are in the atomicarchitects/nequix repository, not in the wheel, and nequix downloads them on first
+    use; here they are read from nequix's cache (``~/.cache/nequix/models/nequix-mp-1.nqx``, or the path in
+    :data:`NEQUIX_WEIGHTS`) and never downloaded, so a missing file is a clear error. Its relaxed NaCl lies
+    where SevenNet's does (-3.385 eV/atom, CHGNet's -3.668): scale ``mp-uncorrected``. The first structure of
+    each size costs a JIT compilation (about 17 CPU-s on a 2-core AVX2 EPYC).
 ``m3gnet``
     M3GNet-MP-2021.2.8 (Chen & Ong 2022; BSD-3) through matgl: scale ``mp-uncorrected``. Its weights do not
     come with matgl's wheel: the name loads them from matgl's download cache or hub, and a local folder
@@ -162,6 +170,33 @@ def _sevennet_factory(name: str):
     return factory
 
 
+#: Where the ``nequix-*`` names read their weights (nequix's own download cache); a ``.nqx`` file per name.
+NEQUIX_WEIGHTS = Path("~/.cache/nequix/models")
+_NEQUIX_SOURCE = "https://github.com/atomicarchitects/nequix/tree/main/models"
+
+
+def _nequix_factory(name: str):
+    """A Nequix model on JAX's CPU backend from ``NEQUIX_WEIGHTS/<name>.nqx`` (a JSON line and equinox arrays:
+    nothing is unpickled), loaded once; each structure gets a shallow copy of the calculator sharing the model."""
+    import copy
+
+    from nequix.calculator import NequixCalculator
+
+    path = NEQUIX_WEIGHTS.expanduser() / f"{name}.nqx"
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: no weights at {path}; nothing is downloaded here: fetch {name}.nqx from "
+                                f"{_NEQUIX_SOURCE} (CC BY 4.0) and put it there")
+    with contextlib.redirect_stdout(io.StringIO()):
+        calc = NequixCalculator(model_path=str(path), backend="jax", use_kernel=False)
+
+    def factory():
+        fresh = copy.copy(calc)
+        fresh.results, fresh.atoms = {}, None
+        return fresh
+
+    return factory
+
+
 def _m3gnet_factory(source: str):
     def load():
         model = load_matgl(source)
@@ -190,6 +225,9 @@ POTENTIALS: dict[str, PotentialSpec] = {
     "sevennet-l3i5": PotentialSpec("sevennet-l3i5", "SevenNet-l3i5 (MPtrj)", "sevenn", "",
                                    "mp-uncorrected", "MIT", "F1 0.760, MAE 0.044",
                                    functools.partial(_sevennet_factory, "sevennet-l3i5")),
+    "nequix-mp-1": PotentialSpec("nequix-mp-1", "Nequix MP-1 (MPtrj) on JAX (weights from nequix's cache, not "
+                                 "downloaded)", "nequix", "nequix", "mp-uncorrected", "MIT / CC BY 4.0",
+                                 "F1 0.751", functools.partial(_nequix_factory, "nequix-mp-1")),
     "m3gnet": PotentialSpec("m3gnet", "M3GNet-MP-2021.2.8 via matgl (weights from matgl's cache or hub, or pass "
                             "the model folder)", "matgl", "", "mp-uncorrected", "BSD-3-Clause",
                             "F1 0.569, MAE 0.075", _m3gnet_factory("M3GNet-MP-2021.2.8-PES")),

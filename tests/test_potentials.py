@@ -25,7 +25,8 @@ MATPES = SHARED / "M3GNet-MatPES-PBE-v2025.1-PES"
 #: NaCl rock salt relaxed from a = 5.2 Å (FIRE, fmax 0.01, cell + positions): eV/atom measured with each
 #: potential through this loop (M3GNet's is ../shared/README.md's reference value). CHGNet sits ~0.3 eV/atom
 #: lower: its training energies carry MP2020's Cl correction (-0.614 eV per Cl).
-NACL_ENERGY = {"chgnet": -3.668, "sevennet-0": -3.384, "sevennet-l3i5": -3.387, "m3gnet": -3.3675}
+NACL_ENERGY = {"chgnet": -3.668, "sevennet-0": -3.384, "sevennet-l3i5": -3.387, "m3gnet": -3.3675,
+               "nequix-mp-1": -3.385}
 
 
 def rock_salt(a: float) -> Structure:
@@ -40,6 +41,8 @@ def _source(name: str):
         return M3GNET
     if not potentials.POTENTIALS[name].installed():
         pytest.skip(f"{name} needs {potentials.POTENTIALS[name].package}")
+    if name.startswith("nequix") and not (potentials.NEQUIX_WEIGHTS.expanduser() / f"{name}.nqx").is_file():
+        pytest.skip(f"{name} needs its weights in {potentials.NEQUIX_WEIGHTS}")
     return name
 
 
@@ -86,6 +89,19 @@ def test_a_missing_extra_names_the_pip_extra(monkeypatch):
         get_potential("optional-one")
     with pytest.raises(ValueError, match="composition-gen\\[optional\\]"):  # the console script reports it in a line
         get_potential("Optional-One")
+
+
+def test_nequix_without_its_weights_is_a_clear_error_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    if not potentials.POTENTIALS["nequix-mp-1"].installed():
+        pytest.skip("needs the nequix extra")
+    monkeypatch.setattr(potentials, "NEQUIX_WEIGHTS", tmp_path)
+    potentials._registered.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match=r"nequix-mp-1\.nqx from https://github.com/atomicarchitects"):
+            get_potential("nequix-mp-1")
+        assert not list(tmp_path.iterdir())
+    finally:
+        potentials._registered.cache_clear()
 
 
 def test_bad_potentials_fail_with_a_clear_message(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 PROTOCOL_CHOICES = ("cdvae", "smact", "both")
 DEFAULT_POTENTIAL = "chgnet"  # structure.potentials.DEFAULT_POTENTIAL (kept import-free for --help; a test checks)
 DEFAULT_JUDGES = ("sevennet-l3i5",)  # structure.potentials.DEFAULT_JUDGES
-POTENTIAL_NAMES = ("chgnet", "sevennet-0", "sevennet-l3i5", "m3gnet")  # structure.potentials.POTENTIALS
+POTENTIAL_NAMES = ("chgnet", "sevennet-0", "sevennet-l3i5", "nequix-mp-1", "m3gnet")  # structure.potentials.POTENTIALS
 # structure.stability.DEFAULT_STOP_MARGIN, DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER (a test checks)
 DEFAULT_STOP_MARGIN, DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER = 0.5, 0.2, 50
 
