@@ -50,7 +50,7 @@ CONFIGS = {
     "default+screening+skip+steps200": (["--skip-above", "0.15", "--max-steps", "200"],
                                         "and at most 200 relaxation steps (traces: 26 % of M3GNet's steps come after "
                                         "step 200, which move the energy by at most 0.019 eV/atom)"),
-    "m3gnet>l3i5+screening": (["--potential", os.path.relpath(M3GNET, ROOT), "--judge", "sevennet-l3i5"],
+    "m3gnet-relax+l3i5+screening": (["--potential", os.path.relpath(M3GNET, ROOT), "--judge", "sevennet-l3i5"],
                               "M3GNet relaxes, SevenNet-l3i5 judges, default screening (WBM: MAE 0.049, F1 0.810; "
                               "M3GNet's weights do not come with the install, so not the default)"),
 }
