@@ -220,7 +220,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         quiet_console()
         relaxed = (f"; E_hull: {scorer.describe()} ({args.optimizer}, fmax {args.fmax} eV/Å, at most "
                    f"{args.max_steps} steps; elemental references: the shipped MP ground states, checked against "
-                   f"{args.references or references}; reference hull: {scorer.hull.source})")
+                   f"{args.references or references}; reference hull: {shown_path(scorer.hull.source)})")
 
     generators: dict[str, dict] = {}
     taken: dict[str, int] = {}
