@@ -276,6 +276,6 @@ class Relaxer:
                 notes = self.references.notes(row.structure.composition)
             except ValueError as e:
                 notes = [f"no formation energy: {e}"]
-            notes = [n for n in notes if n not in row.reason]
-            row.reason = "; ".join([row.reason, *notes] if row.reason else notes)
+            present = row.reason.split("; ") if row.reason else []  # a judge's record may hold the same notes
+            row.reason = "; ".join(present + [n for n in notes if n not in present])
         return row
