@@ -14,10 +14,10 @@ the sampler and returns them as a ``pandas.DataFrame`` with the columns of ``for
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 from composition_lm.models import LoadedModel, load_model
+from composition_lm.sampling_config import SAMPLING_CONFIG_NAME, SamplingConfig
 
 __all__ = ["FORMULA_COLUMNS", "FormulaGenerator", "write_formulas"]
 
@@ -26,14 +26,6 @@ FORMULA_COLUMNS = ["index", "sample", "formula", "parse_ok", "parse_error", "n_e
                    "valid_cdvae", "reason_cdvae", "valid_smact", "reason_smact", "is_novel"]
 #: files of a model folder that travel with it besides the weights, config and tokenizer
 _MODEL_FILES = ("training_formulas.txt.gz", "training_args.json", "metrics.json", "README.md")
-
-
-def _elements(value: str | Sequence[str] | None) -> list[str]:
-    """``"Li,Mn,O"`` or ``["Li", "Mn", "O"]`` -> a list of symbols (None -> [])."""
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else value
-    return [e.strip() for e in items if e and e.strip()]
 
 
 class FormulaGenerator:
@@ -49,8 +41,12 @@ class FormulaGenerator:
     ['index', 'sample', 'formula']
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, sampling_config: SamplingConfig | None = None):
         self.loaded = loaded
+        saved = loaded.path / SAMPLING_CONFIG_NAME
+        #: the model's sampling defaults (its folder's ``sampling_config.json``, else the built-in ones); each
+        #: :meth:`generate` call overrides what it names, and :meth:`save_pretrained` saves them with the model
+        self.sampling_config = sampling_config or (SamplingConfig.load(saved) if saved.is_file() else SamplingConfig())
 
     # ------------------------------------------------------------------------------ loading, saving
     @classmethod
@@ -61,7 +57,7 @@ class FormulaGenerator:
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the model as a folder that :meth:`from_pretrained` reads: safetensors weights, config,
-        tokenizer, and the files that came with it (training formulas for novelty, arguments, metrics,
+        tokenizer, sampling defaults (``sampling_config.json``), and the files that came with it (training formulas for novelty, arguments, metrics,
         model card). Written beside ``path`` and renamed into place."""
         path = Path(path)
         if path.resolve() == self.path.resolve():
@@ -71,6 +67,7 @@ class FormulaGenerator:
             shutil.rmtree(tmp)
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
+        self.sampling_config.save(tmp / SAMPLING_CONFIG_NAME)
         for name in _MODEL_FILES:
             if (self.path / name).is_file():
                 shutil.copyfile(self.path / name, tmp / name)
@@ -106,68 +103,32 @@ class FormulaGenerator:
         """The reduced formulas the model was trained on (novelty is judged against them), if stored."""
         return self.loaded.training_formulas()
 
-    def sampling_settings(self, steps: int | None = None, method: str | None = None, clamp: bool | None = None,
-                          noise_scale: float | None = None) -> dict:
-        """The steps (and, for Diffusion-LM, method, clamping and noise scale) a run uses: what is asked,
-        else the model's defaults."""
-        from composition_lm.sampling import resolve_sampling_settings
-
-        return resolve_sampling_settings(self.config, steps, method, clamp, noise_scale)
-
     # ------------------------------------------------------------------------------------- sampling
-    def generate(self, n: int, seed: int = 0, steps: int | None = None, elements: str | Sequence[str] | None = None,
-                 require: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 max_elements: int | None = None, batch_size: int = 1000, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, condition: str | None = "auto",
-                 method: str | None = None, clamp: bool | None = None, noise_scale: float | None = None,
-                 dtype: str = "auto", validity: str = "cdvae", validity_rounds: int = 10, validity_t: float = 1.0,
-                 validity_keep_elements: bool = True, validity_exact: bool = True, guidance: float | None = None,
-                 targets: str | Sequence | None = None, progress: bool = False):
+    def generate(self, n: int, seed: int = 0, config: SamplingConfig | None = None, progress: bool = False,
+                 **overrides):
         """``n`` formulas as a ``pandas.DataFrame`` with the columns of ``formulas.csv``
         (:data:`FORMULA_COLUMNS`): the raw sample, its reduced formula, parse status, element and atom
         counts, validity and reason under both protocols, and ``is_novel`` against the training formulas.
 
-        ``elements`` (only these), ``require`` (every sample contains these), ``exclude`` and
-        ``max_elements`` are enforced inside the sampler. ``targets``: property windows for a
-        property-conditioned model of either family (``"band_gap=1:3"`` strings or
-        :class:`~composition_lm.conditions.Target`; each sample conditioned on a bin, or rank, inside each
-        window), with ``guidance`` (classifier-free guidance scale towards the targets, or towards a validity condition;
-        None or 1: plain conditional sampling). Diffusion-BERT takes ``temperature``, ``top_k``,
-        ``top_p`` and ``condition`` (``"valid"``, ``"invalid"`` or None for a validity-conditioned model;
-        ``"auto"``: valid when the model has the condition); Diffusion-LM takes ``method`` (ddpm/ddim),
-        ``clamp`` and ``noise_scale``; ``steps`` and these default to the model's settings. ``dtype``:
-        ``auto``, ``float32`` or ``bfloat16``. ``validity`` (``cdvae``, the default, ``smact`` or ``none``)
-        is enforced inside the sampler: the last token revealed in a row that would complete it invalid is
-        drawn again among the tokens that make it valid (exact decoding; off with ``validity_exact=False``),
-        and a row that still fails the protocol is re-noised to ``validity_t`` and denoised again, at most ``validity_rounds`` times, keeping its number of distinct elements
-        unless ``validity_keep_elements`` is False (:mod:`composition_lm.valid_sampling`); a row
-        that still fails is kept, flagged by its ``valid_<protocol>`` column and counted in
-        ``table.attrs["validity"]``; ``none`` gives the raw samples. One ``torch.Generator`` seeded with
-        ``seed`` drives everything: the same arguments give the same table. ``table.attrs["sampling"]``
-        records every setting used."""
+        How: ``config`` (a :class:`~composition_lm.sampling_config.SamplingConfig`; default: this model's
+        :attr:`sampling_config`) with ``overrides`` (any of its fields, e.g. ``require=["Li"]``,
+        ``max_elements=4``, ``temperature=0.9``, ``targets=["band_gap=1:3"]``, ``validity="none"``). Element
+        constraints and the validity protocol are enforced inside the sampler; a row that still fails the protocol
+        after the repair budget is kept, flagged by its ``valid_<protocol>`` column and counted in
+        ``table.attrs["validity"]``. One ``torch.Generator`` seeded with ``seed`` drives everything: the same
+        arguments give the same table. ``table.attrs["sampling"]`` records ``n``, ``seed`` and every setting used
+        (the model's own steps and chain filled in), so it reproduces the run."""
         import pandas as pd
 
-        from composition_lm.sampling import Constraints, generate
-        from composition_lm.valid_sampling import RepairStats, ValiditySettings
+        from composition_lm.sampling import generate
+        from composition_lm.valid_sampling import RepairStats
         from evaluation.validity import check_formulas
 
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        constraints = Constraints(elements=_elements(elements) or None, require=_elements(require),
-                                  exclude=_elements(exclude), max_elements=max_elements)
-        from composition_lm.conditions import Target, parse_target
-
-        if isinstance(targets, (str, Target)):
-            targets = [targets]
-        targets = [t if isinstance(t, Target) else parse_target(t) for t in targets or []]
-        guard = ValiditySettings(validity, validity_rounds, validity_t, validity_keep_elements, validity_exact)
+        config = (config or self.sampling_config).replace(**overrides)
         stats = RepairStats()
-        samples = generate(self.loaded, n, steps=steps, batch_size=batch_size, seed=seed, temperature=temperature,
-                           top_k=top_k, top_p=top_p, constraints=constraints, progress=progress, dtype=dtype,
-                           condition=condition, method=method, clamp=clamp, noise_scale=noise_scale,
-                           validity=guard, stats=stats, guidance=guidance, targets=targets)
+        samples = generate(self.loaded, n, seed=seed, config=config, progress=progress, stats=stats)
         formulas = [f for _, f, _ in samples if f is not None]
         verdicts = {p: dict(zip(formulas, check_formulas(formulas, p))) for p in ("cdvae", "smact")}
         train = self.training_formulas()
@@ -183,23 +144,27 @@ class FormulaGenerator:
                          novel])
         table = pd.DataFrame(rows, columns=FORMULA_COLUMNS)
         table = table.astype({"n_elements": "Int64", "n_atoms": "Int64", "is_novel": "boolean"})
-        table.attrs["sampling"] = {
-            "n": n, "seed": seed, **self.sampling_settings(steps, method, clamp, noise_scale), "batch_size": batch_size,
-            "dtype": dtype, "temperature": temperature, "top_k": top_k, "top_p": top_p, "condition": condition, "guidance": guidance,
-            "targets": [str(t) for t in targets],
-            "constraints": constraints.as_dict(), "validity": guard.as_dict(),
-        }
+        table.attrs["sampling"] = {"n": n, "seed": seed, **self.resolved(config).to_dict()}
         table.attrs["validity"] = stats.as_dict()
-        if guard.protocol != "none":
-            failing = int((~table[f"valid_{guard.protocol}"]).sum())
+        if config.validity != "none":
+            failing = int((~table[f"valid_{config.validity}"]).sum())
             table.attrs["validity"]["failing_rows"] = failing
             if failing:
                 import warnings
 
-                warnings.warn(f"{failing} of {n} samples still fail the {guard.protocol} protocol after "
-                              f"{guard.rounds} repair rounds; they are kept and flagged (valid_{guard.protocol} "
-                              "is False)", stacklevel=2)
+                warnings.warn(f"{failing} of {n} samples still fail the {config.validity} protocol after "
+                              f"{config.validity_rounds} repair rounds; they are kept and flagged "
+                              f"(valid_{config.validity} is False)", stacklevel=2)
         return table
+
+    def resolved(self, config: SamplingConfig | None = None) -> SamplingConfig:
+        """``config`` (default: :attr:`sampling_config`) with the model's own steps (and, for Diffusion-LM, chain
+        method, clamping and noise scale) filled in where it leaves them to the model."""
+        from composition_lm.sampling import resolve_sampling_settings
+
+        config = config or self.sampling_config
+        return config.replace(**resolve_sampling_settings(self.config, config.steps, config.method, config.clamp,
+                                                          config.noise_scale))
 
     def summary(self, table) -> dict:
         """Counts and fractions of a :meth:`generate` table: parsed, distinct, validity under both

@@ -22,13 +22,16 @@ Every sampler takes a ``torch.Generator``; the same generator state gives the sa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from composition_lm.conditions import null_conditions, sample_conditions
-from composition_lm.formula import FormulaError, get_codec
+from composition_lm.decoding import decode_samples
 from composition_lm.models import is_gaussian
+from composition_lm.sampling_config import SamplingConfig
+from composition_lm.schedulers import GaussianDiffusionScheduler, MaskedDiffusionScheduler
 from composition_lm.tokenizer import BOS, COUNT_OFFSET, ELEMENT_OFFSET, EOS, MASK, PAD
 from composition_lm.valid_sampling import (
     ExactDecoder,
@@ -42,8 +45,8 @@ from composition_lm.valid_sampling import (
 )
 from evaluation.composition import ATOMIC_NUMBER, ELEMENTS, Formula
 
-__all__ = ["ConstraintError", "Constraints", "LogitRules", "decode_samples", "denoise_gaussian", "denoise_masked",
-           "generate", "sample_gaussian_diffusion", "sample_masked_diffusion"]
+__all__ = ["ConstraintError", "Constraints", "GaussianDenoiser", "LogitRules", "MaskedDenoiser", "decode_samples",
+           "denoise_gaussian", "denoise_masked", "generate", "sample_gaussian_diffusion", "sample_masked_diffusion"]
 
 
 class ConstraintError(ValueError):
@@ -271,111 +274,90 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-@torch.inference_mode()
-def denoise_masked(
-    model,
-    x: torch.Tensor,
-    steps: int,
-    generator: torch.Generator,
-    rules: LogitRules,
-    t_start: float = 1.0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    time_conditioning: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    counter: list[int] | None = None,
-    exact: ExactDecoder | None = None,
-    guidance: float | None = None,
-    conditions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The reverse process from time ``t_start`` to 0 in ``steps`` steps on rows ``x`` (``[B, L]`` ids
-    whose masked positions are ``[MASK]``): each step reveals every masked position with probability
-    ``(t - s) / t``; revealed tokens are carried through. ``counter[0]`` (if given) is increased by the
-    number of rows the denoiser evaluates. ``exact`` (an :class:`ExactDecoder`) re-draws the last
-    revealed token of each row the step completed invalid, among the tokens that make it valid.
+class MaskedDenoiser:
+    """``p(x_0 | x_t)`` of a masked-diffusion denoiser as the sampler uses it: the rules' static mask, optional
+    classifier-free ``guidance``, then ``temperature`` / ``top_k`` / ``top_p``. It never puts probability on
+    ``[MASK]`` (the static mask excludes it). ``counter[0]`` (if given) grows by the rows it evaluates.
 
-    ``guidance`` (classifier-free guidance, Schiff et al. 2024; rows must start with a condition token):
-    the denoiser is also run with ``[BOS]`` at position 0 (unconditional) and the tokens are drawn from
-    ``p(x | c)^gamma * p(x)^(1 - gamma)``, renormalised (``gamma = 1``: plain conditional sampling, at
-    one forward pass). ``conditions`` (``[B, P]`` property conditions of a property-conditioned model) are
-    the condition c; the unconditional pass sets them to "not given"
+    ``guidance`` (Schiff et al. 2024; rows start with a condition token): the same rows are also run with
+    ``[BOS]`` at position 0 (unconditional) in one batched pass, and tokens are drawn from
+    ``p(x | c)^gamma * p(x)^(1 - gamma)``, renormalised (``gamma = 1``: plain conditional sampling). Property
+    ``conditions`` (``[B, P]``) are the condition c; the unconditional pass sets them to "not given"
     (:func:`~composition_lm.conditions.null_conditions`)."""
-    device = x.device
-    n = x.shape[0]
-    static = rules.static.to(device)
-    guided = guidance is not None and guidance != 1.0
 
-    def predict(rows: torch.Tensor, t: float) -> torch.Tensor:
-        inputs = x[rows]
-        cond = conditions[rows] if conditions is not None else None
-        if guided:  # the same rows without their condition (start token, properties), in the same pass
+    def __init__(self, model, rules: LogitRules, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, guidance: float | None = None, autocast_dtype: torch.dtype | None = None,
+                 counter: list[int] | None = None):
+        self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
+        self.guided = guidance is not None and guidance != 1.0
+        self.guidance, self.autocast_dtype, self.counter = guidance, autocast_dtype, counter
+        self.time_conditioning = getattr(model.config, "time_conditioning", False)
+        self.static = rules.static.to(next(model.parameters()).device)
+
+    def __call__(self, inputs: torch.Tensor, t: float, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, L, V]`` token probabilities for rows ``inputs`` at time ``t``."""
+        device = inputs.device
+        if self.guided:  # the same rows without their condition (start token, properties), in the same pass
             plain = inputs.clone()
             plain[:, 0] = BOS
             inputs = torch.cat([inputs, plain])
             cond = torch.cat([cond, null_conditions(cond)]) if cond is not None else None
-        if counter is not None:
-            counter[0] += len(inputs)
-        with _autocast(device, autocast_dtype):
-            tt = torch.full((len(inputs),), t, device=device) if time_conditioning else None
-            out = model(inputs, tt) if cond is None else model(inputs, tt, conditions=cond)
-            logits = out.float().masked_fill(~static, -torch.inf)
-        if guided:
-            cond, uncond = logits.log_softmax(-1).chunk(2)
-            logits = guidance * cond + (1 - guidance) * uncond
-            logits = logits.masked_fill(~static, -torch.inf)  # -inf - -inf: keep disallowed tokens out
-        return _filter_logits(logits, temperature, top_k, top_p)
+        if self.counter is not None:
+            self.counter[0] += len(inputs)
+        with _autocast(device, self.autocast_dtype):
+            tt = torch.full((len(inputs),), t, device=device) if self.time_conditioning else None
+            out = self.model(inputs, tt) if cond is None else self.model(inputs, tt, conditions=cond)
+            logits = out.float().masked_fill(~self.static, -torch.inf)
+        if self.guided:
+            cond_lp, uncond_lp = logits.log_softmax(-1).chunk(2)
+            logits = self.guidance * cond_lp + (1 - self.guidance) * uncond_lp
+            logits = logits.masked_fill(~self.static, -torch.inf)  # -inf - -inf: keep disallowed tokens out
+        return _filter_logits(logits, self.temperature, self.top_k, self.top_p)
 
-    probs = predict(torch.arange(n, device=device), t_start)
+
+@torch.inference_mode()
+def denoise_masked(denoiser: MaskedDenoiser, x: torch.Tensor, scheduler: MaskedDiffusionScheduler,
+                   generator: torch.Generator, rules: LogitRules, conditions: torch.Tensor | None = None,
+                   hooks: Sequence[Callable] = ()) -> torch.Tensor:
+    """The reverse process over ``scheduler.timesteps`` on rows ``x`` (``[B, L]`` ids whose masked positions are
+    ``[MASK]``): the denoiser predicts, the scheduler's :meth:`~MaskedDiffusionScheduler.step` reveals and draws,
+    and each hook ``hook(before, after, probs) -> after`` may amend the step's result (the exact decoder,
+    :class:`~composition_lm.valid_sampling.ExactDecoder`). A time-agnostic denoiser is asked again only for rows
+    that changed (MDLM's cache); finished rows are not asked at all."""
+    n = x.shape[0]
+
+    def predict(rows: torch.Tensor, t: float) -> torch.Tensor:
+        return denoiser(x[rows], t, None if conditions is None else conditions[rows])
+
+    probs = predict(torch.arange(n, device=x.device), scheduler.timesteps[0][0])
     last = x.clone()
-    for i in range(steps):
-        t, s = t_start * (1 - i / steps), t_start * (1 - (i + 1) / steps)
-        # MDLM's cache, per row: a time-agnostic denoiser gives the same answer for an unchanged row
-        stale = torch.ones(n, dtype=torch.bool, device=device) if time_conditioning else (x != last).any(1)
+    for i, (t, s) in enumerate(scheduler.timesteps):
+        stale = (torch.ones(n, dtype=torch.bool, device=x.device) if denoiser.time_conditioning
+                 else (x != last).any(1))
         stale &= (x == MASK).any(1)  # a finished row needs no prediction
         if i and stale.any():
             rows = stale.nonzero().squeeze(1)
             probs[rows], last[rows] = predict(rows, t), x[rows]
-        # linear marginal alpha(t) = 1 - t: a masked token is revealed now with prob (t - s) / t
-        reveal = (x == MASK) & (torch.rand(x.shape, generator=generator, device=device) < (t - s) / t)
         before = x
-        x = rules.assign(x, probs, reveal, generator)
-        # everything after a row's first [EOS]/[PAD] is [PAD] with certainty: reveal it now, so the
-        # denoiser sees the length, and finished rows need no further predictions
-        ended = (x == EOS) | (x == PAD)
-        x = torch.where(((ended.cumsum(1) - ended.long()) > 0) & (x == MASK), torch.full_like(x, PAD), x)
-        if exact is not None:
-            x = exact(before, x, probs)
+        x = scheduler.step(x, probs, t, s, generator, rules)
+        for hook in hooks:
+            x = hook(before, x, probs)
     return x
 
 
-@torch.inference_mode()
-def sample_masked_diffusion(
-    model,
-    n: int,
-    steps: int,
-    generator: torch.Generator,
-    rules: LogitRules,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    time_conditioning: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    start_token: int = BOS,
-    counter: list[int] | None = None,
-    exact: ExactDecoder | None = None,
-    guidance: float | None = None,
-    conditions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion denoiser in ``steps`` steps.
-
-    ``start_token`` stands at position 0: ``[BOS]``, or a condition token (``[VALID]``) for a
-    validity-conditioned model, optionally with classifier-free ``guidance`` (:func:`denoise_masked`)."""
+def sample_masked_diffusion(model, n: int, steps: int, generator: torch.Generator, rules: LogitRules, *,
+                            start_token: int = BOS, conditions: torch.Tensor | None = None,
+                            hooks: Sequence[Callable] = (), **denoiser) -> torch.Tensor:
+    """``n`` sequences (``[n, L]`` token ids) from a masked-diffusion model in ``steps`` steps of its trained
+    schedule. ``start_token`` stands at position 0: ``[BOS]``, or a condition token (``[VALID]``) of a
+    validity-conditioned model; ``denoiser``: :class:`MaskedDenoiser`'s settings (temperature, guidance, ...)."""
     device = next(model.parameters()).device
     x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
     x[:, 0] = start_token
-    return denoise_masked(model, x, steps, generator, rules, 1.0, temperature, top_k, top_p, time_conditioning,
-                          autocast_dtype, counter, exact, guidance, conditions)
+    scheduler = MaskedDiffusionScheduler(model.config.masking_schedule())
+    scheduler.set_timesteps(steps)
+    return denoise_masked(MaskedDenoiser(model, rules, **denoiser), x, scheduler, generator, rules, conditions,
+                          hooks)
 
 
 def _nearest_tokens(x: torch.Tensor, emb: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -385,121 +367,71 @@ def _nearest_tokens(x: torch.Tensor, emb: torch.Tensor, allowed: torch.Tensor | 
     return scores if allowed is None else scores.masked_fill(~allowed, -torch.inf)
 
 
-@torch.inference_mode()
-def denoise_gaussian(
-    model,
-    x: torch.Tensor,
-    schedule,
-    k_start: int,
-    generator: torch.Generator,
-    rules: LogitRules,
-    method: str = "ddpm",
-    clamp: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    noise_scale: float = 1.0,
-    counter: list[int] | None = None,
-    exact: ExactDecoder | None = None,
-    guidance: float | None = None,
-    conditions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Token ids (``[B, L]``) from ``x`` (``[B, L, D]``, at chain index ``k_start`` of the respaced
-    ``schedule``): the reverse chain down to ``x_0``, rounded to the nearest tokens the rules allow.
-
-    ``conditions`` (``[B, P]`` property conditions) condition each prediction of ``x_0``; with ``guidance``
-    (classifier-free, Ho & Salimans 2022, on the ``x_0`` prediction) the unconditional prediction (every
+class GaussianDenoiser:
+    """The predicted ``x_0`` of a Diffusion-LM denoiser as the sampler uses it. Property ``conditions`` condition
+    each prediction; with ``guidance`` (classifier-free, Ho & Salimans 2022) the unconditional prediction (every
     condition not given) comes from the same batched pass and ``x0_uncond + gamma (x0_cond - x0_uncond)`` is used.
+    With ``clamp`` each prediction is snapped to the nearest embedding the rules allow at its position."""
 
-    Constraints act twice: clamping snaps each predicted ``x_0`` to the nearest embedding allowed at
-    its position, and the final rounding takes the nearest token the rules allow (left to right,
-    so that ``require``/``max_elements`` hold). ``exact`` (an :class:`ExactDecoder`) then rounds the
-    last content position(s) of each invalid row to the nearest token that makes it valid."""
-    device = x.device
-    n = x.shape[0]
-    emb = model.embedding_matrix.detach()
-    static = rules.static.to(device)
+    def __init__(self, model, rules: LogitRules, clamp: bool = False, guidance: float | None = None,
+                 autocast_dtype: torch.dtype | None = None, counter: list[int] | None = None):
+        self.model, self.clamp, self.guidance, self.autocast_dtype, self.counter = (model, clamp, guidance,
+                                                                                   autocast_dtype, counter)
+        self.emb = model.embedding_matrix.detach()
+        self.static = rules.static.to(self.emb.device)
 
-    guided = conditions is not None and guidance is not None and guidance != 1.0
-
-    def predict_x0(x: torch.Tensor, k: int) -> torch.Tensor:
-        t = schedule.timesteps[k].to(device)
-        if counter is not None:
-            counter[0] += 2 * n if guided else n
-        with _autocast(device, autocast_dtype):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor | None = None) -> torch.Tensor:
+        n, device = x.shape[0], x.device
+        t = t.to(device)
+        guided = conditions is not None and self.guidance is not None and self.guidance != 1.0
+        if self.counter is not None:
+            self.counter[0] += 2 * n if guided else n
+        with _autocast(device, self.autocast_dtype):
             if guided:
-                both = model(torch.cat([x, x]), t.expand(2 * n),
-                             conditions=torch.cat([conditions, null_conditions(conditions)])).float()
+                both = self.model(torch.cat([x, x]), t.expand(2 * n),
+                                  conditions=torch.cat([conditions, null_conditions(conditions)])).float()
                 cond, uncond = both[:n], both[n:]
-                x0 = uncond + guidance * (cond - uncond)
+                x0 = uncond + self.guidance * (cond - uncond)
             elif conditions is not None:
-                x0 = model(x, t.expand(n), conditions=conditions).float()
+                x0 = self.model(x, t.expand(n), conditions=conditions).float()
             else:
-                x0 = model(x, t.expand(n)).float()
-        return emb[_nearest_tokens(x0, emb, static).argmax(-1)] if clamp else x0
+                x0 = self.model(x, t.expand(n)).float()
+        return self.emb[_nearest_tokens(x0, self.emb, self.static).argmax(-1)] if self.clamp else x0
 
-    for k in reversed(range(k_start + 1)):
-        x = schedule.step(predict_x0(x, k), k, x, generator, method, noise_scale=noise_scale)
-    ids = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
+
+@torch.inference_mode()
+def denoise_gaussian(denoiser: GaussianDenoiser, x: torch.Tensor, scheduler: GaussianDiffusionScheduler,
+                     generator: torch.Generator, rules: LogitRules, conditions: torch.Tensor | None = None,
+                     exact: ExactDecoder | None = None) -> torch.Tensor:
+    """Token ids (``[B, L]``) from ``x`` (``[B, L, D]``): the reverse chain over ``scheduler.timesteps`` down to
+    ``x_0``, rounded to the nearest tokens the rules allow (left to right, so that ``require``/``max_elements``
+    hold). ``exact`` (an :class:`~composition_lm.valid_sampling.ExactDecoder`) then rounds the last content
+    position(s) of each invalid row to the nearest token that makes it valid."""
+    n = x.shape[0]
+    for k in scheduler.timesteps:
+        x = scheduler.step(denoiser(x, scheduler.model_time(k), conditions), k, x, generator)
+    ids = torch.full((n, rules.length), MASK, dtype=torch.long, device=x.device)
     ids[:, 0] = BOS
     choose = torch.ones_like(ids, dtype=torch.bool)
     choose[:, 0] = False
-    scores = _nearest_tokens(x, emb, static)
+    scores = _nearest_tokens(x, denoiser.emb, denoiser.static)
     out = rules.assign(ids, scores, choose, generator, greedy=True)
     return out if exact is None else exact(ids, out, scores, greedy=True)
 
 
-@torch.inference_mode()
-def sample_gaussian_diffusion(
-    model,
-    n: int,
-    steps: int,
-    generator: torch.Generator,
-    rules: LogitRules,
-    method: str = "ddpm",
-    clamp: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-    noise_scale: float = 1.0,
-    counter: list[int] | None = None,
-    exact: ExactDecoder | None = None,
-    guidance: float | None = None,
-    conditions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``n`` sequences (``[n, L]`` token ids) from a Diffusion-LM model: a respaced ``steps``-step
-    DDPM/DDIM chain from ``N(0, I)``, with the clamping trick if ``clamp`` and the reverse-process noise
-    scaled by ``noise_scale``, rounded to tokens (:func:`denoise_gaussian`, which also takes the property
-    ``conditions`` and ``guidance``)."""
+def sample_gaussian_diffusion(model, n: int, steps: int, generator: torch.Generator, rules: LogitRules, *,
+                              method: str = "ddpm", noise_scale: float = 1.0, conditions: torch.Tensor | None = None,
+                              exact: ExactDecoder | None = None, **denoiser) -> torch.Tensor:
+    """``n`` sequences (``[n, L]`` token ids) from a Diffusion-LM model: a respaced ``steps``-step DDPM/DDIM chain
+    from ``N(0, I)`` with the reverse-process noise scaled by ``noise_scale``, rounded to tokens
+    (:func:`denoise_gaussian`); ``denoiser``: :class:`GaussianDenoiser`'s settings (clamp, guidance, ...)."""
     device = next(model.parameters()).device
     cfg = model.config
-    schedule = cfg.gaussian_schedule().respace(steps)
+    scheduler = GaussianDiffusionScheduler(cfg.gaussian_schedule(), method, noise_scale)
+    scheduler.set_timesteps(steps)
     x = torch.randn((n, rules.length, cfg.embedding_dim), generator=generator, device=device)
-    return denoise_gaussian(model, x, schedule, len(schedule) - 1, generator, rules, method, clamp, autocast_dtype,
-                            noise_scale, counter, exact, guidance, conditions)
-
-
-def decode_samples(ids: torch.Tensor, codec_name: str, max_count: int = 200) -> list[tuple[str, Formula | None, str]]:
-    """Token ids -> ``(raw text, formula or None, error)`` per sequence."""
-    codec = get_codec(codec_name, max_count=max_count) if codec_name == "compact" else get_codec(codec_name)
-    out = []
-    n_el = len(ELEMENTS)
-    for row in ids.tolist():
-        toks = []
-        for i in row[1:]:
-            if i in (EOS, PAD):  # a sequence ends at its first [EOS] or [PAD]
-                break
-            if i == MASK:
-                continue
-            if ELEMENT_OFFSET <= i < ELEMENT_OFFSET + n_el:
-                toks.append(ELEMENTS[i - ELEMENT_OFFSET])
-            elif i > COUNT_OFFSET:
-                toks.append(str(i - COUNT_OFFSET))
-            else:
-                toks.append("[UNK]")
-        raw = " ".join(toks)
-        try:
-            out.append((raw, codec.decode(toks), ""))
-        except FormulaError as err:
-            out.append((raw, None, str(err)))
-    return out
-
+    return denoise_gaussian(GaussianDenoiser(model, rules, **denoiser), x, scheduler, generator, rules, conditions,
+                            exact)
 
 
 #: the exact decoder's generator is seeded with the run's seed plus this
@@ -520,122 +452,121 @@ def resolve_sampling_settings(cfg, steps: int | None = None, method: str | None 
     return {"steps": steps or 32, "method": None, "clamp": None, "noise_scale": None}
 
 
-def generate(
-    loaded,
-    n: int,
-    steps: int | None = None,
-    batch_size: int = 1000,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    constraints: Constraints | None = None,
-    progress: bool = True,
-    dtype: str = "auto",
-    condition: str | None = "auto",
-    method: str | None = None,
-    clamp: bool | None = None,
-    noise_scale: float | None = None,
-    validity: ValiditySettings | None = None,
-    stats: RepairStats | None = None,
-    guidance: float | None = None,
-    targets: list | None = None,
-) -> list[tuple[str, Formula | None, str]]:
-    """``n`` formulas from a model, in batches. ``loaded`` is a :class:`composition_lm.models.LoadedModel`
-    or the model itself (anything with ``.config`` and parameters).
+def _check_family(cfg, config: SamplingConfig, targets: list) -> str | None:
+    """The settings a model family refuses, as a ValueError; returns the resolved validity condition."""
+    condition = config.condition
+    if is_gaussian(cfg):
+        if condition not in ("auto", None):
+            raise ValueError("Diffusion-LM models take no validity condition")
+        if config.temperature != 1.0 or config.top_k or config.top_p is not None:
+            raise ValueError("temperature, top-k and top-p apply to Diffusion-BERT; a Diffusion-LM samples through "
+                             "its reverse process (tune --steps, --method, --clamp, --noise-scale)")
+        if config.guidance is not None and not targets:
+            raise ValueError("guidance needs property targets to guide towards (--target NAME=LO:HI)")
+        return None
+    if config.method is not None or config.clamp is not None or config.noise_scale is not None:
+        raise ValueError("--method, --clamp and --noise-scale apply to Diffusion-LM models, not to Diffusion-BERT")
+    if condition == "auto":
+        condition = "valid" if getattr(cfg, "validity_conditioning", False) else None
+    if config.guidance is not None and condition is None and not targets:
+        raise ValueError("guidance needs a condition to guide towards: a validity-conditioned model sampled "
+                         "with condition valid or invalid, or property targets")
+    return condition
 
-    Works for both model families: Diffusion-BERT (masked diffusion; ``steps`` defaults to 32) and
-    Diffusion-LM (Gaussian diffusion; ``steps``, ``method``, ``clamp`` and ``noise_scale`` default to the
-    values in its config). One ``torch.Generator`` seeded with ``seed`` drives every batch, so the same arguments give the
-    same samples. ``condition``: ``"valid"``, ``"invalid"`` or ``None`` (unconditional) for a
-    validity-conditioned model; ``"auto"`` is ``"valid"`` for such a model and ``None`` otherwise.
-    ``validity`` (:class:`~composition_lm.valid_sampling.ValiditySettings`; None: raw samples) makes the
-    sampler decode each row's last revealed token exactly (:class:`~composition_lm.valid_sampling.ExactDecoder`)
-    and re-noise and re-denoise every row that still fails the protocol, at most ``validity.rounds``
-    times (:func:`~composition_lm.valid_sampling.repair`); ``stats``, if given, receives what that cost.
-    ``targets`` (:class:`~composition_lm.conditions.Target` windows of a property-conditioned model of either
-    family): each sample is conditioned on a bin (or rank) drawn within each window
-    (:func:`~composition_lm.conditions.sample_conditions`). ``guidance``: classifier-free guidance scale towards
-    ``condition`` or the targets (:func:`denoise_masked`, :func:`denoise_gaussian`).
-    Returns ``(raw text, formula or None, parse error)`` per sample.
+
+def generate(loaded, n: int, seed: int = 0, config: SamplingConfig | None = None, progress: bool = True,
+             stats: RepairStats | None = None, **overrides) -> list[tuple[str, Formula | None, str]]:
+    """``n`` formulas from a model, in batches: ``(raw text, formula or None, parse error)`` per sample.
+    ``loaded`` is a :class:`composition_lm.models.LoadedModel` or the model itself (anything with ``.config`` and
+    parameters); ``config`` (:class:`~composition_lm.sampling_config.SamplingConfig`, default: its defaults) with
+    ``overrides`` (its field names) says how.
+
+    Both model families: Diffusion-BERT (masked diffusion, :class:`MaskedDiffusionScheduler` under the schedule it
+    trained with) and Diffusion-LM (:class:`GaussianDiffusionScheduler`). One ``torch.Generator`` seeded with
+    ``seed`` drives every batch, so the same arguments give the same samples. A validity protocol
+    (``config.validity``) makes the sampler decode each row's last revealed token exactly
+    (:class:`~composition_lm.valid_sampling.ExactDecoder`, a step hook) and re-noise and re-denoise every row that
+    still fails, at most ``validity_rounds`` times (:func:`~composition_lm.valid_sampling.repair`); ``stats``
+    receives what that cost. ``targets`` (property windows of a property-conditioned model): each sample is
+    conditioned on a bin (or rank) drawn within each window (:func:`~composition_lm.conditions.sample_conditions`).
     """
     from tqdm.auto import tqdm
 
+    from composition_lm.conditions import parse_target
+
+    config = (config or SamplingConfig()).replace(**overrides)
     model = getattr(loaded, "model", loaded)
     cfg = model.config
     gaussian = is_gaussian(cfg)
-    if gaussian:
-        if condition not in ("auto", None):
-            raise ValueError("Diffusion-LM models take no validity condition")
-        if temperature != 1.0 or top_k or top_p is not None:
-            raise ValueError("temperature, top-k and top-p apply to Diffusion-BERT; a Diffusion-LM samples through "
-                             "its reverse process (tune --steps, --method, --clamp, --noise-scale)")
-    else:
-        if method is not None or clamp is not None or noise_scale is not None:
-            raise ValueError("--method, --clamp and --noise-scale apply to Diffusion-LM models, not to Diffusion-BERT")
-        if condition == "auto":
-            condition = "valid" if getattr(cfg, "validity_conditioning", False) else None
-        start_token = cfg.start_token_id(condition)
-        if guidance is not None and condition is None and not targets:
-            raise ValueError("guidance needs a condition to guide towards: a validity-conditioned model sampled "
-                             "with condition valid or invalid, or property targets")
-    if gaussian and guidance is not None and not targets:
-        raise ValueError("guidance needs property targets to guide towards (--target NAME=LO:HI)")
-    if guidance is not None and guidance < 0:
-        raise ValueError(f"the guidance scale must be >= 0, got {guidance}")
-    steps, method, clamp, noise_scale = resolve_sampling_settings(cfg, steps, method, clamp, noise_scale).values()
-    rules = LogitRules(constraints or Constraints(), cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
+    targets = [parse_target(t) for t in config.targets or []]
+    condition = _check_family(cfg, config, targets)
+    steps, method, clamp, noise_scale = resolve_sampling_settings(cfg, config.steps, config.method, config.clamp,
+                                                                  config.noise_scale).values()
+    constraints = Constraints(elements=config.elements, require=config.require or [], exclude=config.exclude or [],
+                              max_elements=config.max_elements)
+    rules = LogitRules(constraints, cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    conditions = None
-    if targets:
-        conditions = sample_conditions(cfg, targets, n, generator).to(device)
-    autocast_dtype = resolve_dtype(dtype, device)
-    time_conditioning = getattr(cfg, "time_conditioning", False)
-    schedule = cfg.gaussian_schedule().respace(steps) if gaussian else None
-    guard = validity if validity is not None and validity.active else None
+    conditions = sample_conditions(cfg, targets, n, generator).to(device) if targets else None
+    autocast_dtype = resolve_dtype(config.dtype, device)
+    guard = ValiditySettings(config.validity, config.validity_rounds, config.validity_t, config.validity_keep_elements,
+                             config.validity_exact)
+    guard = guard if guard.active else None
     validator = RowValidator(guard.protocol, cfg.codec, cfg.max_count) if guard else None
     # the exact decoder draws from a generator of its own: rows it leaves alone are the raw samples
     exact = (ExactDecoder(validator, rules, torch.Generator(device=device).manual_seed(seed + EXACT_SEED_OFFSET),
                           keep_elements=guard.keep_elements) if guard and guard.exact else None)
+    calls, repair_calls = [0], [0]
+    if gaussian:
+        scheduler = GaussianDiffusionScheduler(cfg.gaussian_schedule(), method, noise_scale)
+        scheduler.set_timesteps(steps)
+        first = GaussianDenoiser(model, rules, clamp, config.guidance, autocast_dtype, calls)
+        again = GaussianDenoiser(model, rules, clamp, config.guidance, autocast_dtype, repair_calls)
+    else:
+        scheduler = MaskedDiffusionScheduler(cfg.masking_schedule())
+        options = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                       guidance=config.guidance, autocast_dtype=autocast_dtype)
+        first = MaskedDenoiser(model, rules, counter=calls, **options)
+        again = MaskedDenoiser(model, rules, counter=repair_calls, **options)
+        start_token = cfg.start_token_id(condition)
+    hooks = () if exact is None else (exact,)
+
+    def run(x: torch.Tensor, denoiser, cond: torch.Tensor | None, t: float = 1.0) -> torch.Tensor:
+        """Rows ``x`` (all masked, or re-noised to level ``t``) denoised to token ids."""
+        if gaussian:
+            return denoise_gaussian(denoiser, x, scheduler, generator, rules, cond, exact)
+        scheduler.set_timesteps(max(1, math.ceil(steps * t)), t_start=t)
+        return denoise_masked(denoiser, x, scheduler, generator, rules, cond, hooks)
 
     def redo(rows: torch.Tensor, round_: int, index: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Failing rows (at positions ``index`` of the run) re-noised to the round's level and denoised
         again (``batch_size`` rows at a time); also the denoiser evaluations."""
-        calls = [0]
+        repair_calls[0] = 0
         t = guard.level(round_)
         done = []
-        for part, where in zip(rows.split(batch_size), index.split(batch_size)):
+        for part, where in zip(rows.split(config.batch_size), index.split(config.batch_size)):
+            cond = None if conditions is None else conditions[where]
             if gaussian:
-                x0 = model.embedding_matrix.detach()[part]
-                xk, k = renoise_gaussian(schedule, x0, t, generator)
-                done.append(denoise_gaussian(model, xk, schedule, k, generator, rules, method, clamp, autocast_dtype,
-                                             noise_scale, calls, exact, guidance,
-                                             None if conditions is None else conditions[where]))
+                xk, k = renoise_gaussian(scheduler.schedule, model.embedding_matrix.detach()[part], t, generator)
+                scheduler.start_from(k)
+                done.append(run(xk, again, cond))
             else:
-                done.append(denoise_masked(model, renoise_masked(part, t, generator), max(1, math.ceil(steps * t)),
-                                           generator, rules, t, temperature, top_k, top_p, time_conditioning,
-                                           autocast_dtype, calls, exact, guidance,
-                                           None if conditions is None else conditions[where]))
-        return torch.cat(done), calls[0]
+                done.append(run(renoise_masked(part, t, generator), again, cond, t))
+        if gaussian:
+            scheduler.set_timesteps(steps)
+        return torch.cat(done), repair_calls[0]
 
     batches = []
-    calls = [0]
-    done = 0
     with tqdm(total=n, desc="sample", unit="formula", disable=not progress) as bar:
-        while done < n:
-            k = min(batch_size, n - done)
+        for start in range(0, n, config.batch_size):
+            k = min(config.batch_size, n - start)
+            cond = None if conditions is None else conditions[start:start + k]
             if gaussian:
-                ids = sample_gaussian_diffusion(model, k, steps, generator, rules, method, clamp, autocast_dtype,
-                                                noise_scale, calls, exact, guidance,
-                                                None if conditions is None else conditions[done:done + k])
+                x = torch.randn((k, rules.length, cfg.embedding_dim), generator=generator, device=device)
             else:
-                ids = sample_masked_diffusion(model, k, steps, generator, rules, temperature, top_k, top_p,
-                                              time_conditioning=time_conditioning, autocast_dtype=autocast_dtype,
-                                              start_token=start_token, counter=calls, exact=exact, guidance=guidance,
-                                              conditions=None if conditions is None else conditions[done:done + k])
-            batches.append(ids)
-            done += k
+                x = torch.full((k, rules.length), MASK, dtype=torch.long, device=device)
+                x[:, 0] = start_token
+            batches.append(run(x, first, cond))
             bar.update(k)
     ids = torch.cat(batches)
     run_stats = RepairStats(samples=n)

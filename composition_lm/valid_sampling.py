@@ -37,16 +37,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from composition_lm.decoding import decode_samples
+from composition_lm.sampling_config import VALIDITY_CHOICES
 from composition_lm.tokenizer import ELEMENT_OFFSET, EOS, MASK, PAD
 from evaluation.composition import ELEMENTS
 
 __all__ = ["VALIDITY_CHOICES", "ExactDecoder", "RepairStats", "RowValidator", "ValiditySettings", "element_counts", "element_presence",
            "live_element_presence",
            "renoise_gaussian", "renoise_masked", "repair", "row_ends"]
-
-#: ``--validity`` choices: a protocol of :mod:`evaluation.validity` enforced while sampling, or none
-VALIDITY_CHOICES = ("cdvae", "smact", "none")
-
 
 @dataclass
 class ValiditySettings:
@@ -144,7 +142,6 @@ class RowValidator:
         self.protocol, self.codec, self.max_count = protocol, codec, max_count
 
     def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-        from composition_lm.sampling import decode_samples
         from evaluation.validity import check_formulas
 
         decoded = decode_samples(ids, self.codec, self.max_count)

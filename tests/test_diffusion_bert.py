@@ -309,32 +309,32 @@ def test_load_model_on_training_export(trained):
 # ------------------------------------------------------------------------------------------ sampling
 def test_generate_same_seed_same_samples_other_seed_differs():
     lm = _loaded(_tiny_model())
-    a = generate(lm, 64, steps=8, seed=11, progress=False)
-    b = generate(lm, 64, steps=8, seed=11, progress=False)
-    c = generate(lm, 64, steps=8, seed=12, progress=False)
+    a = generate(lm, 64, steps=8, seed=11, progress=False, validity="none")
+    b = generate(lm, 64, steps=8, seed=11, progress=False, validity="none")
+    c = generate(lm, 64, steps=8, seed=12, progress=False, validity="none")
     assert [r for r, _, _ in a] == [r for r, _, _ in b]
     assert [r for r, _, _ in a] != [r for r, _, _ in c]
     # batching does not change the samples: one generator drives every batch, in order
-    d = generate(lm, 64, steps=8, seed=11, batch_size=64, progress=False)
+    d = generate(lm, 64, steps=8, seed=11, batch_size=64, progress=False, validity="none")
     assert len(d) == 64 and all(len(x) == 3 for x in d)
 
 
 def test_generate_trained_same_seed_same_samples(trained):
     lm = load_model(trained / "model")
-    a = [r for r, _, _ in generate(lm, 100, steps=16, seed=5, progress=False)]
-    assert a == [r for r, _, _ in generate(lm, 100, steps=16, seed=5, progress=False)]
-    assert a != [r for r, _, _ in generate(lm, 100, steps=16, seed=6, progress=False)]
+    a = [r for r, _, _ in generate(lm, 100, steps=16, seed=5, progress=False, validity="none")]
+    assert a == [r for r, _, _ in generate(lm, 100, steps=16, seed=5, progress=False, validity="none")]
+    assert a != [r for r, _, _ in generate(lm, 100, steps=16, seed=6, progress=False, validity="none")]
 
 
 def test_trained_model_learns_the_corpus(trained):
     """150 tiny steps already put mass on the 40 corpus formulas (training + sampler work together)."""
     lm = load_model(trained / "model")
-    samples = generate(lm, 200, steps=16, seed=0, progress=False)
+    samples = generate(lm, 200, steps=16, seed=0, progress=False, validity="none")
     parsed = [f for _, f, _ in samples if f is not None]
     assert len(parsed) == 200  # the expanded codec always parses (element tokens only)
     in_train = sum(str(f) in lm.training_formulas() for f in parsed)
     # an untrained model (uniform over ~100 elements) essentially never writes a corpus formula
-    untrained = generate(_loaded(_tiny_model()), 200, steps=16, seed=0, progress=False)
+    untrained = generate(_loaded(_tiny_model()), 200, steps=16, seed=0, progress=False, validity="none")
     in_train_untrained = sum(f is not None and str(f) in lm.training_formulas() for _, f, _ in untrained)
     assert in_train_untrained <= 4 and in_train >= 14, (in_train_untrained, in_train)
 
@@ -346,15 +346,15 @@ def test_save_load_gives_identical_samples(tmp_path, tc):
     model.save_pretrained(tmp_path, safe_serialization=True)
     lm.tokenizer.save_pretrained(tmp_path)
     reloaded = load_model(tmp_path)
-    a = generate(lm, 80, steps=8, seed=3, progress=False)
-    b = generate(reloaded, 80, steps=8, seed=3, progress=False)
+    a = generate(lm, 80, steps=8, seed=3, progress=False, validity="none")
+    b = generate(reloaded, 80, steps=8, seed=3, progress=False, validity="none")
     assert [r for r, _, _ in a] == [r for r, _, _ in b]
     assert [str(f) for _, f, _ in a] == [str(f) for _, f, _ in b]
 
 
 def test_trained_export_reload_identical_samples(trained):
-    a = generate(load_model(trained / "model"), 60, steps=12, seed=9, progress=False)
-    b = generate(load_model(trained / "model"), 60, steps=12, seed=9, progress=False)
+    a = generate(load_model(trained / "model"), 60, steps=12, seed=9, progress=False, validity="none")
+    b = generate(load_model(trained / "model"), 60, steps=12, seed=9, progress=False, validity="none")
     assert a == b
 
 
@@ -381,30 +381,30 @@ def test_constraints_hold_untrained(codec, name):
     c = CASES[name]
     for tc in (False, True):
         lm = _loaded(_tiny_model(codec, time_conditioning=tc, seed=1))
-        _check_all(generate(lm, 300, steps=8, seed=0, constraints=c, progress=False), c)
-        _check_all(generate(lm, 100, steps=1, seed=1, constraints=c, progress=False), c)  # one-step sampler
+        _check_all(generate(lm, 300, steps=8, seed=0, **c.as_dict(), progress=False, validity="none"), c)
+        _check_all(generate(lm, 100, steps=1, seed=1, **c.as_dict(), progress=False, validity="none"), c)  # one-step sampler
 
 
 @pytest.mark.parametrize("codec,name", _constraint_params())
 def test_constraints_hold_trained(codec, name, trained, trained_compact):
     c = CASES[name]
     lm = load_model((trained if codec == "expanded" else trained_compact) / "model")
-    _check_all(generate(lm, 300, steps=16, seed=0, constraints=c, progress=False), c)
-    _check_all(generate(lm, 100, steps=16, seed=1, temperature=2.0, constraints=c, progress=False), c)
+    _check_all(generate(lm, 300, steps=16, seed=0, **c.as_dict(), progress=False, validity="none"), c)
+    _check_all(generate(lm, 100, steps=16, seed=1, temperature=2.0, **c.as_dict(), progress=False, validity="none"), c)
 
 
 def test_constraints_top_k_top_p_still_hold(trained):
     lm = load_model(trained / "model")
     c = CASES["combo"]
-    _check_all(generate(lm, 200, steps=8, seed=2, top_k=3, constraints=c, progress=False), c)
-    _check_all(generate(lm, 200, steps=8, seed=3, top_p=0.5, constraints=c, progress=False), c)
+    _check_all(generate(lm, 200, steps=8, seed=2, top_k=3, **c.as_dict(), progress=False, validity="none"), c)
+    _check_all(generate(lm, 200, steps=8, seed=3, top_p=0.5, **c.as_dict(), progress=False, validity="none"), c)
 
 
 def test_compact_small_whitelist_caps_length():
     # compact never repeats an element, so three allowed elements mean at most three element slots
     lm = _loaded(_tiny_model("compact", seed=1))
     c = Constraints(elements=["Li", "Mn", "O"])
-    _check_all(generate(lm, 200, steps=8, seed=0, constraints=c, progress=False), c)
+    _check_all(generate(lm, 200, steps=8, seed=0, **c.as_dict(), progress=False, validity="none"), c)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -421,7 +421,7 @@ def test_compact_small_whitelist_caps_length():
 def test_impossible_constraints_raise(kwargs, message, codec):
     lm = _loaded(_tiny_model(codec))
     with pytest.raises(ConstraintError, match=message):
-        generate(lm, 4, steps=2, constraints=Constraints(**kwargs), progress=False)
+        generate(lm, 4, steps=2, **kwargs, progress=False, validity="none")
     assert issubclass(ConstraintError, ValueError)
 
 
@@ -537,8 +537,8 @@ def test_cli_sample_constraints_and_impossible_exit_2(trained, tmp_path, capsys)
         els = set(parse_formula(r["formula"]).elements)
         assert "Li" in els and els <= {"Li", "Fe", "P", "O"} and len(els) <= 3, r
     cfg = json.loads((out / "run_config.json").read_text())
-    assert cfg["constraints"] == {"elements": ["Li", "Fe", "P", "O"], "require": ["Li"], "exclude": [],
-                                  "max_elements": 3}
+    assert {k: cfg[k] for k in ("elements", "require", "exclude", "max_elements")} == {
+        "elements": ["Li", "Fe", "P", "O"], "require": ["Li"], "exclude": None, "max_elements": 3}
     capsys.readouterr()
     for extra in (["--elements", "Li,Xx"], ["--require", "Li", "--exclude", "Li"],
                   ["--require", "Li,O", "--max-elements", "1"], ["--elements", "Fe,O", "--require", "Li"]):
@@ -562,17 +562,17 @@ def test_cli_sample_records_its_own_command(trained, tmp_path, monkeypatch):
 @pytest.mark.parametrize("codec", ["expanded", "compact"])
 @pytest.mark.parametrize("constraints", [Constraints(), Constraints(elements=["Na", "Cl", "K", "Br", "O"], max_elements=2)])
 def test_validity_inside_the_sampler_both_codecs(codec, constraints, trained, trained_compact):
-    from composition_lm.valid_sampling import RepairStats, ValiditySettings
+    from composition_lm.valid_sampling import RepairStats
     from evaluation.validity import check_formulas
 
     lm = load_model((trained if codec == "expanded" else trained_compact) / "model")
     stats = RepairStats()
-    out = generate(lm, 120, steps=16, seed=0, constraints=constraints, progress=False,
-                   validity=ValiditySettings("cdvae", rounds=30), stats=stats)
+    out = generate(lm, 120, steps=16, seed=0, **constraints.as_dict(), progress=False,
+                   validity="cdvae", validity_rounds=30, stats=stats)
     formulas = [f for _, f, _ in out]
     assert None not in formulas and all(r.valid for r in check_formulas(formulas, "cdvae"))
     _check_all(out, constraints)
     assert stats.exact_fixed + stats.rows_resampled > 0  # the tiny model needs the sampler's help
-    raw = generate(lm, 120, steps=16, seed=0, constraints=constraints, progress=False)
-    assert raw == generate(lm, 120, steps=16, seed=0, constraints=constraints, progress=False,
-                           validity=ValiditySettings("none"))  # none: the raw samples, exactly
+    raw = generate(lm, 120, steps=16, seed=0, **constraints.as_dict(), progress=False, validity="none")
+    assert raw == generate(lm, 120, steps=16, seed=0, **constraints.as_dict(), progress=False, validity="cdvae",
+                           validity_rounds=0, validity_exact=False)  # a guard that does nothing: the raw samples

@@ -498,16 +498,16 @@ def test_load_model_on_training_export(trained):
 # ------------------------------------------------------------------------------------------ sampling
 def test_generate_same_seed_same_samples_other_seed_differs(trained):
     lm = load_model(trained / "model")
-    a = generate(lm, 30, steps=20, seed=11, progress=False)
-    b = generate(lm, 30, steps=20, seed=11, progress=False)
-    c = generate(lm, 30, steps=20, seed=12, progress=False)
+    a = generate(lm, 30, steps=20, seed=11, progress=False, validity="none")
+    b = generate(lm, 30, steps=20, seed=11, progress=False, validity="none")
+    c = generate(lm, 30, steps=20, seed=12, progress=False, validity="none")
     assert len(a) == 30 and all(f is not None for _, f, _ in a)
     assert [r for r, _, _ in a] == [r for r, _, _ in b]
     assert [r for r, _, _ in a] != [r for r, _, _ in c]
     assert len({r for r, _, _ in a}) > 1
     # batches share one generator, in order: reproducible with any batch size
-    d = generate(lm, 30, steps=20, seed=11, batch_size=7, progress=False)
-    assert [r for r, _, _ in d] == [r for r, _, _ in generate(lm, 30, steps=20, seed=11, batch_size=7, progress=False)]
+    d = generate(lm, 30, steps=20, seed=11, batch_size=7, progress=False, validity="none")
+    assert [r for r, _, _ in d] == [r for r, _, _ in generate(lm, 30, steps=20, seed=11, batch_size=7, progress=False, validity="none")]
     assert len(d) == 30
 
 
@@ -561,7 +561,8 @@ def test_sampler_equals_reference_loop(which, steps, method, clamp, trained):
     model = _tiny_model(seed=5) if which == "untrained" else load_model(trained / "model").model
     c = Constraints(elements=["Li", "Fe", "P", "O"]) if clamp else Constraints()
     rules = LogitRules(c, "expanded", 16, 308, 200)
-    got = sample_gaussian_diffusion(model, 12, steps, torch.Generator().manual_seed(4), rules, method, clamp, None)
+    got = sample_gaussian_diffusion(model, 12, steps, torch.Generator().manual_seed(4), rules, method=method,
+                                    clamp=clamp)
     want = _reference_sampler(model, 12, torch.Generator().manual_seed(4), rules, steps, method, clamp)
     assert torch.equal(got, want)
     if which == "trained":
@@ -576,37 +577,37 @@ def test_clamp_and_ddim_give_valid_tokens(trained):
         static = codec_rules.static
         for method, clamp in (("ddpm", True), ("ddim", False), ("ddim", True)):
             g = torch.Generator().manual_seed(0)
-            ids = sample_gaussian_diffusion(model, 16, 10, g, codec_rules, method, clamp, None)
+            ids = sample_gaussian_diffusion(model, 16, 10, g, codec_rules, method=method, clamp=clamp)
             assert ids.shape == (16, 16) and ids.dtype == torch.long
             assert bool(static.gather(1, ids.t()).t().all()), (method, clamp)  # every token allowed where it stands
-            again = sample_gaussian_diffusion(model, 16, 10, torch.Generator().manual_seed(0), codec_rules, method,
-                                              clamp, None)
+            again = sample_gaussian_diffusion(model, 16, 10, torch.Generator().manual_seed(0), codec_rules,
+                                              method=method, clamp=clamp)
             assert torch.equal(ids, again)
             assert all(f is not None for _, f, _ in decode_samples(ids, "expanded"))
     # DDIM (eta = 0) draws only the starting noise: two generators in the same state agree, and
     # the generator is left where a single randn of the start shape leaves it
     rules = LogitRules(Constraints(), "expanded", 16, 308, 200)
     g = torch.Generator().manual_seed(9)
-    sample_gaussian_diffusion(model, 5, 10, g, rules, "ddim", False, None)
+    sample_gaussian_diffusion(model, 5, 10, g, rules, method="ddim", clamp=False)
     ref = torch.Generator().manual_seed(9)
     torch.randn((5, 16, model.config.embedding_dim), generator=ref)
     assert torch.equal(g.get_state(), ref.get_state())
     # generate() takes the method / clamp overrides and the config defaults
-    a = generate(lm, 10, steps=10, seed=0, method="ddim", clamp=True, progress=False, dtype="float32")
+    a = generate(lm, 10, steps=10, seed=0, method="ddim", clamp=True, progress=False, dtype="float32", validity="none")
     assert len(a) == 10 and all(f is not None for _, f, _ in a)
 
 
 def test_sampler_rejects_more_steps_than_training_steps():
     lm = _loaded(_tiny_model())
     with pytest.raises(ValueError, match="sampling steps must be between 1 and 50"):
-        generate(lm, 2, steps=T_TINY + 1, progress=False)
+        generate(lm, 2, steps=T_TINY + 1, progress=False, validity="none")
     with pytest.raises(ValueError, match="no validity condition"):
-        generate(lm, 2, steps=5, condition="valid", progress=False)
+        generate(lm, 2, steps=5, condition="valid", progress=False, validity="none")
 
 
 def test_default_sampling_steps_work_for_a_short_chain():
     lm = _loaded(_tiny_model())
-    assert len(generate(lm, 3, progress=False, dtype="float32")) == 3
+    assert len(generate(lm, 3, progress=False, dtype="float32", validity="none")) == 3
 
 
 # --------------------------------------------------------------------------------------- constraints
@@ -616,16 +617,16 @@ def test_default_sampling_steps_work_for_a_short_chain():
 def test_constraints_hold_untrained(codec, name):
     c = CASES[name]
     lm = _loaded(_tiny_model(codec, seed=1))
-    _check_all(generate(lm, 24, steps=10, seed=0, constraints=c, progress=False), c)
-    _check_all(generate(lm, 12, steps=5, seed=1, constraints=c, progress=False, method="ddim", clamp=True), c)
+    _check_all(generate(lm, 24, steps=10, seed=0, **c.as_dict(), progress=False, validity="none"), c)
+    _check_all(generate(lm, 12, steps=5, seed=1, **c.as_dict(), progress=False, method="ddim", clamp=True, validity="none"), c)
 
 
 @pytest.mark.parametrize("codec,name", _constraint_params())
 def test_constraints_hold_trained(codec, name, trained, trained_compact):
     c = CASES[name]
     lm = load_model((trained if codec == "expanded" else trained_compact) / "model")
-    _check_all(generate(lm, 30, steps=20, seed=0, constraints=c, progress=False), c)
-    _check_all(generate(lm, 12, steps=10, seed=1, constraints=c, progress=False, clamp=True), c)
+    _check_all(generate(lm, 30, steps=20, seed=0, **c.as_dict(), progress=False, validity="none"), c)
+    _check_all(generate(lm, 12, steps=10, seed=1, **c.as_dict(), progress=False, clamp=True, validity="none"), c)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -697,20 +698,20 @@ def test_cli_train_short_chain_with_default_evaluation(tmp_path, corpus_file):
 def test_noise_scale_default_comes_from_the_config_and_can_be_overridden(trained, tmp_path):
     lm = load_model(trained / "model")
     assert lm.config.noise_scale == 1.0
-    base = [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False)]
-    assert base == [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False, noise_scale=1.0)]
-    low = [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False, noise_scale=0.5)]
+    base = [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False, validity="none")]
+    assert base == [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False, noise_scale=1.0, validity="none")]
+    low = [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False, noise_scale=0.5, validity="none")]
     assert low != base
     lm.config.noise_scale = 0.5  # the config's value is the default
     try:
-        assert low == [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False)]
+        assert low == [r for r, _, _ in generate(lm, 40, steps=10, seed=2, progress=False, validity="none")]
         assert resolve_sampling_settings(lm.config)["noise_scale"] == 0.5
         assert resolve_sampling_settings(lm.config, noise_scale=0.8)["noise_scale"] == 0.8
     finally:
         lm.config.noise_scale = 1.0
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="noise scale must lie in"):
-            generate(lm, 2, steps=2, progress=False, noise_scale=bad)
+            generate(lm, 2, steps=2, progress=False, noise_scale=bad, validity="none")
         with pytest.raises(ValueError, match="noise_scale must lie in"):
             DiffusionLMConfig(noise_scale=bad)
     cfg = DiffusionLMConfig(noise_scale=0.9, **TINY)
@@ -736,27 +737,27 @@ def test_family_specific_sampling_options_are_refused():
     lm = _tiny_model()
     for kw in ({"temperature": 0.8}, {"top_k": 5}, {"top_p": 0.9}):
         with pytest.raises(ValueError, match="Diffusion-BERT"):
-            generate(lm, 2, steps=2, progress=False, **kw)
+            generate(lm, 2, steps=2, progress=False, **kw, validity="none")
     from composition_lm.diffusion_bert import DiffusionBertConfig, DiffusionBertModel
 
     bert = DiffusionBertModel(DiffusionBertConfig(seq_length=12, **TINY)).eval()
     for kw in ({"method": "ddim"}, {"clamp": True}, {"noise_scale": 0.9}):
         with pytest.raises(ValueError, match="Diffusion-LM"):
-            generate(bert, 2, steps=2, progress=False, **kw)
-    assert len(generate(bert, 2, steps=2, progress=False, temperature=0.8)) == 2
+            generate(bert, 2, steps=2, progress=False, **kw, validity="none")
+    assert len(generate(bert, 2, steps=2, progress=False, temperature=0.8, validity="none")) == 2
 
 
 @pytest.mark.parametrize("codec", ["expanded", "compact"])
 def test_validity_inside_the_sampler_both_codecs(codec, trained, trained_compact):
-    from composition_lm.valid_sampling import RepairStats, ValiditySettings
+    from composition_lm.valid_sampling import RepairStats
     from evaluation.validity import check_formulas
 
     lm = load_model((trained if codec == "expanded" else trained_compact) / "model")
     c = Constraints(elements=["Na", "Cl", "K", "Br", "O"], max_elements=2)
     stats = RepairStats()
     for constraints in (Constraints(), c):
-        out = generate(lm, 40, steps=10, seed=0, constraints=constraints, progress=False,
-                       validity=ValiditySettings("cdvae", rounds=30), stats=stats)
+        out = generate(lm, 40, steps=10, seed=0, **constraints.as_dict(), progress=False,
+                       validity="cdvae", validity_rounds=30, stats=stats)
         formulas = [f for _, f, _ in out]
         assert None not in formulas and all(r.valid for r in check_formulas(formulas, "cdvae"))
         _check_all(out, constraints)

@@ -140,3 +140,29 @@ def test_skip_above_gives_no_structure_to_formulas_the_composition_model_rules_o
     assert table.loc["NaCl", "energy_per_atom"] != ""  # below the bound: relaxed as usual
     funnel = json.loads((tmp_path / "out" / "funnel.json").read_text())
     assert funnel["screening"]["skip_above"] == pytest.approx(bound, abs=1e-6)
+
+
+def test_discover_is_one_python_call_that_samples_and_records_its_settings(tmp_path):
+    from structure.stability import StabilityScorer
+
+    from composition_lm.workflows import DiscoveryResult, discover
+
+    scorer = StabilityScorer(POTENTIAL, settings={"max_steps": 60}, cache_dir=tmp_path)
+    result = discover("diffusion-bert", n=4, seed=0, output=tmp_path / "o", scorer=scorer, require=["Na"],
+                      max_elements=2, steps=8)
+    assert isinstance(result, DiscoveryResult) and result.counts["sampled"] == 4
+    run = json.loads((tmp_path / "o" / "run_config.json").read_text())
+    assert run["require"] == ["Na"] and run["max_elements"] == 2 and run["steps"] == 8 and run["n"] == 4
+    table = result.candidates()
+    assert len(table) == 4 and all("Na" in f for f in table["formula"])
+    assert set(result.sun()["formula"]) <= set(table["formula"])
+    with pytest.raises(FileExistsError, match="resume"):
+        discover("diffusion-bert", n=4, output=tmp_path / "o", scorer=scorer)
+
+
+def test_discover_no_relax_scores_the_template_structures_as_given(tmp_path):
+    src = tmp_path / "f.txt"
+    src.write_text("NaCl\nKCl\n")
+    assert main(_argv(src, tmp_path / "o", "--no-relax")) == 0
+    table = pd.read_csv(tmp_path / "o" / "candidates.csv", keep_default_na=False)
+    assert set(table["relax_status"]) == {"static"}, table["relax_status"].tolist()

@@ -1,6 +1,6 @@
 """The packages' dependencies point one way: ``evaluation`` imports neither of the others,
-``composition_lm`` and ``structure`` may import ``evaluation`` but not each other, and only the CLI package
-``composition_lm/cli/`` imports all three."""
+``composition_lm`` and ``structure`` may import ``evaluation`` but not each other, and only the layer on top, the
+CLI package ``composition_lm/cli/`` and the workflow package ``composition_lm/workflows/``, imports all three."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"evaluation": {"composition_lm", "structure"}, "composition_lm": {"structure"},
              "structure": {"composition_lm"}}
 CLI = ROOT / "composition_lm" / "cli"
+WORKFLOWS = ROOT / "composition_lm" / "workflows"
+TOP = (CLI, WORKFLOWS)  # the layer that composes the three packages
 
 
 def _imported_packages(path: Path) -> set[str]:
@@ -30,7 +32,7 @@ def _imported_packages(path: Path) -> set[str]:
 def test_no_import_against_the_layering(package):
     bad = []
     for path in sorted((ROOT / package).rglob("*.py")):
-        if CLI in path.parents:
+        if any(top in path.parents for top in TOP):
             continue
         wrong = _imported_packages(path) & FORBIDDEN[package]
         if wrong:
@@ -38,9 +40,22 @@ def test_no_import_against_the_layering(package):
     assert not bad, "\n".join(bad)
 
 
-def test_the_cli_is_the_one_package_on_top():
-    imported = set().union(*(_imported_packages(p) for p in CLI.rglob("*.py")))
+@pytest.mark.parametrize("top", TOP, ids=lambda p: p.name)
+def test_the_top_layer_composes_the_three_packages(top):
+    imported = set().union(*(_imported_packages(p) for p in top.rglob("*.py")))
     assert {"composition_lm", "structure", "evaluation"} <= imported
+
+
+def test_the_workflows_import_no_cli():
+    """The CLI stands on the workflows, never the reverse."""
+    bad = [str(p.relative_to(ROOT)) for p in WORKFLOWS.rglob("*.py")
+           if any(n.startswith("composition_lm.cli") for n in _imported_modules(p))]
+    assert not bad, bad
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
 
 
 def test_the_cli_is_a_package_of_small_command_modules():
@@ -69,7 +84,7 @@ def test_importing_the_packages_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, composition_lm, structure, evaluation, structure.cdvae; "
+    code = ("import sys, composition_lm, structure, evaluation, structure.cdvae, composition_lm.workflows; "
             "print(sorted(m for m in ('torch', 'pymatgen', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

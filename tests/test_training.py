@@ -209,7 +209,7 @@ def test_cli_finetune_keeps_parent_codec(cli_model, corpora, tmp_path):
     # and the child samples in the compact grammar
     from composition_lm.sampling import generate
 
-    samples = generate(child, 30, steps=6, seed=0, progress=False)
+    samples = generate(child, 30, steps=6, seed=0, progress=False, validity="none")
     assert all(len(raw.split()) % 2 == 0 for raw, f, _ in samples if f is not None)
 
 
@@ -269,5 +269,5 @@ def test_spindle_time_conditioned_uniform_roundtrip(tmp_path, corpora):
     assert info[PAD] == pytest.approx(-0.5)  # [PAD] fills most positions: the most frequent token
     from composition_lm.sampling import generate
 
-    a = generate(loaded, 20, steps=4, seed=0, progress=False)
-    assert a == generate(load_model(export), 20, steps=4, seed=0, progress=False)
+    a = generate(loaded, 20, steps=4, seed=0, progress=False, validity="none")
+    assert a == generate(load_model(export), 20, steps=4, seed=0, progress=False, validity="none")

@@ -148,7 +148,7 @@ def test_every_sample_passes_when_asked(which, protocol, request):
     table = gen.generate(150 if which == "bert" else 60, seed=0, validity=protocol, batch_size=150)
     assert table[f"valid_{protocol}"].all(), table.loc[~table[f"valid_{protocol}"], ["formula", f"reason_{protocol}"]]
     assert table.attrs["validity"]["failing_rows"] == 0
-    assert table.attrs["sampling"]["validity"]["protocol"] == protocol
+    assert table.attrs["sampling"]["validity"] == protocol
 
 
 @pytest.mark.parametrize("which", ["bert", "lm"])

@@ -125,7 +125,7 @@ def test_sampler_starts_with_the_condition_token():
     assert (x[:, 0] == VALID).all() and not (x[:, 1:] >= 308).any()
     plain = DiffusionBertModel(DiffusionBertConfig(seq_length=10, **TINY)).eval()
     with pytest.raises(ValueError, match="validity conditioning"):
-        generate(plain, 4, steps=2, progress=False, condition="valid")
+        generate(plain, 4, steps=2, progress=False, condition="valid", validity="none")
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +145,13 @@ def test_training_with_conditioning_steers_validity(conditioned):
     export, _ = conditioned
     loaded = load_model(export)
     assert loaded.config.validity_conditioning and loaded.tokenizer.convert_tokens_to_ids("[VALID]") == VALID
-    auto = generate(loaded, 200, steps=8, seed=0, progress=False)
-    valid = generate(loaded, 200, steps=8, seed=0, progress=False, condition="valid")
-    invalid = generate(loaded, 200, steps=8, seed=0, progress=False, condition="invalid")
+    auto = generate(loaded, 200, steps=8, seed=0, progress=False, validity="none")
+    valid = generate(loaded, 200, steps=8, seed=0, progress=False, condition="valid", validity="none")
+    invalid = generate(loaded, 200, steps=8, seed=0, progress=False, condition="invalid", validity="none")
     assert auto == valid  # a conditioned model asks for valid formulas unless told otherwise
     good, bad = _validity(valid), _validity(invalid)
     assert good > 0.85 and bad < good - 0.3, (good, bad)
-    uncond = _validity(generate(loaded, 200, steps=8, seed=0, progress=False, condition=None))
+    uncond = _validity(generate(loaded, 200, steps=8, seed=0, progress=False, condition=None, validity="none"))
     assert bad < uncond < good
 
 

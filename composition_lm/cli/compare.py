@@ -124,7 +124,7 @@ def _run_lm(lm: str, gen_dir: Path, predictor, scorer, args: argparse.Namespace)
     """Sample ``args.n`` formulas with ``lm`` and give each its top-1 template structure (relaxed and judged by
     ``scorer`` unless None): ``formulas.csv``, ``run_config.json``, the structure files and ``stability.csv`` in
     ``gen_dir``."""
-    from composition_lm.cli.lm import save_samples
+    from composition_lm.workflows import save_samples
     from composition_lm.generator import FormulaGenerator
     from structure.io import write_outputs
 
@@ -132,9 +132,7 @@ def _run_lm(lm: str, gen_dir: Path, predictor, scorer, args: argparse.Namespace)
     gen = FormulaGenerator.from_pretrained(lm)
     table = gen.generate(args.n, seed=args.seed)
     t_sampled = time.perf_counter()
-    run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
-           **table.attrs["sampling"]}
-    summary = save_samples(gen, table, gen_dir, run, t0, t_sampled)
+    summary = save_samples(gen, table, gen_dir, {"command": command_line(args)}, t0, t_sampled)
     t_sample = time.perf_counter() - t0
     rows = predictor.predict(table["formula"].tolist(), top_k=1, seed=args.seed)
     _relax_and_score(rows, gen_dir, scorer, args)

@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from composition_lm.cli.options import (add_condition_arguments, add_correction_argument, add_progress,
-                                        add_relax_arguments, add_validity_arguments, check_potentials,
-                                        condition_options, model_for, quiet_console, relax_settings,
-                                        validity_options)
+from composition_lm.cli.options import (add_correction_argument, add_progress, add_relax_arguments,
+                                        add_settings_arguments, check_potentials, model_for, quiet_console,
+                                        relax_settings, settings_from_args)
+from composition_lm.sampling_config import SamplingConfig
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
@@ -69,42 +69,12 @@ def add_parsers(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------- discover
-def _formulas(args: argparse.Namespace) -> tuple[list[str], set[str] | None, dict]:
-    """The formulas to screen (sampled now, read back on --resume, or --from a file), the formulas known to
-    the generator, and the seconds sampling took."""
-    import json
-
-    from composition_lm.data import read_samples
-
-    if args.from_file is not None:
-        return read_samples(args.from_file, args.column), None, {}
-    out = args.output
-    sampled = out / "formulas.csv"
-    if args.resume and sampled.is_file():  # the same samples as before the stop
-        from composition_lm.generator import FormulaGenerator
-
-        run = json.loads((out / "run_config.json").read_text())
-        known = FormulaGenerator.from_pretrained(run["model"]).training_formulas()
-        return read_samples(sampled), known, {"sampling_s": run["summary"]["seconds"]}
-    from composition_lm.cli.lm import save_samples
-    from composition_lm.cli.options import command_line
-    from composition_lm.generator import FormulaGenerator
-
-    t0 = time.perf_counter()
-    gen = FormulaGenerator.from_pretrained(model_for(args))
-    table = gen.generate(args.n, seed=args.seed, elements=args.elements, require=args.require, exclude=args.exclude,
-                         max_elements=args.max_elements, progress=not args.no_progress, **condition_options(args),
-                         **validity_options(args))
-    run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
-           **table.attrs["sampling"], "validity_repair": table.attrs["validity"]}
-    summary = save_samples(gen, table, out, run, t0, time.perf_counter())
-    return table["formula"].tolist(), gen.training_formulas(), {"sampling_s": summary["seconds"]}
-
-
 def cmd_discover(args: argparse.Namespace) -> int:
     from structure import StructurePredictor
-    from structure.discovery import DiscoveryFunnel
-    from structure.stability import StabilityScorer
+    from structure.stability import Screening, StabilityScorer
+
+    from composition_lm.cli.options import command_line
+    from composition_lm.workflows import discover
 
     if (args.output / "journal.jsonl").exists() and not args.resume:
         raise FileExistsError(f"{args.output} holds a discovery run: pass --resume to finish it, or choose a new -o")
@@ -112,30 +82,36 @@ def cmd_discover(args: argparse.Namespace) -> int:
     if args.templates is None:
         print("no --templates given: using the compact Materials Project store shipped in the package",
               file=sys.stderr)
+    formulas = None
     if args.from_file is not None:  # a bad file fails before anything is loaded
         from composition_lm.data import read_samples
 
-        if not read_samples(args.from_file, args.column):
+        formulas = read_samples(args.from_file, args.column)
+        if not formulas:
             raise ValueError(f"{args.from_file} holds no formulas")
-    from structure.stability import Screening
+    sampling = None
+    if formulas is None and not (args.resume and (args.output / "formulas.csv").is_file()):
+        from composition_lm.generator import FormulaGenerator
 
+        generator = FormulaGenerator.from_pretrained(model_for(args))
+        sampling = settings_from_args(args, generator.sampling_config)
     predictor = StructurePredictor(args.templates)
     screening = Screening.for_threshold(args.e_hull_max, stop_margin=args.stop_margin, stop_after=args.stop_after,
                                         judge_margin=args.judge_margin)
     scorer = StabilityScorer(args.potential, settings=relax_settings(args), reference=args.reference,
-                             references=args.references or predictor.store, correction=args.correction,
-                             judges=args.judge, screening=screening)
+                             relax=args.relax, references=args.references or predictor.store,
+                             correction=args.correction, judges=args.judge, screening=screening)
     print(f"energies: {scorer.describe()}", file=sys.stderr)
-    formulas, known, seconds = _formulas(args)
     quiet_console()
-    funnel = DiscoveryFunnel(predictor, scorer, known_formulas=known, top_k=args.top_k, e_hull_max=args.e_hull_max,
-                             skip_above=args.skip_above)
-    result = funnel.run(formulas, args.output, resume=args.resume, workers=args.workers,
-                        progress=not args.no_progress, seconds=seconds, scheduler=args.scheduler)
-    c, key = result["counts"], f"{args.e_hull_max:g}"
+    result = discover(generator if sampling is not None else None, args.n, args.seed, args.output,
+                      formulas=formulas, sampling=sampling, predictor=predictor, scorer=scorer,
+                      e_hull_max=args.e_hull_max, top_k=args.top_k, skip_above=args.skip_above, resume=args.resume,
+                      workers=args.workers, scheduler=args.scheduler, progress=not args.no_progress,
+                      run={"command": command_line(args)})
+    c, key = result.counts, f"{args.e_hull_max:g}"
     print(" -> ".join(f"{k} {v}" for k, v in c.items()))
-    print(f"SUN rate {100 * result['sun_rate'][key]:.2f} % at E_hull <= {key} eV/atom, "
-          f"{100 * result['sun_rate']['0']:.2f} % at <= 0; {sum(result['seconds'].values()) / 60:.1f} min; "
+    print(f"SUN rate {100 * result.sun_rate[key]:.2f} % at E_hull <= {key} eV/atom, "
+          f"{100 * result.sun_rate['0']:.2f} % at <= 0; {sum(result.summary['seconds'].values()) / 60:.1f} min; "
           f"wrote candidates.csv, sun.csv, sun_cif.zip, funnel.json, report.md, report.html to {args.output}")
     return 0
 
@@ -174,12 +150,7 @@ def add_discover_parser(sub) -> None:
     p.add_argument("--model", default=None, help="formula model (default: diffusion-bert)")
     p.add_argument("-n", **positive_int, default=1000, help="formulas to sample (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--elements", help="only these elements, e.g. Li,Mn,O")
-    p.add_argument("--require", help="every sample contains these")
-    p.add_argument("--exclude", help="never these")
-    p.add_argument("--max-elements", **positive_int, help="at most this many distinct elements")
-    add_validity_arguments(p)
-    add_condition_arguments(p)
+    add_settings_arguments(p, SamplingConfig, groups=("constraints", "validity", "conditions"))
     p.add_argument("--from", dest="from_file", type=Path, metavar="FORMULAS",
                    help="screen these formulas instead of sampling (any formula file `validate` reads)")
     p.add_argument("--column", help="formula column of --from")

@@ -8,23 +8,22 @@ import sys
 import time
 from pathlib import Path
 
+from composition_lm.sampling_config import SamplingConfig
+
 from composition_lm.cli.options import (
-    add_condition_arguments,
     add_progress,
-    add_validity_arguments,
+    add_settings_arguments,
     command_line,
-    condition_options,
     dataclass_arguments,
-    model_for,
     fraction,
     half_open_unit,
+    model_for,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
-    probability,
-    unit_interval,
-    validity_options,
+    run_value,
+    settings_from_args,
 )
 
 
@@ -41,56 +40,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- sample
-def sampler_options(args: argparse.Namespace) -> dict:
-    """The sampling options of ``sample`` as :meth:`FormulaGenerator.generate` keywords."""
-    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "dtype": args.dtype,
-            "condition": None if args.condition == "none" else args.condition, "method": args.method,
-            "clamp": args.clamp, "noise_scale": args.noise_scale, **condition_options(args), **validity_options(args)}
-
-
-def save_samples(gen, table, out_dir: Path, run: dict, started: float, sampled: float) -> dict:
-    """Write ``formulas.csv`` and ``run_config.json`` (``run`` plus the summary) to ``out_dir``; returns the
-    summary. ``started`` / ``sampled``: ``time.perf_counter()`` at the start and after sampling."""
-    import platform
-
-    import torch
-
-    from composition_lm.generator import write_formulas
-    from evaluation.io import write_json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_formulas(table, out_dir / "formulas.csv")
-    elapsed = time.perf_counter() - started
-    summary = {**gen.summary(table), "seconds": elapsed, "seconds_sampling": sampled - started}
-    summary["formulas_per_s"] = summary["n_samples"] / elapsed
-    summary["valid_novel_unique_per_s"] = summary["valid_novel_unique_cdvae"] / elapsed
-    config = {**run, "torch": torch.__version__, "machine": platform.platform(), "threads": torch.get_num_threads(),
-              "summary": summary}
-    write_json(out_dir / "run_config.json", config)
-    return summary
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    import json
-
     import torch
     from transformers.utils import logging as hf_logging
 
     from composition_lm.generator import FormulaGenerator
+    from composition_lm.workflows import save_samples
 
     t0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
+    args.model = run_value(args, "model", None)
     gen = FormulaGenerator.from_pretrained(model_for(args))
-    options = sampler_options(args)
-    table = gen.generate(args.n, seed=args.seed, steps=args.steps, elements=args.elements, require=args.require,
-                         exclude=args.exclude, max_elements=args.max_elements, batch_size=args.batch_size,
-                         progress=not args.no_progress, **options)
+    config = settings_from_args(args, gen.sampling_config)
+    n, seed = run_value(args, "n", 1000), run_value(args, "seed", 0)
+    table = gen.generate(n, seed=seed, config=config, progress=not args.no_progress)
     t_sample = time.perf_counter()
-    run = {"command": command_line(args), "model": str(gen.path), "model_type": gen.model_type,
-           **table.attrs["sampling"], "condition": args.condition, "validity_repair": table.attrs["validity"]}
-    summary = save_samples(gen, table, args.output, run, t0, t_sample)
+    summary = save_samples(gen, table, args.output, {"command": command_line(args)}, t0, t_sample)
     train_set = gen.training_formulas()
     print(f"{summary['n_samples']} samples from {gen.path.name} ({gen.model_type}) in {summary['seconds']:.1f} s "
           f"= {summary['formulas_per_s']:.0f} formulas/s")
@@ -101,15 +68,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"  novel       {summary['novelty']:.3f} of unique (vs {len(train_set)} training formulas)")
         print(f"  valid+novel+unique  {summary['valid_novel_unique_cdvae']} "
               f"({summary['valid_novel_unique_per_s']:.0f}/s)")
-    repair = run["validity_repair"]
-    if args.validity != "none":
+    repair = table.attrs["validity"]
+    if config.validity != "none":
         print(f"  sampler     {repair['exact_fixed']} rows made valid by exact decoding; "
-              f"{repair['failed_first_pass']} rows failed {args.validity} after the first pass, "
-              f"{repair['failing_rows']} still fail after {args.validity_rounds} repair rounds (flagged); "
+              f"{repair['failed_first_pass']} rows failed {config.validity} after the first pass, "
+              f"{repair['failing_rows']} still fail after {config.validity_rounds} repair rounds (flagged); "
               f"{repair['extra_denoiser_rows_per_sample']:.2f} extra denoiser rows per sample")
-    constraints = run["constraints"]
-    if any(constraints.values()):
-        print(f"  constraints {json.dumps(constraints)}")
+    constraints = {k: getattr(config, k) for k in ("elements", "require", "exclude", "max_elements")
+                   if getattr(config, k)}
+    if constraints:
+        print(f"  constraints {', '.join(f'{k}={v}' for k, v in constraints.items())}")
     print(f"wrote {args.output / 'formulas.csv'} and run_config.json")
     return 0
 
@@ -190,37 +158,17 @@ def add_parsers(sub) -> None:
         help="generate formulas with a diffusion model (default: the shipped Diffusion-BERT)",
         description="Sample formulas, check them, and write OUTPUT/formulas.csv (raw sample, reduced formula, "
         "parse status, validity and reason under both protocols, novelty vs the model's training formulas) "
-        "and OUTPUT/run_config.json. Element constraints are enforced inside the sampler.",
+        "and OUTPUT/run_config.json. Element constraints are enforced inside the sampler. Each setting's default is "
+        "the model's own (its folder's sampling_config.json), then --config FILE, then the options given here.",
     )
-    p.add_argument("--model", default=None, help="model folder, shipped name (diffusion-bert, diffusion-lm) or hub id "
+    p.add_argument("--model", help="model folder, shipped name (diffusion-bert, diffusion-lm) or hub id "
                    "(default: diffusion-bert); the model's config says which family it is")
-    p.add_argument("-n", **positive_int, default=1000, help="number of samples (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
-    p.add_argument("--steps", **positive_int, help="denoising steps (default: 32 for diffusion-bert, chosen by "
-                   "measurement in benchmarks/diffusion_bert.md; the model's own default for diffusion-lm)")
-    p.add_argument("--method", choices=["ddpm", "ddim"], help="diffusion-lm: reverse process (default: the model's)")
-    p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
-                   help="diffusion-lm: snap each predicted x0 to the nearest allowed token embedding (default: the model's)")
-    p.add_argument("--noise-scale", **unit_interval, help="diffusion-lm: multiply the reverse-process noise by this "
-                   "factor in [0, 1]; below 1 samples nearer the modes, like a temperature (default: the model's)")
-    p.add_argument("--batch-size", **positive_int, default=1000, help="samples denoised together (default: 1000)")
-    p.add_argument("--temperature", **positive_float, default=1.0,
-                   help="diffusion-bert: softmax temperature (default: 1.0)")
-    p.add_argument("--top-k", **positive_int, help="diffusion-bert: draw only from the K most likely tokens")
-    p.add_argument("--top-p", **probability,
-                   help="diffusion-bert: draw only from the smallest set with probability >= P")
-    p.add_argument("--elements", help="only these elements, e.g. Li,Mn,O")
-    p.add_argument("--require", help="every sample contains these, e.g. Li")
-    p.add_argument("--exclude", help="never these, e.g. Pb,Cd")
-    p.add_argument("--max-elements", **positive_int, help="at most this many distinct elements")
-    p.add_argument("--condition", choices=["auto", "valid", "invalid", "none"], default="auto",
-                   help="start token of a validity-conditioned model: valid, invalid or none (unconditional); "
-                   "auto = valid for such a model, none otherwise")
-    add_condition_arguments(p)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="denoiser precision: auto = bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 "
-                   "CPUs, recent GPUs), else float32 (default: auto)")
-    add_validity_arguments(p)
+    p.add_argument("-n", **positive_int, help="number of samples (default: 1000)")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same samples) (default: 0)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="sampling settings from a JSON or YAML file (a run's run_config.json reproduces that run: its "
+                   "model, n, seed and settings); options given here override it")
+    add_settings_arguments(p, SamplingConfig)
     p.add_argument("--threads", **positive_int, help="torch CPU threads (default: torch's choice)")
     add_progress(p)
     p.add_argument("-o", "--output", type=Path, default=Path("samples"), help="output directory (default: samples)")

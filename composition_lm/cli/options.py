@@ -142,42 +142,85 @@ def relax_settings(args: argparse.Namespace):
                          batch_size=args.relax_batch_size, time_limit=args.relax_time_limit)
 
 
-def add_validity_arguments(p: argparse.ArgumentParser) -> None:
-    """``--validity``, ``--validity-rounds``, ``--validity-t``, ``--validity-any-elements``,
-    ``--no-exact-decoding``: validity enforced inside the sampler."""
-    from composition_lm.valid_sampling import VALIDITY_CHOICES
+def add_settings_arguments(p: argparse.ArgumentParser, cls, groups: tuple[str, ...] | None = None,
+                           suppress: bool = True) -> None:
+    """One option per field of the settings dataclass ``cls`` (:mod:`evaluation.settings`), or of the fields in
+    ``groups``: name, help, range check and choices all come from the field, so a new setting is one field.
+    With ``suppress`` an option that is not given leaves no attribute, so the defaults can come from elsewhere
+    (the model's saved settings, ``--config FILE``: :func:`settings_from_args`); else it defaults to the field's
+    default."""
+    from evaluation.settings import RANGES
 
-    p.add_argument("--validity", choices=VALIDITY_CHOICES, default="cdvae",
-                   help="every sample passes this protocol, enforced while sampling: the token that would complete a "
-                   "row invalid is re-drawn among those that make it valid, and a row still failing is re-noised "
-                   "and denoised again (cdvae: CDVAE's smact_validity rule; smact: SMACT's defaults; none: raw "
-                   "samples, as before) (default: cdvae)")
-    p.add_argument("--validity-rounds", **non_negative_int, default=10,
-                   help="repair budget: rounds of re-noising a failing row; rows still failing after it are kept "
-                   "and flagged (default: 10)")
-    p.add_argument("--validity-t", **probability, default=1.0,
-                   help="re-noising level of a failing row in (0, 1]: the share of its tokens re-masked "
-                   "(diffusion-bert) or the chain time its embeddings are re-noised to (diffusion-lm); later rounds "
-                   "rise to 1, a whole-row re-draw (default: 1, the best of those measured in "
-                   "benchmarks/validity_sampling.md)")
-    p.add_argument("--validity-any-elements", dest="validity_keep_elements", action="store_false",
-                   help="accept a repaired row whatever its number of elements (default: it keeps the sample's own "
-                   "number, so that enforcing validity does not shift the #elements distribution)")
-    p.add_argument("--no-exact-decoding", dest="validity_exact", action="store_false",
-                   help="do not re-draw the last revealed token of a row that would end invalid among the tokens "
-                   "that make it valid (exact decoding, on by default with --validity: it leaves few rows to the "
-                   "costlier re-noising repair)")
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True) or (groups is not None and meta.get("group") not in groups):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        help_text = meta.get("help", "")
+        if "(default" not in help_text and meta.get("action") not in ("store_false", "store_true"):
+            help_text += f" (default: {'none' if default is None else default})"
+        kw = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS if suppress else default}
+        action = meta.get("action")
+        if action in ("store_false", "store_true"):
+            kw["action"] = action
+        elif action == "optional":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif action == "list":
+            kw["type"] = _comma_list
+        elif action == "append":
+            kw["action"] = "append"
+        if meta.get("range"):
+            kind, test, what = RANGES[meta["range"]]
+            kw.update(_checked(kind, test, what))
+        if meta.get("choices") is not None:
+            shown = ["none" if c is None else c for c in meta["choices"]]
+            kw["choices"] = shown
+            if None in meta["choices"]:
+                kw["metavar"] = "{" + ",".join(shown) + "}"
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        p.add_argument(flag, **kw)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def settings_from_args(args: argparse.Namespace, base):
+    """``base`` (a settings object) with the options given on the command line (those that
+    :func:`add_settings_arguments` left in ``args``) and, before them, the settings of ``--config FILE`` when the
+    command has that option."""
+    config_file = getattr(args, "config", None)
+    if config_file is not None:
+        from evaluation.settings import read_settings_file
+
+        data = read_settings_file(config_file)
+        base = base.replace(**{k: v for k, v in data.items() if k in base.names()})
+    given = {name: getattr(args, name) for name in base.names() if hasattr(args, name)}
+    return base.replace(**given)
+
+
+def run_value(args: argparse.Namespace, name: str, default):
+    """A run option (``n``, ``seed``, ``model``) that may also come from ``--config FILE``: the command line's
+    value, else the file's, else ``default``."""
+    if getattr(args, name, None) is not None:
+        return getattr(args, name)
+    config_file = getattr(args, "config", None)
+    if config_file is not None:
+        from evaluation.settings import read_settings_file
+
+        value = read_settings_file(config_file).get(name)
+        if value is not None:
+            return value
+    return default
 
 
 def add_condition_arguments(p: argparse.ArgumentParser) -> None:
-    """``--target`` (property windows) and ``--guidance`` (classifier-free guidance scale)."""
-    p.add_argument("--target", action="append", metavar="NAME=LO:HI",
-                   help="property window for a property-conditioned model (train --condition-on), either bound "
-                   "open, e.g. --target band_gap=1.0:3.0 --target e_above_hull=:0.05; repeatable")
-    p.add_argument("--guidance", type=float, metavar="GAMMA",
-                   help="classifier-free guidance towards --condition or --target: Diffusion-BERT draws tokens from "
-                   "p(x|c)^GAMMA p(x)^(1-GAMMA), Diffusion-LM predicts x0_uncond + GAMMA (x0_cond - x0_uncond) "
-                   "(two denoiser passes per step; 1 = plain conditional sampling; default: none)")
+    """``--target`` (property windows) and ``--guidance`` (classifier-free guidance scale) of ``cdvae sample``."""
+    from composition_lm.sampling_config import SamplingConfig
+
+    add_settings_arguments(p, SamplingConfig, groups=("conditions",), suppress=False)
 
 
 def model_for(args: argparse.Namespace) -> str | None:
@@ -185,18 +228,12 @@ def model_for(args: argparse.Namespace) -> str | None:
     a property need not know which shipped model can answer), else None (the default model)."""
     from composition_lm.models import CONDITIONAL_MODEL
 
-    return args.model or (CONDITIONAL_MODEL if getattr(args, "target", None) else None)
+    return args.model or (CONDITIONAL_MODEL if getattr(args, "targets", None) else None)
 
 
 def condition_options(args: argparse.Namespace) -> dict:
-    """The options of :func:`add_condition_arguments` as :meth:`FormulaGenerator.generate` keywords."""
-    return {"targets": args.target, "guidance": args.guidance}
-
-
-def validity_options(args: argparse.Namespace) -> dict:
-    """The options of :func:`add_validity_arguments` as :meth:`FormulaGenerator.generate` keywords."""
-    return {"validity": args.validity, "validity_rounds": args.validity_rounds, "validity_t": args.validity_t,
-            "validity_keep_elements": args.validity_keep_elements, "validity_exact": args.validity_exact}
+    """The options of :func:`add_condition_arguments` as ``CDVAE.sample`` keywords."""
+    return {"targets": args.targets, "guidance": args.guidance}
 
 
 def relaxer(args: argparse.Namespace, references=None):
