@@ -21,12 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evaluation.settings import Settings, setting
+from evaluation.settings import SAMPLING_CONFIG_NAME, Settings, setting
 
 __all__ = ["SAMPLING_CONFIG_NAME", "VALIDITY_CHOICES", "SamplingConfig", "element_list"]
 
-#: the file in a model folder that holds its sampling defaults
-SAMPLING_CONFIG_NAME = "sampling_config.json"
 #: ``--validity`` choices: a protocol of :mod:`evaluation.validity` enforced while sampling, or none
 VALIDITY_CHOICES = ("cdvae", "smact", "none")
 

@@ -21,7 +21,10 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["RANGES", "Settings", "setting"]
+__all__ = ["RANGES", "SAMPLING_CONFIG_NAME", "Settings", "setting"]
+
+#: the file beside a model's ``config.json`` that holds its sampling defaults (formula models and CDVAE alike)
+SAMPLING_CONFIG_NAME = "sampling_config.json"
 
 #: named numeric ranges: (type, test, what a value must be); the command line checks them while parsing
 RANGES = {
@@ -34,6 +37,8 @@ RANGES = {
     "probability": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
     "half_open_unit": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
     "any_float": (float, lambda v: math.isfinite(v), "a finite number"),
+    "tolerance": (float, lambda v: 0 <= v < math.inf, "a tolerance >= 0"),
+    "angle_tolerance": (float, lambda v: 0 <= v <= 15, "between 0 and 15 degrees"),
 }
 
 
@@ -72,20 +77,21 @@ class Settings:
             self._check(f, getattr(self, f.name))
 
     def _check(self, f: dataclasses.Field, value) -> None:
-        meta = f.metadata
+        """A ValueError that names the setting as the command line does (``top p must be in (0, 1], got 2``)."""
+        meta, name = f.metadata, f.name.replace("_", " ")
         if value is None:
             if _field_default(f) is not None and not meta.get("nullable"):
-                raise ValueError(f"{self.kind} {f.name} may not be None")
+                raise ValueError(f"{name} may not be None")
             return
         if meta.get("choices") is not None and value not in meta["choices"]:
             shown = ", ".join("none" if c is None else str(c) for c in meta["choices"])
-            raise ValueError(f"{self.kind} {f.name} must be one of {shown}, got {value!r}")
+            raise ValueError(f"{name} must be one of {shown}, got {value!r}")
         if meta.get("range"):
             kind, test, what = RANGES[meta["range"]]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise ValueError(f"{self.kind} {f.name} must be {what}, got {value!r}")
+                raise ValueError(f"{name} must be {what}, got {value!r}")
             if not test(value):
-                raise ValueError(f"{self.kind} {f.name} must be {what}, got {value}")
+                raise ValueError(f"{name} must be {what}, got {value}")
 
     @classmethod
     def names(cls) -> list[str]:

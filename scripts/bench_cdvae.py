@@ -79,9 +79,10 @@ def main() -> int:
     results = {
         **bench_meta("scripts/bench_cdvae.py", args.n, str(args.model), dataset=args.dataset, seed=args.seed),
         "model_config": {k: getattr(cfg, k) for k in ("hidden", "latent", "encoder_layers", "decoder_layers", "cutoff",
-                                                        "max_neighbors", "sample_levels", "sample_steps", "step_lr")},
+                                                        "max_neighbors")},
+        "sampling_config": model.sampling_config.to_dict(),
         "trained": cfg.trained,
-        "default": {**default, "seconds_whole_command": seconds, "schedule": f"{cfg.sample_levels}x{cfg.sample_steps}"},
+        "default": {**default, "seconds_whole_command": seconds, "schedule": f"{model.sampling_config.levels}x{model.sampling_config.steps}"},
         "targets": TARGETS.get(args.dataset, {}),
         "curve": [],
     }

@@ -106,19 +106,16 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
 
     cfg = model.config
     s = parse_setting(spec)
+    asked = {"levels": s["levels"], "steps": s["steps"], "step_lr": s["step_lr"], "composition": s["composition"],
+             "type_update": s["type_update"], "composition_temperature": s["temperature"],
+             "composition_retries": s["retries"], "volume_weight": volume_weight,
+             **{k: getattr(args, k, None) for k in ("prior", "resample_invalid", "natom_sampler", "min_element_share",
+                                                   "min_pattern_share", "latent_temperature", "symmetrize",
+                                                   "snap_angles")}}
+    c = model.sampling_config.replace(**{k: v for k, v in asked.items() if v is not None})
     stats: dict = {}
     t = time.perf_counter()
-    structures = model.sample(args.n, seed=args.seed, levels=s["levels"], steps=s["steps"], step_lr=s["step_lr"],
-                              composition=s["composition"], type_update=s["type_update"],
-                              composition_temperature=s["temperature"], composition_retries=s["retries"],
-                              prior=getattr(args, "prior", None), volume_weight=volume_weight,
-                              resample_invalid=getattr(args, "resample_invalid", None),
-                              natom_sampler=getattr(args, "natom_sampler", None),
-                              min_element_share=getattr(args, "min_element_share", None),
-                              min_pattern_share=getattr(args, "min_pattern_share", None),
-                              latent_temperature=getattr(args, "latent_temperature", None),
-                              symmetrize=getattr(args, "symmetrize", None),
-                              snap_angles=getattr(args, "snap_angles", None), stats=stats)
+    structures = model.sample(args.n, seed=args.seed, config=c, stats=stats)
     seconds = time.perf_counter() - t
     if args.save:  # the crystals themselves, for a later look at what the metrics miss
         write_outputs(to_rows(structures), args.save / f"{args.dataset}-{label}-{spec}".replace("/", "_"))
@@ -127,22 +124,13 @@ def _measure(model, spec: str, label: str, reference: list, args, volume_weight:
     row = {"dataset": args.dataset, "model": args.model, "label": label, "n": args.n,
            "seed": args.seed, "composition": s["composition"], "temperature": s["temperature"],
            "retries": s["retries"], "type_update": s["type_update"],
-           "schedule": f"{s['levels'] or cfg.sample_levels}x{s['steps'] or cfg.sample_steps}"
-                       + (f" lr {s['step_lr']:g}" if s["step_lr"] else ""),
+           "schedule": f"{c.levels}x{c.steps}" + (f" lr {s['step_lr']:g}" if s["step_lr"] else ""),
            "seconds_sampling": round(seconds, 1), "threads": torch.get_num_threads(), "compiled": bool(args.compile),
-           "prior": getattr(args, "prior", None) or cfg.latent_prior,
-           "prior_components": cfg.latent_prior_components,
-           "volume_weight": cfg.volume_weight if volume_weight is None else volume_weight,
-           "resample_invalid": cfg.resample_invalid if getattr(args, "resample_invalid", None) is None
-           else args.resample_invalid, "decoded": stats["decoded"], "resampled": stats["resampled"],
-           "natom_sampler": getattr(args, "natom_sampler", None) or cfg.natom_sampler,
-           "latent_temperature": getattr(args, "latent_temperature", None) or cfg.latent_temperature,
-           "symmetrize": cfg.symmetrize if getattr(args, "symmetrize", None) is None else args.symmetrize,
-           "snap_angles": cfg.snap_angles if getattr(args, "snap_angles", None) is None else args.snap_angles,
-           "min_element_share": cfg.min_element_share if getattr(args, "min_element_share", None) is None
-           else args.min_element_share,
-           "min_pattern_share": cfg.min_pattern_share if getattr(args, "min_pattern_share", None) is None
-           else args.min_pattern_share,
+           "prior": c.prior, "prior_components": cfg.latent_prior_components, "volume_weight": c.volume_weight,
+           "resample_invalid": c.resample_invalid, "decoded": stats["decoded"], "resampled": stats["resampled"],
+           "natom_sampler": c.natom_sampler, "latent_temperature": c.latent_temperature, "symmetrize": c.symmetrize,
+           "snap_angles": c.snap_angles, "min_element_share": c.min_element_share,
+           "min_pattern_share": c.min_pattern_share,
            **{k: m.get(k) for k in KEYS},
            "cov_recall_struct": m.get("cov_recall_struct"), "cov_recall_comp": m.get("cov_recall_comp"),
            "n_elements": element_histogram(structures),
@@ -201,7 +189,7 @@ def cmd_density(args) -> None:
     spec = parse_setting(args.setting)
     for k in args.components:
         model.set_latent_prior(fit_gaussian_mixture(latents, k, seed=0) if k else None)
-        for w in args.volume_weight or [model.config.volume_weight]:
+        for w in args.volume_weight or [model.sampling_config.volume_weight]:
             dists = []
             for seed in range(args.seeds):
                 g = torch.Generator().manual_seed(seed)

@@ -41,7 +41,8 @@ def steps_curve(model: str, grid: list[int], n: int, clamp: bool) -> list[dict]:
     rows = []
     for steps in grid:
         t = time.perf_counter()
-        samples = generate(loaded, n, steps=steps, batch_size=1000, seed=0, progress=False, clamp=clamp)
+        samples = generate(loaded, n, steps=steps, batch_size=1000, seed=0, progress=False, clamp=clamp,
+                           validity="none")
         dt = time.perf_counter() - t
         m = formula_set_metrics([str(f) if f else "" for _, f, _ in samples], train, protocols=("cdvae",))
         rows.append({"steps": steps, "clamp": clamp, "validity_cdvae_raw": m["validity"]["cdvae"]["raw"],
@@ -62,7 +63,8 @@ def noise_sweep(model: str, scales: list[float], n: int, corpus: Path) -> list[d
     val = df.loc[df["split"] == "val", "formula"].tolist()
     rows = []
     for scale in scales:
-        samples = generate(loaded, n, batch_size=1000, seed=0, progress=False, noise_scale=scale)
+        samples = generate(loaded, n, batch_size=1000, seed=0, progress=False, noise_scale=scale,
+                           validity="none")
         m = formula_set_metrics([str(f) if f else "" for _, f, _ in samples], loaded.training_formulas(),
                                 reference=val, protocols=("cdvae",))
         rows.append({"noise_scale": scale, "validity_cdvae_raw": m["validity"]["cdvae"]["raw"],

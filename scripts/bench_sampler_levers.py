@@ -22,14 +22,14 @@ from evaluation.io import write_json, write_text
 
 def _time_generate(model, n: int, repeats: int, **kw) -> dict:
     from composition_lm.sampling import generate
-    from composition_lm.valid_sampling import RepairStats, ValiditySettings
+    from composition_lm.valid_sampling import RepairStats
 
     times, rows = [], None
     for _ in range(repeats):
         stats = RepairStats()
         t = time.perf_counter()
-        generate(model, n, seed=0, progress=False, validity=ValiditySettings("cdvae", rounds=0, exact=False),
-                 stats=stats, **kw)
+        generate(model, n, seed=0, progress=False, validity="cdvae", validity_rounds=0,
+                 validity_exact=False, stats=stats, **kw)
         times.append(time.perf_counter() - t)
         rows = stats.denoiser_rows_first_pass / n
     return {**_spread(times), "denoiser_rows_per_sample": rows}
@@ -43,7 +43,7 @@ def _one_thread_child(n: int) -> None:
     from composition_lm.sampling import generate
 
     torch.set_num_threads(1)
-    generate(load_model("diffusion-bert"), n, seed=0, progress=False)
+    generate(load_model("diffusion-bert"), n, seed=0, progress=False, validity="none")
 
 
 def trimming_agreement(model, tokenizer, shared, n: int = 2000) -> dict:
@@ -101,7 +101,7 @@ def live_fraction(model, n: int = 3000) -> float:
 
     model.forward = counting
     try:
-        generate(model, n, seed=0, progress=False)
+        generate(model, n, seed=0, progress=False, validity="none")
     finally:
         del model.forward
     return seen[0] / seen[1]

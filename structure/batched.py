@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from pymatgen.core import Structure
 
+from structure.potentials import get_potential as load_potential
+from structure.relax_result import _classify, _failed, _geometry_problem, _too_dense, _volume_change
+
 __all__ = ["OPTIMIZERS", "relax_batched"]
 
 #: Optimizers by name (ASE classes). ``FIRE`` is what ``matgl.ext.ase.Relaxer`` uses; ``LBFGS`` reaches the
@@ -104,7 +107,6 @@ def relax_batched(
     Returns:
         One :class:`~structure.relax.RelaxResult` per input, never an exception for a bad structure.
     """
-    from structure.relax import _failed, _geometry_problem, load_potential
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -230,7 +232,6 @@ def _stop_if_hopeless(item: _InFlight, ceiling: float | None, stop_after: int) -
 def _guard_volume(item: _InFlight) -> None:
     """Stop a structure whose cell left the ``MAX_VOLUME_FACTOR`` band (collapse or blow-up) or became denser
     than ``MIN_VOLUME_PER_ATOM`` mid-relaxation (the checks :func:`structure.relax._explosion` makes at the end)."""
-    from structure.relax import _too_dense, _volume_change
 
     volume = item.atoms.get_volume()
     if problem := _volume_change(item.initial_volume, volume):
@@ -243,7 +244,6 @@ def _result(item: _InFlight, fmax: float):
     """The :class:`RelaxResult` of a finished structure, classified as ``relax_structure`` does."""
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from structure.relax import _classify, _failed
 
     steps = item.optimizer.nsteps
     if item.error is not None:

@@ -12,6 +12,7 @@ import torch
 from structure.cdvae.data import (collate, crystals_from_structures, edge_vectors, lattice_matrix, lattice_parameters,
                                   lattice_statistics, load_crystals, min_image_displacement, periodic_edges)
 from structure.cdvae.model import CDVAE, CDVAEConfig
+from structure.cdvae.sampling_config import CDVAESamplingConfig
 from structure.cdvae.sampling import langevin_schedule, sample, sample_composition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -34,8 +35,13 @@ def triclinic():
 
 def tiny_config(**kw) -> CDVAEConfig:
     base = dict(hidden=16, latent=8, encoder_layers=2, decoder_layers=2, rbf=8, cutoff=5.0, max_neighbors=12,
-                max_atoms=8, noise_levels=10, sample_levels=4, sample_steps=2)
+                max_atoms=8, noise_levels=10)
     return CDVAEConfig(**{**base, **kw})
+
+
+def tiny_cdvae(**kw) -> CDVAE:
+    """An untrained tiny CDVAE sampled with a short schedule (4 levels x 2 steps) by default."""
+    return CDVAE(tiny_config(**kw), CDVAESamplingConfig(levels=4, steps=2))
 
 
 def random_rotation(seed: int = 0) -> torch.Tensor:
@@ -140,7 +146,7 @@ def _decoder_inputs(seed: int = 0):
 
 def test_rotation_leaves_invariant_outputs_and_rotates_scores():
     torch.manual_seed(0)
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     _, b, z, lat = _decoder_inputs()
     rot = random_rotation(1)
     rotated = lat @ rot.T  # every lattice vector rotated
@@ -158,7 +164,7 @@ def test_rotation_leaves_invariant_outputs_and_rotates_scores():
 
 def test_translation_and_periodic_wrapping_change_nothing():
     torch.manual_seed(0)
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     _, b, z, lat = _decoder_inputs()
     shifted = (b.frac + torch.tensor([0.37, -0.81, 1.23])) % 1.0
     with torch.no_grad():
@@ -178,7 +184,7 @@ def test_loss_decreases_on_a_tiny_set(tmp_path):
     crystals = load_crystals(src)
     stats = lattice_statistics(crystals)
     torch.manual_seed(0)
-    model = CDVAE(tiny_config(lattice_mean=stats["mean"], lattice_std=stats["std"]))
+    model = tiny_cdvae(lattice_mean=stats["mean"], lattice_std=stats["std"])
     batch = crystals.batch(range(16))
 
     def fixed_loss():
@@ -198,7 +204,7 @@ def test_loss_decreases_on_a_tiny_set(tmp_path):
 
 def test_losses_are_finite_and_named():
     torch.manual_seed(0)
-    model = CDVAE(tiny_config())
+    model = tiny_cdvae()
     _, b, _, _ = _decoder_inputs()
     out = model.losses(b, torch.Generator().manual_seed(0))
     assert set(out) == {"loss", "natom", "lattice", "composition", "coord", "type", "kld"}
@@ -222,7 +228,7 @@ def test_sample_composition_respects_counts():
 
 def test_same_seed_same_samples_and_valid_shapes():
     torch.manual_seed(0)
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     a = sample(model, 6, seed=3, batch_size=4)
     b = sample(model, 6, seed=3, batch_size=4)
     c = sample(model, 6, seed=4, batch_size=4)
@@ -235,7 +241,7 @@ def test_same_seed_same_samples_and_valid_shapes():
 
 
 def test_langevin_schedule_levels_steps_and_sizes():
-    model = CDVAE(tiny_config(sigma_begin=10.0, sigma_end=0.01, step_lr=1e-4))
+    model = tiny_cdvae(sigma_begin=10.0, sigma_end=0.01)
     sched = langevin_schedule(model, levels=3, steps=2)
     assert len(sched) == 6
     sigmas = [s for s, _ in sched]
@@ -245,7 +251,7 @@ def test_langevin_schedule_levels_steps_and_sizes():
 
 def test_save_load_identity(tmp_path):
     torch.manual_seed(0)
-    model = CDVAE(tiny_config(lattice_mean=[2.0] * 3 + [90.0] * 3, lattice_std=[0.3] * 3 + [5.0] * 3)).eval()
+    model = tiny_cdvae(lattice_mean=[2.0] * 3 + [90.0] * 3, lattice_std=[0.3] * 3 + [5.0] * 3).eval()
     model.save_pretrained(tmp_path / "m")
     again = CDVAE.from_pretrained(tmp_path / "m")
     assert again.config == model.config
@@ -355,11 +361,11 @@ def test_shipped_perov5_model_loads_and_samples_perovskite_cells():
 
     model = CDVAE.from_pretrained(resolve_model("cdvae-perov5"))
     assert model.config.max_atoms == 5
-    assert model.config.resample_invalid == 5  # issue 19: an invalid composition is decoded again
-    assert model.config.min_element_share == 0.01  # ... and so is a binary (0.6 % of Perov-5's training crystals)
+    assert model.sampling_config.resample_invalid == 5  # issue 19: an invalid composition is decoded again
+    assert model.sampling_config.min_element_share == 0.01  # ... and so is a binary (0.6 % of Perov-5's training crystals)
     patterns = model.config.stoichiometry_counts  # the training crystals' stoichiometry patterns
     assert max(patterns, key=patterns.get) == "2,1,1,1" and patterns["2,2,1"] < 0.01
-    assert model.config.min_pattern_share == 0.01  # ... and a rarer stoichiometry (A2X2Y: 0.8 %), since stop 33
+    assert model.sampling_config.min_pattern_share == 0.01  # ... and a rarer stoichiometry (A2X2Y: 0.8 %), since stop 33
     stats: dict = {}
     crystals = sample(model, 4, seed=0, levels=5, steps=1, stats=stats)
     assert all(len(c.types) == 5 for c in crystals)  # the count head learned Perov-5's five-atom cells
@@ -377,11 +383,11 @@ def test_shipped_mp20_model_loads_and_samples_cells_of_up_to_20_atoms():
     model = CDVAE.from_pretrained(resolve_model("cdvae-mp20"))
     assert model.config.max_atoms == 20 and model.config.trained["total_steps"] == 14000
     # issue 19's defaults: a 30-component mixture prior and the cell scaled toward the composition's volume
-    assert model.config.latent_prior == "gmm" and model.latent_prior.components == 30
-    assert model.config.volume_weight == 0.75 and len(model.config.atomic_volumes) == 100
-    assert model.config.snap_angles == 5.0  # and the head's cell angles within 5 degrees of 60/90/120 snapped
+    assert model.sampling_config.prior == "gmm" and model.latent_prior.components == 30
+    assert model.sampling_config.volume_weight == 0.75 and len(model.config.atomic_volumes) == 100
+    assert model.sampling_config.snap_angles == 5.0  # and the head's cell angles within 5 degrees of 60/90/120 snapped
     # since stop 33 a crystal whose stoichiometry pattern no training crystal has is decoded again (<= 5 rounds)
-    assert model.config.resample_invalid == 5 and model.config.min_pattern_share == 1e-5
+    assert model.sampling_config.resample_invalid == 5 and model.sampling_config.min_pattern_share == 1e-5
     stats: dict = {}
     crystals = sample(model, 8, seed=0, levels=10, steps=1, stats=stats)
     unseen = [c for c in crystals if stoichiometry_key(c.types.tolist()) not in model.config.stoichiometry_counts]

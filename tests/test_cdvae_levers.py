@@ -10,6 +10,7 @@ import torch
 from evaluation.conditioning import PropertyBins
 from structure.cdvae.data import crystals_from_structures, element_count_table
 from structure.cdvae.model import CDVAE, CDVAEConfig
+from structure.cdvae.sampling_config import CDVAESamplingConfig
 from structure.cdvae.sampling import langevin, langevin_schedule, sample, sample_composition
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -18,8 +19,13 @@ PEROV = SHARED / "data" / "structures" / "perov_5"
 
 def tiny_config(**kw) -> CDVAEConfig:
     base = dict(hidden=16, latent=8, encoder_layers=2, decoder_layers=2, rbf=8, cutoff=5.0, max_neighbors=12,
-                max_atoms=8, noise_levels=10, sample_levels=4, sample_steps=2)
+                max_atoms=8, noise_levels=10)
     return CDVAEConfig(**{**base, **kw})
+
+
+def tiny_cdvae(**kw) -> CDVAE:
+    """An untrained tiny CDVAE sampled with a short schedule (4 levels x 2 steps) by default."""
+    return CDVAE(tiny_config(**kw), CDVAESamplingConfig(levels=4, steps=2))
 
 
 def _n_elements(types: torch.Tensor, num_atoms: list[int]) -> list[int]:
@@ -87,9 +93,9 @@ def test_element_count_table_rows_are_shares_per_size():
 @pytest.mark.parametrize("update", ["element-set", "fixed"])
 def test_type_updates_keep_the_starting_elements(update):
     torch.manual_seed(0)
-    model = CDVAE(tiny_config(element_counts=[[0.0, 0.3, 0.7]] * 9)).eval()
+    model = tiny_cdvae(element_counts=[[0.0, 0.3, 0.7]] * 9).eval()
     z = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
-    sched = langevin_schedule(model, 3, 1)
+    sched = langevin_schedule(model, levels=3, steps=1)
     start = langevin(model, z, torch.Generator().manual_seed(1), [], composition="k-first")  # no step: the draw
     out = langevin(model, z, torch.Generator().manual_seed(1), sched, composition="k-first", type_update=update)
     for a, b in zip(start, out):
@@ -108,7 +114,7 @@ def _bins() -> list[PropertyBins]:
 
 def test_added_conditioning_starts_as_the_unconditional_model():
     torch.manual_seed(0)
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     before = sample(model, 4, seed=2)
     model.add_property_conditioning(_bins())
     assert [c["name"] for c in model.config.property_conditions] == ["heat"]
@@ -125,7 +131,7 @@ def test_conditioning_changes_the_latent_prior_and_the_decoder_after_training_st
     from tests.test_cdvae import rock_salt, triclinic
 
     torch.manual_seed(0)
-    model = CDVAE(tiny_config(property_dropout=0.0))
+    model = tiny_cdvae(property_dropout=0.0)
     model.add_property_conditioning(_bins())
     crystals = pack([triclinic(), rock_salt()])
     crystals.conditions = torch.tensor([[1], [4]])
@@ -147,7 +153,7 @@ def test_conditioning_changes_the_latent_prior_and_the_decoder_after_training_st
 
 
 def test_targets_need_a_conditioned_model_and_known_names():
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     with pytest.raises(ValueError, match="not property-conditioned"):
         sample(model, 2, targets=["band_gap=1:3"])
     model.add_property_conditioning(_bins())
@@ -157,7 +163,7 @@ def test_targets_need_a_conditioned_model_and_known_names():
 
 def test_conditioned_model_saves_and_loads(tmp_path):
     torch.manual_seed(0)
-    model = CDVAE(tiny_config())
+    model = tiny_cdvae()
     model.add_property_conditioning(_bins(), encoding="continuous")
     with torch.no_grad():
         model.condition_latent.weight.normal_()
@@ -220,7 +226,7 @@ def test_cached_graphs_give_the_encoder_the_same_edges_and_outputs():
     as_set = lambda s, d, o: sorted(zip(s.tolist(), d.tolist(), map(tuple, o.tolist())))  # noqa: E731
     assert as_set(src, dst, off) == as_set(src2, dst2, off2)
     torch.manual_seed(0)
-    model = CDVAE(tiny_config(max_atoms=8)).eval()
+    model = tiny_cdvae(max_atoms=8).eval()
     lat = lattice_matrix(b.lengths, b.angles)
     cached = model.encoder(b.types, b.frac, lat, b.num_atoms, b.batch, b.edges)
     fresh = model.encoder(b.types, b.frac, lat, b.num_atoms, b.batch)
@@ -244,7 +250,7 @@ def test_painn_encoder_is_invariant_and_sees_angles():
     from tests.test_cdvae import random_rotation, triclinic
 
     torch.manual_seed(0)
-    model = CDVAE(tiny_config(encoder_type="painn")).eval()
+    model = tiny_cdvae(encoder_type="painn").eval()
     c = crystals_from_structures([triclinic()])
     b = c.batch([0])
     lat = lattice_matrix(b.lengths, b.angles)
@@ -262,14 +268,14 @@ def test_painn_encoder_is_invariant_and_sees_angles():
         return Structure(Lattice.cubic(20.0), ["O", "H", "H"], [[10, 10, 10], [11, 10, 10], [10 + x, 10 + y, 10]],
                          coords_are_cartesian=True)
     for kind, sees in (("painn", True), ("schnet", False)):
-        model = CDVAE(tiny_config(encoder_type=kind, cutoff=1.2)).eval()
+        model = tiny_cdvae(encoder_type=kind, cutoff=1.2).eval()
         mus = []
         for angle in (90.0, 180.0):
             b = crystals_from_structures([trimer(angle)]).batch([0])
             mus.append(model.encoder(b.types, b.frac, lattice_matrix(b.lengths, b.angles), b.num_atoms, b.batch)[0])
         assert torch.allclose(mus[0], mus[1], atol=1e-5) != sees, kind
     with pytest.raises(ValueError, match="schnet, painn"):
-        CDVAE(tiny_config(encoder_type="dimenet"))
+        tiny_cdvae(encoder_type="dimenet")
 
 
 def test_reconstruction_match_counts_matches_and_misses():
@@ -285,7 +291,7 @@ def test_reconstruct_keeps_the_atom_counts():
     from tests.test_cdvae import rock_salt, triclinic
 
     torch.manual_seed(0)
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     crystals = crystals_from_structures([triclinic(), rock_salt(), triclinic()])
     out = reconstruct(model, crystals, seed=0, batch_size=2, levels=2, steps=1)
     assert [len(c.types) for c in out] == crystals.num_atoms.tolist()
@@ -322,7 +328,7 @@ def test_two_processes_train_through_accelerate(tmp_path):
 
 def test_composition_temperature_sharpens_the_draw():
     torch.manual_seed(0)
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     with torch.no_grad():  # a composition head that spreads its mass over many elements
         model.composition_head[-1].weight.normal_(0, 0.3)
     z = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
@@ -332,7 +338,7 @@ def test_composition_temperature_sharpens_the_draw():
         return sum(len(set(c.types.tolist())) for c in out) / len(out)
 
     assert mean_elements(0.05) < mean_elements(1.0)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="composition temperature must be a number > 0"):
         langevin(model, z, torch.Generator(), [], composition_temperature=0.0)
 
 
@@ -371,7 +377,7 @@ def test_training_drops_all_properties_of_a_crystal_at_the_dropout_rate(monkeypa
     from tests.test_cdvae import rock_salt
 
     torch.manual_seed(0)
-    model = CDVAE(tiny_config(property_dropout=0.2))
+    model = tiny_cdvae(property_dropout=0.2)
     bins = [PropertyBins.from_values(n, torch.linspace(-2, 2, 101).tolist(), 4) for n in ("a", "b", "c")]
     model.add_property_conditioning(bins)
     crystals = crystals_from_structures([rock_salt()] * 400)
@@ -384,7 +390,7 @@ def test_training_drops_all_properties_of_a_crystal_at_the_dropout_rate(monkeypa
 def test_a_compiled_decoder_samples_the_same_crystals():
     """CDVAE.compile_decoder (``cdvae sample --compile``) is a speed lever only: same seed, same crystals."""
     torch.manual_seed(0)
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     eager = sample(model, 4, seed=3, levels=3, steps=1)
     compiled = sample(model.compile_decoder(), 4, seed=3, levels=3, steps=1)
     assert [c.types.tolist() for c in eager] == [c.types.tolist() for c in compiled]
@@ -420,7 +426,7 @@ def test_volume_weight_blends_the_cell_toward_the_composition_volume():
 
     table = [15.0] * 100
     torch.manual_seed(0)
-    model = CDVAE(tiny_config(element_counts=[[0.0, 0.3, 0.7]] * 9, atomic_volumes=table)).eval()
+    model = tiny_cdvae(element_counts=[[0.0, 0.3, 0.7]] * 9, atomic_volumes=table).eval()
     z = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
 
     def volumes(weight):
@@ -441,10 +447,10 @@ def test_volume_weight_blends_the_cell_toward_the_composition_volume():
 
 def test_volume_weight_errors_are_clear():
     with pytest.raises(ValueError, match="atomic_volumes"):
-        CDVAE(tiny_config(volume_weight=0.5))
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        CDVAE(tiny_config(volume_weight=1.5, atomic_volumes=[10.0] * 100))
-    model = CDVAE(tiny_config(element_counts=[[0.0, 0.3, 0.7]] * 9)).eval()
+        tiny_cdvae().eval().sample(2, levels=2, steps=1, volume_weight=0.5)
+    with pytest.raises(ValueError, match="volume weight must be in"):
+        tiny_cdvae(atomic_volumes=[10.0] * 100).sample(2, levels=2, steps=1, volume_weight=1.5)
+    model = tiny_cdvae(element_counts=[[0.0, 0.3, 0.7]] * 9).eval()
     with pytest.raises(ValueError, match="atomic_volumes"):
         model.sample(2, levels=2, steps=1, volume_weight=1.0)
 
@@ -453,7 +459,7 @@ def test_resample_invalid_decodes_invalid_crystals_again_and_keeps_valid_ones():
     from structure.cdvae.sampling import invalid_compositions
 
     torch.manual_seed(0)
-    model = CDVAE(tiny_config()).eval()  # untrained: most compositions fail charge neutrality
+    model = tiny_cdvae().eval()  # untrained: most compositions fail charge neutrality
     kw = dict(seed=3, levels=3, steps=1, composition="per-atom", type_update="fixed", batch_size=25)
     plain_stats, again_stats = {}, {}
     plain = sample(model, 60, stats=plain_stats, **kw)
@@ -469,12 +475,12 @@ def test_resample_invalid_decodes_invalid_crystals_again_and_keeps_valid_ones():
             assert torch.equal(again[i].types, c.types) and torch.equal(again[i].frac, c.frac)
     redone = sample(model, 60, resample_invalid=4, **kw)  # the same seed, the same crystals
     assert all(torch.equal(a.frac, b.frac) for a, b in zip(again, redone))
-    with pytest.raises(ValueError, match="resample_invalid"):
+    with pytest.raises(ValueError, match="resample invalid"):
         sample(model, 4, resample_invalid=-1, **kw)
 
 
 def test_natom_sampler_argmax_takes_the_mode_and_sample_draws_from_the_softmax():
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     last = model.natom_head[-1]
     with torch.no_grad():  # the head says 2 atoms with probability 0.6, 3 with 0.4, whatever z
         last.weight.zero_()
@@ -485,7 +491,7 @@ def test_natom_sampler_argmax_takes_the_mode_and_sample_draws_from_the_softmax()
     drawn = [len(c.types) for c in sample(model, 400, natom_sampler="sample", **kw)]
     assert set(mode) == {2}
     assert set(drawn) == {2, 3} and abs(drawn.count(3) / 400 - 0.4) < 0.07
-    model.config.natom_sampler = "sample"  # the config's default
+    model.sampling_config = model.sampling_config.replace(natom_sampler="sample")  # the model's default
     assert [len(c.types) for c in sample(model, 400, **kw)] == drawn
     with pytest.raises(ValueError, match="natom sampler"):
         sample(model, 2, natom_sampler="median", **kw)
@@ -506,7 +512,7 @@ def test_impossible_cell_angles_are_pulled_toward_right_angles_and_others_kept()
     lengths = torch.full((4, 3), 5.0)
     assert (cell_volume(lengths, fixed) > 0.2 * 125 - 1e-3).all()
     # the lattice head's output goes through it: a head asking for 150/150/150 gives a cell with a volume
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     with torch.no_grad():
         model.lattice_head[-1].weight.zero_()
         model.lattice_head[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1e4, 1e4, 1e4]))
@@ -567,7 +573,7 @@ def test_min_element_share_decodes_rare_element_counts_again():
     torch.manual_seed(0)
     # 3-atom crystals: single-element ones never occur in "training", binaries 20 %, ternaries 80 %
     table = [[0.0, 1.0, 0.0, 0.0]] * 3 + [[0.0, 0.0, 0.2, 0.8]] * 6
-    model = CDVAE(tiny_config(element_counts=table)).eval()
+    model = tiny_cdvae(element_counts=table).eval()
     kw = dict(seed=1, levels=3, steps=1, composition="per-atom", type_update="fixed", batch_size=30)
     plain = sample(model, 60, **kw)
     stats: dict = {}
@@ -579,10 +585,10 @@ def test_min_element_share_decodes_rare_element_counts_again():
     for i, c in enumerate(plain):  # a crystal that passes both checks at the first decode is kept
         if i not in rare_plain:
             assert torch.equal(again[i].types, c.types)
-    with pytest.raises(ValueError, match="min_element_share"):
+    with pytest.raises(ValueError, match="min element share"):
         sample(model, 4, resample_invalid=1, min_element_share=1.0, **kw)
     with pytest.raises(ValueError, match="element_counts"):
-        sample(CDVAE(tiny_config()).eval(), 4, resample_invalid=1, min_element_share=0.1, **kw)
+        sample(tiny_cdvae().eval(), 4, resample_invalid=1, min_element_share=0.1, **kw)
 
 
 def test_stoichiometry_key_and_table():
@@ -629,7 +635,7 @@ def test_min_pattern_share_decodes_rare_stoichiometries_again(monkeypatch):
 
     torch.manual_seed(0)
     patterns = {"2,1": 0.5, "1,1,1": 0.5}  # "training" has only these two 3-atom patterns
-    model = CDVAE(tiny_config(stoichiometry_counts=patterns)).eval()
+    model = tiny_cdvae(stoichiometry_counts=patterns).eval()
     kw = dict(seed=1, levels=3, steps=1, composition="per-atom", type_update="fixed", batch_size=30)
     plain = sample(model, 60, **kw)
     stats: dict = {}
@@ -646,10 +652,10 @@ def test_min_pattern_share_decodes_rare_stoichiometries_again(monkeypatch):
     for i, c in enumerate(plain):  # a crystal that passes every check at the first decode is kept
         if i not in rare_plain:
             assert torch.equal(again[i].types, c.types)
-    model.config.min_pattern_share = 0.1  # the config's value is the default
+    model.sampling_config = model.sampling_config.replace(min_pattern_share=0.1)  # the model's value: the default
     assert [c.types.tolist() for c in sample(model, 60, resample_invalid=6, **kw)] == [
         c.types.tolist() for c in again]
-    with pytest.raises(ValueError, match="min_pattern_share"):
+    with pytest.raises(ValueError, match="min pattern share"):
         sample(model, 4, resample_invalid=1, min_pattern_share=1.0, **kw)
 
     def no_decoding(*a, **k):
@@ -657,7 +663,7 @@ def test_min_pattern_share_decodes_rare_stoichiometries_again(monkeypatch):
 
     monkeypatch.setattr("structure.cdvae.sampling.langevin", no_decoding)
     with pytest.raises(ValueError, match="stoichiometry_counts"):  # before any decoding
-        sample(CDVAE(tiny_config()).eval(), 4, resample_invalid=1, min_pattern_share=0.1, **kw)
+        sample(tiny_cdvae().eval(), 4, resample_invalid=1, min_pattern_share=0.1, **kw)
 
 
 def test_symmetrize_moves_near_symmetric_atoms_onto_the_symmetric_cell():
@@ -681,7 +687,7 @@ def test_symmetrize_moves_near_symmetric_atoms_onto_the_symmetric_cell():
     assert symmetrize_structure(odd, 0.1).composition.reduced_composition == odd.composition.reduced_composition
     with pytest.raises(ValueError, match="tolerance"):
         symmetrize_structure(odd, -0.1)
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     plain = model.sample(4, seed=0, levels=2, steps=1)
     sym = model.sample(4, seed=0, levels=2, steps=1, symmetrize=0.5)
     assert all(s.composition.reduced_composition == p.composition.reduced_composition for s, p in zip(sym, plain))
@@ -706,7 +712,7 @@ def test_snap_cell_angles_sets_near_special_angles_exactly():
 def test_sampling_with_snapped_angles_places_atoms_in_the_snapped_cell():
     from structure.cdvae.sampling import SPECIAL_ANGLES
 
-    model = CDVAE(tiny_config()).eval()
+    model = tiny_cdvae().eval()
     kw = dict(seed=0, levels=2, steps=1)
     plain = model.sample(6, **kw)
     snapped = model.sample(6, snap_angles=15.0, **kw)
@@ -722,7 +728,7 @@ def test_sampling_with_snapped_angles_places_atoms_in_the_snapped_cell():
             else:
                 assert a_snap == pytest.approx(a_plain, abs=1e-3)
     assert near > 0  # the untrained head's angles do come near 90
-    model.config.snap_angles = 15.0  # the config's value is the default
+    model.sampling_config = model.sampling_config.replace(snap_angles=15.0)  # the model's value is the default
     assert [s.lattice.angles for s in model.sample(6, **kw)] == [s.lattice.angles for s in snapped]
     with pytest.raises(ValueError, match="between 0 and 15"):
         model.sample(2, snap_angles=-1.0, **kw)

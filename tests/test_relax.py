@@ -16,13 +16,13 @@ from pymatgen.core import Lattice, Structure  # noqa: E402
 
 from structure.relax import (  # noqa: E402
     ElementalReferences,
-    _explosion,
     ground_states,
     load_potential,
     potential_key,
     relax_many,
     relax_structure,
 )
+from structure.relax_result import _explosion  # noqa: E402
 
 #: The original M3GNet universal potential in the shared folder (needs the m3gnet_legacy module).
 MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "matgl" / "M3GNet-MP-2021.2.8-PES"

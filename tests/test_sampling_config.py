@@ -16,7 +16,7 @@ from composition_lm.sampling_config import SAMPLING_CONFIG_NAME, SamplingConfig
 
 def test_sampling_config_checks_ranges_choices_and_names():
     assert SamplingConfig().validity == "cdvae" and SamplingConfig().steps is None
-    with pytest.raises(ValueError, match="top_p must be in"):
+    with pytest.raises(ValueError, match="top p must be in"):
         SamplingConfig(top_p=1.5)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         SamplingConfig(steps=0)
@@ -24,7 +24,7 @@ def test_sampling_config_checks_ranges_choices_and_names():
         SamplingConfig(validity="neutral")
     with pytest.raises(ValueError, match="unknown sampling setting stepz; known: steps"):
         SamplingConfig().replace(stepz=3)
-    with pytest.raises(ValueError, match="batch_size may not be None"):
+    with pytest.raises(ValueError, match="batch size may not be None"):
         SamplingConfig(batch_size=None)
     c = SamplingConfig(elements="Li, Fe,O", require=["Li"], exclude="", condition="none", targets="band_gap=1:3")
     assert c.elements == ["Li", "Fe", "O"] and c.require == ["Li"] and c.exclude is None
@@ -166,3 +166,45 @@ def test_help_is_quick_in_process():
     t = time.perf_counter()
     build_parser().format_help()
     assert time.perf_counter() - t < 1.0
+
+
+def test_cdvae_sampling_settings_travel_with_the_model_and_old_folders_still_load(tmp_path):
+    from structure.cdvae import CDVAE
+    from structure.cdvae.sampling_config import LEGACY_CONFIG_KEYS, CDVAESamplingConfig
+
+    model = CDVAE.from_pretrained("cdvae-perov5")
+    assert model.sampling_config.resample_invalid == 5  # the shipped model's measured settings
+    model.sampling_config = model.sampling_config.replace(levels=3, steps=1, composition="per-atom")
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert not set(config) & set(LEGACY_CONFIG_KEYS)  # the network's config holds no sampler setting
+    again = CDVAE.from_pretrained(tmp_path / "m")
+    assert again.sampling_config == model.sampling_config
+    a = [s.composition for s in again.sample(3, seed=0)]
+    assert a == [s.composition for s in model.sample(3, seed=0)]
+    # a folder written before sampling_config.json: its sampler settings are read from config.json
+    (tmp_path / "m" / SAMPLING_CONFIG_NAME).unlink()
+    config.update({"sample_levels": 3, "sample_steps": 1, "composition_sampler": "per-atom", "resample_invalid": 5,
+                   "min_element_share": 0.01, "min_pattern_share": 0.01})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    old = CDVAE.from_pretrained(tmp_path / "m")
+    assert old.sampling_config == model.sampling_config
+    with pytest.raises(ValueError, match="snap angles must be between 0 and 15 degrees"):
+        CDVAESamplingConfig(snap_angles=20)
+
+
+def test_cdvae_sample_options_come_from_the_config_fields(tmp_path, capsys):
+    from structure.cdvae.sampling_config import CDVAESamplingConfig
+
+    from composition_lm.cli import build_parser, main
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["cdvae"]._subparsers._group_actions[0] \
+        .choices["sample"].format_help()
+    for name in CDVAESamplingConfig.names():
+        flag = "--target" if name == "targets" else "--" + name.replace("_", "-")
+        assert flag in help_text, flag
+    assert main(["cdvae", "sample", "-n", "2", "--levels", "2", "--steps", "1", "--composition", "per-atom",
+                 "--no-progress", "-o", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(["cdvae", "sample", "-n", "2", "--snap-angles", "20", "-o", str(tmp_path / "b")]) == 2
+    assert "snap angles must be between 0 and 15 degrees" in capsys.readouterr().err

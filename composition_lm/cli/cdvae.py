@@ -7,9 +7,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from composition_lm.cli.options import (add_condition_arguments, add_progress, add_relax_arguments, command_line,
-                                        condition_options, dataclass_arguments, fraction, half_open_unit,
-                                        non_negative_float, non_negative_int, positive_float, positive_int, relaxer)
+from structure.cdvae.sampling_config import CDVAESamplingConfig
+
+from composition_lm.cli.options import (add_progress, add_relax_arguments, add_settings_arguments, command_line,
+                                        dataclass_arguments, fraction, half_open_unit, non_negative_float,
+                                        non_negative_int, positive_float, positive_int, relaxer, settings_from_args)
 
 
 def cmd_cdvae_train(args: argparse.Namespace) -> int:
@@ -55,16 +57,8 @@ def cmd_cdvae_sample(args: argparse.Namespace) -> int:
         model.compile_decoder()
     stats: dict = {}
     t0 = time.perf_counter()
-    structures = model.sample(args.n, seed=args.seed, batch_size=args.batch_size, levels=args.levels,
-                              steps=args.steps, step_lr=args.step_lr, progress=not args.no_progress,
-                              composition=args.composition, type_update=args.type_update,
-                              composition_temperature=args.composition_temperature,
-                              composition_retries=args.composition_retries, prior=args.prior,
-                              volume_weight=args.volume_weight, resample_invalid=args.resample_invalid,
-                              natom_sampler=args.natom_sampler, min_element_share=args.min_element_share,
-                              min_pattern_share=args.min_pattern_share,
-                              latent_temperature=args.latent_temperature, symmetrize=args.symmetrize,
-                              snap_angles=args.snap_angles, stats=stats, **condition_options(args))
+    config = settings_from_args(args, model.sampling_config)
+    structures = model.sample(args.n, seed=args.seed, config=config, progress=not args.no_progress, stats=stats)
     seconds = time.perf_counter() - t0
     if stats["resampled"]:
         print(f"decoded {stats['resampled']} crystals again for an invalid composition (or a rare element count "
@@ -161,67 +155,17 @@ def add_parsers(sub) -> None:
     s = csub.add_parser("sample", help="sample crystals; writes structures.csv, structures_cif.zip, structures.extxyz",
                         description="Draw N latents from the prior, decode the number of atoms, lattice and "
                         "composition, then run annealed Langevin dynamics over the noise levels. Same outputs as "
-                        "`composition-gen structure`; --relax relaxes them with M3GNet.")
+                        "`composition-gen structure`; --relax relaxes them. Each sampler setting's default is the "
+                        "model's own (its folder's sampling_config.json); the options given here override it.")
     s.add_argument("--model", default="cdvae-perov5",
                    help="model folder, or a shipped name: cdvae-perov5 (default) or cdvae-mp20 (Materials Project crystals of "
                    "up to 20 atoms; a short training run, see its model card)")
     s.add_argument("-n", **positive_int, default=100, help="number of crystals (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same crystals)")
-    s.add_argument("--batch-size", **positive_int, default=500, help="crystals decoded together (default: 500)")
-    s.add_argument("--levels", **positive_int, help="noise levels of the Langevin schedule (default: the model's)")
-    s.add_argument("--steps", **positive_int, help="Langevin steps per level (default: the model's)")
-    s.add_argument("--step-lr", **positive_float,
-                   help="Langevin step size at the smallest noise (default: the model's)")
-    s.add_argument("--composition", choices=["round", "per-atom", "k-first"],
-                   help="how the starting composition is drawn from the composition head: round (CDVAE: round "
-                   "p x N per element), per-atom (each atom from p), k-first (the number of distinct elements "
-                   "first, from the training data, then the elements) (default: the model's)")
-    s.add_argument("--composition-temperature", **positive_float, metavar="T",
-                   help="softmax temperature of the composition head when drawing the composition; below 1 fewer, "
-                   "likelier elements (default: the model's)")
-    s.add_argument("--composition-retries", **non_negative_int, metavar="R",
-                   help="redraw a starting composition that fails CDVAE's composition validity (SMACT charge "
-                   "neutrality, Pauling test) up to R times (default: the model's)")
-    s.add_argument("--natom-sampler", choices=["argmax", "sample"],
-                   help="the number of atoms of each crystal: argmax (CDVAE: the natom head's most likely count) or "
-                   "sample (drawn from the head's softmax, closer to the data's distribution) (default: the model's)")
-    s.add_argument("--resample-invalid", **non_negative_int, metavar="R",
-                   help="up to R rounds in which each crystal whose final composition fails CDVAE's composition "
-                   "validity is decoded again from a new latent; 0 keeps every decoded crystal, as CDVAE does "
-                   "(default: the model's)")
-    s.add_argument("--min-element-share", type=float, metavar="P",
-                   help="in those rounds, decode a crystal again also when its number of distinct elements is rarer "
-                   "than P among the training crystals of its size (e.g. 0.01: a binary where 0.6 %% of training "
-                   "crystals are binaries); 0 never (default: the model's)")
-    s.add_argument("--min-pattern-share", type=float, metavar="P",
-                   help="in those rounds, decode a crystal again also when its stoichiometry pattern (element "
-                   "multiplicities, largest first: Pb2N2O is 2,2,1) is rarer than P among the training crystals "
-                   "(e.g. 0.01); 0 never (default: the model's)")
-    s.add_argument("--type-update", choices=["free", "element-set", "fixed"],
-                   help="what Langevin steps do to atom types: free (CDVAE: the decoder's most likely element), "
-                   "element-set (the most likely of the crystal's starting elements), fixed (only coordinates move) "
-                   "(default: the model's)")
-    s.add_argument("--volume-weight", type=float, metavar="W",
-                   help="scale each sampled cell toward the volume of its drawn composition (the sum of per-element "
-                   "volumes fitted to the training crystals): V_lattice^(1-W) x V_composition^W; 0 is CDVAE's "
-                   "lattice head alone, 1 the composition's volume (default: the model's)")
-    s.add_argument("--latent-temperature", **positive_float, metavar="T",
-                   help="scale the latent noise: below 1 the latents stay nearer the prior's centre (fewer odd "
-                   "crystals, less coverage); 1 is the prior itself, as in CDVAE (default: the model's)")
-    s.add_argument("--snap-angles", type=float, metavar="DEG",
-                   help="set each cell angle the lattice head puts within DEG degrees of 60, 90 or 120 to that angle "
-                   "before the atoms are placed (0 to 15; e.g. 5); 0 keeps the head's angles, as CDVAE does "
-                   "(default: the model's)")
-    s.add_argument("--symmetrize", type=float, metavar="TOL",
-                   help="replace each crystal by its symmetrized primitive standard cell, symmetry found at TOL Å "
-                   "(spglib symprec; e.g. 0.1); 0 keeps the decoded cell, as CDVAE does (default: the model's)")
-    s.add_argument("--prior", choices=["standard", "gmm"],
-                   help="latents of unconditional samples: standard N(0, I) (CDVAE) or gmm, the Gaussian mixture "
-                   "fitted by `cdvae fit-prior` (default: the model's)")
+    add_settings_arguments(s, CDVAESamplingConfig)
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder: ~15 s to compile, then each Langevin step ~1.5-1.8x faster on "
                    "CPU (worth it from a few hundred crystals; needs a C compiler)")
-    add_condition_arguments(s)
     add_relax_arguments(s)
     s.add_argument("--templates", type=Path, metavar="DB",
                    help="template store for elemental reference structures (default: the shipped compact MP store)")

@@ -157,7 +157,7 @@ def _run_cdvae(model_dir: Path, gen_dir: Path, scorer, args: argparse.Namespace)
     write_outputs(rows, gen_dir)
     elapsed = time.perf_counter() - t0
     print(f"{gen_dir.name}: {args.n} crystals in {elapsed:.1f} s", file=sys.stderr)
-    return {"config": model.config, "timing": {"generate_s": elapsed}}
+    return {"config": model.config, "sampling": model.sampling_config, "timing": {"generate_s": elapsed}}
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -242,11 +242,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         name = _generator_name(args.cdvae, "cdvae", taken)
         gen_dir = out / name
         run = _run_cdvae(cdvae_dir, gen_dir, scorer, args)
-        cfg = run["config"]
+        cfg, sampling = run["config"], run["sampling"]
         generators[name] = {
             "kind": "CDVAE", "model": shown_path(cdvae_dir),
             "given": (f"{args.n} crystals decoded from latents drawn from the prior (seed {args.seed}) by annealed "
-                      f"Langevin dynamics ({cfg.sample_levels} levels x {cfg.sample_steps} steps); the model "
+                      f"Langevin dynamics ({sampling.levels} levels x {sampling.steps} steps); the model "
                       f"learnt from: {(cfg.trained or {}).get('data', 'see its model card')}; no template, and no "
                       f"validity filter{relaxed}"),
             "timing": run["timing"],

@@ -216,24 +216,12 @@ def run_value(args: argparse.Namespace, name: str, default):
     return default
 
 
-def add_condition_arguments(p: argparse.ArgumentParser) -> None:
-    """``--target`` (property windows) and ``--guidance`` (classifier-free guidance scale) of ``cdvae sample``."""
-    from composition_lm.sampling_config import SamplingConfig
-
-    add_settings_arguments(p, SamplingConfig, groups=("conditions",), suppress=False)
-
-
 def model_for(args: argparse.Namespace) -> str | None:
     """``--model``, else the shipped property-conditioned model when ``--target`` is given (a user asking for
     a property need not know which shipped model can answer), else None (the default model)."""
     from composition_lm.models import CONDITIONAL_MODEL
 
     return args.model or (CONDITIONAL_MODEL if getattr(args, "targets", None) else None)
-
-
-def condition_options(args: argparse.Namespace) -> dict:
-    """The options of :func:`add_condition_arguments` as ``CDVAE.sample`` keywords."""
-    return {"targets": args.targets, "guidance": args.guidance}
 
 
 def relaxer(args: argparse.Namespace, references=None):

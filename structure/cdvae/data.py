@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +26,14 @@ import numpy as np
 import torch
 
 from evaluation.io import atomic_path, write_json
+
+MAX_Z = 100  # elements H..Fm; atom type t is element Z = t + 1
+
+
+def sigma_levels(begin: float, end: float, n: int) -> torch.Tensor:
+    """``n`` geometric noise levels from ``begin`` down to ``end``."""
+    return torch.exp(torch.linspace(math.log(begin), math.log(end), n))
+
 
 CACHE_VERSION = 1
 MAX_IMAGES = 3  # at most this many periodic images per direction and side (documented cap)

@@ -40,11 +40,12 @@ from torch import nn
 from evaluation.conditioning import (ENCODINGS, PropertyBins, condition_module, drop_conditions, embed_conditions,
                                      null_conditions)
 from evaluation.io import atomic_path, write_json
-from structure.cdvae.prior import PRIORS, GaussianMixturePrior
-from structure.cdvae.data import (edge_vectors, lattice_matrix, lattice_targets, length_scale, min_image_displacement,
-                                  periodic_edges, valid_cell_angles)
+from structure.cdvae.prior import GaussianMixturePrior
+from structure.cdvae.sampling import sample, symmetrize_structure
+from structure.cdvae.sampling_config import SAMPLING_CONFIG_NAME, CDVAESamplingConfig
+from structure.cdvae.data import (MAX_Z, edge_vectors, lattice_matrix, lattice_targets, length_scale,
+                                  min_image_displacement, periodic_edges, sigma_levels, valid_cell_angles)
 
-MAX_Z = 100  # elements H..Fm; atom type t is element Z = t + 1
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
 SHIPPED = ("cdvae-mp20", "cdvae-perov5")
 
@@ -89,49 +90,16 @@ class CDVAEConfig:
     # standardisation of the lattice targets (lengths / N^(1/3), angles); set from the training data
     lattice_mean: list[float] = field(default_factory=lambda: [1.0] * 3 + [90.0] * 3)
     lattice_std: list[float] = field(default_factory=lambda: [1.0] * 3 + [10.0] * 3)
-    # annealed Langevin defaults: how many of the noise levels, steps per level, step size
-    sample_levels: int = 50
-    sample_steps: int = 5
-    step_lr: float = 1e-4
-    # how sampling draws the starting composition and updates atom types (structure.cdvae.sampling:
-    # sample_composition, langevin); CDVAE's rules are "round" and "free"
-    natom_sampler: str = "argmax"  # the number of atoms: the natom head's most likely count, or "sample" its softmax
-    composition_sampler: str = "round"
-    type_update: str = "free"
-    composition_temperature: float = 1.0  # the composition head's softmax temperature when sampling (< 1 sharpens)
-    composition_retries: int = 0  # redraws of a starting composition that fails CDVAE's composition validity
-    # rounds in which every decoded crystal whose final composition fails CDVAE's composition validity is
-    # decoded again from a new latent (0: CDVAE, every decoded crystal kept)
-    resample_invalid: int = 0
-    # in those rounds, a crystal is also decoded again when its number of distinct elements is rarer than this
-    # share among the training crystals of its size (element_counts[N][k] < min_element_share; 0: never)
-    min_element_share: float = 0.0
+    # training-data tables the sampler reads (its settings live in CDVAESamplingConfig, sampling_config.json):
     # element_counts[N][k]: share of training crystals of N atoms with k distinct elements (the k-first
-    # composition sampler draws k from it); data.element_count_table
+    # composition sampler draws k from it; min_element_share reads it); data.element_count_table
     element_counts: list[list[float]] = field(default_factory=list)
-    # in those rounds, a crystal is also decoded again when its stoichiometry pattern (element multiplicities,
-    # largest first: "2,2,1") is rarer than this share among the training crystals (stoichiometry_counts[pattern]
-    # < min_pattern_share; 0: never)
-    min_pattern_share: float = 0.0
-    # stoichiometry_counts[pattern]: share of training crystals with that pattern; data.stoichiometry_table
+    # stoichiometry_counts[pattern]: share of training crystals with that stoichiometry pattern (element
+    # multiplicities, largest first: "2,2,1"; min_pattern_share reads it); data.stoichiometry_table
     stoichiometry_counts: dict[str, float] = field(default_factory=dict)
-    # the sampled cell's volume: the lattice head's V_z blended geometrically with the volume of the drawn
-    # composition V_c (atomic_volumes: Å³ per atom of each element, data.atomic_volume_table), V_z^(1 - w) V_c^w
-    # with w = volume_weight; 0 keeps CDVAE's lattice head alone
-    volume_weight: float = 0.0
+    # Å³ per atom of each element (data.atomic_volume_table): the composition's volume that volume_weight blends in
     atomic_volumes: list[float] = field(default_factory=list)
-    # the latent prior of unconditional sampling (structure.cdvae.prior): "standard" N(0, I), or "gmm", a
-    # Gaussian mixture of latent_prior_components components fitted to the training posterior means
-    latent_prior: str = "standard"
-    # the latent noise's standard deviation when sampling (the prior's, p(z | condition)'s): 1 is the prior itself
-    # (CDVAE); below 1 the latents stay nearer its centre (precision up, coverage down)
-    latent_temperature: float = 1.0
-    # each sampled crystal replaced by its symmetrized primitive standard cell, symmetry found at this tolerance
-    # in Å (spglib's symprec; structure.cdvae.sampling.symmetrize_structure); 0: the decoded cell as it is (CDVAE)
-    symmetrize: float = 0.0
-    # cell angles the lattice head puts within this many degrees of 60, 90 or 120° set to it before the atoms are
-    # placed (structure.cdvae.sampling.snap_cell_angles); 0: the head's angles as they are (CDVAE)
-    snap_angles: float = 0.0
+    # components of the fitted Gaussian-mixture latent prior (structure.cdvae.prior; 0: none fitted)
     latent_prior_components: int = 0
     # Con-CDVAE property conditioning: PropertyBins of each property (evaluation.conditioning), their
     # encoding, and the probability that training drops a property's condition (classifier-free guidance)
@@ -154,11 +122,6 @@ class CDVAEConfig:
         if unknown:
             raise ValueError(f"unknown CDVAE config keys: {', '.join(unknown)}")
         return cls(**d)
-
-
-def sigma_levels(begin: float, end: float, n: int) -> torch.Tensor:
-    """``n`` geometric noise levels from ``begin`` down to ``end``."""
-    return torch.exp(torch.linspace(math.log(begin), math.log(end), n))
 
 
 def mlp(sizes: list[int], last_act: bool = False) -> nn.Sequential:
@@ -328,61 +291,10 @@ class ScoreNetwork(nn.Module):
 ENCODERS = {"schnet": Encoder, "painn": PaiNNEncoder}
 
 
-def check_volume_weight(weight: float, atomic_volumes: list[float]) -> None:
-    """A volume weight must lie in [0, 1], and above 0 needs the model's per-element volume table."""
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"the volume weight must lie between 0 and 1, got {weight}")
-    if weight > 0 and not atomic_volumes:
-        raise ValueError("a volume weight above 0 needs the model's atomic_volumes table "
-                         "(scripts/add_element_counts.py adds it to a model trained without it)")
-
-
-def check_latent_temperature(temperature: float) -> float:
-    """``temperature`` if it is a usable latent temperature (> 0), else a clear ValueError."""
-    if not 0 < temperature < float("inf"):
-        raise ValueError(f"latent temperature must be > 0, got {temperature}")
-    return temperature
-
-
-def check_share_tables(element_counts: list | None, min_element_share: float,
-                       stoichiometry_counts: dict | None, min_pattern_share: float) -> None:
-    """Each training-share rule asked for (a share above 0) needs its table: ``min_element_share`` the model's
-    ``element_counts``, ``min_pattern_share`` its ``stoichiometry_counts``; else a clear ValueError."""
-    rules = [("min_element_share", min_element_share, "element_counts", element_counts),
-             ("min_pattern_share", min_pattern_share, "stoichiometry_counts", stoichiometry_counts)]
-    for name, share, table_name, table in rules:
-        if share and not table:
-            raise ValueError(f"{name} needs the model's {table_name} table "
-                             "(scripts/add_element_counts.py adds it to a model trained without it)")
-
-
-def check_min_share(share: float, name: str) -> float:
-    """``share`` if it is a usable minimum training share ``name`` (min_element_share, min_pattern_share: in
-    [0, 1)), else a clear ValueError."""
-    if not 0 <= share < 1:
-        raise ValueError(f"{name} must be in [0, 1), got {share}")
-    return share
-
-
-def check_symmetrize_tolerance(tolerance: float) -> float:
-    """``tolerance`` if it is a usable symmetrize tolerance (>= 0 Å), else a clear ValueError."""
-    if tolerance < 0:
-        raise ValueError(f"the symmetrize tolerance must be >= 0 Å, got {tolerance}")
-    return tolerance
-
-
-def check_snap_angles(tolerance: float) -> float:
-    """``tolerance`` if it is a usable angle-snapping tolerance (0 to 15°: 60, 90 and 120° stay 30° apart),
-    else a clear ValueError."""
-    if not 0 <= tolerance <= 15:
-        raise ValueError(f"the angle-snapping tolerance must be between 0 and 15 degrees, got {tolerance}")
-    return tolerance
-
-
 class CDVAE(nn.Module):
     """Encoder + property heads + score-network decoder; see the module docstring."""
 
-    def __init__(self, config: CDVAEConfig | None = None):
+    def __init__(self, config: CDVAEConfig | None = None, sampling_config: CDVAESamplingConfig | None = None):
         super().__init__()
         self.config = cfg = config or CDVAEConfig()
         h = cfg.hidden
@@ -399,13 +311,10 @@ class CDVAE(nn.Module):
         self.register_buffer("lattice_mean", torch.tensor(cfg.lattice_mean), persistent=False)
         self.register_buffer("lattice_std", torch.tensor(cfg.lattice_std), persistent=False)
         self._init_conditioning(cfg.property_bins(), cfg.property_encoding, zero=False)
-        check_volume_weight(cfg.volume_weight, cfg.atomic_volumes)
-        if cfg.latent_prior not in PRIORS:
-            raise ValueError(f"unknown latent prior {cfg.latent_prior!r}; choose from {', '.join(PRIORS)}")
-        if cfg.latent_prior == "gmm" and cfg.latent_prior_components < 1:
-            raise ValueError("latent_prior 'gmm' needs latent_prior_components >= 1 (fit one with set_latent_prior)")
         self.latent_prior = (GaussianMixturePrior(cfg.latent_prior_components, cfg.latent)
                              if cfg.latent_prior_components else None)
+        #: how this model is sampled by default (``sampling_config.json``); :meth:`sample` overrides per call
+        self.sampling_config = sampling_config or CDVAESamplingConfig()
 
     def set_latent_prior(self, prior: GaussianMixturePrior | None) -> None:
         """Install a fitted Gaussian-mixture prior (:func:`structure.cdvae.prior.fit_gaussian_mixture`) and
@@ -413,18 +322,18 @@ class CDVAE(nn.Module):
         if prior is not None and prior.means.shape[1] != self.config.latent:
             raise ValueError(f"the prior is {prior.means.shape[1]}-dimensional, the latent space {self.config.latent}")
         self.latent_prior = prior
-        self.config.latent_prior = "standard" if prior is None else "gmm"
+        self.sampling_config = self.sampling_config.replace(prior="standard" if prior is None else "gmm")
         self.config.latent_prior_components = 0 if prior is None else prior.components
 
     def draw_latents(self, n: int, generator: torch.Generator, prior: str | None = None,
                      temperature: float | None = None) -> torch.Tensor:
-        """``n`` latents for unconditional sampling from ``prior`` (default: the config's): ``standard``
-        N(0, I) or ``gmm``, the fitted mixture; their noise scaled by ``temperature`` (default: the config's
-        ``latent_temperature``)."""
-        prior = prior or self.config.latent_prior
-        temperature = check_latent_temperature(self.config.latent_temperature if temperature is None else temperature)
-        if prior not in PRIORS:
-            raise ValueError(f"unknown latent prior {prior!r}; choose from {', '.join(PRIORS)}")
+        """``n`` latents for unconditional sampling from ``prior`` (default: the sampling config's): ``standard``
+        N(0, I) or ``gmm``, the fitted mixture; their noise scaled by ``temperature`` (default: the sampling
+        config's ``latent_temperature``)."""
+        settings = self.sampling_config.replace(**{k: v for k, v in (("prior", prior),
+                                                                     ("latent_temperature", temperature))
+                                                   if v is not None})
+        prior, temperature = settings.prior, settings.latent_temperature
         if prior == "standard":
             return temperature * torch.randn((n, self.config.latent), generator=generator)
         if self.latent_prior is None:
@@ -567,6 +476,7 @@ class CDVAE(nn.Module):
         with atomic_path(folder / "model.safetensors") as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
         write_json(folder / "config.json", {"model_type": "cdvae", **self.config.to_dict()})
+        self.sampling_config.save(folder / SAMPLING_CONFIG_NAME)
         return folder
 
     @classmethod
@@ -581,50 +491,29 @@ class CDVAE(nn.Module):
         cfg = json.loads((folder / "config.json").read_text())
         if cfg.pop("model_type", "cdvae") != "cdvae":
             raise ValueError(f"{folder}: config.json is not a CDVAE config")
-        model = cls(CDVAEConfig.from_dict(cfg))
+        legacy, cfg = CDVAESamplingConfig.from_legacy(cfg)  # a folder written before sampling_config.json
+        saved = folder / SAMPLING_CONFIG_NAME
+        model = cls(CDVAEConfig.from_dict(cfg), CDVAESamplingConfig.load(saved) if saved.is_file() else legacy)
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval()
 
-    def sample(self, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
-               steps: int | None = None, step_lr: float | None = None, progress: bool = False,
-               composition: str | None = None, type_update: str | None = None, targets=None,
-               guidance: float | None = None, composition_temperature: float | None = None,
-               composition_retries: int | None = None, prior: str | None = None,
-               volume_weight: float | None = None, resample_invalid: int | None = None,
-               natom_sampler: str | None = None, min_element_share: float | None = None,
-               min_pattern_share: float | None = None, latent_temperature: float | None = None,
-               symmetrize: float | None = None, snap_angles: float | None = None,
-               stats: dict | None = None) -> list:
-        """``n`` crystals as pymatgen ``Structure`` s: latents from the prior, decoded by annealed Langevin
-        dynamics (:func:`structure.cdvae.sampling.sample`; the latent ``prior``, ``levels``, ``steps``, ``step_lr``, the
-        ``composition`` sampler, its ``composition_temperature`` and ``composition_retries`` and the
-        ``type_update`` rule, the ``volume_weight`` of the composition's volume, the ``natom_sampler`` and the
-        ``resample_invalid`` rounds with their ``min_element_share`` and ``min_pattern_share``, the
-        ``latent_temperature``, the ``snap_angles`` tolerance (degrees;
-        :func:`structure.cdvae.sampling.snap_cell_angles`) and the ``symmetrize`` tolerance (Å;
-        :func:`structure.cdvae.sampling.symmetrize_structure`) default to the model's; ``stats`` receives how many
-        crystals were decoded again). A property-conditioned model takes ``targets``
-        (``["band_gap=1:3"]``) and an optional classifier-free ``guidance`` scale. The same seed gives
-        the same crystals.
+    def sample(self, n: int, seed: int = 0, config: CDVAESamplingConfig | None = None, progress: bool = False,
+               stats: dict | None = None, **overrides) -> list:
+        """``n`` crystals as pymatgen ``Structure`` s: latents from the prior (or, with ``targets``, from the
+        conditional prior of a property-conditioned model), decoded by annealed Langevin dynamics
+        (:func:`structure.cdvae.sampling.sample`), each symmetrized when ``symmetrize`` > 0. How: ``config``
+        (:class:`~structure.cdvae.sampling_config.CDVAESamplingConfig`; default: :attr:`sampling_config`) with
+        ``overrides`` (its fields: ``levels``, ``composition``, ``targets``, ``guidance``, ...). ``stats``
+        receives how many crystals were decoded again. The same seed gives the same crystals.
 
         >>> from structure.cdvae import CDVAE
         >>> crystals = CDVAE.from_pretrained("cdvae-perov5").sample(2, seed=0, levels=5, steps=1)
         >>> len(crystals), type(crystals[0]).__name__
         (2, 'Structure')
         """
-        from structure.cdvae.sampling import sample, symmetrize_structure
-
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        # checked before any crystal is decoded
-        tolerance = check_symmetrize_tolerance(self.config.symmetrize if symmetrize is None else symmetrize)
-        crystals = sample(self, n, seed=seed, batch_size=batch_size, levels=levels, steps=steps, step_lr=step_lr,
-                          progress=progress, composition=composition, type_update=type_update, targets=targets,
-                          guidance=guidance, composition_temperature=composition_temperature,
-                          composition_retries=composition_retries, prior=prior, volume_weight=volume_weight,
-                          resample_invalid=resample_invalid, natom_sampler=natom_sampler,
-                          min_element_share=min_element_share, min_pattern_share=min_pattern_share,
-                          latent_temperature=latent_temperature,
-                          snap_angles=snap_angles, stats=stats)
-        return [symmetrize_structure(c.structure(), tolerance) for c in crystals]
+        config = (config or self.sampling_config).replace(**overrides)
+        crystals = sample(self, n, seed=seed, config=config, progress=progress, stats=stats)
+        return [symmetrize_structure(c.structure(), config.symmetrize) for c in crystals]
 

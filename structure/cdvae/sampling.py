@@ -2,20 +2,26 @@
 types → annealed Langevin dynamics over the noise levels.
 
 The schedule (:func:`langevin_schedule`), the network (:class:`~structure.cdvae.model.CDVAE`) and the
-loop (:func:`langevin`) are separate; one ``torch.Generator`` drives every random draw, so the same seed
-gives the same crystals.
+loop (:func:`langevin`) are separate; the settings are one object
+(:class:`~structure.cdvae.sampling_config.CDVAESamplingConfig`, the model's ``sampling_config`` unless given), and one
+``torch.Generator`` drives every random draw, so the same seed gives the same crystals. This module does not import
+the model's module (it only receives a model), so :class:`~structure.cdvae.model.CDVAE` can call it directly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from structure.cdvae.data import (cell_volume, composition_volume, lattice_matrix, stoichiometry_key, to_structure,
-                                  valid_cell_angles)
-from structure.cdvae.model import (CDVAE, MAX_Z, check_latent_temperature, check_min_share, check_share_tables,
-                                   check_snap_angles, check_symmetrize_tolerance, check_volume_weight, sigma_levels)
+from structure.cdvae.data import (MAX_Z, cell_volume, composition_volume, lattice_matrix, sigma_levels,
+                                  stoichiometry_key, to_structure, valid_cell_angles)
+from structure.cdvae.sampling_config import (COMPOSITION_SAMPLERS, NATOM_SAMPLERS, TYPE_UPDATES,  # noqa: F401
+                                             CDVAESamplingConfig)
+
+if TYPE_CHECKING:
+    from structure.cdvae.model import CDVAE
 
 
 @dataclass
@@ -31,20 +37,17 @@ class Crystal:
         return to_structure(self.frac, self.types, self.lengths, self.angles)
 
 
-def langevin_schedule(model: CDVAE, levels: int | None = None, steps: int | None = None,
-                      step_lr: float | None = None) -> list[tuple[float, float]]:
+def _settings(model: CDVAE, config: CDVAESamplingConfig | None, overrides: dict) -> CDVAESamplingConfig:
+    return (config or model.sampling_config).replace(**overrides)
+
+
+def langevin_schedule(model: CDVAE, config: CDVAESamplingConfig | None = None,
+                      **overrides) -> list[tuple[float, float]]:
     """(sigma, step size) of every Langevin step: ``levels`` geometric noise levels spanning the
     model's training range, ``steps`` steps each, step size ``step_lr * (sigma / sigma_min)^2``."""
-    cfg = model.config
-    levels, steps = levels or cfg.sample_levels, steps or cfg.sample_steps
-    step_lr = cfg.step_lr if step_lr is None else step_lr
-    sigmas = sigma_levels(cfg.sigma_begin, cfg.sigma_end, levels).tolist()
-    return [(s, step_lr * (s / sigmas[-1]) ** 2) for s in sigmas for _ in range(steps)]
-
-
-COMPOSITION_SAMPLERS = ("round", "per-atom", "k-first")
-TYPE_UPDATES = ("free", "element-set", "fixed")
-NATOM_SAMPLERS = ("argmax", "sample")
+    c, cfg = _settings(model, config, overrides), model.config
+    sigmas = sigma_levels(cfg.sigma_begin, cfg.sigma_end, c.levels).tolist()
+    return [(s, c.step_lr * (s / sigmas[-1]) ** 2) for s in sigmas for _ in range(c.steps)]
 
 
 def _round_counts(p: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -150,7 +153,8 @@ def snap_cell_angles(angles: torch.Tensor, tolerance: float) -> torch.Tensor:
     exact angles crystals share over a few degrees (MP-20's training cells of up to 8 atoms: 35 % of their angles
     are 90.0 ± 0.5°, of the model's 4 %); snapping before the atoms are placed lets the decoder place
     them in the ideal cell. A triple that then makes no cell is pulled toward 90° (:func:`valid_cell_angles`)."""
-    tolerance = check_snap_angles(tolerance)
+    if not 0 <= tolerance <= 15:
+        raise ValueError(f"the angle-snapping tolerance must be between 0 and 15 degrees, got {tolerance}")
     if tolerance == 0:
         return angles
     targets = torch.tensor(SPECIAL_ANGLES, dtype=angles.dtype)
@@ -167,35 +171,28 @@ def _guided(conditional: torch.Tensor, unconditional: torch.Tensor | None, guida
 
 @torch.no_grad()
 def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule: list[tuple[float, float]],
-             progress=None, composition: str | None = None, type_update: str | None = None,
-             conditions: torch.Tensor | None = None, guidance: float | None = None,
-             num_atoms: torch.Tensor | None = None, composition_temperature: float | None = None,
-             composition_retries: int | None = None, volume_weight: float | None = None,
-             natom_sampler: str | None = None, snap_angles: float | None = None) -> list[Crystal]:
-    """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics.
+             progress=None, conditions: torch.Tensor | None = None, num_atoms: torch.Tensor | None = None,
+             config: CDVAESamplingConfig | None = None, **overrides) -> list[Crystal]:
+    """Decode latents ``z`` (B, latent) into crystals by annealed Langevin dynamics over ``schedule``
+    (:func:`langevin_schedule`), with the settings of ``config`` (default: the model's) and ``overrides``.
 
     ``composition`` picks the :func:`sample_composition` method of the starting atom types, drawn from
     the composition head's softmax at ``composition_temperature`` (below 1 it sharpens) and redrawn up to
     ``composition_retries`` times while it fails CDVAE's composition validity;
     ``type_update`` what the decoder's type logits do at each step: ``free`` (CDVAE: every atom takes
     the most likely of all elements), ``element-set`` (the most likely of the elements the crystal
-    started with) or ``fixed`` (types stay as drawn; only coordinates move). All three default to the
-    model's config. ``conditions`` (B, P): property conditions of a Con-CDVAE model, read by the heads
-    and the decoder through :meth:`CDVAE.conditioned_latent`; with ``guidance`` every head and every
-    decoder step is also evaluated without them and the two are combined (classifier-free guidance,
-    two decoder passes per step). ``num_atoms``: the crystals' atom counts when known (reconstruction),
-    else predicted from ``z`` by the number-of-atoms head: its most likely count (``natom_sampler``
-    ``argmax``, CDVAE) or a count drawn from its softmax (``sample``); default the model's.
-    ``volume_weight`` w (default the model's): once the composition is drawn, the cell is scaled to the
-    volume V_z^(1 - w) V_c^w, V_z the lattice head's and V_c the composition's
-    (:func:`~structure.cdvae.data.composition_volume`); 0 leaves the lattice head's cell as it is.
-    ``snap_angles`` (degrees, default the model's): the head's cell angles within it of 60, 90 or 120° set to
-    it before any atom is placed (:func:`snap_cell_angles`)."""
-    cfg = model.config
-    composition = composition or cfg.composition_sampler
-    type_update = type_update or cfg.type_update
-    if type_update not in TYPE_UPDATES:
-        raise ValueError(f"unknown type update {type_update!r} (choose from {', '.join(TYPE_UPDATES)})")
+    started with) or ``fixed`` (types stay as drawn; only coordinates move). ``conditions`` (B, P): property
+    conditions of a Con-CDVAE model, read by the heads and the decoder through :meth:`CDVAE.conditioned_latent`;
+    with ``guidance`` every head and every decoder step is also evaluated without them and the two are combined
+    (classifier-free guidance, two decoder passes per step). ``num_atoms``: the crystals' atom counts when known
+    (reconstruction), else predicted from ``z`` by the number-of-atoms head: its most likely count
+    (``natom_sampler`` ``argmax``, CDVAE) or a count drawn from its softmax (``sample``). ``volume_weight`` w: once
+    the composition is drawn, the cell is scaled to the volume V_z^(1 - w) V_c^w, V_z the lattice head's and V_c
+    the composition's (:func:`~structure.cdvae.data.composition_volume`); 0 leaves the lattice head's cell as it
+    is. ``snap_angles`` (degrees): the head's cell angles within it of 60, 90 or 120° set to it before any atom is
+    placed (:func:`snap_cell_angles`)."""
+    c, cfg = _settings(model, config, overrides), model.config
+    guidance = c.guidance
     embedding = model.condition_embedding(conditions)
     zc = model.conditioned_latent(z, embedding)
     zu = z if (embedding is not None and guidance is not None) else None
@@ -204,29 +201,24 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
         return _guided(head(zc), None if zu is None else head(zu), guidance)
 
     if num_atoms is None:
-        natom_sampler = natom_sampler or cfg.natom_sampler
-        if natom_sampler not in NATOM_SAMPLERS:
-            raise ValueError(f"unknown natom sampler {natom_sampler!r} (choose from {', '.join(NATOM_SAMPLERS)})")
         logits = heads(model.natom_head)
-        num_atoms = (logits.argmax(-1) if natom_sampler == "argmax" else
+        num_atoms = (logits.argmax(-1) if c.natom_sampler == "argmax" else
                      torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)).clamp(min=1)
     lengths, angles = model.lattice_from_z(zc, num_atoms)
     if zu is not None:
         lu, au = model.lattice_from_z(zu, num_atoms)
         lengths = _guided(lengths, lu, guidance).clamp(min=1.0)
         angles = valid_cell_angles(_guided(angles, au, guidance).clamp(30.0, 150.0))
-    angles = snap_cell_angles(angles, cfg.snap_angles if snap_angles is None else snap_angles)
-    temperature = cfg.composition_temperature if composition_temperature is None else composition_temperature
-    if temperature <= 0:
-        raise ValueError(f"the composition temperature must be positive, got {temperature}")
-    types = sample_composition((heads(model.composition_head) / temperature).softmax(-1), num_atoms, generator,
-                               composition, cfg.element_counts,
-                               cfg.composition_retries if composition_retries is None else composition_retries)
+    angles = snap_cell_angles(angles, c.snap_angles)
+    types = sample_composition((heads(model.composition_head) / c.composition_temperature).softmax(-1), num_atoms,
+                               generator, c.composition, cfg.element_counts, c.composition_retries)
     batch = torch.repeat_interleave(torch.arange(len(z)), num_atoms)
-    weight = cfg.volume_weight if volume_weight is None else volume_weight
-    check_volume_weight(weight, cfg.atomic_volumes)
-    if weight > 0:
-        lengths = blend_volume(lengths, angles, composition_volume(types, batch, len(z), cfg.atomic_volumes), weight)
+    if c.volume_weight > 0:
+        if not cfg.atomic_volumes:
+            raise ValueError("a volume weight above 0 needs the model's atomic_volumes table "
+                             "(scripts/add_element_counts.py adds it to a model trained without it)")
+        lengths = blend_volume(lengths, angles, composition_volume(types, batch, len(z), cfg.atomic_volumes),
+                               c.volume_weight)
     allowed = torch.zeros(len(z), MAX_Z, dtype=torch.bool)
     allowed[batch, types - 1] = True
     frac = torch.rand((int(num_atoms.sum()), 3), generator=generator)
@@ -240,9 +232,9 @@ def langevin(model: CDVAE, z: torch.Tensor, generator: torch.Generator, schedule
             eps, logits = _guided(eps, eps_u, guidance), _guided(logits, logits_u, guidance)
         move = step * eps / sigma + (2 * step) ** 0.5 * torch.randn(frac.shape, generator=generator)
         frac = (frac + torch.einsum("nk,nkl->nl", move, inv)) % 1.0
-        if type_update == "free":
+        if c.type_update == "free":
             types = logits.argmax(-1) + 1
-        elif type_update == "element-set":
+        elif c.type_update == "element-set":
             types = logits.masked_fill(~allowed[batch], float("-inf")).argmax(-1) + 1
         if progress is not None:
             progress.update(1)
@@ -256,7 +248,9 @@ def symmetrize_structure(structure, tolerance: float):
     ``tolerance`` Å (spglib's symprec): atoms within the tolerance of a symmetric arrangement are moved onto it.
     0 returns the structure as it is; so does a failed symmetry search (odd cells), and a cell whose
     symmetrization changes the composition's proportions (not expected, but never worth a silent change)."""
-    if check_symmetrize_tolerance(tolerance) == 0:
+    if tolerance < 0:
+        raise ValueError(f"the symmetrize tolerance must be >= 0 Å, got {tolerance}")
+    if tolerance == 0:
         return structure
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
@@ -280,7 +274,12 @@ def invalid_compositions(crystals: list[Crystal], element_counts: list | None = 
       :func:`structure.cdvae.data.stoichiometry_key`) is rarer than that share among the training crystals
       (``stoichiometry_counts``, :func:`structure.cdvae.data.stoichiometry_table`); a pattern absent from it
       counts 0."""
-    check_share_tables(element_counts, min_element_share, stoichiometry_counts, min_pattern_share)
+    for name, share, table_name, table in (("min_element_share", min_element_share, "element_counts", element_counts),
+                                           ("min_pattern_share", min_pattern_share, "stoichiometry_counts",
+                                            stoichiometry_counts)):
+        if share and not table:
+            raise ValueError(f"{name} needs the model's {table_name} table "
+                             "(scripts/add_element_counts.py adds it to a model trained without it)")
 
     def rare_count(c: Crystal) -> bool:
         n, k = len(c.types), len(set(c.types.tolist()))
@@ -306,67 +305,65 @@ def _latents(model: CDVAE, size: int, generator: torch.Generator, prior: str | N
     return mu + temperature * torch.exp(0.5 * logvar) * z
 
 
-def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: int | None = None,
-           steps: int | None = None, step_lr: float | None = None, progress: bool = False,
-           composition: str | None = None, type_update: str | None = None, targets=None,
-           guidance: float | None = None, composition_temperature: float | None = None,
-           composition_retries: int | None = None, prior: str | None = None,
-           volume_weight: float | None = None, resample_invalid: int | None = None,
-           natom_sampler: str | None = None, min_element_share: float | None = None,
-           min_pattern_share: float | None = None, latent_temperature: float | None = None,
-           snap_angles: float | None = None, stats: dict | None = None) -> list[Crystal]:
-    """``n`` crystals, ``batch_size`` at a time; the same seed gives the same crystals. ``prior``: where
-    unconditional latents come from (:meth:`CDVAE.draw_latents`; default the model's). ``composition``,
-    ``type_update``, ``composition_temperature``, ``composition_retries``, ``volume_weight``, ``natom_sampler``,
-    ``snap_angles`` and ``guidance`` as in :func:`langevin`. ``targets``: property windows
-    (:class:`evaluation.conditioning.Target`, or ``name=lo:hi`` strings) for a Con-CDVAE model: each
-    crystal asks for a bin (or rank) inside the window, drawn with its training share, and its latent
-    comes from the conditional prior p(z | condition); without targets from ``prior``. ``latent_temperature``
-    (default the model's) scales the latent noise of either: below 1 the latents stay nearer the prior's centre.
+def check_sampling(model: CDVAE, config: CDVAESamplingConfig) -> None:
+    """What ``config`` asks of the model, checked before any crystal is decoded: the training tables that
+    k-first, the volume weight and the share rules need, a fitted prior for ``gmm``, property conditions for
+    targets."""
+    cfg = model.config
+    needs = [("the k-first composition sampler", config.composition == "k-first", "element_counts",
+              cfg.element_counts),
+             ("a volume weight above 0", config.volume_weight > 0, "atomic_volumes", cfg.atomic_volumes),
+             ("min_element_share", config.min_element_share > 0, "element_counts", cfg.element_counts),
+             ("min_pattern_share", config.min_pattern_share > 0, "stoichiometry_counts", cfg.stoichiometry_counts)]
+    for what, asked, table_name, table in needs:
+        if asked and not table:
+            raise ValueError(f"{what} needs the model's {table_name} table "
+                             "(scripts/add_element_counts.py adds it to a model trained without it)")
+    if config.prior == "gmm" and model.latent_prior is None:
+        raise ValueError("this model has no fitted latent prior: run `composition-gen cdvae fit-prior` first, "
+                         "or sample with --prior standard")
+    if config.targets and not cfg.property_conditions:
+        raise ValueError("this CDVAE model is not property-conditioned (train with --condition-on); "
+                         f"cannot ask for {', '.join(config.targets)}")
 
-    ``resample_invalid`` R (default the model's): up to R rounds in which every crystal whose decoded
-    composition fails CDVAE's composition validity is decoded again from a new latent (with the same
-    property condition); one still invalid after R rounds is kept. ``min_element_share`` p (default the model's)
-    counts a crystal as invalid in those rounds also when its number of distinct elements is rarer than p among
-    the training crystals of its size; ``min_pattern_share`` q (default the model's) when its stoichiometry
-    pattern is rarer than q among the training crystals (:func:`invalid_compositions`). ``stats``, a dict, receives
-    ``decoded`` (crystals decoded in all), ``resampled`` (decoded again) and ``still_invalid``."""
+
+def sample(model: CDVAE, n: int, seed: int = 0, config: CDVAESamplingConfig | None = None, progress: bool = False,
+           stats: dict | None = None, **overrides) -> list[Crystal]:
+    """``n`` crystals, ``batch_size`` at a time, with the settings of ``config`` (default: the model's) and
+    ``overrides``; the same seed gives the same crystals. Unconditional latents come from ``prior``
+    (:meth:`CDVAE.draw_latents`); with ``targets`` (property windows, ``name=lo:hi``) of a Con-CDVAE model each
+    crystal asks for a bin (or rank) inside each window, drawn with its training share, and its latent comes from
+    the conditional prior p(z | condition). ``latent_temperature`` scales the latent noise of either: below 1 the
+    latents stay nearer the prior's centre. The decoding settings are :func:`langevin`'s.
+
+    ``resample_invalid`` R: up to R rounds in which every crystal whose decoded composition fails CDVAE's
+    composition validity is decoded again from a new latent (with the same property condition); one still invalid
+    after R rounds is kept. ``min_element_share`` p counts a crystal as invalid in those rounds also when its number
+    of distinct elements is rarer than p among the training crystals of its size; ``min_pattern_share`` q when its
+    stoichiometry pattern is rarer than q among the training crystals (:func:`invalid_compositions`). ``stats``, a
+    dict, receives ``decoded`` (crystals decoded in all), ``resampled`` (decoded again) and ``still_invalid``."""
     from tqdm.auto import tqdm
 
     from evaluation.conditioning import parse_target, sample_conditions
 
+    c = _settings(model, config, overrides)
     model.eval()
-    targets = [parse_target(t) if isinstance(t, str) else t for t in (targets or [])]
-    if targets and not model.config.property_conditions:
-        raise ValueError("this CDVAE model is not property-conditioned (train with --condition-on); "
-                         f"cannot ask for {', '.join(map(str, targets))}")
-    rounds = model.config.resample_invalid if resample_invalid is None else resample_invalid
-    if rounds < 0:
-        raise ValueError(f"resample_invalid must be 0 or more rounds, got {rounds}")
-    share = check_min_share(model.config.min_element_share if min_element_share is None else min_element_share,
-                            "min_element_share")
-    pattern_share = check_min_share(model.config.min_pattern_share if min_pattern_share is None
-                                    else min_pattern_share, "min_pattern_share")
-    temperature = check_latent_temperature(model.config.latent_temperature if latent_temperature is None
-                                           else latent_temperature)
+    check_sampling(model, c)  # what the settings need of the model, before any decoding
+    targets = [parse_target(t) for t in (c.targets or [])]
+    rounds, batch_size = c.resample_invalid, c.batch_size
 
     def rejected(crystals: list[Crystal]) -> list[int]:
-        return invalid_compositions(crystals, model.config.element_counts, share,
-                                    model.config.stoichiometry_counts, pattern_share)
-
-    # a share asked for without its table fails here, before any decoding
-    check_share_tables(model.config.element_counts, share, model.config.stoichiometry_counts, pattern_share)
+        return invalid_compositions(crystals, model.config.element_counts, c.min_element_share,
+                                    model.config.stoichiometry_counts, c.min_pattern_share)
 
     generator = torch.Generator().manual_seed(seed)
-    schedule = langevin_schedule(model, levels, steps, step_lr)
+    schedule = langevin_schedule(model, c)
     counts = {"decoded": 0, "resampled": 0, "still_invalid": 0}
 
     def decode(conditions: torch.Tensor | None, size: int, bar) -> list[Crystal]:
-        z = _latents(model, size, generator, prior, conditions, temperature)
+        z = _latents(model, size, generator, c.prior, conditions, c.latent_temperature)
         counts["decoded"] += size
-        return langevin(model, z, generator, schedule, bar, composition, type_update, conditions, guidance,
-                        composition_temperature=composition_temperature, composition_retries=composition_retries,
-                        volume_weight=volume_weight, natom_sampler=natom_sampler, snap_angles=snap_angles)
+        return langevin(model, z, generator, schedule, bar, conditions, config=c)
 
     out: list[Crystal] = []
     conditions: list[torch.Tensor] = []  # per batch, for decoding a crystal again with its own condition
@@ -401,22 +398,23 @@ def sample(model: CDVAE, n: int, seed: int = 0, batch_size: int = 500, levels: i
 
 
 @torch.no_grad()
-def reconstruct(model: CDVAE, crystals, seed: int = 0, batch_size: int = 250, levels: int | None = None,
-                steps: int | None = None, composition: str | None = None,
-                type_update: str | None = None) -> list[Crystal]:
+def reconstruct(model: CDVAE, crystals, seed: int = 0, batch_size: int = 250,
+                config: CDVAESamplingConfig | None = None, **overrides) -> list[Crystal]:
     """Encode ``crystals`` (:class:`~structure.cdvae.data.Crystals`) and decode their posterior means
-    by the same Langevin dynamics as sampling, with each crystal's true number of atoms (CDVAE's
-    reconstruction task; :func:`evaluation.structures.reconstruction_match` scores it)."""
+    by the same Langevin dynamics as sampling (``config`` and ``overrides`` as in :func:`langevin`), with each
+    crystal's true number of atoms (CDVAE's reconstruction task; :func:`evaluation.structures.reconstruction_match`
+    scores it)."""
     from structure.cdvae.data import lattice_matrix as lat_of
 
+    c = _settings(model, config, overrides)
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    schedule = langevin_schedule(model, levels, steps)
+    schedule = langevin_schedule(model, c)
     out: list[Crystal] = []
     for start in range(0, len(crystals), batch_size):
         b = crystals.batch(list(range(start, min(start + batch_size, len(crystals)))))
         mu, _ = model.encoder(b.types, b.frac, lat_of(b.lengths, b.angles), b.num_atoms, b.batch)
-        out += langevin(model, mu, generator, schedule, None, composition, type_update, num_atoms=b.num_atoms)
+        out += langevin(model, mu, generator, schedule, None, num_atoms=b.num_atoms, config=c)
     return out
 
 

@@ -20,6 +20,7 @@ from evaluation.training_loop import LoopSettings, epoch_batch, open_run, resume
 from structure.cdvae.data import (Crystals, atomic_volume_table, element_count_table, lattice_statistics, load_crystals,
                                   load_properties, stoichiometry_table)
 from structure.cdvae.model import CDVAE, CDVAEConfig
+from structure.cdvae.sampling_config import CDVAESamplingConfig
 
 
 @dataclass
@@ -135,8 +136,9 @@ def _batch_note(batch_size: int, processes: int) -> str:
     return str(batch_size) if processes == 1 else f"{batch_size * processes} ({processes} processes x {batch_size})"
 
 
-def _model_card(args: CDVAETrainingArguments, cfg: CDVAEConfig, metrics: dict, n_params: int) -> str:
+def _model_card(args: CDVAETrainingArguments, model: CDVAE, metrics: dict, n_params: int) -> str:
     ev = metrics.get("final_eval", {})
+    cfg, sampling = model.config, model.sampling_config
     return "\n".join([
         "# CDVAE model", "",
         f"- data: {metrics.get('data', args.data)}",
@@ -147,7 +149,8 @@ def _model_card(args: CDVAETrainingArguments, cfg: CDVAEConfig, metrics: dict, n
         f"lr {args.lr}, EMA {args.ema_decay}, seed {args.seed}, "
         f"{metrics.get('train_seconds', 0) / 60:.1f} min on {metrics.get('hardware', '?')}",
         "- validation losses (EMA weights): " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()),
-        f"- sampling defaults: {cfg.sample_levels} noise levels x {cfg.sample_steps} Langevin steps, step size {cfg.step_lr}",
+        f"- sampling defaults (sampling_config.json): {sampling.levels} noise levels x {sampling.steps} Langevin steps, "
+        f"step size {sampling.step_lr}",
         "", f"Command: `{metrics.get('command', '')}`", "",
     ])
 
@@ -180,8 +183,9 @@ def export_checkpoint(ckpt: str | Path, export: str | Path) -> Path:
 
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if "model_config" in state:
-        model = CDVAE(CDVAEConfig.from_dict(state["model_config"]))
+    if "model_config" in state:  # one written before sampling_config.json keeps the sampler settings in it
+        sampling, model_config = CDVAESamplingConfig.from_legacy(state["model_config"])
+        model = CDVAE(CDVAEConfig.from_dict(model_config), sampling)
     else:  # checkpoints written before the config was stored: rebuild it from the training data
         args = CDVAETrainingArguments(**{**state["args"], "progress": False})
         model = _build_model(args, load_splits(args)[0])
@@ -257,5 +261,5 @@ def train(args: CDVAETrainingArguments, command: str = "") -> Path:
                    else torch.cuda.get_device_name()}
         write_json(export / "training_args.json", dataclasses.asdict(args))
         write_json(export / "metrics.json", metrics)
-        write_text(export / "README.md", _model_card(args, raw.config, metrics, n_params))
+        write_text(export / "README.md", _model_card(args, raw, metrics, n_params))
     return export
