@@ -32,6 +32,7 @@ from composition_lm.decoding import decode_samples
 from composition_lm.models import is_gaussian
 from composition_lm.sampling_config import SamplingConfig
 from composition_lm.schedulers import GaussianDiffusionScheduler, MaskedDiffusionScheduler
+from composition_lm.schedules import MaskingSchedule
 from composition_lm.tokenizer import BOS, COUNT_OFFSET, ELEMENT_OFFSET, EOS, MASK, PAD
 from composition_lm.valid_sampling import (
     ExactDecoder,
@@ -291,7 +292,7 @@ class MaskedDenoiser:
         self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
         self.guided = guidance is not None and guidance != 1.0
         self.guidance, self.autocast_dtype, self.counter = guidance, autocast_dtype, counter
-        self.time_conditioning = getattr(model.config, "time_conditioning", False)
+        self.time_conditioning = getattr(getattr(model, "config", None), "time_conditioning", False)
         self.static = rules.static.to(next(model.parameters()).device)
 
     def __call__(self, inputs: torch.Tensor, t: float, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -354,7 +355,8 @@ def sample_masked_diffusion(model, n: int, steps: int, generator: torch.Generato
     device = next(model.parameters()).device
     x = torch.full((n, rules.length), MASK, dtype=torch.long, device=device)
     x[:, 0] = start_token
-    scheduler = MaskedDiffusionScheduler(model.config.masking_schedule())
+    config = getattr(model, "config", None)  # a bare denoiser (no config): the default schedule
+    scheduler = MaskedDiffusionScheduler(config.masking_schedule() if config is not None else MaskingSchedule())
     scheduler.set_timesteps(steps)
     return denoise_masked(MaskedDenoiser(model, rules, **denoiser), x, scheduler, generator, rules, conditions,
                           hooks)
@@ -492,91 +494,106 @@ def generate(loaded, n: int, seed: int = 0, config: SamplingConfig | None = None
     """
     from tqdm.auto import tqdm
 
-    from composition_lm.conditions import parse_target
-
     config = (config or SamplingConfig()).replace(**overrides)
-    model = getattr(loaded, "model", loaded)
-    cfg = model.config
-    gaussian = is_gaussian(cfg)
-    targets = [parse_target(t) for t in config.targets or []]
-    condition = _check_family(cfg, config, targets)
-    steps, method, clamp, noise_scale = resolve_sampling_settings(cfg, config.steps, config.method, config.clamp,
-                                                                  config.noise_scale).values()
-    constraints = Constraints(elements=config.elements, require=config.require or [], exclude=config.exclude or [],
-                              max_elements=config.max_elements)
-    rules = LogitRules(constraints, cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    conditions = sample_conditions(cfg, targets, n, generator).to(device) if targets else None
-    autocast_dtype = resolve_dtype(config.dtype, device)
-    guard = ValiditySettings(config.validity, config.validity_rounds, config.validity_t, config.validity_keep_elements,
-                             config.validity_exact)
-    guard = guard if guard.active else None
-    validator = RowValidator(guard.protocol, cfg.codec, cfg.max_count) if guard else None
-    # the exact decoder draws from a generator of its own: rows it leaves alone are the raw samples
-    exact = (ExactDecoder(validator, rules, torch.Generator(device=device).manual_seed(seed + EXACT_SEED_OFFSET),
-                          keep_elements=guard.keep_elements) if guard and guard.exact else None)
-    calls, repair_calls = [0], [0]
-    if gaussian:
-        scheduler = GaussianDiffusionScheduler(cfg.gaussian_schedule(), method, noise_scale)
-        scheduler.set_timesteps(steps)
-        first = GaussianDenoiser(model, rules, clamp, config.guidance, autocast_dtype, calls)
-        again = GaussianDenoiser(model, rules, clamp, config.guidance, autocast_dtype, repair_calls)
-    else:
-        scheduler = MaskedDiffusionScheduler(cfg.masking_schedule())
-        options = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                       guidance=config.guidance, autocast_dtype=autocast_dtype)
-        first = MaskedDenoiser(model, rules, counter=calls, **options)
-        again = MaskedDenoiser(model, rules, counter=repair_calls, **options)
-        start_token = cfg.start_token_id(condition)
-    hooks = () if exact is None else (exact,)
-
-    def run(x: torch.Tensor, denoiser, cond: torch.Tensor | None, t: float = 1.0) -> torch.Tensor:
-        """Rows ``x`` (all masked, or re-noised to level ``t``) denoised to token ids."""
-        if gaussian:
-            return denoise_gaussian(denoiser, x, scheduler, generator, rules, cond, exact)
-        scheduler.set_timesteps(max(1, math.ceil(steps * t)), t_start=t)
-        return denoise_masked(denoiser, x, scheduler, generator, rules, cond, hooks)
-
-    def redo(rows: torch.Tensor, round_: int, index: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Failing rows (at positions ``index`` of the run) re-noised to the round's level and denoised
-        again (``batch_size`` rows at a time); also the denoiser evaluations."""
-        repair_calls[0] = 0
-        t = guard.level(round_)
-        done = []
-        for part, where in zip(rows.split(config.batch_size), index.split(config.batch_size)):
-            cond = None if conditions is None else conditions[where]
-            if gaussian:
-                xk, k = renoise_gaussian(scheduler.schedule, model.embedding_matrix.detach()[part], t, generator)
-                scheduler.start_from(k)
-                done.append(run(xk, again, cond))
-            else:
-                done.append(run(renoise_masked(part, t, generator), again, cond, t))
-        if gaussian:
-            scheduler.set_timesteps(steps)
-        return torch.cat(done), repair_calls[0]
-
+    run = _SamplingRun(getattr(loaded, "model", loaded), config, n, seed)
     batches = []
     with tqdm(total=n, desc="sample", unit="formula", disable=not progress) as bar:
         for start in range(0, n, config.batch_size):
             k = min(config.batch_size, n - start)
-            cond = None if conditions is None else conditions[start:start + k]
-            if gaussian:
-                x = torch.randn((k, rules.length, cfg.embedding_dim), generator=generator, device=device)
-            else:
-                x = torch.full((k, rules.length), MASK, dtype=torch.long, device=device)
-                x[:, 0] = start_token
-            batches.append(run(x, first, cond))
+            batches.append(run.first_pass(start, k))
             bar.update(k)
     ids = torch.cat(batches)
     run_stats = RepairStats(samples=n)
-    if guard:  # one repair loop over every batch's failing rows: few, so pooled into full batches
-        ids, _, _, run_stats = repair(ids, validator, redo, guard.rounds, guard.keep_elements)
-    run_stats.denoiser_rows_first_pass = calls[0]
+    if run.guard:  # one repair loop over every batch's failing rows: few, so pooled into full batches
+        ids, _, _, run_stats = repair(ids, run.validator, run.redo, run.guard.rounds, run.guard.keep_elements)
+    run_stats.denoiser_rows_first_pass = run.calls[0]
     if stats is not None:
         stats.add(run_stats)
-    out = decode_samples(ids, cfg.codec, cfg.max_count)
-    if stats is not None and exact is not None:
-        stats.exact_fixed += exact.stats["fixed"]
-        stats.exact_candidates += exact.stats["candidates"]
-    return out
+        if run.exact is not None:
+            stats.exact_fixed += run.exact.stats["fixed"]
+            stats.exact_candidates += run.exact.stats["candidates"]
+    return decode_samples(ids, run.cfg.codec, run.cfg.max_count)
+
+
+class _SamplingRun:
+    """The pieces of one :func:`generate` call, built once: the constraint rules, the scheduler of the model's
+    family, a denoiser for the first pass and one for repairs (each counting its rows), the validity guard and its
+    exact decoder (a step hook), and the run's ``torch.Generator``."""
+
+    def __init__(self, model, config: SamplingConfig, n: int, seed: int):
+        from composition_lm.conditions import parse_target
+
+        self.model, self.config, self.cfg = model, config, model.config
+        cfg = self.cfg
+        self.gaussian = is_gaussian(cfg)
+        targets = [parse_target(t) for t in config.targets or []]
+        condition = _check_family(cfg, config, targets)
+        self.steps, method, clamp, noise_scale = resolve_sampling_settings(cfg, config.steps, config.method,
+                                                                           config.clamp, config.noise_scale).values()
+        constraints = Constraints(elements=config.elements, require=config.require or [],
+                                  exclude=config.exclude or [], max_elements=config.max_elements)
+        self.rules = rules = LogitRules(constraints, cfg.codec, cfg.seq_length, cfg.vocab_size, cfg.max_count)
+        self.device = device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.conditions = sample_conditions(cfg, targets, n, self.generator).to(device) if targets else None
+        autocast_dtype = resolve_dtype(config.dtype, device)
+        guard = ValiditySettings(config.validity, config.validity_rounds, config.validity_t,
+                                 config.validity_keep_elements, config.validity_exact)
+        self.guard = guard if guard.active else None
+        self.validator = RowValidator(guard.protocol, cfg.codec, cfg.max_count) if self.guard else None
+        # the exact decoder draws from a generator of its own: rows it leaves alone are the raw samples
+        self.exact = (ExactDecoder(self.validator, rules,
+                                   torch.Generator(device=device).manual_seed(seed + EXACT_SEED_OFFSET),
+                                   keep_elements=guard.keep_elements) if self.guard and guard.exact else None)
+        self.calls, self.repair_calls = [0], [0]
+        if self.gaussian:
+            self.scheduler = GaussianDiffusionScheduler(cfg.gaussian_schedule(), method, noise_scale)
+            self.scheduler.set_timesteps(self.steps)
+            self.first = GaussianDenoiser(model, rules, clamp, config.guidance, autocast_dtype, self.calls)
+            self.again = GaussianDenoiser(model, rules, clamp, config.guidance, autocast_dtype, self.repair_calls)
+        else:
+            self.scheduler = MaskedDiffusionScheduler(cfg.masking_schedule())
+            options = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                           guidance=config.guidance, autocast_dtype=autocast_dtype)
+            self.first = MaskedDenoiser(model, rules, counter=self.calls, **options)
+            self.again = MaskedDenoiser(model, rules, counter=self.repair_calls, **options)
+            self.start_token = cfg.start_token_id(condition)
+        self.hooks = () if self.exact is None else (self.exact,)
+
+    def denoise(self, x: torch.Tensor, denoiser, cond: torch.Tensor | None, t: float = 1.0) -> torch.Tensor:
+        """Rows ``x`` (all noise or masks, or re-noised to level ``t``) denoised to token ids."""
+        if self.gaussian:
+            return denoise_gaussian(denoiser, x, self.scheduler, self.generator, self.rules, cond, self.exact)
+        self.scheduler.set_timesteps(max(1, math.ceil(self.steps * t)), t_start=t)
+        return denoise_masked(denoiser, x, self.scheduler, self.generator, self.rules, cond, self.hooks)
+
+    def first_pass(self, start: int, k: int) -> torch.Tensor:
+        """Samples ``start .. start + k`` of the run, from pure noise (or all masks)."""
+        cond = None if self.conditions is None else self.conditions[start:start + k]
+        if self.gaussian:
+            x = torch.randn((k, self.rules.length, self.cfg.embedding_dim), generator=self.generator,
+                            device=self.device)
+        else:
+            x = torch.full((k, self.rules.length), MASK, dtype=torch.long, device=self.device)
+            x[:, 0] = self.start_token
+        return self.denoise(x, self.first, cond)
+
+    def redo(self, rows: torch.Tensor, round_: int, index: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Failing rows (at positions ``index`` of the run) re-noised to the round's level and denoised
+        again (``batch_size`` rows at a time); also the denoiser evaluations."""
+        self.repair_calls[0] = 0
+        t = self.guard.level(round_)
+        done = []
+        size = self.config.batch_size
+        for part, where in zip(rows.split(size), index.split(size)):
+            cond = None if self.conditions is None else self.conditions[where]
+            if self.gaussian:
+                xk, k = renoise_gaussian(self.scheduler.schedule, self.model.embedding_matrix.detach()[part], t,
+                                         self.generator)
+                self.scheduler.start_from(k)
+                done.append(self.denoise(xk, self.again, cond))
+            else:
+                done.append(self.denoise(renoise_masked(part, t, self.generator), self.again, cond, t))
+        if self.gaussian:
+            self.scheduler.set_timesteps(self.steps)
+        return torch.cat(done), self.repair_calls[0]

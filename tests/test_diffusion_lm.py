@@ -710,7 +710,7 @@ def test_noise_scale_default_comes_from_the_config_and_can_be_overridden(trained
     finally:
         lm.config.noise_scale = 1.0
     for bad in (-0.1, 1.5):
-        with pytest.raises(ValueError, match="noise scale must lie in"):
+        with pytest.raises(ValueError, match="noise scale must be in"):
             generate(lm, 2, steps=2, progress=False, noise_scale=bad, validity="none")
         with pytest.raises(ValueError, match="noise_scale must lie in"):
             DiffusionLMConfig(noise_scale=bad)

@@ -198,10 +198,12 @@ def test_sample_cli_records_validity(tmp_path):
         assert cli(["sample", "-n", "40", "--seed", "0", "--validity", "smact", "--validity-rounds", "20",
                     "--no-progress", "-o", str(tmp_path / "s")]) == 0
     run = json.loads((tmp_path / "s/run_config.json").read_text())
-    assert run["validity"] == {"protocol": "smact", "rounds": 20, "t": 1.0, "keep_elements": True, "exact": True}
+    assert {k: run[k] for k in ("validity", "validity_rounds", "validity_t", "validity_keep_elements",
+                                "validity_exact")} == {"validity": "smact", "validity_rounds": 20, "validity_t": 1.0,
+                                                       "validity_keep_elements": True, "validity_exact": True}
     assert run["validity_repair"]["failing_rows"] == 0 and run["summary"]["validity_smact"] == 1.0
     assert cli(["sample", "-n", "4", "--seed", "0", "--no-exact-decoding", "--no-progress", "-o", str(tmp_path / "ne")]) == 0
-    assert json.loads((tmp_path / "ne/run_config.json").read_text())["validity"]["exact"] is False
+    assert json.loads((tmp_path / "ne/run_config.json").read_text())["validity_exact"] is False
     assert cli(["sample", "-n", "4", "--validity-t", "0", "-o", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
 

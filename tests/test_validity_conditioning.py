@@ -173,7 +173,7 @@ def test_cli_fine_tune_adds_conditioning_and_sample_records_it(tmp_path, conditi
         out = tmp_path / f"s-{cond}"
         assert main(["sample", "--model", str(ft / "model"), "-n", "20", "--steps", "4", "--condition", cond,
                      "--no-progress", "-o", str(out)]) == 0
-        assert json.loads((out / "run_config.json").read_text())["condition"] == cond
+        assert json.loads((out / "run_config.json").read_text())["condition"] == (None if cond == "none" else cond)
     assert main(["sample", "--model", str(base / "model"), "-n", "4", "--condition", "valid", "--no-progress",
                  "-o", str(tmp_path / "bad")]) == 2
 
