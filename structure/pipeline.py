@@ -139,7 +139,7 @@ class StructurePredictor:
 
     >>> from structure import StructurePredictor
     >>> predictions = StructurePredictor().predict(["NaCl", "SrTiO3"], top_k=2)
-    >>> [(p.formula, p.rank) for p in predictions]
+    >>> list((p.formula, p.rank) for p in predictions)
     [('NaCl', 1), ('NaCl', 2), ('SrTiO3', 1), ('SrTiO3', 2)]
     >>> predictions[0].structure.composition.reduced_formula
     'NaCl'

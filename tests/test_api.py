@@ -208,6 +208,7 @@ def test_readme_python_section_runs_verbatim(shared_dir, capsys):
         os.chdir(cwd)
     out = capsys.readouterr().out
     assert "validity_cdvae" in out and "converged" in out
+    assert "'sampled': 3" in out  # one-call discovery ran its funnel
 
 
 # ----------------------------------------------------------------------------------- CLI checks
