@@ -726,3 +726,12 @@ def write_structure_report(metrics: dict, out_dir: str | Path, title: str = "Str
     if plots:
         files += _plot(metrics, out_dir)
     return files
+
+
+def infer_dataset(path: Path) -> str | None:
+    """The CDVAE dataset a path names (``perov5``, ``carbon24``, ``mp20``), if any."""
+    text = str(path).lower().replace("-", "_")
+    for hint, dataset in (("perov", "perov5"), ("carbon", "carbon24"), ("mp_20", "mp20"), ("mp20", "mp20")):
+        if hint in text:
+            return dataset
+    return None

@@ -273,15 +273,6 @@ def load_spec(spec: str, column: str | None = None) -> tuple[str, list[str]]:
     return name, ds["formula"]
 
 
-def infer_dataset(path: Path) -> str | None:
-    """The CDVAE dataset a path names (``perov5``, ``carbon24``, ``mp20``), if any."""
-    text = str(path).lower().replace("-", "_")
-    for hint, dataset in (("perov", "perov5"), ("carbon", "carbon24"), ("mp_20", "mp20"), ("mp20", "mp20")):
-        if hint in text:
-            return dataset
-    return None
-
-
 def field_default(cls, name: str):
     """The default of dataclass ``cls``'s field ``name`` (parser defaults come from the one definition)."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from composition_lm.cli.options import add_progress, add_relax_arguments, infer_dataset, positive_int, relaxer
+from composition_lm.cli.options import add_progress, add_relax_arguments, positive_int, relaxer
 
 
 # -------------------------------------------------------------------------------------- templates
@@ -94,6 +94,8 @@ def cmd_structure(args: argparse.Namespace) -> int:
 def cmd_evaluate_structures(args: argparse.Namespace) -> int:
     from evaluation.structures import COV_CUTOFFS, DEFAULT_COMPSCALER, evaluate_structures, write_structure_report
     from structure.io import read_generated_structures, read_structures
+
+    from evaluation.structures import infer_dataset
 
     dataset = args.dataset or infer_dataset(args.test) or "mp20"
     if args.dataset is None:
