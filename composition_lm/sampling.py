@@ -238,7 +238,8 @@ class LogitRules:
         return torch.where(after & (x != MASK), torch.full_like(x, PAD), x)
 
 
-def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                   min_p: float | None = None) -> torch.Tensor:
     logits = logits / max(temperature, 1e-6)
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -249,6 +250,9 @@ def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, 
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if min_p is not None:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
@@ -288,8 +292,8 @@ class MaskedDenoiser:
 
     def __init__(self, model, rules: LogitRules, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, guidance: float | None = None, autocast_dtype: torch.dtype | None = None,
-                 counter: list[int] | None = None):
-        self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
+                 counter: list[int] | None = None, min_p: float | None = None):
+        self.model, self.temperature, self.top_k, self.top_p, self.min_p = model, temperature, top_k, top_p, min_p
         self.guided = guidance is not None and guidance != 1.0
         self.guidance, self.autocast_dtype, self.counter = guidance, autocast_dtype, counter
         self.time_conditioning = getattr(getattr(model, "config", None), "time_conditioning", False)
@@ -313,7 +317,7 @@ class MaskedDenoiser:
             cond_lp, uncond_lp = logits.log_softmax(-1).chunk(2)
             logits = self.guidance * cond_lp + (1 - self.guidance) * uncond_lp
             logits = logits.masked_fill(~self.static, -torch.inf)  # -inf - -inf: keep disallowed tokens out
-        return _filter_logits(logits, self.temperature, self.top_k, self.top_p)
+        return _filter_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p)
 
 
 @torch.inference_mode()
@@ -460,8 +464,8 @@ def _check_family(cfg, config: SamplingConfig, targets: list) -> str | None:
     if is_gaussian(cfg):
         if condition not in ("auto", None):
             raise ValueError("Diffusion-LM models take no validity condition")
-        if config.temperature != 1.0 or config.top_k or config.top_p is not None:
-            raise ValueError("temperature, top-k and top-p apply to Diffusion-BERT; a Diffusion-LM samples through "
+        if config.temperature != 1.0 or config.top_k or config.top_p is not None or config.min_p is not None:
+            raise ValueError("temperature, top-k, top-p and min-p apply to Diffusion-BERT; a Diffusion-LM samples through "
                              "its reverse process (tune --steps, --method, --clamp, --noise-scale)")
         if config.guidance is not None and not targets:
             raise ValueError("guidance needs property targets to guide towards (--target NAME=LO:HI)")
@@ -554,7 +558,7 @@ class _SamplingRun:
         else:
             self.scheduler = MaskedDiffusionScheduler(cfg.masking_schedule())
             options = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                           guidance=config.guidance, autocast_dtype=autocast_dtype)
+                           min_p=config.min_p, guidance=config.guidance, autocast_dtype=autocast_dtype)
             self.first = MaskedDenoiser(model, rules, counter=self.calls, **options)
             self.again = MaskedDenoiser(model, rules, counter=self.repair_calls, **options)
             self.start_token = cfg.start_token_id(condition)

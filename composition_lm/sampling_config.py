@@ -64,6 +64,9 @@ class SamplingConfig(Settings):
                                 group="sampler")
     top_p: float | None = setting(None, "diffusion-bert: draw only from the smallest set with probability >= P",
                                   range="probability", group="sampler")
+    min_p: float | None = setting(None, "diffusion-bert: draw only tokens whose probability is at least P times the "
+                                  "most likely token's (min-p sampling, Nguyen et al. 2024)", range="probability",
+                                  group="sampler")
     dtype: str = setting("auto", "denoiser precision: auto = bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 "
                          "CPUs, recent GPUs), else float32", choices=("auto", "float32", "bfloat16"), group="sampler")
     # constraints, enforced inside the sampler

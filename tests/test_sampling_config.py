@@ -208,3 +208,24 @@ def test_cdvae_sample_options_come_from_the_config_fields(tmp_path, capsys):
     capsys.readouterr()
     assert main(["cdvae", "sample", "-n", "2", "--snap-angles", "20", "-o", str(tmp_path / "b")]) == 2
     assert "snap angles must be between 0 and 15 degrees" in capsys.readouterr().err
+
+
+def test_min_p_keeps_tokens_near_the_most_likely_one(tmp_path, capsys):
+    """The worked example of issue 36: one new sampling setting, a field plus its use in the sampler."""
+    from composition_lm import FormulaGenerator
+    from composition_lm.cli import main
+    from composition_lm.sampling import _filter_logits
+
+    probs = _filter_logits(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), 1.0, None, None, min_p=0.5)
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    gen = FormulaGenerator.from_pretrained("diffusion-bert")
+    free = gen.generate(60, seed=0, steps=8, validity="none")
+    sharp = gen.generate(60, seed=0, steps=8, validity="none", min_p=1.0)  # only the most likely token
+    assert sharp["formula"].nunique() < free["formula"].nunique()
+    assert main(["sample", "-n", "8", "--steps", "4", "--min-p", "0.1", "--no-progress", "-o", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "run_config.json").read_text())["min_p"] == 0.1
+    capsys.readouterr()
+    assert main(["sample", "--min-p", "0", "-o", str(tmp_path / "bad")]) == 2
+    assert "min p must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="min-p apply to Diffusion-BERT"):
+        FormulaGenerator.from_pretrained("diffusion-lm").generate(4, min_p=0.1)
