@@ -78,6 +78,54 @@ def add_parsers(sub) -> None:
                        description="CDVAE (crystal diffusion VAE): a periodic GNN encoder, property heads and a "
                        "score-network decoder sampled by annealed Langevin dynamics.")
     csub = p.add_subparsers(dest="cdvae_command", metavar="ACTION", required=True)
+    _add_train_parser(csub)
+    e = csub.add_parser("export", help="a training checkpoint's EMA weights as a model folder",
+                        description="Export OUTPUT/checkpoints/step-N of a (possibly unfinished) run as a model "
+                        "folder that `cdvae sample --model` reads.")
+    e.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    e.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
+    e.set_defaults(func=cmd_cdvae_export)
+    f = csub.add_parser("fit-prior", help="fit a Gaussian-mixture latent prior to a model's training crystals",
+                        description="Encode a crystal set (the model's training split) and fit a Gaussian mixture "
+                        "to the posterior means (ex-post density estimation, Ghosh et al. 2020); the model written "
+                        "to OUTPUT samples its unconditional latents from the mixture instead of N(0, I) (--prior "
+                        "standard still gives the old behaviour). benchmarks/cdvae_levers.md measures the effect.")
+    f.add_argument("--model", required=True, help="model folder or shipped name")
+    f.add_argument("--data", type=Path, required=True, metavar="CSV",
+                   help="CDVAE-style CSV of crystals (a `cif` column): the model's training split")
+    f.add_argument("--components", **positive_int, default=20, help="mixture components (default: 20)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the k-means start (default: 0)")
+    f.add_argument("--cache", type=Path, metavar="DIR", help="parsed-crystal cache")
+    add_progress(f)
+    f.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
+    f.set_defaults(func=cmd_cdvae_fit_prior)
+    _add_sample_parser(csub)
+
+
+def _add_sample_parser(csub) -> None:
+    s = csub.add_parser("sample", help="sample crystals; writes structures.csv, structures_cif.zip, structures.extxyz",
+                        description="Draw N latents from the prior, decode the number of atoms, lattice and "
+                        "composition, then run annealed Langevin dynamics over the noise levels. Same outputs as "
+                        "`composition-gen structure`; --relax relaxes them. Each sampler setting's default is the "
+                        "model's own (its folder's sampling_config.json); the options given here override it.")
+    s.add_argument("--model", default="cdvae-perov5",
+                   help="model folder, or a shipped name: cdvae-perov5 (default) or cdvae-mp20 (Materials Project crystals of "
+                   "up to 20 atoms; a short training run, see its model card)")
+    s.add_argument("-n", **positive_int, default=100, help="number of crystals (default: 100)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same crystals)")
+    add_settings_arguments(s, CDVAESamplingConfig)
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder: ~15 s to compile, then each Langevin step ~1.5-1.8x faster on "
+                   "CPU (worth it from a few hundred crystals; needs a C compiler)")
+    add_relax_arguments(s)
+    s.add_argument("--templates", type=Path, metavar="DB",
+                   help="template store for elemental reference structures (default: the shipped compact MP store)")
+    add_progress(s)
+    s.add_argument("-o", "--output", type=Path, default=Path("cdvae_samples"), help="output directory")
+    s.set_defaults(func=cmd_cdvae_sample)
+
+
+def _add_train_parser(csub) -> None:
     t = csub.add_parser("train", help="train (or fine-tune, or resume) CDVAE on CDVAE-style CSVs",
                         description="Train on DATA/<train-split>.csv(.gz) (a `cif` column per crystal), validate on "
                         "DATA/<val-split>.csv(.gz) or, with --val-split none, on a held-out part of the training "
@@ -132,43 +180,3 @@ def add_parsers(sub) -> None:
     add_progress(t)
     t.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     t.set_defaults(func=cmd_cdvae_train)
-    e = csub.add_parser("export", help="a training checkpoint's EMA weights as a model folder",
-                        description="Export OUTPUT/checkpoints/step-N of a (possibly unfinished) run as a model "
-                        "folder that `cdvae sample --model` reads.")
-    e.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
-    e.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
-    e.set_defaults(func=cmd_cdvae_export)
-    f = csub.add_parser("fit-prior", help="fit a Gaussian-mixture latent prior to a model's training crystals",
-                        description="Encode a crystal set (the model's training split) and fit a Gaussian mixture "
-                        "to the posterior means (ex-post density estimation, Ghosh et al. 2020); the model written "
-                        "to OUTPUT samples its unconditional latents from the mixture instead of N(0, I) (--prior "
-                        "standard still gives the old behaviour). benchmarks/cdvae_levers.md measures the effect.")
-    f.add_argument("--model", required=True, help="model folder or shipped name")
-    f.add_argument("--data", type=Path, required=True, metavar="CSV",
-                   help="CDVAE-style CSV of crystals (a `cif` column): the model's training split")
-    f.add_argument("--components", **positive_int, default=20, help="mixture components (default: 20)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the k-means start (default: 0)")
-    f.add_argument("--cache", type=Path, metavar="DIR", help="parsed-crystal cache")
-    add_progress(f)
-    f.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
-    f.set_defaults(func=cmd_cdvae_fit_prior)
-    s = csub.add_parser("sample", help="sample crystals; writes structures.csv, structures_cif.zip, structures.extxyz",
-                        description="Draw N latents from the prior, decode the number of atoms, lattice and "
-                        "composition, then run annealed Langevin dynamics over the noise levels. Same outputs as "
-                        "`composition-gen structure`; --relax relaxes them. Each sampler setting's default is the "
-                        "model's own (its folder's sampling_config.json); the options given here override it.")
-    s.add_argument("--model", default="cdvae-perov5",
-                   help="model folder, or a shipped name: cdvae-perov5 (default) or cdvae-mp20 (Materials Project crystals of "
-                   "up to 20 atoms; a short training run, see its model card)")
-    s.add_argument("-n", **positive_int, default=100, help="number of crystals (default: 100)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same crystals)")
-    add_settings_arguments(s, CDVAESamplingConfig)
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoder: ~15 s to compile, then each Langevin step ~1.5-1.8x faster on "
-                   "CPU (worth it from a few hundred crystals; needs a C compiler)")
-    add_relax_arguments(s)
-    s.add_argument("--templates", type=Path, metavar="DB",
-                   help="template store for elemental reference structures (default: the shipped compact MP store)")
-    add_progress(s)
-    s.add_argument("-o", "--output", type=Path, default=Path("cdvae_samples"), help="output directory")
-    s.set_defaults(func=cmd_cdvae_sample)

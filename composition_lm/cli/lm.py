@@ -84,6 +84,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- parsers
 def add_parsers(sub) -> None:
+    _add_train_parser(sub)
+    _add_sample_parser(sub)
+
+
+def _add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train or fine-tune a formula diffusion model on any formula corpus",
@@ -153,6 +158,8 @@ def add_parsers(sub) -> None:
     add_progress(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_sample_parser(sub) -> None:
     p = sub.add_parser(
         "sample",
         help="generate formulas with a diffusion model (default: the shipped Diffusion-BERT)",

@@ -213,17 +213,12 @@ def _run_cdvae(model_dir: Path, gen_dir: Path, scorer, opts: CompareOptions) -> 
     return {"config": model.config, "sampling": model.sampling_config, "timing": {"generate_s": elapsed}}
 
 
-def compare(opts: CompareOptions) -> dict:
-    import platform
-
-    from composition_lm.data import read_samples
-    from evaluation.compare import density_histograms, sun_summary, write_comparison
-    from evaluation.structures import DEFAULT_COMPSCALER, infer_dataset
-    from structure import StructurePredictor
+def _checked_inputs(opts: CompareOptions) -> tuple[dict, Path, Path | None]:
+    """The train and test split files, the Magpie constants and the CDVAE folder, every one checked (and every
+    potential loaded) before any work, so a bad input fails in seconds."""
+    from evaluation.structures import DEFAULT_COMPSCALER
     from structure.cdvae.model import resolve_model
     from structure.cdvae.train import split_file
-    from structure.io import read_structures
-    from structure.templates import TemplateStore
 
     if not opts.lms and not opts.cdvae:
         raise ValueError("give at least one generator: --lm MODEL (repeatable) and/or --cdvae MODEL")
@@ -239,12 +234,27 @@ def compare(opts: CompareOptions) -> dict:
     compscaler = opts.compscaler or DEFAULT_COMPSCALER
     if not Path(compscaler).is_file():
         raise FileNotFoundError(f"COV-R / COV-P need CDVAE's Magpie constants: no file at {compscaler} (--compscaler)")
-    cdvae_dir = resolve_model(opts.cdvae) if opts.cdvae else None  # a bad model name fails before any work
-    if opts.relax is not None:  # a bad potential fails before any work too
+    cdvae_dir = resolve_model(opts.cdvae) if opts.cdvae else None
+    if opts.relax is not None:
         from structure.potentials import get_potential
 
         for name in [opts.relax.potential, *(opts.relax.judges or [])]:
             get_potential(name)
+    return files, Path(compscaler), cdvae_dir
+
+
+def compare(opts: CompareOptions) -> dict:
+    """Run every generator of ``opts`` and score them (see the module docstring); writes ``metrics.json``,
+    ``report.md``, ``report.html``, the plots and each generator's outputs to ``opts.output``, and returns the
+    result (``metrics.json``'s content, with ``paths``, the files written)."""
+    from composition_lm.data import read_samples
+    from evaluation.compare import write_comparison
+    from evaluation.structures import infer_dataset
+    from structure import StructurePredictor
+    from structure.io import read_structures
+    from structure.templates import TemplateStore
+
+    files, compscaler, cdvae_dir = _checked_inputs(opts)
     out = opts.output
     out.mkdir(parents=True, exist_ok=True)
     cov_dataset = opts.cov_dataset or infer_dataset(opts.dataset) or "mp20"
@@ -308,6 +318,18 @@ def compare(opts: CompareOptions) -> dict:
             "timing": run["timing"],
             **_score_generator(gen_dir, read_samples(gen_dir / "structures.csv", "formula"), context, opts),
         }
+    result = _result(opts, generators, context, scorer, store_dir, cov_dataset)
+    result["paths"] = write_comparison(result, out, plots=opts.plots)
+    return result
+
+
+def _result(opts: CompareOptions, generators: dict, context: dict, scorer, store_dir: Path, cov_dataset: str) -> dict:
+    """``metrics.json``'s content: each generator's scores with its SUN summary and time per valid structure, the
+    density histograms, and what was compared how."""
+    import platform
+
+    from evaluation.compare import density_histograms, sun_summary
+
     for g in generators.values():
         n_valid = (g.get("structure_metrics") or {}).get("n_valid") or 0
         g["timing"]["per_valid_structure_s"] = g["timing"]["generate_s"] / n_valid if n_valid else None
@@ -340,5 +362,4 @@ def compare(opts: CompareOptions) -> dict:
         "templates": str(store_dir), "generators": generators,
         "density_histograms": density_histograms(densities),
     }
-    result["paths"] = write_comparison(result, out, plots=opts.plots)
     return result
