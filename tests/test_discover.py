@@ -166,3 +166,11 @@ def test_discover_no_relax_scores_the_template_structures_as_given(tmp_path):
     assert main(_argv(src, tmp_path / "o", "--no-relax")) == 0
     table = pd.read_csv(tmp_path / "o" / "candidates.csv", keep_default_na=False)
     assert set(table["relax_status"]) == {"static"}, table["relax_status"].tolist()
+
+
+def test_discover_command_samples_with_the_models_settings_and_its_own_options(tmp_path):
+    """discover's --top-k (templates per formula) is not the sampler's top-k: the samples keep the model's draw."""
+    assert main(["discover", "-n", "4", "--seed", "0", "--top-k", "1", "--require", "Na", "--potential", str(POTENTIAL),
+                 "--max-steps", "10", "--no-progress", "-o", str(tmp_path / "o")]) == 0
+    run = json.loads((tmp_path / "o" / "run_config.json").read_text())
+    assert run["top_k"] is None and run["require"] == ["Na"] and run["steps"] == 32

@@ -94,7 +94,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
         from composition_lm.generator import FormulaGenerator
 
         generator = FormulaGenerator.from_pretrained(model_for(args))
-        sampling = settings_from_args(args, generator.sampling_config)
+        sampling = settings_from_args(args, generator.sampling_config,  # (discover's --top-k is templates')
+                                      groups=("constraints", "validity", "conditions"))
     predictor = StructurePredictor(args.templates)
     screening = Screening.for_threshold(args.e_hull_max, stop_margin=args.stop_margin, stop_after=args.stop_after,
                                         judge_margin=args.judge_margin)

@@ -187,18 +187,19 @@ def _comma_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def settings_from_args(args: argparse.Namespace, base):
+def settings_from_args(args: argparse.Namespace, base, groups: tuple[str, ...] | None = None):
     """``base`` (a settings object) with the options given on the command line (those that
-    :func:`add_settings_arguments` left in ``args``) and, before them, the settings of ``--config FILE`` when the
-    command has that option."""
+    :func:`add_settings_arguments` left in ``args``, of ``groups`` when given, as they were added) and, before them,
+    the settings of ``--config FILE`` when the command has that option."""
     config_file = getattr(args, "config", None)
     if config_file is not None:
         from evaluation.settings import read_settings_file
 
         data = read_settings_file(config_file)
         base = base.replace(**{k: v for k, v in data.items() if k in base.names()})
-    given = {name: getattr(args, name) for name in base.names() if hasattr(args, name)}
-    return base.replace(**given)
+    names = [f.name for f in dataclasses.fields(base)
+             if groups is None or f.metadata.get("group") in groups]
+    return base.replace(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 
 
 def run_value(args: argparse.Namespace, name: str, default):
