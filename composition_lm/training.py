@@ -47,6 +47,7 @@ class TrainingArguments:
     train_split: str | None = "train"
     val_split: str | None = "val"
     val_fraction: float = 0.05  # seeded split when the corpus has no split column
+    dedupe: bool = True  # drop repeated formulas; False keeps them (a repeated formula weighs more: composition-gen learn)
     init_from: str | None = None
     # model (ignored with init_from, which brings its own)
     codec: str = "expanded"
@@ -267,7 +268,7 @@ def train(args: TrainingArguments, command: str = "") -> Path:
 
     # ---- data
     train_ds, train_report = load_corpus(args.corpus, column=args.column, split=args.train_split,
-                                         val_fraction=args.val_fraction, seed=args.seed)
+                                         val_fraction=args.val_fraction, seed=args.seed, dedupe=args.dedupe)
     try:
         val_ds, _ = load_corpus(args.corpus, column=args.column, split=args.val_split,
                                 val_fraction=args.val_fraction, seed=args.seed)

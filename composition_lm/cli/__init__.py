@@ -10,6 +10,7 @@ One module per command group, each owning its argparse block:
 * :mod:`~composition_lm.cli.potentials`: ``potentials``
 * :mod:`~composition_lm.cli.cdvae`: ``cdvae train|export|sample``
 * :mod:`~composition_lm.cli.compare`: ``compare``
+* :mod:`~composition_lm.cli.learn`: ``learn``
 * :mod:`~composition_lm.cli.options`: what several commands share (checked numeric types, relaxation options)
 
 This package sits on top of the three packages and is the only place allowed to import all of them.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from composition_lm.cli import cdvae, compare, discovery, formulas, lm, potentials, structures
+from composition_lm.cli import cdvae, compare, discovery, formulas, learn, lm, potentials, structures
 
 __all__ = ["build_parser", "main"]
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     discovery.add_parsers(sub)
     cdvae.add_parsers(sub)
     compare.add_parsers(sub)
+    learn.add_parsers(sub)
     potentials.add_parsers(sub)
     return parser
 

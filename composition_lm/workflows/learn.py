@@ -1,0 +1,259 @@
+"""Closed-loop discovery: a formula model learns from its own verified candidates (``composition-gen learn``).
+
+Each round (``RUN/round-K/``):
+
+1. sample ``per_round`` formulas with the current model (validity and constraints enforced in the sampler), seed
+   ``seed + K``;
+2. the **oracle** judges them: by default the discovery funnel (:func:`composition_lm.workflows.discover`: template
+   structure, relaxation, the calibrated stability verdict), in tests a known function of composition;
+3. the verdicts become **labels** (``labels.csv``: E_hull, its bin ``stable`` <= 0 < ``metastable`` <= ``e_hull_max``
+   < ``unstable``, or ``failed``; novel against the reference formulas *and* every earlier round; unique within the
+   round) and one line of ``rounds.csv`` (SUN rates at 0 and ``e_hull_max``, validity, uniqueness, novelty, element
+   JS against the reference, the share of the five commonest chemical systems, CPU seconds);
+4. the **guards** run: element-distribution drift (JS against ``reference``) and the five commonest chemical systems'
+   share are capped; a guard that trips stops the loop, and ``rounds.csv`` says which;
+5. the model is **fine-tuned** on what it found: ``method="reward"`` is reward-weighted likelihood (each SUN formula
+   ``reward_copies`` times in the corpus, with ``replay`` reference formulas per SUN formula against forgetting the
+   starting model; Peters & Schaal 2007's RWR with a replay anchor), continued from the current model
+   (``init_from``) for ``finetune_steps`` steps; the model is saved in ``round-K/model`` and samples round K + 1.
+
+A round that finished has ``round-K/done.json``; ``resume=True`` continues after the last one, so a killed loop loses
+at most the round it was in and repeats nothing (the same seeds give the same labels).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.settings import Settings, setting
+
+__all__ = ["FunctionOracle", "FunnelOracle", "LearnConfig", "Verdict", "learn"]
+
+ROUND_COLUMNS = ["round", "samples", "valid", "unique", "novel", "stable_0", "stable", "sun_0", "sun", "sun_rate_0",
+                 "sun_rate", "validity", "uniqueness", "novelty", "element_js", "top5_system_share", "cpu_s",
+                 "guard"]
+LABEL_COLUMNS = ["round", "index", "formula", "e_hull", "label", "unique", "novel", "sun"]
+
+
+@dataclass
+class LearnConfig(Settings):
+    """How the loop runs (:func:`learn`); the command line takes one option per field."""
+
+    kind = "learn setting"
+
+    rounds: int = setting(3, "rounds of sample -> judge -> fine-tune", range="positive_int")
+    per_round: int = setting(1000, "formulas sampled per round", range="positive_int")
+    e_hull_max: float = setting(0.1, "stable enough to count: E_hull at most this, eV/atom (SUN at 0 is reported too)",
+                                range="non_negative_float")
+    method: str = setting("reward", "how the model learns from its labels: reward (reward-weighted likelihood with "
+                          "replay of reference formulas)", choices=("reward",))
+    finetune_steps: int = setting(300, "fine-tuning steps per round", range="positive_int")
+    lr: float = setting(2e-4, "fine-tuning learning rate", range="positive_float")
+    batch_size: int = setting(64, "fine-tuning batch size", range="positive_int")
+    reward_copies: int = setting(4, "copies of each SUN formula in a round's fine-tuning corpus", range="positive_int")
+    replay: float = setting(4.0, "reference formulas replayed per SUN formula (keeps the model near its start)",
+                            range="non_negative_float")
+    max_js: float = setting(0.05, "guard: stop when the element-distribution JS divergence of a round's samples "
+                            "against the reference exceeds this", range="unit_interval")
+    max_top5_share: float = setting(0.5, "guard: stop when the five commonest chemical systems hold more than this "
+                                    "share of a round's samples", range="unit_interval")
+    seed: int = setting(0, "seed of round 0's sampling (round K samples with seed + K) and of the fine-tuning")
+
+
+@dataclass
+class Verdict:
+    """The oracle's answer for one formula: ``e_hull`` (eV/atom; NaN: it could not be placed) and whether its
+    structure was unique and novel by the oracle's own reference (True where the oracle has none)."""
+
+    formula: str
+    e_hull: float
+    unique: bool = True
+    novel: bool = True
+
+
+class FunctionOracle:
+    """An oracle that is a known function of composition (``e_hull(formula) -> float``): tests and dry runs."""
+
+    def __init__(self, e_hull: Callable[[str], float]):
+        self.e_hull = e_hull
+
+    def judge(self, formulas: Sequence[str], out_dir: Path) -> list[Verdict]:
+        return [Verdict(f, float(self.e_hull(f))) for f in formulas]
+
+
+class FunnelOracle:
+    """The discovery funnel as the oracle: each formula's best structure (lowest E_hull among its ``top_k``
+    templates) by :func:`composition_lm.workflows.discover`, with the stability ``scorer`` (default: the calibrated
+    default verdict) and the ``predictor``'s store as the novelty reference; ``workers`` processes or a Dask
+    ``scheduler``. Each round's funnel is journalled in ``round-K/discover`` and resumes with the loop."""
+
+    def __init__(self, predictor=None, scorer=None, top_k: int = 1, workers: int = 1, scheduler=None):
+        self.predictor, self.scorer, self.top_k, self.workers, self.scheduler = predictor, scorer, top_k, workers, scheduler
+
+    def judge(self, formulas: Sequence[str], out_dir: Path) -> list[Verdict]:
+        from composition_lm.workflows.discovery import discover
+
+        folder = out_dir / "discover"
+        result = discover(formulas=list(formulas), output=folder, predictor=self.predictor, scorer=self.scorer,
+                          top_k=self.top_k, workers=self.workers, scheduler=self.scheduler,
+                          resume=(folder / "journal.jsonl").exists())
+        best: dict[int, Verdict] = {}
+        for _, row in result.candidates().iterrows():
+            e = float(row["e_hull_per_atom"]) if row["e_hull_per_atom"] == row["e_hull_per_atom"] else math.nan
+            verdict = Verdict(formulas[int(row["index"])], e, str(row.get("unique")) == "True",
+                              str(row.get("novel")) == "True")
+            old = best.get(int(row["index"]))
+            if old is None or (math.isfinite(e) and not (math.isfinite(old.e_hull) and old.e_hull <= e)):
+                best[int(row["index"])] = verdict
+        return [best.get(i, Verdict(f, math.nan)) for i, f in enumerate(formulas)]
+
+
+def _system(formula) -> str:
+    return "-".join(sorted(formula.elements))
+
+
+def _label(e_hull: float, e_hull_max: float) -> str:
+    if not math.isfinite(e_hull):
+        return "failed"
+    return "stable" if e_hull <= 0 else "metastable" if e_hull <= e_hull_max else "unstable"
+
+
+def _round_labels(k: int, table, verdicts: dict[str, Verdict], known: set[str], cfg: LearnConfig) -> list[dict]:
+    """One label row per sample of round ``k``; ``known``: reference formulas and every earlier round's."""
+    seen: set[str] = set()
+    rows = []
+    for i, f in enumerate(table["formula"]):
+        if not f or not table["valid_cdvae"].iloc[i]:
+            rows.append({"round": k, "index": i, "formula": f or "", "e_hull": math.nan, "label": "invalid",
+                         "unique": False, "novel": False, "sun": False})
+            continue
+        v = verdicts[f]
+        unique, novel = f not in seen and v.unique, f not in known and v.novel
+        seen.add(f)
+        label = _label(v.e_hull, cfg.e_hull_max)
+        rows.append({"round": k, "index": i, "formula": f, "e_hull": v.e_hull, "label": label, "unique": unique,
+                     "novel": novel, "sun": unique and novel and label in ("stable", "metastable")})
+    return rows
+
+
+def _round_metrics(k: int, rows: list[dict], reference_freq, cfg: LearnConfig, cpu_s: float) -> dict:
+    from evaluation.composition import try_parse_formula
+    from evaluation.metrics import element_frequencies, js_divergence
+
+    n = len(rows)
+    valid = [r for r in rows if r["label"] != "invalid"]
+    parsed = [p for p in (try_parse_formula(r["formula"])[0] for r in valid) if p is not None]
+    systems = Counter(_system(p) for p in parsed)
+    stable_0 = sum(1 for r in valid if r["label"] == "stable")
+    stable = sum(1 for r in valid if r["label"] in ("stable", "metastable"))
+    sun_0 = sum(1 for r in valid if r["sun"] and r["label"] == "stable")
+    sun = sum(1 for r in valid if r["sun"])
+    unique = sum(1 for r in valid if r["unique"])
+    novel = sum(1 for r in valid if r["novel"] and r["unique"])
+    js = js_divergence(element_frequencies(parsed), reference_freq) if parsed else math.nan
+    top5 = sum(c for _, c in systems.most_common(5)) / n if n else 0.0
+    guard = ""
+    if math.isfinite(js) and js > cfg.max_js:
+        guard = f"element JS {js:.4f} > {cfg.max_js}"
+    elif top5 > cfg.max_top5_share:
+        guard = f"the five commonest chemical systems hold {top5:.3f} of the samples > {cfg.max_top5_share}"
+    return {"round": k, "samples": n, "valid": len(valid), "unique": unique, "novel": novel, "stable_0": stable_0,
+            "stable": stable, "sun_0": sun_0, "sun": sun, "sun_rate_0": sun_0 / n, "sun_rate": sun / n,
+            "validity": len(valid) / n, "uniqueness": unique / len(valid) if valid else 0.0,
+            "novelty": novel / unique if unique else 0.0, "element_js": js, "top5_system_share": top5,
+            "cpu_s": cpu_s, "guard": guard}
+
+
+def _finetune(model_path: Path, rows: list[dict], reference: Sequence[str], cfg: LearnConfig, out: Path,
+              k: int, progress: bool) -> Path:
+    """Reward-weighted likelihood: the round's SUN formulas, ``reward_copies`` each, plus ``replay`` reference
+    formulas per SUN formula, continued from ``model_path``; returns the exported model."""
+    from composition_lm.training import TrainingArguments, train
+    from evaluation.io import write_text
+
+    winners = [r["formula"] for r in rows if r["sun"]]
+    rng = random.Random(cfg.seed * 1000 + k)
+    replay = rng.sample(list(reference), min(len(reference), round(cfg.replay * len(winners))))
+    corpus = out / "finetune.txt"
+    write_text(corpus, "\n".join(winners * cfg.reward_copies + replay) + "\n")
+    args = TrainingArguments(output_dir=str(out / "train"), corpus=str(corpus), init_from=str(model_path),
+                             train_split=None, val_split=None, dedupe=False, max_steps=cfg.finetune_steps, lr=cfg.lr,
+                             batch_size=cfg.batch_size, warmup_steps=min(50, cfg.finetune_steps // 5),
+                             eval_every=0, save_every=0, seed=cfg.seed + k, progress=progress)
+    exported = train(args)
+    target = out / "model"
+    exported.rename(target)
+    return target
+
+
+def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=None,
+          reference: Sequence[str] | None = None, sampling=None, resume: bool = False, progress: bool = False,
+          **overrides) -> list[dict]:
+    """Run the loop (see the module docstring) from ``model`` (a folder or shipped name) into ``output``; returns
+    ``rounds.csv``'s rows. ``config`` (:class:`LearnConfig`) with ``overrides``; ``oracle`` (default
+    :class:`FunnelOracle`); ``reference``: the known formulas (novelty, the element-distribution guard and the
+    replay; default: the model's training formulas); ``sampling``: a
+    :class:`~composition_lm.sampling_config.SamplingConfig` (default: the model's). Without ``resume`` a folder
+    holding a loop is an error."""
+    from composition_lm.generator import FormulaGenerator
+    from composition_lm.workflows.samples import save_samples
+    from evaluation.composition import try_parse_formula
+    from evaluation.io import write_csv, write_json
+    from evaluation.metrics import element_frequencies
+
+    cfg = (config or LearnConfig()).replace(**overrides)
+    out = Path(output)
+    done = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("round-*/done.json"))
+    if done and not resume:
+        raise FileExistsError(f"{out} holds a learning loop: pass resume=True (--resume) to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    oracle = oracle if oracle is not None else FunnelOracle()
+    gen = FormulaGenerator.from_pretrained(model)
+    reference = list(reference) if reference is not None else sorted(gen.training_formulas() or [])
+    if not reference:
+        raise ValueError("learn needs reference formulas (novelty, the drift guard, replay): the model stores no "
+                         "training formulas, so pass reference=")
+    reference_freq = element_frequencies(p for p in (try_parse_formula(f)[0] for f in reference) if p is not None)
+    known = set(reference)
+    rows_out: list[dict] = []
+    model_path = Path(gen.path)
+    for k in range(cfg.rounds):
+        rdir = out / f"round-{k}"
+        if (rdir / "done.json").exists():  # finished before a stop: its labels join what is known
+            state = json.loads((rdir / "done.json").read_text())
+            rows_out.append(state["metrics"])
+            known |= set(state["formulas"])
+            model_path = Path(state["model"]) if state["model"] else model_path
+            if state["metrics"]["guard"]:
+                break
+            continue
+        t0, wall = time.process_time(), time.perf_counter()
+        gen = FormulaGenerator.from_pretrained(model_path)
+        table = gen.generate(cfg.per_round, seed=cfg.seed + k, config=sampling, progress=progress)
+        save_samples(gen, table, rdir, {"round": k}, wall, time.perf_counter())
+        candidates = sorted({f for f, ok in zip(table["formula"], table["valid_cdvae"]) if f and ok})
+        verdicts = dict(zip(candidates, oracle.judge(candidates, rdir)))
+        rows = _round_labels(k, table, verdicts, known, cfg)
+        write_csv(rdir / "labels.csv", LABEL_COLUMNS, ([r[c] for c in LABEL_COLUMNS] for r in rows))
+        metrics = _round_metrics(k, rows, reference_freq, cfg, 0.0)
+        next_model = None
+        if not metrics["guard"] and k < cfg.rounds - 1 and metrics["sun"]:
+            next_model = _finetune(model_path, rows, reference, cfg, rdir, k, progress)
+        metrics["cpu_s"] = round(time.process_time() - t0, 1)
+        proposed = sorted({r["formula"] for r in rows if r["formula"] and r["label"] != "invalid"})
+        write_json(rdir / "done.json", {"metrics": metrics, "formulas": proposed,
+                                        "model": str(next_model) if next_model else ""})
+        rows_out.append(metrics)
+        write_csv(out / "rounds.csv", ROUND_COLUMNS, ([m[c] for c in ROUND_COLUMNS] for m in rows_out))
+        known |= set(proposed)
+        model_path = next_model or model_path
+        if metrics["guard"]:
+            break
+    return rows_out

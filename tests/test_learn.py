@@ -1,0 +1,120 @@
+"""Closed-loop learning (composition_lm.workflows.learn): a tiny model and fake oracles, so that what the loop must do
+is known: raise the hit rate, trip its guards, resume without repeating, refuse bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from composition_lm.training import TrainingArguments, train
+from composition_lm.workflows.learn import FunctionOracle, LearnConfig, learn
+from evaluation.composition import parse_formula
+
+CORPUS = """NaCl KCl LiF MgO CaO SrTiO3 BaTiO3 Fe2O3 Al2O3 LiCl NaF KBr CsCl ZnO ZnS TiO2 SiO2 SnO2 MnO2
+LiMnO2 LiFePO4 LiCoO2 NaBr KF RbCl SrO BaO CuO NiO CoO FeO Cr2O3 V2O5 CaTiO3 MgAl2O4 LiNbO3 KNbO3 CaF2
+MgF2 BaF2 KI NaI LiBr CsBr RbF CaS SrS BaS MgS ZnSe CdS CdTe""".split()
+FAST = dict(per_round=96, finetune_steps=60, lr=3e-3, batch_size=32, reward_copies=6, replay=0.5, max_js=1.0,
+            max_top5_share=1.0)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("learn-tiny")
+    corpus = out / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n")
+    args = TrainingArguments(output_dir=str(out / "run"), corpus=str(corpus), train_split=None, val_split=None,
+                             hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, batch_size=16,
+                             seq_length=16, warmup_steps=10, lr=3e-3, max_steps=200, eval_every=0, save_every=0,
+                             progress=False)
+    return train(args)
+
+
+def _halide(formula: str) -> float:
+    """The fake oracle: a halide (F, Cl, Br, I) is on the hull, anything else 0.5 eV/atom above it."""
+    return 0.0 if set(parse_formula(formula).elements) & {"F", "Cl", "Br", "I"} else 0.5
+
+
+def _hit_rate(run, k: int) -> float:
+    with open(run / f"round-{k}" / "labels.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    return sum(r["label"] == "stable" for r in rows) / len(rows)
+
+
+def test_the_loop_raises_the_hit_rate_of_a_known_oracle(tiny, tmp_path):
+    rounds = learn(tiny, tmp_path / "run", oracle=FunctionOracle(_halide), rounds=3, sampling=None,
+                   **{**FAST, "per_round": 128})
+    assert [r["round"] for r in rounds] == [0, 1, 2] and not any(r["guard"] for r in rounds)
+    first, last = _hit_rate(tmp_path / "run", 0), _hit_rate(tmp_path / "run", 2)
+    assert last > first + 0.1, (first, last)
+    assert (tmp_path / "run" / "round-0" / "model" / "config.json").is_file()  # each round saves its model
+    with open(tmp_path / "run" / "rounds.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in table] == [0, 1, 2]
+    assert all(0 <= float(r["sun_rate"]) <= 1 and float(r["cpu_s"]) > 0 for r in table)
+
+
+def test_a_guard_trips_when_the_oracle_rewards_one_chemical_system(tiny, tmp_path):
+    def li_o(formula: str) -> float:
+        return 0.0 if set(parse_formula(formula).elements) == {"Li", "O"} else 1.0
+
+    rounds = learn(tiny, tmp_path / "run", oracle=FunctionOracle(li_o), rounds=4,
+                   **{**FAST, "reward_copies": 40, "replay": 0.0, "finetune_steps": 120, "max_top5_share": 0.6})
+    assert rounds[-1]["guard"].startswith("the five commonest chemical systems"), rounds
+    assert len(rounds) < 4  # stopped early, and said why
+
+
+def test_resume_after_a_kill_gives_the_same_labels_and_no_duplicates(tiny, tmp_path):
+    class DiesInRound1(FunctionOracle):
+        def judge(self, formulas, out_dir):
+            if out_dir.name == "round-1":
+                raise KeyboardInterrupt  # the kill, after round 1 sampled
+            return super().judge(formulas, out_dir)
+
+    cfg = LearnConfig(rounds=2, **FAST)
+    whole = learn(tiny, tmp_path / "whole", cfg, oracle=FunctionOracle(_halide))
+    with pytest.raises(KeyboardInterrupt):
+        learn(tiny, tmp_path / "killed", cfg, oracle=DiesInRound1(_halide))
+    assert (tmp_path / "killed" / "round-0" / "done.json").exists()
+    assert not (tmp_path / "killed" / "round-1" / "done.json").exists()
+    with pytest.raises(FileExistsError, match="resume"):
+        learn(tiny, tmp_path / "killed", cfg, oracle=FunctionOracle(_halide))
+    again = learn(tiny, tmp_path / "killed", cfg, oracle=FunctionOracle(_halide), resume=True)
+    for k in (0, 1):
+        assert (tmp_path / "whole" / f"round-{k}" / "labels.csv").read_text() == \
+            (tmp_path / "killed" / f"round-{k}" / "labels.csv").read_text()
+    assert [r["sun"] for r in again] == [r["sun"] for r in whole]
+    with open(tmp_path / "killed" / "rounds.csv") as fh:
+        assert [int(r["round"]) for r in csv.DictReader(fh)] == [0, 1]  # no round twice
+
+
+def test_bad_input_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        learn(tiny, tmp_path / "a", rounds=0)
+    with pytest.raises(ValueError, match="method must be one of reward"):
+        learn(tiny, tmp_path / "b", method="dpo")
+    labels = FunctionOracle(lambda f: math.nan).judge(["NaCl"], tmp_path)
+    assert math.isnan(labels[0].e_hull)
+
+
+def test_learn_command_runs_a_round_through_the_funnel(tmp_path, capsys):
+    from pathlib import Path
+
+    from composition_lm.cli import main
+
+    m3gnet = Path(__file__).resolve().parents[2] / "shared" / "models" / "matgl" / "M3GNet-MP-2021.2.8-PES"
+    if not m3gnet.is_dir():
+        pytest.skip("needs the M3GNet weights in ../shared")
+    assert main(["learn", "--rounds", "0", "-o", str(tmp_path / "bad")]) == 2
+    assert "rounds must be an integer >= 1" in capsys.readouterr().err
+    assert main(["learn", "--rounds", "1", "--per-round", "4", "--require", "O", "--potential", str(m3gnet),
+                 "--max-steps", "20", "--no-progress", "-o", str(tmp_path / "run")]) == 0
+    with open(tmp_path / "run" / "round-0" / "labels.csv") as fh:
+        labels = list(csv.DictReader(fh))
+    assert len(labels) == 4 and all("O" in parse_formula(r["formula"]).elements for r in labels if r["formula"])
+    assert {r["label"] for r in labels} <= {"stable", "metastable", "unstable", "failed", "invalid"}
+    assert (tmp_path / "run" / "round-0" / "discover" / "candidates.csv").is_file()
+    assert "round 0: SUN" in capsys.readouterr().out
