@@ -118,3 +118,26 @@ def test_learn_command_runs_a_round_through_the_funnel(tmp_path, capsys):
     assert {r["label"] for r in labels} <= {"stable", "metastable", "unstable", "failed", "invalid"}
     assert (tmp_path / "run" / "round-0" / "discover" / "candidates.csv").is_file()
     assert "round 0: SUN" in capsys.readouterr().out
+
+
+def test_conditional_method_fine_tunes_the_stability_condition_on_the_loops_labels(tiny, tmp_path):
+    import pandas as pd
+
+    labels = pd.DataFrame({"formula": CORPUS, "e_above_hull": [_halide(f) for f in CORPUS]})
+    corpus = tmp_path / "props.csv"
+    labels.to_csv(corpus, index=False)
+    conditioned = train(TrainingArguments(
+        output_dir=str(tmp_path / "props"), corpus=str(corpus), train_split=None, val_split=None, hidden_size=32,
+        num_layers=1, num_heads=2, intermediate_size=64, batch_size=16, seq_length=16, warmup_steps=10, lr=3e-3,
+        max_steps=150, eval_every=0, save_every=0, condition_on="e_above_hull", condition_bins=2, progress=False))
+    with pytest.raises(ValueError, match="needs a model conditioned on e_above_hull"):
+        learn(tiny, tmp_path / "plain", method="conditional", labels=labels)
+    with pytest.raises(ValueError, match="needs labels"):
+        learn(conditioned, tmp_path / "nolabels", method="conditional")
+    rounds = learn(conditioned, tmp_path / "run", oracle=FunctionOracle(_halide), rounds=2, method="conditional",
+                   labels=labels, **FAST)
+    assert [r["round"] for r in rounds] == [0, 1]
+    table = pd.read_csv(tmp_path / "run" / "round-0" / "finetune.csv")
+    assert list(table.columns) == ["formula", "e_above_hull"] and len(table) > len(set(CORPUS) & set(table["formula"]))
+    run = (tmp_path / "run" / "round-1" / "run_config.json").read_text()
+    assert "e_above_hull=:0.1" in run  # each round asks for the stable window

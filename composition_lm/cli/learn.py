@@ -30,9 +30,16 @@ def cmd_learn(args: argparse.Namespace) -> int:
                              judges=args.judge, screening=Screening.for_threshold(config.e_hull_max))
     print(f"oracle: the discovery funnel; energies: {scorer.describe()}", file=sys.stderr)
     quiet_console()
+    labels = None
+    if args.labels is not None:
+        import pandas as pd
+
+        labels = pd.read_csv(args.labels)
+        if "formula" not in labels and "reduced_formula" in labels:
+            labels = labels.rename(columns={"reduced_formula": "formula"})
     rounds = learn(args.model, args.output, config, oracle=FunnelOracle(predictor, scorer, args.top_k, args.workers,
                                                                          args.scheduler),
-                   sampling=sampling, resume=args.resume, progress=not args.no_progress)
+                   sampling=sampling, resume=args.resume, progress=not args.no_progress, labels=labels)
     for r in rounds:
         print(f"round {r['round']}: SUN {100 * r['sun_rate']:.1f} % at {config.e_hull_max:g}, "
               f"{100 * r['sun_rate_0']:.1f} % at 0; novelty {r['novelty']:.3f}, uniqueness {r['uniqueness']:.3f}, "
@@ -54,6 +61,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default="diffusion-bert", help="the starting formula model (default: diffusion-bert)")
     add_settings_arguments(p, LearnConfig, suppress=False)
     add_settings_arguments(p, SamplingConfig, groups=("constraints",))
+    p.add_argument("--labels", type=Path, metavar="CSV",
+                   help="--method conditional: known formulas with the model's condition properties, which the loop's "
+                   "labels are joined to (e.g. ../shared/data/formulas/mp_formulas.csv)")
     p.add_argument("--templates", type=Path, metavar="DB",
                    help="template store (default: the MP store shipped in the package; also the novelty reference)")
     p.add_argument("--top-k", **positive_int, default=1, help="template structures per formula (default: 1)")

@@ -53,7 +53,11 @@ class LearnConfig(Settings):
     e_hull_max: float = setting(0.1, "stable enough to count: E_hull at most this, eV/atom (SUN at 0 is reported too)",
                                 range="non_negative_float")
     method: str = setting("reward", "how the model learns from its labels: reward (reward-weighted likelihood with "
-                          "replay of reference formulas)", choices=("reward",))
+                          "replay of reference formulas) or conditional (a model conditioned on e_above_hull is "
+                          "fine-tuned on the loop's E_hull labels joined to --labels, and samples with a target "
+                          "e_above_hull <= --e-hull-max and --target-guidance)", choices=("reward", "conditional"))
+    target_guidance: float = setting(2.0, "conditional: classifier-free guidance towards the stable target",
+                                     range="non_negative_float")
     finetune_steps: int = setting(300, "fine-tuning steps per round", range="positive_int")
     lr: float = setting(2e-4, "fine-tuning learning rate", range="positive_float")
     batch_size: int = setting(64, "fine-tuning batch size", range="positive_int")
@@ -171,22 +175,53 @@ def _round_metrics(k: int, rows: list[dict], reference_freq, cfg: LearnConfig, c
             "cpu_s": cpu_s, "guard": guard}
 
 
+def _conditions(model_path: Path) -> list[str]:
+    """The properties a model is conditioned on (``[]`` for an unconditional one)."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return [c["name"] for c in config.get("property_conditions") or []]
+
+
+def _conditional_corpus(rows: list[dict], labels, names: list[str], cfg: LearnConfig, k: int, out: Path) -> Path:
+    """The conditional method's corpus: every formula the loop placed on the hull, with ``e_above_hull`` its
+    measured E_hull (clipped at 0, MP's convention) and its other properties not given, joined to ``labels`` (a
+    table of known formulas and their properties), ``replay`` known rows per loop row."""
+    import pandas as pd
+
+    mine = pd.DataFrame([{"formula": r["formula"], "e_above_hull": max(r["e_hull"], 0.0)} for r in rows
+                         if r["label"] not in ("invalid", "failed") and math.isfinite(r["e_hull"])])
+    known = labels[["formula", *names]].sample(n=min(len(labels), round(cfg.replay * max(len(mine), 1))),
+                                               random_state=cfg.seed * 1000 + k)
+    table = pd.concat([mine.reindex(columns=["formula", *names]), known], ignore_index=True)
+    path = out / "finetune.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
 def _finetune(model_path: Path, rows: list[dict], reference: Sequence[str], cfg: LearnConfig, out: Path,
-              k: int, progress: bool) -> Path:
-    """Reward-weighted likelihood: the round's SUN formulas, ``reward_copies`` each, plus ``replay`` reference
-    formulas per SUN formula, continued from ``model_path``; returns the exported model."""
+              k: int, progress: bool, labels=None) -> Path:
+    """One round's fine-tuning, continued from ``model_path``; returns the exported model. ``reward``: the round's
+    SUN formulas, ``reward_copies`` each, plus ``replay`` reference formulas per SUN formula. ``conditional``: the
+    model's own property conditions trained on the loop's E_hull labels joined to ``labels``
+    (:func:`_conditional_corpus`)."""
     from composition_lm.training import TrainingArguments, train
     from evaluation.io import write_text
 
-    winners = [r["formula"] for r in rows if r["sun"]]
-    rng = random.Random(cfg.seed * 1000 + k)
-    replay = rng.sample(list(reference), min(len(reference), round(cfg.replay * len(winners))))
-    corpus = out / "finetune.txt"
-    write_text(corpus, "\n".join(winners * cfg.reward_copies + replay) + "\n")
+    extra = {}
+    if cfg.method == "conditional":
+        names = _conditions(model_path)
+        corpus = _conditional_corpus(rows, labels, names, cfg, k, out)
+        extra = {"condition_on": ",".join(names), "dedupe": True}
+    else:
+        winners = [r["formula"] for r in rows if r["sun"]]
+        rng = random.Random(cfg.seed * 1000 + k)
+        replay = rng.sample(list(reference), min(len(reference), round(cfg.replay * len(winners))))
+        corpus = out / "finetune.txt"
+        write_text(corpus, "\n".join(winners * cfg.reward_copies + replay) + "\n")
+        extra = {"dedupe": False}
     args = TrainingArguments(output_dir=str(out / "train"), corpus=str(corpus), init_from=str(model_path),
-                             train_split=None, val_split=None, dedupe=False, max_steps=cfg.finetune_steps, lr=cfg.lr,
+                             train_split=None, val_split=None, max_steps=cfg.finetune_steps, lr=cfg.lr,
                              batch_size=cfg.batch_size, warmup_steps=min(50, cfg.finetune_steps // 5),
-                             eval_every=0, save_every=0, seed=cfg.seed + k, progress=progress)
+                             eval_every=0, save_every=0, seed=cfg.seed + k, progress=progress, **extra)
     exported = train(args)
     target = out / "model"
     exported.rename(target)
@@ -195,13 +230,14 @@ def _finetune(model_path: Path, rows: list[dict], reference: Sequence[str], cfg:
 
 def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=None,
           reference: Sequence[str] | None = None, sampling=None, resume: bool = False, progress: bool = False,
-          **overrides) -> list[dict]:
+          labels=None, **overrides) -> list[dict]:
     """Run the loop (see the module docstring) from ``model`` (a folder or shipped name) into ``output``; returns
     ``rounds.csv``'s rows. ``config`` (:class:`LearnConfig`) with ``overrides``; ``oracle`` (default
     :class:`FunnelOracle`); ``reference``: the known formulas (novelty, the element-distribution guard and the
     replay; default: the model's training formulas); ``sampling``: a
-    :class:`~composition_lm.sampling_config.SamplingConfig` (default: the model's). Without ``resume`` a folder
-    holding a loop is an error."""
+    :class:`~composition_lm.sampling_config.SamplingConfig` (default: the model's); ``labels``: for the conditional
+    method, a table (``pandas.DataFrame``) of known formulas (``formula`` column) and the model's condition
+    properties, the labels the loop's own are joined to. Without ``resume`` a folder holding a loop is an error."""
     from composition_lm.generator import FormulaGenerator
     from composition_lm.workflows.samples import save_samples
     from evaluation.composition import try_parse_formula
@@ -216,6 +252,15 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
     out.mkdir(parents=True, exist_ok=True)
     oracle = oracle if oracle is not None else FunnelOracle()
     gen = FormulaGenerator.from_pretrained(model)
+    if cfg.method == "conditional":
+        names = _conditions(gen.path)
+        if "e_above_hull" not in names:
+            raise ValueError("the conditional method needs a model conditioned on e_above_hull (e.g. "
+                             f"diffusion-bert-props); {gen.path.name} is conditioned on {names or 'nothing'}")
+        if labels is None or not set(["formula", *names]) <= set(labels.columns):
+            raise ValueError(f"the conditional method needs labels: a table with formula and {', '.join(names)}")
+        sampling = (sampling or gen.sampling_config).replace(targets=[f"e_above_hull=:{cfg.e_hull_max:g}"],
+                                                             guidance=cfg.target_guidance)
     reference = list(reference) if reference is not None else sorted(gen.training_formulas() or [])
     if not reference:
         raise ValueError("learn needs reference formulas (novelty, the drift guard, replay): the model stores no "
@@ -245,7 +290,7 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
         metrics = _round_metrics(k, rows, reference_freq, cfg, 0.0)
         next_model = None
         if not metrics["guard"] and k < cfg.rounds - 1 and metrics["sun"]:
-            next_model = _finetune(model_path, rows, reference, cfg, rdir, k, progress)
+            next_model = _finetune(model_path, rows, reference, cfg, rdir, k, progress, labels)
         metrics["cpu_s"] = round(time.process_time() - t0, 1)
         proposed = sorted({r["formula"] for r in rows if r["formula"] and r["label"] != "invalid"})
         write_json(rdir / "done.json", {"metrics": metrics, "formulas": proposed,
