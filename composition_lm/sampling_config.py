@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from evaluation.settings import SAMPLING_CONFIG_NAME, Settings, setting
+from evaluation.settings import SAMPLING_CONFIG_NAME, Settings, comma_list, setting
 
 __all__ = ["SAMPLING_CONFIG_NAME", "VALIDITY_CHOICES", "SamplingConfig", "element_list"]
 
@@ -33,8 +33,7 @@ def element_list(value: str | Sequence[str] | None) -> list[str] | None:
     """``"Li,Fe, O"`` or ``["Li", "Fe", "O"]`` -> ``["Li", "Fe", "O"]``; None or empty -> None."""
     if value is None:
         return None
-    items = value.split(",") if isinstance(value, str) else list(value)
-    items = [str(s).strip() for s in items if str(s).strip()]
+    items = comma_list(value) if isinstance(value, str) else [str(s).strip() for s in value if str(s).strip()]
     return items or None
 
 

@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["RANGES", "SAMPLING_CONFIG_NAME", "Settings", "setting"]
+__all__ = ["RANGES", "SAMPLING_CONFIG_NAME", "Settings", "comma_list", "setting"]
 
 #: the file beside a model's ``config.json`` that holds its sampling defaults (formula models and CDVAE alike)
 SAMPLING_CONFIG_NAME = "sampling_config.json"
@@ -40,6 +40,11 @@ RANGES = {
     "tolerance": (float, lambda v: 0 <= v < math.inf, "a tolerance >= 0"),
     "angle_tolerance": (float, lambda v: 0 <= v <= 15, "between 0 and 15 degrees"),
 }
+
+
+def comma_list(text: str) -> list[str]:
+    """``"Li, Fe,O"`` -> ``["Li", "Fe", "O"]`` (empty items dropped): a list field written on one line."""
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, range: str | None = None, choices=None,

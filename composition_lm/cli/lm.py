@@ -14,6 +14,7 @@ from composition_lm.cli.options import (
     add_progress,
     add_settings_arguments,
     command_line,
+    config_file_values,
     dataclass_arguments,
     fraction,
     half_open_unit,
@@ -51,10 +52,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
-    args.model = run_value(args, "model", None)
+    file_values = config_file_values(args)
+    args.model = run_value(args, "model", None, file_values)
     gen = FormulaGenerator.from_pretrained(model_for(args))
-    config = settings_from_args(args, gen.sampling_config)
-    n, seed = run_value(args, "n", 1000), run_value(args, "seed", 0)
+    config = settings_from_args(args, gen.sampling_config, file_values=file_values)
+    n, seed = run_value(args, "n", 1000, file_values), run_value(args, "seed", 0, file_values)
     table = gen.generate(n, seed=seed, config=config, progress=not args.no_progress)
     t_sample = time.perf_counter()
     summary = save_samples(gen, table, args.output, {"command": command_line(args)}, t0, t_sample)

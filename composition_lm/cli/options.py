@@ -149,7 +149,7 @@ def add_settings_arguments(p: argparse.ArgumentParser, cls, groups: tuple[str, .
     With ``suppress`` an option that is not given leaves no attribute, so the defaults can come from elsewhere
     (the model's saved settings, ``--config FILE``: :func:`settings_from_args`); else it defaults to the field's
     default."""
-    from evaluation.settings import RANGES
+    from evaluation.settings import RANGES, comma_list
 
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -167,7 +167,7 @@ def add_settings_arguments(p: argparse.ArgumentParser, cls, groups: tuple[str, .
         elif action == "optional":
             kw["action"] = argparse.BooleanOptionalAction
         elif action == "list":
-            kw["type"] = _comma_list
+            kw["type"] = comma_list
         elif action == "append":
             kw["action"] = "append"
         if meta.get("range"):
@@ -183,38 +183,34 @@ def add_settings_arguments(p: argparse.ArgumentParser, cls, groups: tuple[str, .
         p.add_argument(flag, **kw)
 
 
-def _comma_list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def settings_from_args(args: argparse.Namespace, base, groups: tuple[str, ...] | None = None):
-    """``base`` (a settings object) with the options given on the command line (those that
-    :func:`add_settings_arguments` left in ``args``, of ``groups`` when given, as they were added) and, before them,
-    the settings of ``--config FILE`` when the command has that option."""
-    config_file = getattr(args, "config", None)
-    if config_file is not None:
-        from evaluation.settings import read_settings_file
-
-        data = read_settings_file(config_file)
-        base = base.replace(**{k: v for k, v in data.items() if k in base.names()})
+def settings_from_args(args: argparse.Namespace, base, groups: tuple[str, ...] | None = None,
+                       file_values: dict | None = None):
+    """``base`` (a settings object) with ``file_values`` (what ``--config FILE`` holds, read once by the command:
+    :func:`config_file_values`) and, over them, the options given on the command line (those that
+    :func:`add_settings_arguments` left in ``args``, of ``groups`` when given, as they were added)."""
+    if file_values:
+        base = base.replace(**{k: v for k, v in file_values.items() if k in base.names()})
     names = [f.name for f in dataclasses.fields(base)
              if groups is None or f.metadata.get("group") in groups]
     return base.replace(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 
 
-def run_value(args: argparse.Namespace, name: str, default):
-    """A run option (``n``, ``seed``, ``model``) that may also come from ``--config FILE``: the command line's
-    value, else the file's, else ``default``."""
+def config_file_values(args: argparse.Namespace) -> dict:
+    """The mapping in ``--config FILE`` (JSON or YAML), read once; ``{}`` without the option."""
+    if getattr(args, "config", None) is None:
+        return {}
+    from evaluation.settings import read_settings_file
+
+    return read_settings_file(args.config)
+
+
+def run_value(args: argparse.Namespace, name: str, default, file_values: dict):
+    """A run option (``n``, ``seed``, ``model``) that may also come from ``--config FILE`` (``file_values``): the
+    command line's value, else the file's, else ``default``."""
     if getattr(args, name, None) is not None:
         return getattr(args, name)
-    config_file = getattr(args, "config", None)
-    if config_file is not None:
-        from evaluation.settings import read_settings_file
-
-        value = read_settings_file(config_file).get(name)
-        if value is not None:
-            return value
-    return default
+    value = file_values.get(name)
+    return default if value is None else value
 
 
 def model_for(args: argparse.Namespace) -> str | None:

@@ -99,7 +99,8 @@ class FunnelOracle:
     ``scheduler``. Each round's funnel is journalled in ``round-K/discover`` and resumes with the loop."""
 
     def __init__(self, predictor=None, scorer=None, top_k: int = 1, workers: int = 1, scheduler=None):
-        self.predictor, self.scorer, self.top_k, self.workers, self.scheduler = predictor, scorer, top_k, workers, scheduler
+        self.predictor, self.scorer, self.top_k = predictor, scorer, top_k
+        self.workers, self.scheduler = workers, scheduler
 
     def judge(self, formulas: Sequence[str], out_dir: Path) -> list[Verdict]:
         from composition_lm.workflows.discovery import discover
@@ -206,7 +207,6 @@ def _finetune(model_path: Path, rows: list[dict], reference: Sequence[str], cfg:
     from composition_lm.training import TrainingArguments, train
     from evaluation.io import write_text
 
-    extra = {}
     if cfg.method == "conditional":
         names = _conditions(model_path)
         corpus = _conditional_corpus(rows, labels, names, cfg, k, out)
