@@ -11,6 +11,8 @@ asked (issue 18), since a generator cannot judge itself.
   unpickled.
 * :func:`train_property_predictor` -- fits it on the formulas of a corpus split, keeping the epoch with
   the best validation MAE.
+* :func:`fine_tune_property_predictor` -- continues a predictor's training on new labels of some of its properties
+  (the closed loop's surrogate: the shipped predictor taught the loop's own verdicts).
 * :func:`formula_properties` -- the labels of a corpus per reduced formula (the lowest-``e_above_hull``
   entry of each formula: its ground state), for exact lookup of generated formulas that are known compounds.
 
@@ -32,8 +34,8 @@ import torch
 from evaluation.composition import Formula, FormulaError, parse_formula
 from evaluation.element_data import PROPERTIES, property_table
 
-__all__ = ["FEATURE_NAMES", "PredictorConfig", "PropertyPredictor", "composition_features", "formula_properties",
-           "train_property_predictor"]
+__all__ = ["FEATURE_NAMES", "PredictorConfig", "PropertyPredictor", "composition_features",
+           "fine_tune_property_predictor", "formula_properties", "train_property_predictor"]
 
 STATISTICS = ("mean", "min", "max", "range", "mean_abs_dev")
 NORMS = (2, 3, 5, 10)
@@ -236,3 +238,43 @@ def train_property_predictor(train: dict[str, dict[str, float]], val: dict[str, 
             config.metrics = {"val_mae": mae, "best_epoch": epoch + 1}
     model.load_state_dict(best_state)
     return model.eval(), history
+
+
+def fine_tune_property_predictor(predictor: PropertyPredictor, data: dict[str, dict[str, float]], epochs: int = 30,
+                                 batch_size: int = 64, lr: float = 5e-4, seed: int = 0) -> PropertyPredictor:
+    """A copy of ``predictor`` trained further on ``data`` (``{formula: {property: value}}``; properties not given
+    are masked), keeping its feature and target scaling so that what it knew stays on the same scale. Values of a
+    non-negative property are clipped at 0 first. The input predictor is left as it was."""
+    import copy
+
+    if not data:
+        raise ValueError("no labels to fine-tune the property predictor on")
+    properties = predictor.config.properties
+    unknown = {p for v in data.values() for p in v} - set(properties)
+    if unknown:
+        raise ValueError(f"the predictor does not predict {sorted(unknown)} (it predicts {properties})")
+    torch.manual_seed(seed)
+    model = copy.deepcopy(predictor)
+    names = list(data)
+    x = torch.from_numpy(composition_features(names))
+    y = torch.tensor([[data[n].get(p, math.nan) for p in properties] for n in names], dtype=torch.float32)
+    for j, p in enumerate(properties):
+        if p in NON_NEGATIVE:
+            y[:, j] = y[:, j].clamp_min(0.0)
+    yz = (y - model.y_mean) / model.y_std
+    opt = torch.optim.AdamW(model.net.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            target = yz[idx]
+            seen = ~torch.isnan(target)
+            if not seen.any():
+                continue
+            loss = (model(x[idx]) - torch.nan_to_num(target)).abs()[seen].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.config = copy.deepcopy(predictor.config)
+    model.config.metrics = {**predictor.config.metrics, "fine_tuned_on": len(names), "fine_tune_epochs": epochs}
+    return model.eval()

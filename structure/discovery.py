@@ -131,6 +131,7 @@ class DiscoveryFunnel:
                 for k, v in rec["seconds"].items():
                     timing[k] = timing.get(k, 0.0) + v
         formula_done = {r["index"]: r for r in records if r.get("kind") == "formula"}
+        self._check_journal(formula_done, formulas, journal)
         structure_done = {(r["index"], r["rank"]) for r in records if r.get("kind") == "structure"}
 
         # stage 1-3: parse, validity, template structures (cheap; journalled per formula)
@@ -221,6 +222,17 @@ class DiscoveryFunnel:
         names = sorted(parsed)
         values = self._property_predictor.predict(names)["e_above_hull"]
         return {n: float(v) for n, v in zip(names, values)}
+
+    @staticmethod
+    def _check_journal(formula_done: dict[int, dict], formulas: Sequence[str], journal: Path) -> None:
+        """A journal resumes only the formulas it was written for: a record whose formula is not the one at its
+        index (another run's journal, or other formulas) is an error, not a silently wrong verdict."""
+        for i, rec in sorted(formula_done.items()):
+            text = formulas[i] if i < len(formulas) else None
+            parsed = try_parse_formula(text)[0] if text and text.strip() else None
+            if text is None or rec["formula"] != (str(parsed) if parsed is not None else text):
+                raise ValueError(f"{journal} does not belong to these formulas: its sample {i} is "
+                                 f"{rec['formula']!r}, the input's is {text!r}")
 
     def _formula_record(self, i: int, text: str) -> dict:
         f, err = try_parse_formula(text) if text and text.strip() else (None, "empty")

@@ -125,6 +125,20 @@ def test_dask_local_cluster_gives_the_same_candidates(run, tmp_path):
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 7
 
 
+def test_resume_refuses_a_journal_written_for_other_formulas(run, tmp_path, capsys):
+    import shutil
+
+    src, done = run
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(reversed(FORMULAS)) + "\n")  # the same formulas in another order
+    before = (out / "journal.jsonl").read_text()
+    assert main(_argv(other, out, "--resume")) != 0
+    assert "does not belong to these formulas" in capsys.readouterr().err
+    assert (out / "journal.jsonl").read_text() == before  # nothing written
+
+
 def test_skip_above_gives_no_structure_to_formulas_the_composition_model_rules_out(tmp_path):
     from evaluation.properties import PropertyPredictor
 

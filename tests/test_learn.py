@@ -91,6 +91,23 @@ def test_resume_after_a_kill_gives_the_same_labels_and_no_duplicates(tiny, tmp_p
         assert [int(r["round"]) for r in csv.DictReader(fh)] == [0, 1]  # no round twice
 
 
+def test_the_surrogate_learns_the_oracle_and_keeps_hopeless_formulas_from_it(tiny, tmp_path):
+    rounds = learn(tiny, tmp_path / "run", oracle=FunctionOracle(_halide), rounds=2, surrogate_skip_above=0.25,
+                   **FAST)
+    assert (tmp_path / "run" / "round-0" / "surrogate" / "model.safetensors").is_file()
+    first, second = rounds
+    assert first["skipped"] == 0  # round 0 judges everything: the surrogate has not seen a label yet
+    assert second["skipped"] > 0
+    assert second["surrogate_accuracy"] > first["surrogate_accuracy"], (first, second)  # it learned the oracle
+    with open(tmp_path / "run" / "round-1" / "labels.csv") as fh:
+        labels = list(csv.DictReader(fh))
+    skipped = [r for r in labels if r["label"] == "skipped"]
+    assert len(skipped) == second["skipped"]
+    assert all(float(r["surrogate_e_hull"]) > 0.25 and r["sun"] == "False" for r in skipped)
+    off = learn(tiny, tmp_path / "off", oracle=FunctionOracle(_halide), rounds=1, surrogate=False, **FAST)
+    assert math.isnan(off[0]["surrogate_accuracy"]) and not (tmp_path / "off" / "round-0" / "surrogate").exists()
+
+
 def test_bad_input_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
         learn(tiny, tmp_path / "a", rounds=0)
@@ -118,6 +135,23 @@ def test_learn_command_runs_a_round_through_the_funnel(tmp_path, capsys):
     assert {r["label"] for r in labels} <= {"stable", "metastable", "unstable", "failed", "invalid"}
     assert (tmp_path / "run" / "round-0" / "discover" / "candidates.csv").is_file()
     assert "round 0: SUN" in capsys.readouterr().out
+
+    # a discover run of the same model, count and seed stands in for round 0: nothing is relaxed again
+    common = ["--require", "O", "--potential", str(m3gnet), "--max-steps", "20", "--no-progress"]
+    assert main(["discover", "-n", "4", "--seed", "0", *common, "-o", str(tmp_path / "disc")]) == 0
+    journal = (tmp_path / "disc" / "journal.jsonl").read_text()
+    assert main(["learn", "--rounds", "1", "--per-round", "4", *common, "--round0-from", str(tmp_path / "disc"),
+                 "-o", str(tmp_path / "reused")]) == 0
+    reused = (tmp_path / "reused" / "round-0" / "discover" / "journal.jsonl").read_text()
+    structures = [line for line in reused.splitlines() if '"kind": "structure"' in line]
+    assert reused.startswith(journal) and structures == [line for line in journal.splitlines()
+                                                         if '"kind": "structure"' in line]
+    with open(tmp_path / "reused" / "round-0" / "labels.csv") as fh:
+        assert [(r["formula"], r["e_hull"]) for r in csv.DictReader(fh)] == \
+            [(r["formula"], r["e_hull"]) for r in labels]
+    assert main(["learn", "--rounds", "1", "--per-round", "4", "--seed", "5", *common, "--round0-from",
+                 str(tmp_path / "disc"), "-o", str(tmp_path / "other")]) != 0
+    assert "does not belong to these formulas" in capsys.readouterr().err
 
 
 def test_conditional_method_fine_tunes_the_stability_condition_on_the_loops_labels(tiny, tmp_path):

@@ -80,3 +80,21 @@ def test_shipped_predictor_orders_known_cases():
     assert p["formation_energy_per_atom"][1] < -2 and p["formation_energy_per_atom"][0] < -1.5
     assert model.config.metrics["test_mae"]["band_gap"] < 0.5  # recorded by the training script
     assert (p["e_above_hull"] >= 0).all()
+
+
+def test_fine_tuning_moves_the_predictor_towards_new_labels_and_leaves_the_original():
+    from evaluation.properties import fine_tune_property_predictor
+
+    shipped = PropertyPredictor.load()
+    taught = ["LiScO4", "EuWO3", "NaB2H3", "KMnF3", "CsSnI3", "BaZrS3"]
+    before = shipped.predict(taught)["e_above_hull"].copy()
+    labels = {f: {"e_above_hull": 0.8} for f in taught}
+    tuned = fine_tune_property_predictor(shipped, labels, epochs=40)
+    after = tuned.predict(taught)["e_above_hull"]
+    assert np.abs(after - 0.8).mean() < 0.5 * np.abs(before - 0.8).mean(), (before, after)
+    assert np.array_equal(shipped.predict(taught)["e_above_hull"], before)  # the input is left as it was
+    assert tuned.config.metrics["fine_tuned_on"] == len(taught)
+    with pytest.raises(ValueError, match="does not predict"):
+        fine_tune_property_predictor(shipped, {"NaCl": {"density": 2.0}})
+    with pytest.raises(ValueError, match="no labels"):
+        fine_tune_property_predictor(shipped, {})

@@ -39,12 +39,13 @@ def cmd_learn(args: argparse.Namespace) -> int:
             labels = labels.rename(columns={"reduced_formula": "formula"})
     rounds = learn(args.model, args.output, config, oracle=FunnelOracle(predictor, scorer, args.top_k, args.workers,
                                                                          args.scheduler),
-                   sampling=sampling, resume=args.resume, progress=not args.no_progress, labels=labels)
+                   sampling=sampling, resume=args.resume, progress=not args.no_progress, labels=labels,
+                   start_from=args.round0_from)
     for r in rounds:
         print(f"round {r['round']}: SUN {100 * r['sun_rate']:.1f} % at {config.e_hull_max:g}, "
               f"{100 * r['sun_rate_0']:.1f} % at 0; novelty {r['novelty']:.3f}, uniqueness {r['uniqueness']:.3f}, "
-              f"element JS {r['element_js']:.4f}; {r['cpu_s']:.0f} CPU-s" + (f"; stopped: {r['guard']}" if r["guard"]
-                                                                            else ""))
+              f"element JS {r['element_js']:.4f}; surrogate agrees on {100 * r['surrogate_accuracy']:.0f} %; "
+              f"{r['cpu_s']:.0f} CPU-s" + (f"; stopped: {r['guard']}" if r["guard"] else ""))
     print(f"wrote rounds.csv and round-*/ (formulas, labels, model) to {args.output}")
     return 0
 
@@ -70,6 +71,10 @@ def add_parsers(sub) -> None:
     add_relax_arguments(p, relax_by_default=True)
     add_correction_argument(p)
     p.add_argument("--scheduler", metavar="ADDRESS", help="relax and score on a Dask cluster (as `discover`)")
+    p.add_argument("--round0-from", type=Path, metavar="DIR",
+                   help="a `discover` run of the same model, --per-round (its -n) and --seed, judged by the same "
+                   "oracle: its verdicts stand in for round 0's instead of relaxing again (refused when its formulas "
+                   "are not round 0's samples)")
     p.add_argument("--resume", action="store_true", help="continue the loop in OUTPUT after its last finished round")
     add_progress(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output directory")

@@ -12,10 +12,20 @@ Each round (``RUN/round-K/``):
    JS against the reference, the share of the five commonest chemical systems, CPU seconds);
 4. the **guards** run: element-distribution drift (JS against ``reference``) and the five commonest chemical systems'
    share are capped; a guard that trips stops the loop, and ``rounds.csv`` says which;
-5. the model is **fine-tuned** on what it found: ``method="reward"`` is reward-weighted likelihood (each SUN formula
+5. the **surrogate** (the shipped composition property predictor, :mod:`evaluation.properties`) predicted each
+   formula's E_hull before the oracle judged it; its agreement with the oracle is reported (``rounds.csv``), and it is
+   then fine-tuned on every label so far (``round-K/surrogate``). From round 1 it may keep the formulas it puts above
+   ``surrogate_skip_above`` away from the oracle (labelled ``skipped``, never SUN): the oracle's cost is the loop's;
+6. the model is **fine-tuned** on what it found: ``method="reward"`` is reward-weighted likelihood (each SUN formula
    ``reward_copies`` times in the corpus, with ``replay`` reference formulas per SUN formula against forgetting the
    starting model; Peters & Schaal 2007's RWR with a replay anchor), continued from the current model
-   (``init_from``) for ``finetune_steps`` steps; the model is saved in ``round-K/model`` and samples round K + 1.
+   (``init_from``) for ``finetune_steps`` steps. ``method="conditional"`` fine-tunes a model conditioned on
+   ``e_above_hull`` on the loop's E_hull labels joined to known ones and samples with the target ``<= e_hull_max``.
+   The model is saved in ``round-K/model`` and samples round K + 1; the last round's is the loop's result.
+
+The oracle sees a round's samples in the order they were drawn (a ``FunnelOracle`` round is an ordinary
+``discover`` run in ``round-K/discover``), so a ``discover`` run of the same model, count and seed can stand in for
+round 0 (``scripts/bench_learn.py run --round0-from``).
 
 A round that finished has ``round-K/done.json``; ``resume=True`` continues after the last one, so a killed loop loses
 at most the round it was in and repeats nothing (the same seeds give the same labels).
@@ -26,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,9 +48,10 @@ from evaluation.settings import Settings, setting
 __all__ = ["FunctionOracle", "FunnelOracle", "LearnConfig", "Verdict", "learn"]
 
 ROUND_COLUMNS = ["round", "samples", "valid", "unique", "novel", "stable_0", "stable", "sun_0", "sun", "sun_rate_0",
-                 "sun_rate", "validity", "uniqueness", "novelty", "element_js", "top5_system_share", "cpu_s",
-                 "guard"]
-LABEL_COLUMNS = ["round", "index", "formula", "e_hull", "label", "unique", "novel", "sun"]
+                 "sun_rate", "validity", "uniqueness", "novelty", "element_js", "top5_system_share", "skipped",
+                 "surrogate_accuracy", "surrogate_precision", "surrogate_recall", "surrogate_spearman", "cpu_s",
+                 "oracle_cpu_s", "guard", "model"]
+LABEL_COLUMNS = ["round", "index", "formula", "e_hull", "label", "unique", "novel", "sun", "surrogate_e_hull"]
 
 
 @dataclass
@@ -68,7 +80,13 @@ class LearnConfig(Settings):
                             "against the reference exceeds this", range="unit_interval")
     max_top5_share: float = setting(0.5, "guard: stop when the five commonest chemical systems hold more than this "
                                     "share of a round's samples", range="unit_interval")
-    seed: int = setting(0, "seed of round 0's sampling (round K samples with seed + K) and of the fine-tuning")
+    surrogate: bool = setting(True, "fine-tune the shipped composition property predictor on the loop's labels after "
+                              "each round and report how often it agrees with the oracle", action="optional")
+    surrogate_skip_above: float | None = setting(None, "from round 1, formulas the surrogate puts above this E_hull "
+                                                 "(eV/atom) are not sent to the oracle (labelled skipped, never SUN); "
+                                                 "default: every formula is judged", range="any_float")
+    seed: int = setting(0, "seed of round 0's sampling (round K samples with seed + K) and of the fine-tuning",
+                        range="non_negative_int")
 
 
 @dataclass
@@ -83,13 +101,17 @@ class Verdict:
 
 
 class FunctionOracle:
-    """An oracle that is a known function of composition (``e_hull(formula) -> float``): tests and dry runs."""
+    """An oracle that is a known function of composition (``e_hull(formula) -> float``): tests and dry runs. An
+    empty or unreadable formula gets NaN."""
 
     def __init__(self, e_hull: Callable[[str], float]):
         self.e_hull = e_hull
 
     def judge(self, formulas: Sequence[str], out_dir: Path) -> list[Verdict]:
-        return [Verdict(f, float(self.e_hull(f))) for f in formulas]
+        from evaluation.composition import try_parse_formula
+
+        return [Verdict(f, float(self.e_hull(f)) if f and try_parse_formula(f)[0] is not None else math.nan)
+                for f in formulas]
 
 
 class FunnelOracle:
@@ -103,6 +125,7 @@ class FunnelOracle:
         self.workers, self.scheduler = workers, scheduler
 
     def judge(self, formulas: Sequence[str], out_dir: Path) -> list[Verdict]:
+        """One verdict per formula, in order (``formulas``: a round's samples as drawn; empty ones are not judged)."""
         from composition_lm.workflows.discovery import discover
 
         folder = out_dir / "discover"
@@ -130,30 +153,91 @@ def _label(e_hull: float, e_hull_max: float) -> str:
     return "stable" if e_hull <= 0 else "metastable" if e_hull <= e_hull_max else "unstable"
 
 
-def _round_labels(k: int, table, verdicts: dict[str, Verdict], known: set[str], cfg: LearnConfig) -> list[dict]:
-    """One label row per sample of round ``k``; ``known``: reference formulas and every earlier round's."""
+def _round_labels(k: int, table, verdicts: list[Verdict], known: set[str], cfg: LearnConfig,
+                  predicted: list[float], skipped: set[int]) -> list[dict]:
+    """One label row per sample of round ``k`` (``verdicts`` and ``predicted``, the surrogate's E_hull, in sample
+    order; ``skipped``: the samples the surrogate kept from the oracle); ``known``: reference formulas and every
+    earlier round's."""
     seen: set[str] = set()
     rows = []
     for i, f in enumerate(table["formula"]):
+        base = {"round": k, "index": i, "formula": f or "", "surrogate_e_hull": predicted[i]}
         if not f or not table["valid_cdvae"].iloc[i]:
-            rows.append({"round": k, "index": i, "formula": f or "", "e_hull": math.nan, "label": "invalid",
-                         "unique": False, "novel": False, "sun": False})
+            rows.append({**base, "e_hull": math.nan, "label": "invalid", "unique": False, "novel": False,
+                         "sun": False})
             continue
-        v = verdicts[f]
+        v = verdicts[i]
         unique, novel = f not in seen and v.unique, f not in known and v.novel
         seen.add(f)
-        label = _label(v.e_hull, cfg.e_hull_max)
-        rows.append({"round": k, "index": i, "formula": f, "e_hull": v.e_hull, "label": label, "unique": unique,
-                     "novel": novel, "sun": unique and novel and label in ("stable", "metastable")})
+        label = "skipped" if i in skipped else _label(v.e_hull, cfg.e_hull_max)
+        rows.append({**base, "e_hull": v.e_hull, "label": label, "unique": unique, "novel": novel,
+                     "sun": unique and novel and label in ("stable", "metastable")})
     return rows
 
 
-def _round_metrics(k: int, rows: list[dict], reference_freq, cfg: LearnConfig, cpu_s: float) -> dict:
+def _agreement(rows: list[dict], e_hull_max: float) -> dict:
+    """How often the surrogate's E_hull agreed with the oracle's on the formulas the oracle placed: accuracy,
+    precision and recall of "E_hull <= e_hull_max", and the rank correlation (Spearman) of the two."""
+    from scipy.stats import spearmanr
+
+    pairs = [(r["surrogate_e_hull"], r["e_hull"]) for r in rows if r["label"] in ("stable", "metastable", "unstable")
+             and math.isfinite(r["surrogate_e_hull"])]
+    if not pairs:
+        return {"surrogate_accuracy": math.nan, "surrogate_precision": math.nan, "surrogate_recall": math.nan,
+                "surrogate_spearman": math.nan}
+    said = [p <= e_hull_max for p, _ in pairs]
+    truth = [o <= e_hull_max for _, o in pairs]
+    tp = sum(a and b for a, b in zip(said, truth))
+    rho = spearmanr([p for p, _ in pairs], [o for _, o in pairs]).statistic if len(pairs) > 2 else math.nan
+    return {"surrogate_accuracy": sum(a == b for a, b in zip(said, truth)) / len(pairs),
+            "surrogate_precision": tp / sum(said) if sum(said) else math.nan,
+            "surrogate_recall": tp / sum(truth) if sum(truth) else math.nan, "surrogate_spearman": float(rho)}
+
+
+def _fit_surrogate(surrogate, label_files: list[Path], seed: int, out: Path):
+    """The surrogate fine-tuned on every label so far (each formula's lowest E_hull the oracle found, clipped at
+    0 as MP's e_above_hull), saved in ``out``."""
+    import pandas as pd
+
+    from evaluation.properties import fine_tune_property_predictor
+
+    table = pd.concat([pd.read_csv(f) for f in label_files], ignore_index=True)
+    placed = table[table["label"].isin(["stable", "metastable", "unstable"])]
+    best = placed.groupby("formula")["e_hull"].min()
+    if best.empty:
+        return surrogate
+    tuned = fine_tune_property_predictor(surrogate, {f: {"e_above_hull": float(e)} for f, e in best.items()},
+                                         seed=seed)
+    tuned.save(out)
+    return tuned
+
+
+def _start_from(run: Path, target: Path) -> None:
+    """Copy a ``discover`` run's journal into round 0's funnel folder (once: a journal already there is kept)."""
+    import shutil
+
+    if not (run / "journal.jsonl").is_file():
+        raise FileNotFoundError(f"{run} holds no discover run (journal.jsonl missing)")
+    if (target / "journal.jsonl").exists():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "journal.jsonl", target / "journal.jsonl.tmp")
+    (target / "journal.jsonl.tmp").rename(target / "journal.jsonl")
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have finished (the funnel's relaxation workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _round_metrics(k: int, rows: list[dict], reference_freq, cfg: LearnConfig) -> dict:
     from evaluation.composition import try_parse_formula
     from evaluation.metrics import element_frequencies, js_divergence
 
     n = len(rows)
     valid = [r for r in rows if r["label"] != "invalid"]
+    skipped = sum(1 for r in rows if r["label"] == "skipped")
     parsed = [p for p in (try_parse_formula(r["formula"])[0] for r in valid) if p is not None]
     systems = Counter(_system(p) for p in parsed)
     stable_0 = sum(1 for r in valid if r["label"] == "stable")
@@ -173,7 +257,8 @@ def _round_metrics(k: int, rows: list[dict], reference_freq, cfg: LearnConfig, c
             "stable": stable, "sun_0": sun_0, "sun": sun, "sun_rate_0": sun_0 / n, "sun_rate": sun / n,
             "validity": len(valid) / n, "uniqueness": unique / len(valid) if valid else 0.0,
             "novelty": novel / unique if unique else 0.0, "element_js": js, "top5_system_share": top5,
-            "cpu_s": cpu_s, "guard": guard}
+            "skipped": skipped, **_agreement(rows, cfg.e_hull_max), "cpu_s": 0.0, "oracle_cpu_s": 0.0,
+            "guard": guard, "model": ""}
 
 
 def _conditions(model_path: Path) -> list[str]:
@@ -230,19 +315,23 @@ def _finetune(model_path: Path, rows: list[dict], reference: Sequence[str], cfg:
 
 def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=None,
           reference: Sequence[str] | None = None, sampling=None, resume: bool = False, progress: bool = False,
-          labels=None, **overrides) -> list[dict]:
+          labels=None, start_from: str | Path | None = None, **overrides) -> list[dict]:
     """Run the loop (see the module docstring) from ``model`` (a folder or shipped name) into ``output``; returns
     ``rounds.csv``'s rows. ``config`` (:class:`LearnConfig`) with ``overrides``; ``oracle`` (default
     :class:`FunnelOracle`); ``reference``: the known formulas (novelty, the element-distribution guard and the
     replay; default: the model's training formulas); ``sampling``: a
     :class:`~composition_lm.sampling_config.SamplingConfig` (default: the model's); ``labels``: for the conditional
     method, a table (``pandas.DataFrame``) of known formulas (``formula`` column) and the model's condition
-    properties, the labels the loop's own are joined to. Without ``resume`` a folder holding a loop is an error."""
+    properties, the labels the loop's own are joined to. ``start_from``: a ``discover`` folder of the same model,
+    ``per_round`` and ``seed`` (and the same oracle settings) whose journal stands in for round 0's funnel, so its
+    relaxations are not repeated; the funnel refuses it when its formulas are not round 0's samples. Without
+    ``resume`` a folder holding a loop is an error."""
     from composition_lm.generator import FormulaGenerator
     from composition_lm.workflows.samples import save_samples
     from evaluation.composition import try_parse_formula
     from evaluation.io import write_csv, write_json
     from evaluation.metrics import element_frequencies
+    from evaluation.properties import PropertyPredictor
 
     cfg = (config or LearnConfig()).replace(**overrides)
     out = Path(output)
@@ -251,6 +340,8 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
         raise FileExistsError(f"{out} holds a learning loop: pass resume=True (--resume) to continue it")
     out.mkdir(parents=True, exist_ok=True)
     oracle = oracle if oracle is not None else FunnelOracle()
+    if start_from is not None:
+        _start_from(Path(start_from), out / "round-0" / "discover")
     gen = FormulaGenerator.from_pretrained(model)
     if cfg.method == "conditional":
         names = _conditions(gen.path)
@@ -269,6 +360,7 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
     known = set(reference)
     rows_out: list[dict] = []
     model_path = Path(gen.path)
+    surrogate = PropertyPredictor.load() if cfg.surrogate else None
     for k in range(cfg.rounds):
         rdir = out / f"round-{k}"
         if (rdir / "done.json").exists():  # finished before a stop: its labels join what is known
@@ -276,27 +368,40 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
             rows_out.append(state["metrics"])
             known |= set(state["formulas"])
             model_path = Path(state["model"]) if state["model"] else model_path
+            if surrogate is not None and (rdir / "surrogate" / "config.json").is_file():
+                surrogate = PropertyPredictor.load(rdir / "surrogate")
             if state["metrics"]["guard"]:
                 break
             continue
-        t0, wall = time.process_time(), time.perf_counter()
+        t0, wall = _cpu_seconds(), time.perf_counter()
         gen = FormulaGenerator.from_pretrained(model_path)
         table = gen.generate(cfg.per_round, seed=cfg.seed + k, config=sampling, progress=progress)
         save_samples(gen, table, rdir, {"round": k}, wall, time.perf_counter())
-        candidates = sorted({f for f, ok in zip(table["formula"], table["valid_cdvae"]) if f and ok})
-        verdicts = dict(zip(candidates, oracle.judge(candidates, rdir)))
-        rows = _round_labels(k, table, verdicts, known, cfg)
+        formulas = [f if isinstance(f, str) else "" for f in table["formula"]]
+        predicted = (surrogate.predict([f or "?" for f in formulas])["e_above_hull"].tolist() if surrogate
+                     else [math.nan] * len(formulas))
+        skipped = set()
+        if k and surrogate is not None and cfg.surrogate_skip_above is not None:
+            skipped = {i for i, e in enumerate(predicted) if formulas[i] and e > cfg.surrogate_skip_above}
+        t_oracle = _cpu_seconds()
+        verdicts = oracle.judge([("" if i in skipped else f) for i, f in enumerate(formulas)], rdir)
+        oracle_cpu = _cpu_seconds() - t_oracle
+        rows = _round_labels(k, table, verdicts, known, cfg, predicted, skipped)
         write_csv(rdir / "labels.csv", LABEL_COLUMNS, ([r[c] for c in LABEL_COLUMNS] for r in rows))
-        metrics = _round_metrics(k, rows, reference_freq, cfg, 0.0)
+        metrics = _round_metrics(k, rows, reference_freq, cfg)
+        if surrogate is not None:
+            surrogate = _fit_surrogate(surrogate, [out / f"round-{j}" / "labels.csv" for j in range(k + 1)],
+                                       cfg.seed + k, rdir / "surrogate")
         next_model = None
-        if not metrics["guard"] and k < cfg.rounds - 1 and metrics["sun"]:
+        if not metrics["guard"] and metrics["sun"]:
             next_model = _finetune(model_path, rows, reference, cfg, rdir, k, progress, labels)
-        metrics["cpu_s"] = round(time.process_time() - t0, 1)
+        metrics.update(cpu_s=round(_cpu_seconds() - t0, 1), oracle_cpu_s=round(oracle_cpu, 1),
+                       model=str(next_model or model_path))
         proposed = sorted({r["formula"] for r in rows if r["formula"] and r["label"] != "invalid"})
         write_json(rdir / "done.json", {"metrics": metrics, "formulas": proposed,
                                         "model": str(next_model) if next_model else ""})
         rows_out.append(metrics)
-        write_csv(out / "rounds.csv", ROUND_COLUMNS, ([m[c] for c in ROUND_COLUMNS] for m in rows_out))
+        write_csv(out / "rounds.csv", ROUND_COLUMNS, ([m.get(c, "") for c in ROUND_COLUMNS] for m in rows_out))
         known |= set(proposed)
         model_path = next_model or model_path
         if metrics["guard"]:
