@@ -3,11 +3,20 @@ loop never sampled.
 
     python scripts/bench_learn.py run [--rounds 3] [--per-round 1000] [--workers 2] [--resume] [learn options]
     python scripts/bench_learn.py eval --model PATH|NAME --label start [--n 1000] [--seed 1000] [--workers 2]
+                                       [--learned-from RUN] [--output DIR]
+    python scripts/bench_learn.py probe --model PATH|NAME --label NAME [--n 1000] [--seed 1000] [--learned-from RUN]
     python scripts/bench_learn.py report
 
 `run` is `composition-gen learn` into runs/learn/<name> (templates: the mp_union store, as bench_discover; the default
 oracle). `eval` runs `discover` with one model on `--n` formulas from seed `--seed` (the loop samples seeds 0 ..
-rounds - 1) and appends a row to benchmarks/learn_eval.jsonl; both resume from their journals. `report` writes
+rounds - 1) and appends a row to benchmarks/learn_eval.jsonl; both resume from their journals. `--output` names the
+discover folder (default runs/learn/eval-<label>-n<N>-seed<S>; an existing `discover` run of the model there is
+finished and scored, not repeated). `--learned-from RUN`: the loop whose labels the model was fine-tuned on; a SUN
+formula the loop had already labelled is counted again as `sun_rate_new` without it (a model that repeats its own
+earlier finds learns nothing new, though MP does not know them). `probe` is the cheap look between rounds (sampling
+only, no relaxation): validity, uniqueness, novelty against MP's train formulas and the loop's labels, the share of
+samples that repeat the loop's SUN finds, element JS, and the loop's latest surrogate's stable share, appended to
+benchmarks/learn_probe.jsonl (for choosing fine-tuning settings; never a substitute for `eval`). `report` writes
 benchmarks/learn.md: the loop's rounds.csv and every eval row, with the SUN rates' standard errors and the ratio to
 the `start` row.
 """
@@ -54,21 +63,31 @@ def cmd_eval(args) -> int:
     from evaluation.metrics import element_frequencies, js_divergence
     from structure.io import read_structures
 
-    out = ROOT / "runs" / "learn" / f"eval-{args.label}-n{args.n}-seed{args.seed}"
+    out = args.output or ROOT / "runs" / "learn" / f"eval-{args.label}-n{args.n}-seed{args.seed}"
     t0 = time.process_time()
     predictor = StructurePredictor(args.templates if args.templates.is_dir() else None)
     result = discover(args.model, args.n, args.seed, out, predictor=predictor, workers=args.workers,
                       resume=(out / "journal.jsonl").exists())
     table = result.candidates()
-    formulas = [f for f in table.drop_duplicates("index")["formula"] if isinstance(f, str) and f]
+    per_sample = table.drop_duplicates("index")
+    valid = per_sample[~per_sample["stage"].isin(["sampled", "parsed"])]
+    distinct = valid.drop_duplicates("formula")
+    formulas = [f for f in per_sample["formula"] if isinstance(f, str) and f]
     test = [r.structure.composition.reduced_formula
             for r in read_structures(args.shared / "data/structures/mp_20/test.csv.gz")]
     parsed = [p for p in (try_parse_formula(f)[0] for f in formulas) if p is not None]
     reference = [p for p in (try_parse_formula(f)[0] for f in test) if p is not None]
     sun = result.sun_rate
+    seen = _loop_formulas(args.learned_from) if args.learned_from else set()
+    sun_table = result.sun()
+    new = {t: int(((sun_table["e_hull_per_atom"] <= float(t)) & ~sun_table["formula"].isin(seen)).sum()) / args.n
+           for t in ("0.1", "0")}
     row = {"label": args.label, "model": str(args.model), "n": args.n, "seed": args.seed,
            "sun_rate": sun["0.1"], "sun_rate_se": _se(sun["0.1"], args.n), "sun_rate_0": sun["0"],
-           "sun_rate_0_se": _se(sun["0"], args.n), "counts": result.counts,
+           "sun_rate_0_se": _se(sun["0"], args.n), "sun_rate_new": new["0.1"], "sun_rate_new_se": _se(new["0.1"], args.n),
+           "sun_rate_0_new": new["0"], "learned_from": str(args.learned_from or ""),
+           "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
+           "novelty": float(distinct["novel_formula"].astype(str).eq("True").mean()), "counts": result.counts,
            "element_js_mp20_test": js_divergence(element_frequencies(parsed), element_frequencies(reference)),
            "cpu_s_parent": round(time.process_time() - t0, 1), "command": command_line("scripts/bench_learn.py"),
            "cpu": cpu()}
@@ -76,6 +95,56 @@ def cmd_eval(args) -> int:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=1))
     return 0
+
+
+def cmd_probe(args) -> int:
+    import pandas as pd
+
+    from composition_lm.generator import FormulaGenerator
+    from evaluation.composition import try_parse_formula
+    from evaluation.metrics import element_frequencies, js_divergence
+    from evaluation.properties import PropertyPredictor
+    from structure.io import read_structures
+
+    run = args.learned_from or args.out
+    files = sorted(Path(run).glob("round-*/labels.csv"))
+    labels = pd.concat([pd.read_csv(f, keep_default_na=False) for f in files]) if files else None
+    labelled = set(labels["formula"]) - {""} if labels is not None else set()
+    found = set(labels.loc[labels["sun"].astype(str) == "True", "formula"]) if labels is not None else set()
+    surrogates = sorted(Path(run).glob("round-*/surrogate/config.json"))
+    surrogate = PropertyPredictor.load(surrogates[-1].parent) if surrogates else None
+    mp_train = FormulaGenerator.from_pretrained("diffusion-bert").training_formulas()
+    t0 = time.process_time()
+    table = FormulaGenerator.from_pretrained(args.model).generate(args.n, seed=args.seed)
+    valid = [f for f, ok in zip(table["formula"], table["valid_cdvae"]) if isinstance(f, str) and f and ok]
+    distinct = sorted(set(valid))
+    new = [f for f in distinct if f not in mp_train and f not in labelled]
+    predicted = dict(zip(new, surrogate.predict(new)["e_above_hull"])) if surrogate and new else {}
+    test = [r.structure.composition.reduced_formula
+            for r in read_structures(args.shared / "data/structures/mp_20/test.csv.gz")]
+    parsed = [p for p in (try_parse_formula(f)[0] for f in valid) if p is not None]
+    reference = [p for p in (try_parse_formula(f)[0] for f in test) if p is not None]
+    row = {"label": args.label, "model": str(args.model), "n": args.n, "seed": args.seed, "learned_from": str(run),
+           "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
+           "novelty_mp": sum(f not in mp_train for f in distinct) / max(len(distinct), 1),
+           "new": len(new) / args.n, "repeats_sun_finds": sum(f in found for f in valid) / args.n,
+           "surrogate_stable_new": sum(v <= 0.1 for v in predicted.values()) / args.n,
+           "element_js_mp20_test": js_divergence(element_frequencies(parsed), element_frequencies(reference)),
+           "sampling_cpu_s": round(time.process_time() - t0, 1), "cpu": cpu()}
+    with open(ROOT / "benchmarks" / "learn_probe.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+    print(json.dumps(row, indent=1))
+    return 0
+
+
+def _loop_formulas(run: Path) -> set[str]:
+    """Every formula a learning loop labelled (its rounds' labels.csv)."""
+    import pandas as pd
+
+    files = sorted(Path(run).glob("round-*/labels.csv"))
+    if not files:
+        raise SystemExit(f"{run} holds no round labels")
+    return set(pd.concat([pd.read_csv(f, keep_default_na=False) for f in files])["formula"]) - {""}
 
 
 def cmd_report(args) -> int:
@@ -93,13 +162,21 @@ def cmd_report(args) -> int:
     start = next((r for r in rows if r["label"] == "start"), None)
     if rows:
         lines += ["## Judged on seeds the loop never sampled", "",
-                  "| label | model | N | seed | SUN at 0.1 | x start | SUN at 0 | element JS vs MP-20 test |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "SUN new: SUN formulas the loop had not already labelled (the model learned from those). Novelty: "
+                  "distinct valid formulas not among the model's training formulas.", "",
+                  "| label | model | N | seed | SUN at 0.1 | x start | SUN new at 0.1 | x start | SUN at 0 | "
+                  "validity | uniqueness | novelty | element JS vs MP-20 test |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             ratio = r["sun_rate"] / start["sun_rate"] if start and start["sun_rate"] else math.nan
+            new = r.get("sun_rate_new", r["sun_rate"])
+            ratio_new = new / start["sun_rate"] if start and start["sun_rate"] else math.nan
             lines.append(f"| {r['label']} | {r['model']} | {r['n']} | {r['seed']} | {100 * r['sun_rate']:.1f} % "
-                         f"± {100 * r['sun_rate_se']:.1f} | {ratio:.2f} | {100 * r['sun_rate_0']:.1f} % ± "
-                         f"{100 * r['sun_rate_0_se']:.1f} | {r['element_js_mp20_test']:.4f} |")
+                         f"± {100 * r['sun_rate_se']:.1f} | {ratio:.2f} | {100 * new:.1f} % ± "
+                         f"{100 * _se(new, r['n']):.1f} | {ratio_new:.2f} | {100 * r['sun_rate_0']:.1f} % ± "
+                         f"{100 * r['sun_rate_0_se']:.1f} | {r.get('validity', math.nan):.3f} | "
+                         f"{r.get('uniqueness', math.nan):.3f} | {r.get('novelty', math.nan):.3f} | "
+                         f"{r['element_js_mp20_test']:.4f} |")
     write_text(ROOT / "benchmarks" / "learn.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -107,7 +184,7 @@ def cmd_report(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["run", "eval", "report"])
+    ap.add_argument("action", choices=["run", "eval", "probe", "report"])
     ap.add_argument("--model", default="diffusion-bert")
     ap.add_argument("--label", default="start")
     ap.add_argument("--rounds", type=int, default=3)
@@ -119,11 +196,14 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "learn" / "loop")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--output", type=Path, help="eval: the discover folder (default runs/learn/eval-LABEL-nN-seedS)")
+    ap.add_argument("--learned-from", type=Path, metavar="RUN",
+                    help="eval: the loop the model learned from (its labelled formulas are not new finds)")
     args, extra = ap.parse_known_args(argv)  # run: any other option goes to `composition-gen learn`
     if extra and args.action != "run":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = [a for a in extra if a != "--"]
-    return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report}[args.action](args)
+    return {"run": cmd_run, "eval": cmd_eval, "probe": cmd_probe, "report": cmd_report}[args.action](args)
 
 
 if __name__ == "__main__":
