@@ -114,6 +114,10 @@ class DiscoveryFunnel:
         """Run the funnel on ``formulas`` into ``out_dir`` (see the module docstring); returns ``funnel.json``'s
         content. ``resume``: continue from the journal; without it an existing journal is an error.
         ``seconds``: time spent before the funnel (e.g. ``{"sampling_s": ...}``), reported with its stages.
+        ``workers`` > 1: a pool of local processes, each holding the scorer (its potentials loaded once) for every
+        structure it is handed, each structure journalled as it finishes
+        (:func:`structure.distributed.score_chunks_locally`; a potential wrapped from an ASE calculator, which cannot
+        travel, uses the relaxer's own pool per ``chunk`` of structures instead).
         ``scheduler``: a Dask scheduler address, ``Client`` or cluster: relaxation and stability then run on
         its workers (:mod:`structure.distributed`), results streaming into the same journal."""
         from tqdm.auto import tqdm
@@ -176,13 +180,16 @@ class DiscoveryFunnel:
             else:
                 first[key], repeats[key] = t, []
         unique_tasks = list(first.values())
-        size = chunk or max(4, 4 * workers)
+        pooled = scheduler is None and workers > 1 and self.scorer.potential.spec is not None
+        size = chunk or (1 if pooled else max(4, 4 * workers))
         parts = [unique_tasks[start:start + size] for start in range(0, len(unique_tasks), size)]
-        if scheduler is not None:
-            from structure.distributed import score_chunks_on_dask
+        if scheduler is not None or pooled:
+            from structure.distributed import score_chunks_locally, score_chunks_on_dask
 
-            scored = ((parts[k], recs) for k, recs in score_chunks_on_dask(
-                self.scorer, [[self._structure(t) for t in part] for part in parts], scheduler))
+            structures = [[self._structure(t) for t in part] for part in parts]
+            scored = ((parts[k], recs) for k, recs in (
+                score_chunks_on_dask(self.scorer, structures, scheduler) if scheduler is not None
+                else score_chunks_locally(self.scorer, structures, workers)))
         else:
             scored = ((part, self.scorer.score([self._structure(t) for t in part], workers=workers)) for part in parts)
         with tqdm(total=len(tasks), desc="relax + hull", unit="structure", disable=not progress) as bar:

@@ -125,6 +125,16 @@ def test_dask_local_cluster_gives_the_same_candidates(run, tmp_path):
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 7
 
 
+def test_local_worker_processes_give_the_same_candidates_and_journal_each_structure_once(run, tmp_path):
+    src, done = run
+    out = tmp_path / "out"
+    assert main(_argv(src, out, "--workers", "2")) == 0
+    assert (out / "candidates.csv").read_text() == (done / "candidates.csv").read_text()
+    keys = [(r["index"], r["rank"]) for r in map(json.loads, (out / "journal.jsonl").read_text().splitlines())
+            if r["kind"] == "structure"]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 7
+
+
 def test_resume_refuses_a_journal_written_for_other_formulas(run, tmp_path, capsys):
     import shutil
 
