@@ -5,6 +5,7 @@ loop never sampled.
     python scripts/bench_learn.py eval --model PATH|NAME --label start [--n 1000] [--seed 1000] [--workers 2]
                                        [--learned-from RUN] [--output DIR]
     python scripts/bench_learn.py probe --model PATH|NAME --label NAME [--n 1000] [--seed 1000] [--learned-from RUN]
+    python scripts/bench_learn.py variant --label NAME [--round 0] [--set reward_copies=1 --set replay=4 ...]
     python scripts/bench_learn.py report
 
 `run` is `composition-gen learn` into runs/learn/<name> (templates: the mp_union store, as bench_discover; the default
@@ -16,7 +17,9 @@ formula the loop had already labelled is counted again as `sun_rate_new` without
 earlier finds learns nothing new, though MP does not know them). `probe` is the cheap look between rounds (sampling
 only, no relaxation): validity, uniqueness, novelty against MP's train formulas and the loop's labels, the share of
 samples that repeat the loop's SUN finds, element JS, and the loop's latest surrogate's stable share, appended to
-benchmarks/learn_probe.jsonl (for choosing fine-tuning settings; never a substitute for `eval`). `report` writes
+benchmarks/learn_probe.jsonl (for choosing fine-tuning settings; never a substitute for `eval`). `variant` fine-tunes
+the model that sampled round K of the loop (`--out`) on that round's labels with other `LearnConfig` settings
+(`--set NAME=VALUE`) into runs/learn/variants/NAME, then probes it. `report` writes
 benchmarks/learn.md: the loop's rounds.csv and every eval row, with the SUN rates' standard errors and the ratio to
 the `start` row.
 """
@@ -137,6 +140,34 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_variant(args) -> int:
+    import csv
+
+    from composition_lm.generator import FormulaGenerator
+    from composition_lm.workflows.learn import LearnConfig, finetune_round
+
+    values = dict(item.split("=", 1) for item in args.set)
+    config = LearnConfig()
+    typed = {k: (v.lower() == "true") if isinstance(getattr(config, k), bool) else type(getattr(config, k))(v)
+             for k, v in values.items()}
+    config = config.replace(**typed)
+    rdir = args.out / f"round-{args.round}"
+    with open(rdir / "labels.csv", encoding="utf-8") as fh:
+        rows = [{**r, "sun": r["sun"] == "True", "e_hull": float(r["e_hull"] or "nan")} for r in csv.DictReader(fh)]
+    start = args.model
+    if args.round:
+        start = json.loads((args.out / f"round-{args.round - 1}" / "done.json").read_text())["model"]
+    reference = sorted(FormulaGenerator.from_pretrained(start).training_formulas() or [])
+    out = ROOT / "runs" / "learn" / "variants" / args.label
+    if not (out / "model" / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        finetune_round(Path(start) if Path(start).is_dir() else FormulaGenerator.from_pretrained(start).path, rows,
+                       reference, config, out, args.round)
+    args.model, args.learned_from = str(out / "model"), args.out
+    args.label = f"{args.label} ({', '.join(f'{k}={v}' for k, v in values.items()) or 'defaults'})"
+    return cmd_probe(args)
+
+
 def _loop_formulas(run: Path) -> set[str]:
     """Every formula a learning loop labelled (its rounds' labels.csv)."""
     import pandas as pd
@@ -184,7 +215,7 @@ def cmd_report(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["run", "eval", "probe", "report"])
+    ap.add_argument("action", choices=["run", "eval", "probe", "variant", "report"])
     ap.add_argument("--model", default="diffusion-bert")
     ap.add_argument("--label", default="start")
     ap.add_argument("--rounds", type=int, default=3)
@@ -196,6 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "learn" / "loop")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--round", type=int, default=0, help="variant: the loop's round whose labels to fine-tune on")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="variant: a LearnConfig setting (repeatable)")
     ap.add_argument("--output", type=Path, help="eval: the discover folder (default runs/learn/eval-LABEL-nN-seedS)")
     ap.add_argument("--learned-from", type=Path, metavar="RUN",
                     help="eval: the loop the model learned from (its labelled formulas are not new finds)")
@@ -203,7 +237,8 @@ def main(argv=None) -> int:
     if extra and args.action != "run":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = [a for a in extra if a != "--"]
-    return {"run": cmd_run, "eval": cmd_eval, "probe": cmd_probe, "report": cmd_report}[args.action](args)
+    return {"run": cmd_run, "eval": cmd_eval, "probe": cmd_probe, "variant": cmd_variant,
+            "report": cmd_report}[args.action](args)
 
 
 if __name__ == "__main__":

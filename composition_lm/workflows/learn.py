@@ -45,7 +45,7 @@ from pathlib import Path
 
 from evaluation.settings import Settings, setting
 
-__all__ = ["FunctionOracle", "FunnelOracle", "LearnConfig", "Verdict", "learn"]
+__all__ = ["FunctionOracle", "FunnelOracle", "LearnConfig", "Verdict", "finetune_round", "learn"]
 
 ROUND_COLUMNS = ["round", "samples", "valid", "unique", "novel", "stable_0", "stable", "sun_0", "sun", "sun_rate_0",
                  "sun_rate", "validity", "uniqueness", "novelty", "element_js", "top5_system_share", "skipped",
@@ -283,9 +283,10 @@ def _conditional_corpus(rows: list[dict], labels, names: list[str], cfg: LearnCo
     return path
 
 
-def _finetune(model_path: Path, rows: list[dict], reference: Sequence[str], cfg: LearnConfig, out: Path,
-              k: int, progress: bool, labels=None) -> Path:
-    """One round's fine-tuning, continued from ``model_path``; returns the exported model. ``reward``: the round's
+def finetune_round(model_path: Path, rows: list[dict], reference: Sequence[str], cfg: LearnConfig, out: Path,
+                   k: int = 0, progress: bool = False, labels=None) -> Path:
+    """One round's fine-tuning into ``out/model``, continued from ``model_path`` (``rows``: the round's label rows,
+    as in ``labels.csv``; ``k``: the round, which seeds the replay and the training). ``reward``: the round's
     SUN formulas, ``reward_copies`` each, plus ``replay`` reference formulas per SUN formula. ``conditional``: the
     model's own property conditions trained on the loop's E_hull labels joined to ``labels``
     (:func:`_conditional_corpus`)."""
@@ -394,7 +395,7 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
                                        cfg.seed + k, rdir / "surrogate")
         next_model = None
         if not metrics["guard"] and metrics["sun"]:
-            next_model = _finetune(model_path, rows, reference, cfg, rdir, k, progress, labels)
+            next_model = finetune_round(model_path, rows, reference, cfg, rdir, k, progress, labels)
         metrics.update(cpu_s=round(_cpu_seconds() - t0, 1), oracle_cpu_s=round(oracle_cpu, 1),
                        model=str(next_model or model_path))
         proposed = sorted({r["formula"] for r in rows if r["formula"] and r["label"] != "invalid"})
