@@ -14,7 +14,10 @@ reason, and every other candidate is still scored.
 
 The default reference (:meth:`ReferenceHull.default`) is the table ``evaluation/data/mp_hull.csv.gz`` that
 ``scripts/make_reference_hull.py`` derives from the Materials Project formula data in ``../shared``
-(Materials Project, CC BY 4.0; see the file's header).
+(Materials Project, CC BY 4.0; see the file's header). MP lists some compositions without a formation energy
+(CsF, NaF, KBr, ...); the table gives them an *estimated* one (``source`` starting with ``estimated``), and a
+verdict that rests on an estimated phase says so in its ``reason`` (``HullResult.estimated``), since a hull with
+a hole in it would put every compound of that chemical system far below it.
 """
 
 from __future__ import annotations
@@ -28,10 +31,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT_HULL", "HullResult", "ReferenceHull"]
+__all__ = ["DEFAULT_HULL", "ESTIMATED_SOURCE", "HULL_NOTES", "HullResult", "ReferenceHull"]
 
 #: the shipped reference table (Materials Project formation energies, CC BY 4.0)
 DEFAULT_HULL = Path(__file__).resolve().parent / "data" / "mp_hull.csv.gz"
+#: a reference table's ``source`` of an entry whose energy is an estimate, not a calculation
+ESTIMATED_SOURCE = "estimated"
+#: how the notes of :meth:`ReferenceHull.e_above_hull` begin (to replace them when a verdict is placed again)
+HULL_NOTES = ("E_hull is a lower bound", "the hull here rests on", "no reference for", "unreadable composition",
+              "no formation energy")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class HullResult:
     e_hull_formation: float = math.nan
     reason: str = ""
     lower_bound: bool = False  # the table knows the composition without an energy: the true E_hull may be higher
+    estimated: tuple[str, ...] = ()  # the hull phases here whose energies are estimates (named in ``reason``)
 
 
 def _reduced(formula: str) -> tuple[str, frozenset[str]]:
@@ -73,11 +82,12 @@ class ReferenceHull:
     """
 
     def __init__(self, formulas: Sequence[str], e_form_per_atom: Sequence[float], ids: Sequence[str] | None = None,
-                 source: str = ""):
+                 source: str = "", estimated: Iterable[str] = ()):
         if len(formulas) != len(e_form_per_atom):
             raise ValueError(f"{len(formulas)} formulas but {len(e_form_per_atom)} formation energies")
         ids = [str(i) for i in ids] if ids is not None else [f"ref-{i}" for i in range(len(formulas))]
         self.source = source
+        self.estimated = set(map(str, estimated))  # ids of entries whose energy is an estimate
         self._by_system: dict[frozenset[str], list[tuple[str, str, float]]] = {}
         self.unpriced: dict[str, list[str]] = {}  # reduced formula -> ids known without an energy
         for formula, e, ident in zip(formulas, e_form_per_atom, ids):
@@ -90,7 +100,17 @@ class ReferenceHull:
         self.elements = frozenset(next(iter(s)) for s in self._by_system if len(s) == 1)
         priced = {f for entries in self._by_system.values() for _, f, _ in entries}
         self.unpriced = {f: ids for f, ids in self.unpriced.items() if f not in priced}
+        measured = {f for entries in self._by_system.values() for i, f, _ in entries if i not in self.estimated}
+        self._estimated_only = {f: [i for i in ids if i in self.estimated]
+                                for f, ids in self._formula_ids().items() if f not in measured}
         self._cache: dict = {}
+
+    def _formula_ids(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for entries in self._by_system.values():
+            for ident, f, _ in entries:
+                out.setdefault(f, []).append(ident)
+        return out
 
     def __len__(self) -> int:
         """The number of reference phases with an energy."""
@@ -105,7 +125,8 @@ class ReferenceHull:
     def from_csv(cls, path: str | Path) -> ReferenceHull:
         """A CSV(.gz) with a formula column (``reduced_formula``, ``formula`` or ``composition``) and
         ``formation_energy_per_atom`` (eV/atom); ``material_id`` (or ``id``) names the entries. A row without a
-        formation energy records a composition known to exist (its E_hull results are then lower bounds)."""
+        formation energy records a composition known to exist (its E_hull results are then lower bounds); a
+        ``source`` starting with ``estimated`` marks an entry whose energy is an estimate."""
         import pandas as pd
 
         df = pd.read_csv(path, keep_default_na=False, na_values=[""], comment="#")
@@ -114,8 +135,11 @@ class ReferenceHull:
             raise ValueError(f"{path}: a reference table needs a formula column (reduced_formula, formula or "
                              f"composition) and formation_energy_per_atom (columns: {', '.join(map(str, df.columns))})")
         id_col = next((c for c in ("material_id", "id", "entry_id") if c in df.columns), None)
-        return cls(df[col].astype(str).tolist(), df["formation_energy_per_atom"].astype(float).tolist(),
-                   df[id_col].astype(str).tolist() if id_col else None, source=str(path))
+        ids = df[id_col].astype(str).tolist() if id_col else [f"ref-{i}" for i in range(len(df))]
+        estimated = ([i for i, src in zip(ids, df["source"].astype(str)) if src.startswith(ESTIMATED_SOURCE)]
+                     if "source" in df.columns else [])
+        return cls(df[col].astype(str).tolist(), df["formation_energy_per_atom"].astype(float).tolist(), ids,
+                   source=str(path), estimated=estimated)
 
     @classmethod
     def from_entries_json(cls, path: str | Path) -> ReferenceHull:
@@ -215,11 +239,18 @@ class ReferenceHull:
         else:
             text = " + ".join(f"{amount:.3g} {e.composition.reduced_formula}"
                               for e, amount in sorted(decomp.items(), key=lambda kv: -kv[1]))
-        known = self.unpriced.get(comp.reduced_formula)
+        known = self.unpriced.get(comp.reduced_formula) or self._estimated_only.get(comp.reduced_formula)
         if known:
+            how = "without an energy" if comp.reduced_formula in self.unpriced else "with an estimated energy only"
             return HullResult(float(e_hull), text, hull_form, lower_bound=True,
                               reason=f"E_hull is a lower bound: the reference knows {comp.reduced_formula} "
-                              f"({', '.join(known[:3])}) without an energy")
+                              f"({', '.join(known[:3])}) {how}")
+        estimated = tuple(sorted({e.composition.reduced_formula for e in decomp
+                                  if getattr(e, "attribute", None) in self.estimated}))
+        if estimated:
+            return HullResult(float(e_hull), text, hull_form, estimated=estimated,
+                              reason=f"the hull here rests on an estimated energy for {', '.join(estimated)} (MP lists "
+                              f"{'it' if len(estimated) == 1 else 'them'} without one)")
         return HullResult(float(e_hull), text, hull_form)
 
 

@@ -122,11 +122,16 @@ def main() -> int:
             "machine": platform.platform(), "wall_s_this_call": wall}
     write_json(ROOT / "benchmarks" / f"discover_{args.model}.json", {"meta": meta, "funnel": funnel, "rediscovery": redis})
     key = f"{funnel['e_hull_max']:g}"
+    rehulls = (out / "journal.jsonl").read_text().count('"kind": "rehull"')
     lines = [f"# Discovery benchmark: {args.model}, N = {args.n}, seed {args.seed}", "",
              f"Command: `{meta['command']}` (runs `{meta['discover']}`); CPU: {meta['cpu']}.", "",
              f"**SUN per sampled formula: {100 * funnel['sun_rate'][key]:.1f} % at E_hull ≤ {key} eV/atom, "
-             f"{100 * funnel['sun_rate']['0']:.1f} % at ≤ 0** (target ≥ 25 % at 0.1); per CPU-hour of the funnel: "
-             f"{funnel['sun_per_cpu_hour'][key]:.0f} and {funnel['sun_per_cpu_hour']['0']:.0f}.", "",
+             f"{100 * funnel['sun_rate']['0']:.1f} % at ≤ 0** (target ≥ 25 % at 0.1); per hour of the funnel's wall "
+             f"time ({args.workers} worker processes): {funnel['sun_per_cpu_hour'][key]:.0f} and "
+             f"{funnel['sun_per_cpu_hour']['0']:.0f}.", "",
+             *([f"Placed on the reference hull again ({rehulls} time(s), `composition-gen discover --rehull`: the "
+                "journal's formation energies on the current table, nothing relaxed again) after the table changed.",
+                ""] if rehulls else []),
              "| stage | samples |", "|---|---:|", *[f"| {k} | {v} |" for k, v in funnel["counts"].items()], "",
              "| stage | seconds |", "|---|---:|", *[f"| {k} | {v:.0f} |" for k, v in funnel["seconds"].items()], "",
              "## The 20 best SUN candidates", "", "| formula | E_hull | E_form | decomposition |", "|---|---:|---:|---|",

@@ -89,13 +89,14 @@ class DiscoveryFunnel:
     """
 
     def __init__(self, predictor, scorer, known_formulas: set[str] | None = None, top_k: int = 1,
-                 e_hull_max: float = 0.1, skip_above: float | None = None):
+                 e_hull_max: float = 0.1, skip_above: float | None = None, hull=None):
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.predictor, self.scorer, self.top_k, self.e_hull_max = predictor, scorer, top_k, e_hull_max
         self.skip_above = skip_above
         self._property_predictor = None
-        self.known_compositions = scorer.hull.formulas()
+        self.hull = hull if hull is not None else scorer.hull  # (a funnel that only rehulls needs no scorer)
+        self.known_compositions = self.hull.formulas()
         self.known = set(known_formulas or ()) | self.known_compositions
         self._reference = None
 
@@ -129,11 +130,7 @@ class DiscoveryFunnel:
                                   "a new output folder")
         out.mkdir(parents=True, exist_ok=True)
         records = read_journal(journal)
-        timing = {**(seconds or {}), "templates_s": 0.0, "relaxation_s": 0.0}
-        for rec in records:
-            if rec.get("kind") == "timing":
-                for k, v in rec["seconds"].items():
-                    timing[k] = timing.get(k, 0.0) + v
+        timing = _timing(records, seconds)
         formula_done = {r["index"]: r for r in records if r.get("kind") == "formula"}
         self._check_journal(formula_done, formulas, journal)
         structure_done = {(r["index"], r["rank"]) for r in records if r.get("kind") == "structure"}
@@ -212,6 +209,36 @@ class DiscoveryFunnel:
         result = self._finish(formulas, records, out, timing)
         result["seconds"]["novelty_s"] = time.perf_counter() - t0
         return result
+
+    def rehull(self, out_dir: str | Path) -> dict:
+        """Place a finished run's structures on this funnel's reference hull again, from the formation energies its
+        journal holds (after the reference table changed): nothing is relaxed. The journal is rewritten with the
+        new E_hull, decomposition and notes (to a temporary file, then renamed) plus a ``rehull`` record, and the
+        outputs are written again; returns ``funnel.json``'s content."""
+        from evaluation.hull import HULL_NOTES
+        from evaluation.io import atomic_path
+
+        out = Path(out_dir)
+        journal = out / "journal.jsonl"
+        records = read_journal(journal)
+        by_formula = {r["index"]: r for r in records if r.get("kind") == "formula"}
+        if not by_formula:
+            raise ValueError(f"{out} holds no discovery run to place on the hull again (journal.jsonl missing)")
+        changed = 0
+        for r in records:
+            if r.get("kind") != "structure" or r.get("e_form_per_atom") is None:
+                continue
+            result = self.hull.e_above_hull(r["formula"], r["e_form_per_atom"])
+            notes = [x for x in (r.get("reason") or "").split("; ") if x and not x.startswith(HULL_NOTES)]
+            new = _num(result.e_hull_per_atom)
+            changed += new != r["e_hull_per_atom"]
+            r.update(e_hull_per_atom=new, decomposition=result.decomposition, hull_lower_bound=result.lower_bound,
+                     reason="; ".join(notes + ([result.reason] if result.reason else [])))
+        records.append({"kind": "rehull", "hull": self.hull.source or "the shipped MP table", "changed": changed})
+        with atomic_path(journal) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        formulas = [by_formula[i]["formula"] for i in range(max(by_formula) + 1)]
+        return self._finish(formulas, records, out, _timing(records, None))
 
     def _predicted_e_hull(self, formulas: Sequence[str]) -> dict[str, float]:
         """Reduced formula -> E_hull by the shipped composition property predictor (for ``skip_above`` and the
@@ -330,17 +357,23 @@ class DiscoveryFunnel:
         n = len(formulas)
         seconds = {**timing}
         cpu_hours = sum(seconds.values()) / 3600
+        if self.scorer is not None:
+            potential = self.scorer.describe()
+            screening = {**self.scorer.screening.as_dict(), "skip_above": self.skip_above}
+        else:  # placed on the hull again (rehull): the run's own scheme
+            before = json.loads((out / "funnel.json").read_text()) if (out / "funnel.json").is_file() else {}
+            potential, screening = before.get("potential", ""), before.get("screening", {})
         result = {
             "n_formulas": n, "e_hull_max": self.e_hull_max, "top_k": self.top_k, "counts": counts,
             "sun_rate": {f"{self.e_hull_max:g}": len(sun_rows) / n if n else 0.0, "0": sun_at_0 / n if n else 0.0},
             "sun_per_cpu_hour": {f"{self.e_hull_max:g}": len(sun_rows) / cpu_hours if cpu_hours else None,
                                  "0": sun_at_0 / cpu_hours if cpu_hours else None},
-            "seconds": seconds, "reference_hull": _hull_name(self.scorer.hull), "potential": self.scorer.describe(),
-            "screening": {**self.scorer.screening.as_dict(), "skip_above": self.skip_above},
+            "seconds": seconds, "reference_hull": _hull_name(self.hull), "potential": potential,
+            "screening": screening,
             "templates": str(self.predictor.store.path or "pymatgen AFLOW prototypes"),
         }
         write_discovery(out, rows, sun_rows, {r["index"]: s for r, s in zip(best_rows, best_structs)}, result,
-                        CANDIDATE_COLUMNS, self.scorer.hull)
+                        CANDIDATE_COLUMNS, self.hull)
         return result
 
     @staticmethod
@@ -372,6 +405,16 @@ def _hull_name(hull) -> str:
 
     shipped = Path(hull.source).resolve() == DEFAULT_HULL.resolve() if hull.source else False
     return "evaluation/data/mp_hull.csv.gz (shipped)" if shipped else hull.source
+
+
+def _timing(records: list[dict], seconds: dict | None) -> dict:
+    """Seconds per stage: ``seconds`` (before the funnel) plus the journal's timing records."""
+    timing = {**(seconds or {}), "templates_s": 0.0, "relaxation_s": 0.0}
+    for rec in records:
+        if rec.get("kind") == "timing":
+            for k, v in rec["seconds"].items():
+                timing[k] = timing.get(k, 0.0) + v
+    return timing
 
 
 def _num(x: float) -> float | None:

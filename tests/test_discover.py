@@ -135,6 +135,35 @@ def test_local_worker_processes_give_the_same_candidates_and_journal_each_struct
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 7
 
 
+def test_rehull_places_a_finished_run_on_a_changed_hull_without_relaxing(run, tmp_path, capsys):
+    import shutil
+
+    from evaluation.hull import DEFAULT_HULL
+
+    src, done = run
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    assert main(["discover", "--rehull", "-o", str(out)]) == 0  # the same hull: the same outputs
+    assert (out / "candidates.csv").read_text() == (done / "candidates.csv").read_text()
+    table = pd.read_csv(DEFAULT_HULL, comment="#", keep_default_na=False, na_values=[""])
+    nacl = table["reduced_formula"] == "NaCl"
+    table.loc[nacl, "formation_energy_per_atom"] -= 1.0  # NaCl's reference 1 eV/atom lower
+    changed = tmp_path / "hull.csv"
+    table.to_csv(changed, index=False)
+    assert main(["discover", "--rehull", "--reference", str(changed), "-o", str(out)]) == 0
+    assert "placed on the hull again" in capsys.readouterr().out
+    before = pd.read_csv(done / "candidates.csv", keep_default_na=False).set_index("index")
+    after = pd.read_csv(out / "candidates.csv", keep_default_na=False).set_index("index")
+    assert float(after.loc[0, "e_hull_per_atom"]) == pytest.approx(float(before.loc[0, "e_hull_per_atom"]) + 1.0,
+                                                                    abs=1e-6)
+    assert after.loc[0, "energy_per_atom"] == before.loc[0, "energy_per_atom"]  # nothing relaxed again
+    records = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records].count("rehull") == 2
+    assert main(["discover", "--resume", *_argv(src, out)[1:]]) == 0  # a resume keeps the new verdicts
+    assert pd.read_csv(out / "candidates.csv", keep_default_na=False).set_index("index").loc[0, "e_hull_per_atom"] \
+        == after.loc[0, "e_hull_per_atom"]
+
+
 def test_resume_refuses_a_journal_written_for_other_formulas(run, tmp_path, capsys):
     import shutil
 

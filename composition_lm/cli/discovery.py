@@ -76,6 +76,14 @@ def cmd_discover(args: argparse.Namespace) -> int:
     from composition_lm.cli.options import command_line
     from composition_lm.workflows import discover
 
+    if args.rehull:
+        from composition_lm.workflows.discovery import rehull
+
+        result = rehull(args.output, StructurePredictor(args.templates), args.reference)
+        key = next(iter(result.sun_rate))
+        print(f"placed on the hull again: SUN rate {100 * result.sun_rate[key]:.2f} % at E_hull <= {key} eV/atom, "
+              f"{100 * result.sun_rate['0']:.2f} % at <= 0; wrote the outputs again to {args.output}")
+        return 0
     if (args.output / "journal.jsonl").exists() and not args.resume:
         raise FileExistsError(f"{args.output} holds a discovery run: pass --resume to finish it, or choose a new -o")
     check_potentials(args)
@@ -171,6 +179,10 @@ def add_discover_parser(sub) -> None:
                    "SLURM/PBS) instead of local --workers; needs pip install 'dask[distributed]' and paths the "
                    "workers can read")
     p.add_argument("--resume", action="store_true", help="finish the run in OUTPUT from its journal")
+    p.add_argument("--rehull", action="store_true",
+                   help="place the finished run in OUTPUT on the reference hull again (after the shipped table or "
+                   "--reference changed), from the formation energies in its journal: nothing is relaxed; give "
+                   "the run's --templates")
     add_progress(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=cmd_discover)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DiscoveryResult", "discover"]
+__all__ = ["DiscoveryResult", "discover", "rehull"]
 
 
 @dataclass
@@ -118,3 +118,21 @@ def discover(generator=None, n: int = 1000, seed: int = 0, output: str | Path = 
     summary = funnel.run(formulas, output, resume=resume, workers=workers, progress=progress, seconds=seconds,
                          scheduler=scheduler)
     return DiscoveryResult(output, summary)
+
+
+def rehull(output: str | Path, predictor=None, reference=None) -> DiscoveryResult:
+    """Place a finished discovery run in ``output`` on the reference hull again (``reference``: a table path or a
+    :class:`evaluation.hull.ReferenceHull`; default: the shipped one), from the formation energies in its journal,
+    after the reference table changed; nothing is relaxed. ``predictor``: the run's template store (the novelty
+    reference; default: the shipped one). The run's threshold and ``top_k`` are kept."""
+    from structure import StructurePredictor
+    from structure.discovery import DiscoveryFunnel
+
+    from evaluation.hull import ReferenceHull
+
+    output = Path(output)
+    summary = json.loads((output / "funnel.json").read_text()) if (output / "funnel.json").is_file() else {}
+    hull = reference if isinstance(reference, ReferenceHull) else ReferenceHull.load(reference)
+    funnel = DiscoveryFunnel(predictor if predictor is not None else StructurePredictor(), None, hull=hull,
+                             top_k=summary.get("top_k", 1), e_hull_max=summary.get("e_hull_max", 0.1))
+    return DiscoveryResult(output, funnel.rehull(output))
