@@ -6,6 +6,7 @@ loop never sampled.
                                        [--learned-from RUN] [--output DIR]
     python scripts/bench_learn.py probe --model PATH|NAME --label NAME [--n 1000] [--seed 1000] [--learned-from RUN]
     python scripts/bench_learn.py variant --label NAME [--round 0] [--set reward_copies=1 --set replay=4 ...]
+    python scripts/bench_learn.py snapshot     # the loop so far -> benchmarks/learn_runs/<name>.tar.gz
     python scripts/bench_learn.py report
 
 `run` is `composition-gen learn` into runs/learn/<name> (templates: the mp_union store, as bench_discover; the default
@@ -17,7 +18,9 @@ formula the loop had already labelled is counted again as `sun_rate_new` without
 earlier finds learns nothing new, though MP does not know them). `probe` is the cheap look between rounds (sampling
 only, no relaxation): validity, uniqueness, novelty against MP's train formulas and the loop's labels, the share of
 samples that repeat the loop's SUN finds, element JS, and the loop's latest surrogate's stable share, appended to
-benchmarks/learn_probe.jsonl (for choosing fine-tuning settings; never a substitute for `eval`). `variant` fine-tunes
+benchmarks/learn_probe.jsonl (for choosing fine-tuning settings; never a substitute for `eval`). `snapshot` saves the loop folder (`--out`) without its
+training checkpoints and report images to benchmarks/learn_runs/, and `run --resume` restores it on a machine that lacks
+it, so the loop can span sessions and machines. `variant` fine-tunes
 the model that sampled round K of the loop (`--out`) on that round's labels with other `LearnConfig` settings
 (`--set NAME=VALUE`) into runs/learn/variants/NAME, then probes it. `report` writes
 benchmarks/learn.md: the loop's rounds.csv and every eval row, with the SUN rates' standard errors and the ratio to
@@ -48,8 +51,43 @@ def _se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else math.nan
 
 
+SNAPSHOTS = ROOT / "benchmarks" / "learn_runs"
+#: what a snapshot leaves out: training checkpoints, report images and archives the loop rebuilds
+_SKIP = ("/train/", ".png", "report.html", "sun_cif.zip", ".extxyz")
+
+
+def cmd_snapshot(args) -> int:
+    import tarfile
+
+    from evaluation.io import atomic_path
+
+    target = SNAPSHOTS / f"{args.out.name}.tar.gz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for path in sorted(args.out.rglob("*")):
+            name = path.relative_to(args.out.parent).as_posix()
+            if path.is_file() and not any(k in "/" + name for k in _SKIP):
+                tar.add(path, arcname=name)
+    print(f"{target}: {target.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
+def _restore(out: Path) -> None:
+    import tarfile
+
+    source = SNAPSHOTS / f"{out.name}.tar.gz"
+    if out.exists() or not source.is_file():
+        return
+    with tarfile.open(source) as tar:
+        tar.extractall(out.parent, filter="data")
+    print(f"restored {out} from {source}")
+
+
 def cmd_run(args) -> int:
     from composition_lm.cli import main as cli
+
+    if args.resume:
+        _restore(args.out)
 
     argv = ["learn", "--model", args.model, "--rounds", str(args.rounds), "--per-round", str(args.per_round),
             "--workers", str(args.workers), "--no-progress", "-o", str(args.out)]
@@ -156,7 +194,7 @@ def cmd_variant(args) -> int:
         rows = [{**r, "sun": r["sun"] == "True", "e_hull": float(r["e_hull"] or "nan")} for r in csv.DictReader(fh)]
     start = args.model
     if args.round:
-        start = json.loads((args.out / f"round-{args.round - 1}" / "done.json").read_text())["model"]
+        start = str(args.out / json.loads((args.out / f"round-{args.round - 1}" / "done.json").read_text())["model"])
     reference = sorted(FormulaGenerator.from_pretrained(start).training_formulas() or [])
     out = ROOT / "runs" / "learn" / "variants" / args.label
     if not (out / "model" / "config.json").is_file():
@@ -215,7 +253,7 @@ def cmd_report(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["run", "eval", "probe", "variant", "report"])
+    ap.add_argument("action", choices=["run", "eval", "probe", "variant", "snapshot", "report"])
     ap.add_argument("--model", default="diffusion-bert")
     ap.add_argument("--label", default="start")
     ap.add_argument("--rounds", type=int, default=3)
@@ -237,7 +275,7 @@ def main(argv=None) -> int:
     if extra and args.action != "run":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = [a for a in extra if a != "--"]
-    return {"run": cmd_run, "eval": cmd_eval, "probe": cmd_probe, "variant": cmd_variant,
+    return {"run": cmd_run, "eval": cmd_eval, "probe": cmd_probe, "variant": cmd_variant, "snapshot": cmd_snapshot,
             "report": cmd_report}[args.action](args)
 
 

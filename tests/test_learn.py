@@ -108,6 +108,21 @@ def test_the_surrogate_learns_the_oracle_and_keeps_hopeless_formulas_from_it(tin
     assert math.isnan(off[0]["surrogate_accuracy"]) and not (tmp_path / "off" / "round-0" / "surrogate").exists()
 
 
+def test_replay_from_samples_reweights_the_rounds_own_samples(tiny, tmp_path):
+    from composition_lm.workflows.learn import finetune_round
+
+    rows = [{"formula": f, "label": "stable" if i < 3 else "unstable", "sun": i < 3, "e_hull": 0.0}
+            for i, f in enumerate(["LiF", "NaCl", "KBr", "MgO", "CaO", "ZnS", "TiO2"])]
+    rows.append({"formula": "Xx", "label": "invalid", "sun": False, "e_hull": math.nan})
+    cfg = LearnConfig(reward_copies=2, replay=1.0, replay_from="samples", finetune_steps=10, batch_size=8)
+    model = finetune_round(tiny, rows, CORPUS, cfg, tmp_path)
+    corpus = (tmp_path / "finetune.txt").read_text().split()
+    assert sorted(corpus[:6]) == sorted(["LiF", "NaCl", "KBr"] * 2)  # the rewarded ones, twice each
+    replayed = corpus[6:]
+    assert len(replayed) == 3 and set(replayed) <= {r["formula"] for r in rows[:7]}  # the round's own samples
+    assert (model / "config.json").is_file()
+
+
 def test_bad_input_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
         learn(tiny, tmp_path / "a", rounds=0)

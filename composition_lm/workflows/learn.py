@@ -74,8 +74,11 @@ class LearnConfig(Settings):
     lr: float = setting(2e-4, "fine-tuning learning rate", range="positive_float")
     batch_size: int = setting(64, "fine-tuning batch size", range="positive_int")
     reward_copies: int = setting(4, "copies of each SUN formula in a round's fine-tuning corpus", range="positive_int")
-    replay: float = setting(4.0, "reference formulas replayed per SUN formula (keeps the model near its start)",
+    replay: float = setting(4.0, "formulas replayed per SUN formula (keeps the model near where it was)",
                             range="non_negative_float")
+    replay_from: str = setting("reference", "what is replayed: reference (the known formulas; pulls towards them) or "
+                               "samples (the round's own valid samples, so the corpus is the round re-weighted by "
+                               "its rewards)", choices=("reference", "samples"))
     max_js: float = setting(0.05, "guard: stop when the element-distribution JS divergence of a round's samples "
                             "against the reference exceeds this", range="unit_interval")
     max_top5_share: float = setting(0.5, "guard: stop when the five commonest chemical systems hold more than this "
@@ -135,8 +138,9 @@ class FunnelOracle:
         best: dict[int, Verdict] = {}
         for _, row in result.candidates().iterrows():
             e = float(row["e_hull_per_atom"]) if row["e_hull_per_atom"] == row["e_hull_per_atom"] else math.nan
-            verdict = Verdict(formulas[int(row["index"])], e, str(row.get("unique")) == "True",
-                              str(row.get("novel")) == "True")
+            # the funnel flags uniqueness and novelty on the structures it placed; elsewhere nothing shows a repeat
+            verdict = Verdict(formulas[int(row["index"])], e, str(row.get("unique")) != "False",
+                              str(row.get("novel")) != "False")
             old = best.get(int(row["index"]))
             if old is None or (math.isfinite(e) and not (math.isfinite(old.e_hull) and old.e_hull <= e)):
                 best[int(row["index"])] = verdict
@@ -300,7 +304,9 @@ def finetune_round(model_path: Path, rows: list[dict], reference: Sequence[str],
     else:
         winners = [r["formula"] for r in rows if r["sun"]]
         rng = random.Random(cfg.seed * 1000 + k)
-        replay = rng.sample(list(reference), min(len(reference), round(cfg.replay * len(winners))))
+        pool = (list(reference) if cfg.replay_from == "reference" else
+                [r["formula"] for r in rows if r["label"] not in ("invalid", "failed") and r["formula"]])
+        replay = rng.sample(pool, min(len(pool), round(cfg.replay * len(winners))))
         corpus = out / "finetune.txt"
         write_text(corpus, "\n".join(winners * cfg.reward_copies + replay) + "\n")
         extra = {"dedupe": False}
@@ -368,7 +374,7 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
             state = json.loads((rdir / "done.json").read_text())
             rows_out.append(state["metrics"])
             known |= set(state["formulas"])
-            model_path = Path(state["model"]) if state["model"] else model_path
+            model_path = out / state["model"] if state["model"] else model_path  # (relative to the run)
             if surrogate is not None and (rdir / "surrogate" / "config.json").is_file():
                 surrogate = PropertyPredictor.load(rdir / "surrogate")
             if state["metrics"]["guard"]:
@@ -400,7 +406,7 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
                        model=str(next_model or model_path))
         proposed = sorted({r["formula"] for r in rows if r["formula"] and r["label"] != "invalid"})
         write_json(rdir / "done.json", {"metrics": metrics, "formulas": proposed,
-                                        "model": str(next_model) if next_model else ""})
+                                        "model": str(next_model.relative_to(out)) if next_model else ""})
         rows_out.append(metrics)
         write_csv(out / "rounds.csv", ROUND_COLUMNS, ([m.get(c, "") for c in ROUND_COLUMNS] for m in rows_out))
         known |= set(proposed)
