@@ -246,6 +246,20 @@ def cmd_report(args) -> int:
                          f"{100 * r['sun_rate_0_se']:.1f} | {r.get('validity', math.nan):.3f} | "
                          f"{r.get('uniqueness', math.nan):.3f} | {r.get('novelty', math.nan):.3f} | "
                          f"{r['element_js_mp20_test']:.4f} |")
+    probes = ROOT / "benchmarks" / "learn_probe.jsonl"
+    rows = [json.loads(line) for line in probes.read_text().splitlines()] if probes.is_file() else []
+    if rows:
+        lines += ["", "## Probes (sampling only: a look for choosing fine-tuning settings, not a measurement of SUN)", "",
+                  "`python scripts/bench_learn.py probe|variant ...`: N formulas from seed S; new: distinct valid formulas "
+                  "neither in MP's train formulas nor labelled by the loop, per sample; surrogate-stable new: those the "
+                  "loop's latest surrogate puts at E_hull <= 0.1 (it learned the same labels the model did, so it "
+                  "flatters a fine-tuned model); repeats: samples that are one of the loop's SUN finds.", "",
+                  "| label | N | seed | validity | uniqueness | novelty vs MP train | new | surrogate-stable new | "
+                  "repeats | element JS vs MP-20 test | sampling CPU-s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['label']} | {r['n']} | {r['seed']} | {r['validity']:.3f} | {r['uniqueness']:.3f} | "
+                         f"{r['novelty_mp']:.3f} | {r['new']:.3f} | {r['surrogate_stable_new']:.3f} | "
+                         f"{r['repeats_sun_finds']:.3f} | {r['element_js_mp20_test']:.4f} | {r['sampling_cpu_s']:.0f} |")
     write_text(ROOT / "benchmarks" / "learn.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
