@@ -33,6 +33,7 @@ from composition_lm.tokenizer import PAD, build_tokenizer, encode_formulas, voca
 from evaluation.checkpoints import EMA, warmup_cosine
 from evaluation.composition import parse_formula
 from evaluation.io import atomic_path, write_json, write_text
+from evaluation.settings import SAMPLING_CONFIG_NAME
 from evaluation.training_loop import LoopSettings, epoch_batch, open_run, resume_from, run_training
 
 __all__ = ["TrainingArguments", "train", "EMA"]
@@ -374,7 +375,8 @@ def train(args: TrainingArguments, command: str = "") -> Path:
         # novelty is judged against every known formula of the training corpus (also those --only-valid
         # dropped: they are known compounds) and, for a fine-tuned model, its parent's list
         seen = set(train_ds["formula"]) | ((parent.training_formulas() or set()) if parent is not None else set())
-        export_model(raw_model, ema, tokenizer, seen, args, metrics, export, n_params)
+        export_model(raw_model, ema, tokenizer, seen, args, metrics, export, n_params,
+                     parent_path=getattr(parent, "path", None))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export
@@ -404,8 +406,10 @@ def evaluate_model(raw_model, ema: EMA, loss_fn, val_ids, args: TrainingArgument
     return out
 
 
-def export_model(raw_model, ema: EMA, tokenizer, train_formulas, args, metrics: dict, export: Path, n_params: int) -> None:
-    """``save_pretrained`` with the EMA weights, plus tokenizer, formulas, arguments, metrics, card."""
+def export_model(raw_model, ema: EMA, tokenizer, train_formulas, args, metrics: dict, export: Path, n_params: int,
+                 parent_path: Path | None = None) -> None:
+    """``save_pretrained`` with the EMA weights, plus tokenizer, formulas, arguments, metrics, card; a fine-tuned
+    model keeps its parent's sampling settings (``sampling_config.json``)."""
     tmp = export.with_name(f".{export.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -417,6 +421,9 @@ def export_model(raw_model, ema: EMA, tokenizer, train_formulas, args, metrics: 
     write_json(tmp / "training_args.json", dataclasses.asdict(args))
     write_json(tmp / "metrics.json", metrics)
     write_text(tmp / "README.md", _model_card(args, raw_model.config, metrics, n_params))
+    inherited = Path(parent_path) / SAMPLING_CONFIG_NAME if parent_path is not None else None
+    if inherited is not None and inherited.is_file() and not (tmp / SAMPLING_CONFIG_NAME).exists():
+        shutil.copyfile(inherited, tmp / SAMPLING_CONFIG_NAME)
     if export.exists():
         shutil.rmtree(export)
     tmp.rename(export)

@@ -114,8 +114,16 @@ def test_replay_from_samples_reweights_the_rounds_own_samples(tiny, tmp_path):
     rows = [{"formula": f, "label": "stable" if i < 3 else "unstable", "sun": i < 3, "e_hull": 0.0}
             for i, f in enumerate(["LiF", "NaCl", "KBr", "MgO", "CaO", "ZnS", "TiO2"])]
     rows.append({"formula": "Xx", "label": "invalid", "sun": False, "e_hull": math.nan})
+    import shutil
+
+    from composition_lm.sampling_config import SAMPLING_CONFIG_NAME, SamplingConfig
+
+    parent = tmp_path / "parent"
+    shutil.copytree(tiny, parent)
+    SamplingConfig(temperature=0.9).save(parent / SAMPLING_CONFIG_NAME)
     cfg = LearnConfig(reward_copies=2, replay=1.0, replay_from="samples", finetune_steps=10, batch_size=8)
-    model = finetune_round(tiny, rows, CORPUS, cfg, tmp_path)
+    model = finetune_round(parent, rows, CORPUS, cfg, tmp_path)
+    assert SamplingConfig.load(model / SAMPLING_CONFIG_NAME).temperature == 0.9  # it samples as its parent did
     corpus = (tmp_path / "finetune.txt").read_text().split()
     assert sorted(corpus[:6]) == sorted(["LiF", "NaCl", "KBr"] * 2)  # the rewarded ones, twice each
     replayed = corpus[6:]
