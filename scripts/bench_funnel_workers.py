@@ -64,7 +64,7 @@ def cmd_run(args) -> int:
         if proc.returncode:
             raise SystemExit(f"{args.label} failed: {proc.stderr[-2000:]}")
         funnel = json.loads((out / "funnel.json").read_text())
-        row = {"label": args.label, "tree": str(tree), "commit": commit, "repeat": rep, "n": args.n,
+        row = {"label": args.label, "commit": commit, "repeat": rep, "n": args.n,
                "workers": args.workers, "wall_s": round(wall, 1),
                "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 1),
                "relaxed": funnel["counts"]["relaxed"], "sun": funnel["counts"]["sun"], "cpu": cpu(),

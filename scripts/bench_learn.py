@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,12 @@ from evaluation.io import write_text  # noqa: E402
 
 EVAL = ROOT / "benchmarks" / "learn_eval.jsonl"
 TEMPLATES = ROOT / "runs" / "mp_union.db"
+
+
+def _shown(path) -> str:
+    """A path as a reader can rerun it: relative to the repository when inside it."""
+    text = str(path)
+    return os.path.relpath(text, ROOT) if os.path.isabs(text) and Path(text).is_relative_to(ROOT) else text
 
 
 def _se(p: float, n: int) -> float:
@@ -123,10 +130,10 @@ def cmd_eval(args) -> int:
     sun_table = result.sun()
     new = {t: int(((sun_table["e_hull_per_atom"] <= float(t)) & ~sun_table["formula"].isin(seen)).sum()) / args.n
            for t in ("0.1", "0")}
-    row = {"label": args.label, "model": str(args.model), "n": args.n, "seed": args.seed,
+    row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed,
            "sun_rate": sun["0.1"], "sun_rate_se": _se(sun["0.1"], args.n), "sun_rate_0": sun["0"],
            "sun_rate_0_se": _se(sun["0"], args.n), "sun_rate_new": new["0.1"], "sun_rate_new_se": _se(new["0.1"], args.n),
-           "sun_rate_0_new": new["0"], "learned_from": str(args.learned_from or ""),
+           "sun_rate_0_new": new["0"], "learned_from": _shown(args.learned_from or ""),
            "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
            "novelty": float(distinct["novel_formula"].astype(str).eq("True").mean()), "counts": result.counts,
            "element_js_mp20_test": js_divergence(element_frequencies(parsed), element_frequencies(reference)),
@@ -165,7 +172,7 @@ def cmd_probe(args) -> int:
             for r in read_structures(args.shared / "data/structures/mp_20/test.csv.gz")]
     parsed = [p for p in (try_parse_formula(f)[0] for f in valid) if p is not None]
     reference = [p for p in (try_parse_formula(f)[0] for f in test) if p is not None]
-    row = {"label": args.label, "model": str(args.model), "n": args.n, "seed": args.seed, "learned_from": str(run),
+    row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed, "learned_from": _shown(run),
            "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
            "novelty_mp": sum(f not in mp_train for f in distinct) / max(len(distinct), 1),
            "new": len(new) / args.n, "repeats_sun_finds": sum(f in found for f in valid) / args.n,
@@ -226,7 +233,8 @@ def cmd_report(args) -> int:
     rounds = args.out / "rounds.csv"
     if rounds.is_file():
         lines += ["## The loop's rounds (seeds 0, 1, 2: the loop's own samples)", "",
-                  pd.read_csv(rounds).to_markdown(index=False, floatfmt=".4g"), ""]
+                  pd.read_csv(rounds).assign(model=lambda t: t["model"].map(_shown)).to_markdown(
+                      index=False, floatfmt=".4g"), ""]
     rows = [json.loads(line) for line in EVAL.read_text().splitlines()] if EVAL.is_file() else []
     start = next((r for r in rows if r["label"] == "start"), None)
     if rows:

@@ -403,7 +403,7 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
         if not metrics["guard"] and metrics["sun"]:
             next_model = finetune_round(model_path, rows, reference, cfg, rdir, k, progress, labels)
         metrics.update(cpu_s=round(_cpu_seconds() - t0, 1), oracle_cpu_s=round(oracle_cpu, 1),
-                       model=str(next_model or model_path))
+                       model=str(next_model.relative_to(out)) if next_model else str(model_path))
         proposed = sorted({r["formula"] for r in rows if r["formula"] and r["label"] != "invalid"})
         write_json(rdir / "done.json", {"metrics": metrics, "formulas": proposed,
                                         "model": str(next_model.relative_to(out)) if next_model else ""})
