@@ -113,9 +113,14 @@ def cmd_eval(args) -> int:
 
     out = args.output or ROOT / "runs" / "learn" / f"eval-{args.label}-n{args.n}-seed{args.seed}"
     t0 = time.process_time()
+    from structure.stability import Screening, StabilityScorer
+
     predictor = StructurePredictor(args.templates if args.templates.is_dir() else None)
-    result = discover(args.model, args.n, args.seed, out, predictor=predictor, workers=args.workers,
-                      resume=(out / "journal.jsonl").exists())
+    # the loop's oracle, with which the start row was measured: relaxations of up to 500 steps, a structure for
+    # every valid formula (discover's defaults now stop at 200 steps and skip formulas above 0.15 eV/atom)
+    scorer = StabilityScorer(references=predictor.store, screening=Screening.for_threshold(0.1))
+    result = discover(args.model, args.n, args.seed, out, predictor=predictor, scorer=scorer, skip_above=None,
+                      workers=args.workers, resume=(out / "journal.jsonl").exists())
     table = result.candidates()
     per_sample = table.drop_duplicates("index")
     valid = per_sample[~per_sample["stage"].isin(["sampled", "parsed"])]

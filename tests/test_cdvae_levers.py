@@ -347,7 +347,6 @@ def test_composition_redraws_raise_validity_and_keep_k():
 
     assert composition_is_valid(torch.tensor([10, 16]))  # NaCl (indices are Z - 1)
     assert not composition_is_valid(torch.tensor([10, 16, 16]))  # NaCl2
-    g = torch.Generator().manual_seed(0)
     probs = torch.zeros(100, 100)
     probs[:, [2, 10, 11, 18, 7, 8, 16, 15]] = 1 / 8  # Li Na Mg K O F Cl S
     num = torch.full((100,), 6)

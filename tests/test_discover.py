@@ -227,3 +227,40 @@ def test_discover_command_samples_with_the_models_settings_and_its_own_options(t
                  "--max-steps", "10", "--no-progress", "-o", str(tmp_path / "o")]) == 0
     run = json.loads((tmp_path / "o" / "run_config.json").read_text())
     assert run["top_k"] is None and run["require"] == ["Na"] and run["steps"] == 32
+
+
+def test_discover_defaults_are_the_configuration_measured_fastest(monkeypatch, tmp_path):
+    """benchmarks/funnel_speed.md: screening + skip above 0.15 eV/atom + at most 200 steps; other relaxing
+    commands keep 500 steps, and a stated --skip-above off / --max-steps wins."""
+    import inspect
+
+    import composition_lm.workflows.discovery as workflow
+    from composition_lm.cli import build_parser
+    from structure.stability import DEFAULT_DISCOVER_MAX_STEPS, DEFAULT_SKIP_ABOVE
+
+    assert (DEFAULT_SKIP_ABOVE, DEFAULT_DISCOVER_MAX_STEPS) == (0.15, 200)
+    args = build_parser().parse_args(["discover", "-o", "x"])
+    assert (args.skip_above, args.max_steps) == (DEFAULT_SKIP_ABOVE, DEFAULT_DISCOVER_MAX_STEPS)
+    args = build_parser().parse_args(["discover", "--skip-above", "off", "--max-steps", "500", "-o", "x"])
+    assert (args.skip_above, args.max_steps) == (None, 500)
+    for command in (["stability", "s.csv", "-o", "x"], ["learn", "-o", "x"]):
+        assert build_parser().parse_args(command).max_steps == 500
+    assert inspect.signature(workflow.discover).parameters["skip_above"].default == DEFAULT_SKIP_ABOVE
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Funnel:
+        def __init__(self, predictor, scorer, **kwargs):
+            seen.update(kwargs, scorer=scorer)
+            raise Stop
+
+    import structure.discovery
+
+    monkeypatch.setattr(structure.discovery, "DiscoveryFunnel", Funnel)
+    with pytest.raises(Stop):
+        workflow.discover(formulas=["NaCl"], output=tmp_path / "run")
+    assert seen["skip_above"] == DEFAULT_SKIP_ABOVE
+    assert seen["scorer"].relaxer.settings.max_steps == DEFAULT_DISCOVER_MAX_STEPS

@@ -161,7 +161,7 @@ def test_learn_command_runs_a_round_through_the_funnel(tmp_path, capsys):
 
     # a discover run of the same model, count and seed stands in for round 0: nothing is relaxed again
     common = ["--require", "O", "--potential", str(m3gnet), "--max-steps", "20", "--no-progress"]
-    assert main(["discover", "-n", "4", "--seed", "0", *common, "-o", str(tmp_path / "disc")]) == 0
+    assert main(["discover", "-n", "4", "--seed", "0", "--skip-above", "off", *common, "-o", str(tmp_path / "disc")]) == 0
     journal = (tmp_path / "disc" / "journal.jsonl").read_text()
     assert main(["learn", "--rounds", "1", "--per-round", "4", *common, "--round0-from", str(tmp_path / "disc"),
                  "-o", str(tmp_path / "reused")]) == 0
@@ -198,3 +198,38 @@ def test_conditional_method_fine_tunes_the_stability_condition_on_the_loops_labe
     assert list(table.columns) == ["formula", "e_above_hull"] and len(table) > len(set(CORPUS) & set(table["formula"]))
     run = (tmp_path / "run" / "round-1" / "run_config.json").read_text()
     assert "e_above_hull=:0.1" in run  # each round asks for the stable window
+
+
+def test_round0_from_a_run_that_skipped_formulas_is_refused(tiny, tmp_path):
+    import json
+
+    run = tmp_path / "disc"
+    run.mkdir()
+    records = [{"kind": "formula", "index": 0, "formula": "NaCl", "stage": "with_structure"},
+               {"kind": "formula", "index": 1, "formula": "Na3Cl", "stage": "valid",
+                "reason": "skipped: predicted E_hull 0.900 > 0.15 eV/atom (composition model)"}]
+    (run / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match="skipped 1 formulas"):
+        learn(tiny, tmp_path / "loop", LearnConfig(rounds=1, per_round=2), oracle=FunctionOracle(lambda f: 0.0),
+              start_from=run)
+    assert not (tmp_path / "loop" / "round-0" / "discover" / "journal.jsonl").exists()
+
+
+def test_the_funnel_oracle_labels_every_formula_with_500_step_relaxations(monkeypatch, tmp_path):
+    """discover's defaults skip formulas and cap relaxations at 200 steps; the loop's oracle pins neither."""
+    import composition_lm.workflows.discovery as discovery
+    from composition_lm.workflows.learn import FunnelOracle
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_discover(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(discovery, "discover", fake_discover)
+    with pytest.raises(Stop):
+        FunnelOracle().judge(["NaCl"], tmp_path)
+    assert seen["skip_above"] is None and seen["scorer"].relaxer.settings.max_steps == 500

@@ -76,6 +76,8 @@ def test_the_default_potential_is_installed_and_named_in_the_cli():
 
     assert (options.DEFAULT_STOP_MARGIN, options.DEFAULT_JUDGE_MARGIN, options.DEFAULT_STOP_AFTER) == (
         stability.DEFAULT_STOP_MARGIN, stability.DEFAULT_JUDGE_MARGIN, stability.DEFAULT_STOP_AFTER)
+    assert (options.DEFAULT_SKIP_ABOVE, options.DEFAULT_DISCOVER_MAX_STEPS) == (
+        stability.DEFAULT_SKIP_ABOVE, stability.DEFAULT_DISCOVER_MAX_STEPS)
     for name in (potentials.DEFAULT_POTENTIAL, *potentials.DEFAULT_JUDGES):  # core dependencies: offline by default
         assert potentials.POTENTIALS[name].installed() and potentials.POTENTIALS[name].extra == ""
 

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from composition_lm.cli.options import (add_correction_argument, add_progress, add_relax_arguments,
-                                        add_settings_arguments, check_potentials, model_for, quiet_console,
-                                        relax_settings, settings_from_args)
+from composition_lm.cli.options import (DEFAULT_DISCOVER_MAX_STEPS, add_correction_argument, add_progress,
+                                        add_relax_arguments, add_settings_arguments, check_potentials, model_for,
+                                        quiet_console, relax_settings, settings_from_args)
 from composition_lm.sampling_config import SamplingConfig
 
 
@@ -127,8 +127,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 def add_screening_arguments(p) -> None:
     """discover's shortcuts past candidates that cannot come out stable (benchmarks/funnel_speed.md)."""
-    from composition_lm.cli.options import (DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER, DEFAULT_STOP_MARGIN,
-                                             bound_or_off, non_negative_int)
+    from composition_lm.cli.options import (DEFAULT_JUDGE_MARGIN, DEFAULT_SKIP_ABOVE, DEFAULT_STOP_AFTER,
+                                             DEFAULT_STOP_MARGIN, bound_or_off, non_negative_int)
 
     p.add_argument("--stop-margin", **bound_or_off, default=DEFAULT_STOP_MARGIN, metavar="E|off",
                    help="early stop: a relaxation whose structure still lies more than E eV/atom above --e-hull-max "
@@ -140,9 +140,10 @@ def add_screening_arguments(p) -> None:
                    help="two-stage and committee scoring: the judges score only structures that the relaxing "
                    "potential puts at most E eV/atom above --e-hull-max; the others keep its E_hull; off: judge "
                    f"every structure (default: {DEFAULT_JUDGE_MARGIN})")
-    p.add_argument("--skip-above", **bound_or_off, default=None, metavar="E|off",
+    p.add_argument("--skip-above", **bound_or_off, default=DEFAULT_SKIP_ABOVE, metavar="E|off",
                    help="give no structure to a formula whose E_hull by the shipped composition property predictor "
-                   "exceeds E eV/atom (default: off)")
+                   "exceeds E eV/atom; off: a structure for every valid formula (default: "
+                   f"{DEFAULT_SKIP_ABOVE}, which lost 1 of 33 SUN candidates on 200 formulas: benchmarks/funnel_speed.md)")
 
 
 def add_discover_parser(sub) -> None:
@@ -172,7 +173,7 @@ def add_discover_parser(sub) -> None:
     add_correction_argument(p)
     p.add_argument("--e-hull-max", **non_negative_float, default=0.1,
                    help="stable: E_hull at most this, eV/atom (default: 0.1; SUN at 0 is reported too)")
-    add_relax_arguments(p, relax_by_default=True)
+    add_relax_arguments(p, relax_by_default=True, max_steps=DEFAULT_DISCOVER_MAX_STEPS)
     add_screening_arguments(p)
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="relax and score on a Dask cluster (tcp://host:8786; e.g. one started by dask-jobqueue on "

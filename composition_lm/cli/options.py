@@ -13,8 +13,10 @@ PROTOCOL_CHOICES = ("cdvae", "smact", "both")
 DEFAULT_POTENTIAL = "chgnet"  # structure.potentials.DEFAULT_POTENTIAL (kept import-free for --help; a test checks)
 DEFAULT_JUDGES = ("sevennet-l3i5",)  # structure.potentials.DEFAULT_JUDGES
 POTENTIAL_NAMES = ("chgnet", "sevennet-0", "sevennet-l3i5", "nequix-mp-1", "m3gnet")  # structure.potentials.POTENTIALS
-# structure.stability.DEFAULT_STOP_MARGIN, DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER (a test checks)
+# structure.stability.DEFAULT_STOP_MARGIN, DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER, DEFAULT_SKIP_ABOVE,
+# DEFAULT_DISCOVER_MAX_STEPS (a test checks)
 DEFAULT_STOP_MARGIN, DEFAULT_JUDGE_MARGIN, DEFAULT_STOP_AFTER = 0.5, 0.2, 50
+DEFAULT_SKIP_ABOVE, DEFAULT_DISCOVER_MAX_STEPS = 0.15, 200
 
 
 # ------------------------------------------------------------------------------------ numeric types
@@ -63,9 +65,10 @@ bound_or_off = _checked(number_or_off, lambda v: v is None or 0 <= v < float("in
 
 
 # --------------------------------------------------------------------------------- shared options
-def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = False) -> None:
+def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = False, max_steps: int = 500) -> None:
     """The relaxation options of ``structure``, ``cdvae sample``, ``compare`` (off unless ``--relax``) and
-    ``stability`` / ``discover`` (on unless ``--no-relax``)."""
+    ``stability`` / ``discover`` / ``learn`` (on unless ``--no-relax``); ``max_steps``: the command's default step
+    cap (``discover``'s is lower: benchmarks/funnel_speed.md)."""
     if relax_by_default:
         p.add_argument("--relax", action=argparse.BooleanOptionalAction, default=True,
                        help="relax every structure first (FIRE, cell + positions), or take its energy as given "
@@ -81,7 +84,8 @@ def add_relax_arguments(p: argparse.ArgumentParser, relax_by_default: bool = Fal
                    f"structures with a single point of {' + '.join(DEFAULT_JUDGES)}, the scheme that measured best on "
                    "WBM within the cost budget: benchmarks/stability_wbm.md)")
     p.add_argument("--fmax", **positive_float, default=0.05, help="force threshold in eV/Å (default: 0.05)")
-    p.add_argument("--max-steps", **positive_int, default=500, help="optimizer steps per structure (default: 500)")
+    p.add_argument("--max-steps", **positive_int, default=max_steps,
+                   help=f"optimizer steps per structure (default: {max_steps})")
     p.add_argument("--optimizer", type=str.upper, choices=("FIRE", "LBFGS", "BFGS"), default="FIRE",
                    help="ASE optimizer: FIRE as matgl's Relaxer, or LBFGS (same minima in fewer force calls; "
                    "see benchmarks/relax.md) (default: FIRE)")

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from structure.stability import DEFAULT_SKIP_ABOVE
+
 __all__ = ["DiscoveryResult", "discover", "rehull"]
 
 
@@ -78,7 +80,7 @@ def _sampled(generator, n: int, seed: int, output: Path, resume: bool, sampling,
 
 def discover(generator=None, n: int = 1000, seed: int = 0, output: str | Path = "discover", *,
              formulas: Sequence[str] | None = None, sampling=None, predictor=None, scorer=None,
-             e_hull_max: float = 0.1, top_k: int = 1, skip_above: float | None = None, resume: bool = False,
+             e_hull_max: float = 0.1, top_k: int = 1, skip_above: float | None = DEFAULT_SKIP_ABOVE, resume: bool = False,
              workers: int = 1, scheduler=None, progress: bool = False, run: dict | None = None,
              **sampling_overrides) -> DiscoveryResult:
     """Sample ``n`` formulas with ``generator`` (a :class:`~composition_lm.FormulaGenerator`, a model folder or
@@ -89,15 +91,17 @@ def discover(generator=None, n: int = 1000, seed: int = 0, output: str | Path = 
     fields: ``require=["Li"]``, ``targets=["band_gap=1:3"]``, ...) says how to sample. ``predictor``: a
     :class:`structure.StructurePredictor` (default: the shipped compact MP template store, also the novelty
     reference); ``scorer``: a :class:`structure.stability.StabilityScorer` (default: the calibrated default, CHGNet
-    relaxation judged by a SevenNet-l3i5 single point, with the screening of
-    :meth:`structure.stability.Screening.for_threshold`). ``e_hull_max``: the stability threshold (eV/atom);
-    ``top_k`` templates per formula; ``skip_above``: no structure for formulas the composition property predictor
-    puts above this E_hull. ``workers`` relaxation processes, or a Dask ``scheduler``. ``run``: extra entries for
+    relaxation judged by a SevenNet-l3i5 single point, at most ``DEFAULT_DISCOVER_MAX_STEPS`` (200) steps, with the
+    screening of :meth:`structure.stability.Screening.for_threshold`). ``e_hull_max``: the stability threshold
+    (eV/atom); ``top_k`` templates per formula; ``skip_above``: no structure for formulas the composition property
+    predictor puts above this E_hull (default 0.15; None: a structure for every valid formula; the defaults are
+    the configuration measured in ``benchmarks/funnel_speed.md``). ``workers`` relaxation processes, or a Dask ``scheduler``. ``run``: extra entries for
     ``run_config.json`` (the CLI records its command line). With ``resume`` a stopped run in ``output`` is
     finished from its journal; without it a folder holding a run is an error."""
     from structure import StructurePredictor
     from structure.discovery import DiscoveryFunnel
-    from structure.stability import Screening, StabilityScorer
+    from structure.relax import RelaxSettings
+    from structure.stability import DEFAULT_DISCOVER_MAX_STEPS, Screening, StabilityScorer
 
     output = Path(output)
     if (output / "journal.jsonl").exists() and not resume:
@@ -107,7 +111,8 @@ def discover(generator=None, n: int = 1000, seed: int = 0, output: str | Path = 
         raise ValueError("no formulas to screen")
     predictor = predictor if predictor is not None else StructurePredictor()
     if scorer is None:
-        scorer = StabilityScorer(references=predictor.store, screening=Screening.for_threshold(e_hull_max))
+        scorer = StabilityScorer(references=predictor.store, screening=Screening.for_threshold(e_hull_max),
+                                 settings=RelaxSettings(max_steps=DEFAULT_DISCOVER_MAX_STEPS))
     if formulas is not None:
         known, seconds = None, {}
     else:

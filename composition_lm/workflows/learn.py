@@ -120,8 +120,12 @@ class FunctionOracle:
 class FunnelOracle:
     """The discovery funnel as the oracle: each formula's best structure (lowest E_hull among its ``top_k``
     templates) by :func:`composition_lm.workflows.discover`, with the stability ``scorer`` (default: the calibrated
-    default verdict) and the ``predictor``'s store as the novelty reference; ``workers`` processes or a Dask
-    ``scheduler``. Each round's funnel is journalled in ``round-K/discover`` and resumes with the loop."""
+    default verdict, relaxations of up to 500 steps) and the ``predictor``'s store as the novelty reference;
+    ``workers`` processes or a Dask ``scheduler``. Unlike ``discover``'s defaults, every valid formula gets a
+    structure (no ``skip_above``: the loop's labels would otherwise be censored by the composition model it is meant
+    to improve on; its own surrogate filter is ``LearnConfig.surrogate_skip_above``) and relaxations run to 500
+    steps, the oracle the loop's benchmark was measured with. Each round's funnel is journalled in
+    ``round-K/discover`` and resumes with the loop."""
 
     def __init__(self, predictor=None, scorer=None, top_k: int = 1, workers: int = 1, scheduler=None):
         self.predictor, self.scorer, self.top_k = predictor, scorer, top_k
@@ -129,11 +133,18 @@ class FunnelOracle:
 
     def judge(self, formulas: Sequence[str], out_dir: Path) -> list[Verdict]:
         """One verdict per formula, in order (``formulas``: a round's samples as drawn; empty ones are not judged)."""
+        from structure import StructurePredictor
+        from structure.stability import Screening, StabilityScorer
+
         from composition_lm.workflows.discovery import discover
 
+        if self.predictor is None:
+            self.predictor = StructurePredictor()
+        if self.scorer is None:  # RelaxSettings() runs to 500 steps
+            self.scorer = StabilityScorer(references=self.predictor.store, screening=Screening.for_threshold(0.1))
         folder = out_dir / "discover"
         result = discover(formulas=list(formulas), output=folder, predictor=self.predictor, scorer=self.scorer,
-                          top_k=self.top_k, workers=self.workers, scheduler=self.scheduler,
+                          top_k=self.top_k, skip_above=None, workers=self.workers, scheduler=self.scheduler,
                           resume=(folder / "journal.jsonl").exists())
         best: dict[int, Verdict] = {}
         for _, row in result.candidates().iterrows():
@@ -217,13 +228,21 @@ def _fit_surrogate(surrogate, label_files: list[Path], seed: int, out: Path):
 
 
 def _start_from(run: Path, target: Path) -> None:
-    """Copy a ``discover`` run's journal into round 0's funnel folder (once: a journal already there is kept)."""
+    """Copy a ``discover`` run's journal into round 0's funnel folder (once: a journal already there is kept). A run
+    that skipped formulas (``--skip-above``) is refused: they would come out unlabelled, as failures."""
     import shutil
+
+    from structure.discovery import read_journal
 
     if not (run / "journal.jsonl").is_file():
         raise FileNotFoundError(f"{run} holds no discover run (journal.jsonl missing)")
     if (target / "journal.jsonl").exists():
         return
+    skipped = sum(1 for r in read_journal(run / "journal.jsonl")
+                  if r.get("kind") == "formula" and str(r.get("reason", "")).startswith("skipped:"))
+    if skipped:
+        raise ValueError(f"{run} skipped {skipped} formulas by their predicted E_hull (--skip-above), which the loop "
+                         "would label as failures: run discover with --skip-above off to start a loop from it")
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "journal.jsonl", target / "journal.jsonl.tmp")
     (target / "journal.jsonl.tmp").rename(target / "journal.jsonl")
