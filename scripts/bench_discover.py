@@ -132,7 +132,7 @@ def main() -> int:
              f"time ({args.workers} worker processes): {funnel['sun_per_cpu_hour'][key]:.0f} and "
              f"{funnel['sun_per_cpu_hour']['0']:.0f}.", "",
              *([f"Placed on the reference hull again ({rehulls} time(s), `composition-gen discover --rehull`: the "
-                "journal's formation energies on the current table, nothing relaxed again) after the table changed.",
+                "journal's formation energies on the current table, nothing relaxed again) after the table or the funnel's counting changed.",
                 ""] if rehulls else []),
              "| stage | samples |", "|---|---:|", *[f"| {k} | {v} |" for k, v in funnel["counts"].items()], "",
              "| stage | seconds |", "|---|---:|", *[f"| {k} | {v:.0f} |" for k, v in funnel["seconds"].items()], "",

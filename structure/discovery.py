@@ -340,7 +340,9 @@ class DiscoveryFunnel:
             # a lower bound (a known composition the reference holds no energy for) never counts as stable
             stable = row["e_hull_per_atom"] <= self.e_hull_max + 1e-12 and not row["hull_lower_bound"]
             row.update(stable=stable, unique=unique, novel=novel, sun=stable and unique and novel)
-            row["stage"] = ("sun" if row["sun"] else "novel" if stable and unique else "unique" if stable
+            # the last check passed, as for the stages before: a stable duplicate stops at "stable", a stable
+            # unique structure that matches a known one at "unique"; passing novelty is being SUN
+            row["stage"] = ("sun" if row["sun"] else "unique" if stable and unique else "stable" if stable
                             else "on_hull")
             if not row["sun"]:
                 why = ("not novel: a known composition whose structures the template store lacks" if stable and unique

@@ -63,6 +63,14 @@ def test_funnel_counts_rates_and_report(run):
     assert counts[0] == len(FORMULAS) and counts == sorted(counts, reverse=True)
     sun = pd.read_csv(out / "sun.csv", keep_default_na=False)
     assert funnel["counts"]["sun"] == len(sun)
+    # each count is of the samples that passed that check (a stable repeat is not counted unique, a stable
+    # unique known structure not novel)
+    table = pd.read_csv(out / "candidates.csv", keep_default_na=False)
+    best = table[table["best"].astype(str) == "True"]
+    flag = {k: best[k].astype(str) == "True" for k in ("stable", "unique", "novel")}
+    assert funnel["counts"]["stable"] == flag["stable"].sum()
+    assert funnel["counts"]["unique"] == (flag["stable"] & flag["unique"]).sum() < flag["stable"].sum()
+    assert funnel["counts"]["novel"] == funnel["counts"]["sun"] < funnel["counts"]["unique"]
     assert funnel["sun_rate"]["0.1"] == pytest.approx(len(sun) / len(FORMULAS))
     assert sun["e_hull_per_atom"].tolist() == sorted(sun["e_hull_per_atom"].tolist())
     with zipfile.ZipFile(out / "sun_cif.zip") as zf:
