@@ -6,7 +6,7 @@ loop never sampled.
                                        [--learned-from RUN] [--output DIR]
     python scripts/bench_learn.py probe --model PATH|NAME --label NAME [--n 1000] [--seed 1000] [--learned-from RUN]
     python scripts/bench_learn.py variant --label NAME [--round 0] [--set reward_copies=1 --set replay=4 ...]
-    python scripts/bench_learn.py snapshot     # the loop so far -> benchmarks/learn_runs/<name>.tar.gz
+    python scripts/bench_learn.py snapshot [--out FOLDER]  # the loop (or an eval) so far -> benchmarks/learn_runs/
     python scripts/bench_learn.py report
 
 `run` is `composition-gen learn` into runs/learn/<name> (templates: the mp_union store, as bench_discover; the default
@@ -112,6 +112,7 @@ def cmd_eval(args) -> int:
     from structure.io import read_structures
 
     out = args.output or ROOT / "runs" / "learn" / f"eval-{args.label}-n{args.n}-seed{args.seed}"
+    _restore(out)  # a stopped eval snapshotted on another machine (snapshot --out FOLDER)
     t0 = time.process_time()
     from structure.stability import Screening, StabilityScorer
 
@@ -201,18 +202,23 @@ def cmd_variant(args) -> int:
     typed = {k: (v.lower() == "true") if isinstance(getattr(config, k), bool) else type(getattr(config, k))(v)
              for k, v in values.items()}
     config = config.replace(**typed)
-    rdir = args.out / f"round-{args.round}"
-    with open(rdir / "labels.csv", encoding="utf-8") as fh:
-        rows = [{**r, "sun": r["sun"] == "True", "e_hull": float(r["e_hull"] or "nan")} for r in csv.DictReader(fh)]
+    # --round -1: every round's labels at once, fine-tuning the loop's starting model (one consolidated step)
+    rounds = sorted(int(p.parent.name.split("-")[1]) for p in args.out.glob("round-*/labels.csv")) \
+        if args.round < 0 else [args.round]
+    rows = []
+    for k in rounds:
+        with open(args.out / f"round-{k}" / "labels.csv", encoding="utf-8") as fh:
+            rows += [{**r, **{c: r[c] == "True" for c in ("sun", "unique", "novel")},
+                      "e_hull": float(r["e_hull"] or "nan")} for r in csv.DictReader(fh)]
     start = args.model
-    if args.round:
+    if args.round > 0:
         start = str(args.out / json.loads((args.out / f"round-{args.round - 1}" / "done.json").read_text())["model"])
     reference = sorted(FormulaGenerator.from_pretrained(start).training_formulas() or [])
     out = ROOT / "runs" / "learn" / "variants" / args.label
     if not (out / "model" / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         finetune_round(Path(start) if Path(start).is_dir() else FormulaGenerator.from_pretrained(start).path, rows,
-                       reference, config, out, args.round)
+                       reference, config, out, max(args.round, 0))
     args.model, args.learned_from = str(out / "model"), args.out
     args.label = f"{args.label} ({', '.join(f'{k}={v}' for k, v in values.items()) or 'defaults'})"
     return cmd_probe(args)
@@ -292,7 +298,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "learn" / "loop")
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--round", type=int, default=0, help="variant: the loop's round whose labels to fine-tune on")
+    ap.add_argument("--round", type=int, default=0,
+                    help="variant: the loop's round whose labels to fine-tune on (-1: all rounds' labels at once, "
+                    "from --model, the loop's starting model)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="variant: a LearnConfig setting (repeatable)")
     ap.add_argument("--output", type=Path, help="eval: the discover folder (default runs/learn/eval-LABEL-nN-seedS)")

@@ -131,6 +131,19 @@ def test_replay_from_samples_reweights_the_rounds_own_samples(tiny, tmp_path):
     assert (model / "config.json").is_file()
 
 
+def test_replay_from_novel_gives_known_formulas_no_weight(tiny, tmp_path):
+    from composition_lm.workflows.learn import finetune_round
+
+    novel = {"LiF", "NaCl", "MgO", "TiO2"}
+    rows = [{"formula": f, "label": "stable" if i < 2 else "unstable", "sun": i < 2, "novel": f in novel,
+             "e_hull": 0.0} for i, f in enumerate(["LiF", "NaCl", "KBr", "MgO", "CaO", "ZnS", "TiO2"])]
+    cfg = LearnConfig(reward_copies=1, replay=3.0, replay_from="novel", finetune_steps=5, batch_size=8)
+    finetune_round(tiny, rows, CORPUS, cfg, tmp_path)
+    corpus = (tmp_path / "finetune.txt").read_text().split()
+    assert sorted(corpus[:2]) == ["LiF", "NaCl"]
+    assert sorted(corpus[2:]) == sorted(novel)  # 6 asked for, the 4 novel samples are all there are
+
+
 def test_bad_input_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
         learn(tiny, tmp_path / "a", rounds=0)

@@ -76,9 +76,10 @@ class LearnConfig(Settings):
     reward_copies: int = setting(4, "copies of each SUN formula in a round's fine-tuning corpus", range="positive_int")
     replay: float = setting(4.0, "formulas replayed per SUN formula (keeps the model near where it was)",
                             range="non_negative_float")
-    replay_from: str = setting("reference", "what is replayed: reference (the known formulas; pulls towards them) or "
+    replay_from: str = setting("reference", "what is replayed: reference (the known formulas; pulls towards them), "
                                "samples (the round's own valid samples, so the corpus is the round re-weighted by "
-                               "its rewards)", choices=("reference", "samples"))
+                               "its rewards) or novel (only those of the round's samples that are novel, so known "
+                               "formulas get no weight at all)", choices=("reference", "samples", "novel"))
     max_js: float = setting(0.05, "guard: stop when the element-distribution JS divergence of a round's samples "
                             "against the reference exceeds this", range="unit_interval")
     max_top5_share: float = setting(0.5, "guard: stop when the five commonest chemical systems hold more than this "
@@ -310,7 +311,8 @@ def finetune_round(model_path: Path, rows: list[dict], reference: Sequence[str],
                    k: int = 0, progress: bool = False, labels=None) -> Path:
     """One round's fine-tuning into ``out/model``, continued from ``model_path`` (``rows``: the round's label rows,
     as in ``labels.csv``; ``k``: the round, which seeds the replay and the training). ``reward``: the round's
-    SUN formulas, ``reward_copies`` each, plus ``replay`` reference formulas per SUN formula. ``conditional``: the
+    SUN formulas, ``reward_copies`` each, plus ``replay`` formulas per SUN formula (``replay_from``: known ones, the
+    round's valid samples, or its novel samples). ``conditional``: the
     model's own property conditions trained on the loop's E_hull labels joined to ``labels``
     (:func:`_conditional_corpus`)."""
     from composition_lm.training import TrainingArguments, train
@@ -324,7 +326,8 @@ def finetune_round(model_path: Path, rows: list[dict], reference: Sequence[str],
         winners = [r["formula"] for r in rows if r["sun"]]
         rng = random.Random(cfg.seed * 1000 + k)
         pool = (list(reference) if cfg.replay_from == "reference" else
-                [r["formula"] for r in rows if r["label"] not in ("invalid", "failed") and r["formula"]])
+                [r["formula"] for r in rows if r["label"] not in ("invalid", "failed") and r["formula"]
+                 and (cfg.replay_from == "samples" or r["novel"])])
         replay = rng.sample(pool, min(len(pool), round(cfg.replay * len(winners))))
         corpus = out / "finetune.txt"
         write_text(corpus, "\n".join(winners * cfg.reward_copies + replay) + "\n")
