@@ -183,6 +183,7 @@ def cmd_probe(args) -> int:
            "novelty_mp": sum(f not in mp_train for f in distinct) / max(len(distinct), 1),
            "new": len(new) / args.n, "repeats_sun_finds": sum(f in found for f in valid) / args.n,
            "surrogate_stable_new": sum(v <= 0.1 for v in predicted.values()) / args.n,
+           "surrogate": surrogates[-1].parent.parent.name if surrogates else "shipped",
            "element_js_mp20_test": js_divergence(element_frequencies(parsed), element_frequencies(reference)),
            "sampling_cpu_s": round(time.process_time() - t0, 1), "cpu": cpu()}
     with open(ROOT / "benchmarks" / "learn_probe.jsonl", "a", encoding="utf-8") as fh:
@@ -274,10 +275,12 @@ def cmd_report(args) -> int:
                   "loop's latest surrogate puts at E_hull <= 0.1 (it learned the same labels the model did, so it "
                   "flatters a fine-tuned model); repeats: samples that are one of the loop's SUN finds.", "",
                   "| label | N | seed | validity | uniqueness | novelty vs MP train | new | surrogate-stable new | "
-                  "repeats | element JS vs MP-20 test | sampling CPU-s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "surrogate | repeats | element JS vs MP-20 test | sampling CPU-s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['label']} | {r['n']} | {r['seed']} | {r['validity']:.3f} | {r['uniqueness']:.3f} | "
                          f"{r['novelty_mp']:.3f} | {r['new']:.3f} | {r['surrogate_stable_new']:.3f} | "
+                         f"{r['surrogate']} | "
                          f"{r['repeats_sun_finds']:.3f} | {r['element_js_mp20_test']:.4f} | {r['sampling_cpu_s']:.0f} |")
     write_text(ROOT / "benchmarks" / "learn.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
