@@ -82,6 +82,10 @@ def test_resume_after_a_kill_gives_the_same_labels_and_no_duplicates(tiny, tmp_p
     assert not (tmp_path / "killed" / "round-1" / "done.json").exists()
     with pytest.raises(FileExistsError, match="resume"):
         learn(tiny, tmp_path / "killed", cfg, oracle=FunctionOracle(_halide))
+    with pytest.raises(ValueError, match="replay_from 'reference' \\(asked: 'samples'\\)"):  # two loops in one
+        learn(tiny, tmp_path / "killed", cfg.replace(replay_from="samples"), oracle=FunctionOracle(_halide),
+              resume=True)
+    assert LearnConfig.load(tmp_path / "killed" / "learn_config.json") == cfg
     again = learn(tiny, tmp_path / "killed", cfg, oracle=FunctionOracle(_halide), resume=True)
     for k in (0, 1):
         assert (tmp_path / "whole" / f"round-{k}" / "labels.csv").read_text() == \

@@ -249,6 +249,25 @@ def _start_from(run: Path, target: Path) -> None:
     (target / "journal.jsonl.tmp").rename(target / "journal.jsonl")
 
 
+#: the loop's settings, beside its rounds (written when a loop starts; a resumed loop must ask for the same)
+CONFIG_NAME = "learn_config.json"
+
+
+def _check_config(path: Path, cfg: LearnConfig) -> None:
+    """Record ``cfg`` in a new loop folder; in a resumed one, refuse other settings (``rounds`` may grow: a finished
+    loop can be continued), which would mix two loops' rounds in one. A loop folder from before the record takes
+    the settings it is resumed with."""
+    if path.is_file():
+        before = LearnConfig.load(path, strict=False)
+        changed = {k: (getattr(before, k), getattr(cfg, k)) for k in LearnConfig.names()
+                   if k != "rounds" and getattr(before, k) != getattr(cfg, k)}
+        if changed:
+            raise ValueError(f"{path.parent} is a loop with other settings: " + ", ".join(
+                f"{k} {a!r} (asked: {b!r})" for k, (a, b) in changed.items()) + "; resume it with its own settings "
+                "or start a new output folder")
+    cfg.save(path)
+
+
 def _cpu_seconds() -> float:
     """CPU seconds of this process and of its children that have finished (the funnel's relaxation workers)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -368,6 +387,7 @@ def learn(model, output: str | Path, config: LearnConfig | None = None, oracle=N
     if done and not resume:
         raise FileExistsError(f"{out} holds a learning loop: pass resume=True (--resume) to continue it")
     out.mkdir(parents=True, exist_ok=True)
+    _check_config(out / CONFIG_NAME, cfg)
     oracle = oracle if oracle is not None else FunnelOracle()
     if start_from is not None:
         _start_from(Path(start_from), out / "round-0" / "discover")
