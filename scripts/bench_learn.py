@@ -216,6 +216,7 @@ def cmd_variant(args) -> int:
         start = str(args.out / json.loads((args.out / f"round-{args.round - 1}" / "done.json").read_text())["model"])
     reference = sorted(FormulaGenerator.from_pretrained(start).training_formulas() or [])
     out = ROOT / "runs" / "learn" / "variants" / args.label
+    _restore(out)  # snapshot --out runs/learn/variants/LABEL
     if not (out / "model" / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         finetune_round(Path(start) if Path(start).is_dir() else FormulaGenerator.from_pretrained(start).path, rows,

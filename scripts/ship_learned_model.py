@@ -66,6 +66,7 @@ def card(name: str, model: Path, loop: Path, eval_label: str, step: str) -> str:
     import pandas as pd
 
     funnel = json.loads((loop / "round-0" / "discover" / "funnel.json").read_text())
+    cfg = json.loads((loop / "learn_config.json").read_text())
     args = json.loads((model / "training_args.json").read_text())
     rounds = pd.read_csv(loop / "rounds.csv")
     start, mine = _eval_rows(eval_label)
@@ -73,8 +74,10 @@ def card(name: str, model: Path, loop: Path, eval_label: str, step: str) -> str:
              "The shipped Diffusion-BERT (`diffusion-bert`, trained on Materials Project formulas) after "
              f"{len(rounds)} rounds of `composition-gen learn` (issue 37): each round sampled 1,000 formulas, the "
              "discovery funnel judged them, and the model was fine-tuned by reward-weighted likelihood on the "
-             "round's SUN formulas (stable at E_hull <= 0.1 eV/atom, unique, novel against MP and every earlier "
-             f"round), each repeated {4} times, with the round's own samples replayed. {step}", "",
+             f"round's SUN formulas (stable at E_hull <= {cfg['e_hull_max']:g} eV/atom, unique, novel against MP "
+             f"and every earlier round), each repeated {cfg['reward_copies']} times, with {cfg['replay']:g} "
+             f"replayed formulas per SUN formula (`--replay-from {cfg['replay_from']}`), {cfg['finetune_steps']} "
+             f"steps per round. {step}", "",
              f"`composition-gen discover --model {name}` and `composition-gen sample --model {name}` use it; "
              f"0.89 M parameters, the same architecture, tokenizer and sampler settings as `diffusion-bert`.", "",
              "## The oracle", "",
@@ -85,7 +88,7 @@ def card(name: str, model: Path, loop: Path, eval_label: str, step: str) -> str:
              f"`{funnel['reference_hull']}`. Calibrated on WBM structures no potential trained on: MAE 0.046 "
              "eV/atom, F1 0.79 at E_hull <= 0 (`benchmarks/stability_wbm.md`). From round 1 a composition "
              "surrogate (the shipped property predictor fine-tuned on the loop's labels) kept formulas it put above "
-             "0.2 eV/atom from the oracle (`skipped`, never rewarded).", "",
+             f"{cfg['surrogate_skip_above']} eV/atom from the oracle (`skipped`, never rewarded).", "",
              "## The labels", "", "| round | sampled with | " + " | ".join(
                  ["stable", "metastable", "unstable", "failed", "skipped", "invalid", "SUN"]) + " |",
              "|---:|---|" + "---:|" * 7]
