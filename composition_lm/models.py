@@ -25,7 +25,8 @@ MODEL_TYPES = {
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 #: short names -> folders shipped in the package
 SHIPPED = {"diffusion-bert": "diffusion-bert-mp", "diffusion-lm": "diffusion-lm-mp",
-           "diffusion-bert-props": "diffusion-bert-mp-props", "diffusion-lm-props": "diffusion-lm-mp-props"}
+           "diffusion-bert-props": "diffusion-bert-mp-props", "diffusion-lm-props": "diffusion-lm-mp-props",
+           "diffusion-bert-stable": "diffusion-bert-stable"}
 DEFAULT_MODEL = "diffusion-bert"
 #: the shipped model that answers property targets (band_gap, e_above_hull, formation_energy_per_atom)
 CONDITIONAL_MODEL = "diffusion-bert-props"

@@ -3,7 +3,7 @@ loop never sampled.
 
     python scripts/bench_learn.py run [--rounds 3] [--per-round 1000] [--workers 2] [--resume] [learn options]
     python scripts/bench_learn.py eval --model PATH|NAME --label start [--n 1000] [--seed 1000] [--workers 2]
-                                       [--learned-from RUN] [--output DIR]
+                                       [--learned-from RUN] [--output DIR] [--temperature T]
     python scripts/bench_learn.py probe --model PATH|NAME --label NAME [--n 1000] [--seed 1000] [--learned-from RUN]
     python scripts/bench_learn.py variant --label NAME [--round 0] [--set reward_copies=1 --set replay=4 ...]
     python scripts/bench_learn.py snapshot [--out FOLDER]  # the loop (or an eval) so far -> benchmarks/learn_runs/
@@ -120,8 +120,9 @@ def cmd_eval(args) -> int:
     # the loop's oracle, with which the start row was measured: relaxations of up to 500 steps, a structure for
     # every valid formula (discover's defaults now stop at 200 steps and skip formulas above 0.15 eV/atom)
     scorer = StabilityScorer(references=predictor.store, screening=Screening.for_threshold(0.1))
+    overrides = {"temperature": args.temperature} if args.temperature is not None else {}
     result = discover(args.model, args.n, args.seed, out, predictor=predictor, scorer=scorer, skip_above=None,
-                      workers=args.workers, resume=(out / "journal.jsonl").exists())
+                      workers=args.workers, resume=(out / "journal.jsonl").exists(), **overrides)
     table = result.candidates()
     per_sample = table.drop_duplicates("index")
     valid = per_sample[~per_sample["stage"].isin(["sampled", "parsed"])]
@@ -137,7 +138,7 @@ def cmd_eval(args) -> int:
     new = {t: int(((sun_table["e_hull_per_atom"] <= float(t)) & ~sun_table["formula"].isin(seen)).sum()) / args.n
            for t in ("0.1", "0")}
     row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed,
-           "sun_rate": sun["0.1"], "sun_rate_se": _se(sun["0.1"], args.n), "sun_rate_0": sun["0"],
+           "temperature": args.temperature, "sun_rate": sun["0.1"], "sun_rate_se": _se(sun["0.1"], args.n), "sun_rate_0": sun["0"],
            "sun_rate_0_se": _se(sun["0"], args.n), "sun_rate_new": new["0.1"], "sun_rate_new_se": _se(new["0.1"], args.n),
            "sun_rate_0_new": new["0"], "learned_from": _shown(args.learned_from or ""),
            "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
@@ -308,6 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="variant: a LearnConfig setting (repeatable)")
     ap.add_argument("--output", type=Path, help="eval: the discover folder (default runs/learn/eval-LABEL-nN-seedS)")
+    ap.add_argument("--temperature", type=float, help="eval: sample at this temperature (default: the model's)")
     ap.add_argument("--learned-from", type=Path, metavar="RUN",
                     help="eval: the loop the model learned from (its labelled formulas are not new finds)")
     args, extra = ap.parse_known_args(argv)  # run: any other option goes to `composition-gen learn`

@@ -62,7 +62,8 @@ def _eval_line(r: dict) -> str:
             f"{r['element_js_mp20_test']:.4f} |")
 
 
-def card(name: str, model: Path, loop: Path, eval_label: str, step: str) -> str:
+def card(name: str, model: Path, loop: Path, eval_label: str, step: str, step_command: str = "",
+         limits: tuple[str, ...] = ()) -> str:
     import pandas as pd
 
     funnel = json.loads((loop / "round-0" / "discover" / "funnel.json").read_text())
@@ -82,7 +83,9 @@ def card(name: str, model: Path, loop: Path, eval_label: str, step: str) -> str:
              f"0.89 M parameters, the same architecture, tokenizer and sampler settings as `diffusion-bert`.", "",
              "## The oracle", "",
              f"The discovery funnel of `composition-gen discover` with the package's calibrated verdict: "
-             f"{funnel['potential']}; screening {json.dumps(funnel['screening'])}; relaxations of up to 500 steps; "
+             f"{funnel['potential']}; screening " + ", ".join(
+                 f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in funnel["screening"].items())
+             + " (eV/atom, steps); relaxations of up to 500 steps; "
              f"one template per formula from the `mp_union` store (all 53,164 MP structures of "
              "`../shared/data/structures/mp_union.csv.gz`); E_hull against "
              f"`{funnel['reference_hull']}`. Calibrated on WBM structures no potential trained on: MAE 0.046 "
@@ -111,7 +114,8 @@ def card(name: str, model: Path, loop: Path, eval_label: str, step: str) -> str:
         se = ratio * math.sqrt((mine["sun_rate_se"] / mine["sun_rate"]) ** 2 +
                                (start["sun_rate_se"] / start["sun_rate"]) ** 2)
         lines += ["1,000 formulas per row through the same oracle; SUN new: without the formulas the loop had "
-                  "already labelled; novelty: distinct valid formulas MP does not list.", "",
+                  "already labelled; novelty: distinct valid formulas that neither MP nor the model's own training "
+                  "corpus lists (for this model: MP's training formulas and the loop's fine-tuning corpora).", "",
                   "| row | model | seed | SUN at 0.1 | SUN new at 0.1 | SUN at 0 | uniqueness | novelty | element JS vs "
                   "MP-20 test |", "|---|---|---:|---:|---:|---:|---:|---:|---:|", _eval_line(start), _eval_line(mine),
                   "", f"SUN at 0.1: {ratio:.2f}x ± {se:.2f} the starting model's."]
@@ -126,7 +130,7 @@ def card(name: str, model: Path, loop: Path, eval_label: str, step: str) -> str:
               "- Reward fine-tuning narrows the model: its formulas are less often new than `diffusion-bert`'s, and "
               "its element distribution drifts from MP's (the loop stops when element JS exceeds 0.05).",
               "- Novel here means a composition MP does not list; a novel formula can still be a known compound "
-              "outside MP.", "",
+              "outside MP.", *[f"- {x}" for x in limits], "",
               "## Provenance and licences", "",
               f"Fine-tuned from `{_rel(args.get('init_from', ''))}` on `{_rel(args.get('corpus', ''))}`, "
               f"{args.get('max_steps')} steps, batch {args.get('batch_size')}, lr {args.get('lr')}, seed "
@@ -135,7 +139,7 @@ def card(name: str, model: Path, loop: Path, eval_label: str, step: str) -> str:
               "Reproduce: `python scripts/bench_learn.py run --rounds 3 --per-round 1000 --workers 2 --resume -- "
               "--round0-from runs/discover/diffusion-bert-n1000-seed0 --replay-from samples --surrogate-skip-above "
               "0.2 --max-steps 500` (round 0 is the 1,000-formula discover benchmark, "
-              "`python scripts/bench_discover.py --n 1000`), then the last step as above, then "
+              f"`python scripts/bench_discover.py --n 1000`), then {step_command or 'the last step as above'}, then "
               f"`python scripts/ship_learned_model.py --model {_rel(model)} --eval-label {eval_label}`."]
     return "\n".join(lines) + "\n"
 
@@ -147,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loop", type=Path, default=ROOT / "runs" / "learn" / "loop")
     ap.add_argument("--eval-label", required=True, help="its row in benchmarks/learn_eval.jsonl")
     ap.add_argument("--step", default="", help="a sentence on how the last fine-tuning step differed, for the card")
+    ap.add_argument("--step-command", default="", help="the command of that step, for the card's Reproduce line")
+    ap.add_argument("--limit", action="append", default=[], help="a further limit for the card (repeatable)")
     args = ap.parse_args(argv)
     from composition_lm.models import PRETRAINED_DIR, SHIPPED
 
@@ -163,7 +169,8 @@ def main(argv=None) -> int:
         shutil.copyfile(source, tmp / name)
     training = json.loads((args.model / "training_args.json").read_text())
     write_json(tmp / "training_args.json", {k: _rel(v) if isinstance(v, str) else v for k, v in training.items()})
-    write_text(tmp / "README.md", card(args.name, args.model, args.loop, args.eval_label, args.step))
+    write_text(tmp / "README.md", card(args.name, args.model, args.loop, args.eval_label, args.step,
+                                       args.step_command, tuple(args.limit)))
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)

@@ -97,3 +97,24 @@ def test_sample_cli_diffusion_lm_by_name(tmp_path):
     assert len(rows) == 20 and all("O" in r["sample"].split() for r in rows)
     cfg = json.loads((out / "run_config.json").read_text())
     assert cfg["model_type"] == "diffusion-lm" and cfg["steps"] == 10
+
+
+# ------------------------------------------------------------------------------ the closed loop's model
+STABLE_DIR = PRETRAINED_DIR / SHIPPED["diffusion-bert-stable"]
+
+
+def test_the_loop_model_ships_with_a_card_naming_its_oracle_rounds_and_labels(tmp_path):
+    stable = _load_shipped(STABLE_DIR, "diffusion-bert-stable")
+    assert stable.path.resolve() == STABLE_DIR.resolve() and stable.model_type == "diffusion-bert"
+    assert sum(f.stat().st_size for f in STABLE_DIR.iterdir()) / 1e6 <= 20
+    card = (STABLE_DIR / "README.md").read_text()
+    for words in ("## The oracle", "chgnet", "sevennet-l3i5", "## The labels", "| 0 | diffusion-bert |",
+                  "| 2 | round-1/model |", "the starting model's"):
+        assert words in card, words
+    # it learned from the loop: its training formulas are MP's and the loop's own finds
+    assert len(stable.training_formulas()) > len(load_model("diffusion-bert").training_formulas())
+    out = tmp_path / "s"
+    assert main(["sample", "--model", "diffusion-bert-stable", "-n", "20", "--seed", "0", "-o", str(out),
+                 "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(out / "formulas.csv")))
+    assert len(rows) == 20 and all(r["valid_cdvae"] == "True" for r in rows)
