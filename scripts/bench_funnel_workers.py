@@ -35,6 +35,12 @@ LOG = ROOT / "benchmarks" / "funnel_workers.jsonl"
 RUNS = ROOT / "runs" / "funnel_workers"
 
 
+def _portable(command: str, tree: Path, commit: str) -> str:
+    """The command with the work tree named by its commit, not by this machine's path (a reader makes their own
+    worktree: git worktree add WORKTREE COMMIT)."""
+    return command.replace(str(tree), f"<worktree at {commit}>")
+
+
 def _formulas(n: int) -> Path:
     sample = ROOT / "runs" / "funnel_speed" / "sample" / "formulas.csv"
     restore_file(sample, ROOT / "benchmarks" / "funnel_speed_runs")
@@ -68,7 +74,8 @@ def cmd_run(args) -> int:
                "workers": args.workers, "wall_s": round(wall, 1),
                "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 1),
                "relaxed": funnel["counts"]["relaxed"], "sun": funnel["counts"]["sun"], "cpu": cpu(),
-               "cores": os.cpu_count(), "command": command_line("bench_funnel_workers.py"), "when": time.time()}
+               "cores": os.cpu_count(), "command": _portable(command_line("bench_funnel_workers.py"), args.tree, commit),
+               "when": time.time()}
         append_jsonl(LOG, row)
         print(json.dumps(row), flush=True)
     return 0
