@@ -114,12 +114,12 @@ def cmd_eval(args) -> int:
     out = args.output or ROOT / "runs" / "learn" / f"eval-{args.label}-n{args.n}-seed{args.seed}"
     _restore(out)  # a stopped eval snapshotted on another machine (snapshot --out FOLDER)
     t0 = time.process_time()
-    from structure.stability import Screening, StabilityScorer
+    from composition_lm.workflows.learn import oracle_scorer
 
     predictor = StructurePredictor(args.templates if args.templates.is_dir() else None)
     # the loop's oracle, with which the start row was measured: relaxations of up to 500 steps, a structure for
     # every valid formula (discover's defaults now stop at 200 steps and skip formulas above 0.15 eV/atom)
-    scorer = StabilityScorer(references=predictor.store, screening=Screening.for_threshold(0.1))
+    scorer = oracle_scorer(predictor)
     overrides = {"temperature": args.temperature} if args.temperature is not None else {}
     result = discover(args.model, args.n, args.seed, out, predictor=predictor, scorer=scorer, skip_above=None,
                       workers=args.workers, resume=(out / "journal.jsonl").exists(), **overrides)

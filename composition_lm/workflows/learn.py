@@ -45,7 +45,7 @@ from pathlib import Path
 
 from evaluation.settings import Settings, setting
 
-__all__ = ["FunctionOracle", "FunnelOracle", "LearnConfig", "Verdict", "finetune_round", "learn"]
+__all__ = ["FunctionOracle", "FunnelOracle", "LearnConfig", "Verdict", "finetune_round", "learn", "oracle_scorer"]
 
 ROUND_COLUMNS = ["round", "samples", "valid", "unique", "novel", "stable_0", "stable", "sun_0", "sun", "sun_rate_0",
                  "sun_rate", "validity", "uniqueness", "novelty", "element_js", "top5_system_share", "skipped",
@@ -118,6 +118,15 @@ class FunctionOracle:
                 for f in formulas]
 
 
+def oracle_scorer(predictor):
+    """The loop's stability verdict: the calibrated default with its screening at 0.1 eV/atom and relaxations of up
+    to 500 steps (``RelaxSettings()``), not ``discover``'s 200; elemental references from ``predictor``'s store.
+    The loop's benchmark judges its start and final models with it too."""
+    from structure.stability import Screening, StabilityScorer
+
+    return StabilityScorer(references=predictor.store, screening=Screening.for_threshold(0.1))
+
+
 class FunnelOracle:
     """The discovery funnel as the oracle: each formula's best structure (lowest E_hull among its ``top_k``
     templates) by :func:`composition_lm.workflows.discover`, with the stability ``scorer`` (default: the calibrated
@@ -135,14 +144,13 @@ class FunnelOracle:
     def judge(self, formulas: Sequence[str], out_dir: Path) -> list[Verdict]:
         """One verdict per formula, in order (``formulas``: a round's samples as drawn; empty ones are not judged)."""
         from structure import StructurePredictor
-        from structure.stability import Screening, StabilityScorer
 
         from composition_lm.workflows.discovery import discover
 
         if self.predictor is None:
             self.predictor = StructurePredictor()
-        if self.scorer is None:  # RelaxSettings() runs to 500 steps
-            self.scorer = StabilityScorer(references=self.predictor.store, screening=Screening.for_threshold(0.1))
+        if self.scorer is None:
+            self.scorer = oracle_scorer(self.predictor)
         folder = out_dir / "discover"
         result = discover(formulas=list(formulas), output=folder, predictor=self.predictor, scorer=self.scorer,
                           top_k=self.top_k, skip_above=None, workers=self.workers, scheduler=self.scheduler,
