@@ -170,9 +170,16 @@ class DiffusionBertModel(PropertyConditioned, BertPreTrainedModel):
 
 def masked_diffusion_loss(
     denoiser, config: DiffusionBertConfig, x0: torch.Tensor, generator: torch.Generator | None = None,
-    conditions: torch.Tensor | None = None,
+    conditions: torch.Tensor | None = None, unlikely: bool = False, max_t: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
     """The diffusion loss of a batch of clean sequences ``x0`` (``[B, L]``).
+
+    ``unlikely=True`` turns it into an unlikelihood loss for sequences the model should *not* produce (Welleck et
+    al. 2019's token-level unlikelihood, on the same noising and weighting): each masked token costs
+    ``-log(1 - p(x0_i | x_t))`` instead of ``-log p(x0_i | x_t)``, so minimising it lowers the probability of
+    completing ``x0``, most strongly where little is masked (the ELBO weight grows as ``t`` falls), i.e. where the
+    context already spells out that formula. ``max_t < 1`` draws the noise level from ``(0, max_t]`` only (with
+    ``unlikely``: only the completions of nearly whole formulas are penalised, not the model's general choices).
 
     ``denoiser`` is the model as the training loop holds it (possibly wrapped for distributed
     training): it is only called, ``denoiser(x_t, t[, conditions])``. ``conditions`` (``[B, P]`` property
@@ -187,7 +194,7 @@ def masked_diffusion_loss(
         x0 = x0.clone()
         x0[:, 0] = torch.where(drop, torch.full_like(x0[:, 0], BOS), x0[:, 0])
     # low-discrepancy time sampling (MDLM), kept away from t = 0
-    t = stratified_uniform(b, generator, x0.device) * (1 - 1e-3) + 1e-3
+    t = (stratified_uniform(b, generator, x0.device) * (1 - 1e-3) + 1e-3) * max_t
     maskable = torch.ones_like(x0, dtype=torch.bool)
     maskable[:, 0] = False  # [BOS] is never noised
     xt, masked = mask_tokens(x0, t, schedule, config.mask_token_id, generator, maskable)
@@ -196,7 +203,11 @@ def masked_diffusion_loss(
                           drop_conditions(conditions, config.property_dropout, generator))
     else:
         logits = denoiser(xt, t if config.time_conditioning else None)
-    ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+    if unlikely:
+        p_true = F.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+        ce = -torch.log1p(-p_true.clamp(max=1 - 1e-6))
+    else:
+        ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
     ce = torch.where(masked, ce, torch.zeros_like(ce))
     n_masked = masked.sum().clamp_min(1)
     if config.loss_weighting == "elbo":

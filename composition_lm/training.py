@@ -50,6 +50,11 @@ class TrainingArguments:
     val_fraction: float = 0.05  # seeded split when the corpus has no split column
     dedupe: bool = True  # drop repeated formulas; False keeps them (a repeated formula weighs more: composition-gen learn)
     init_from: str | None = None
+    # formulas to move away from (any corpus `validate` reads; diffusion-bert, unconditional): each step adds
+    # `unlikelihood` x the unlikelihood loss of a batch of them (composition-gen learn: known formulas it sampled)
+    negatives: str | None = None
+    unlikelihood: float = 1.0
+    unlikelihood_max_t: float = 1.0  # the negatives' noise levels: (0, max_t]; low = only their completions
     # model (ignored with init_from, which brings its own)
     codec: str = "expanded"
     seq_length: int = 32
@@ -323,6 +328,17 @@ def train(args: TrainingArguments, command: str = "") -> Path:
     if len(train_ids) == 0:
         raise ValueError("no training formula fits the sequence length")
 
+    neg_ids = None
+    if args.negatives:
+        if (is_gaussian(parent.config) if parent is not None else args.model_type == "diffusion-lm") or bins:
+            raise ValueError("--negatives needs an unconditional diffusion-bert model")
+        neg_ds, _ = load_corpus(args.negatives, split=None, seed=args.seed)
+        neg_ids, _ = _encode(list(neg_ds["formula"]), codec, tokenizer, args.seq_length, args.validity_conditioning)
+        if len(neg_ids) == 0:
+            raise ValueError(f"no formula of --negatives {args.negatives} fits the sequence length")
+        if main:
+            print(f"unlikelihood on {len(neg_ids)} negative formulas, weight {args.unlikelihood}")
+
     # ---- model, optimiser
     model, loss_fn = _build_model(args, train_ids, len(tokenizer.get_vocab()), parent, bins)
     n_params = sum(p.numel() for p in model.parameters())
@@ -349,7 +365,17 @@ def train(args: TrainingArguments, command: str = "") -> Path:
         if train_cond is not None:
             return loss_fn(model, raw_model.config, train_ids[rows].to(device), g,
                            conditions=train_cond[rows].to(device))
-        return loss_fn(model, raw_model.config, train_ids[rows].to(device), g)
+        loss, stats = loss_fn(model, raw_model.config, train_ids[rows].to(device), g)
+        if neg_ids is not None:
+            # a batch of negatives of its own seeded order and noise (the same batch size, drawn with repetition
+            # across epochs when there are fewer negatives than that)
+            n_neg = min(args.batch_size * world, len(neg_ids))
+            neg = epoch_batch(len(neg_ids), n_neg, args.seed + 1, step * args.grad_accum + micro)[rank::world]
+            unlikely, _ = loss_fn(model, raw_model.config, neg_ids[neg].to(device), g, unlikely=True,
+                                  max_t=args.unlikelihood_max_t)
+            loss = loss + args.unlikelihood * unlikely
+            stats = {**stats, "unlikelihood": float(unlikely.detach())}
+        return loss, stats
 
     state = run_training(
         accelerator, model, opt, sched, ema, LoopSettings.of(args), start_step, out, step_loss,

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchlib import command_line, cpu, restore_file, snapshot_files  # noqa: E402
+from scripts.benchlib import command_line, cpu, ensure_mp_union_store, restore_file, snapshot_files  # noqa: E402
 
 from evaluation.io import write_json, write_text  # noqa: E402
 
@@ -98,9 +98,7 @@ def main() -> int:
             restore_file(path, SNAPSHOTS)
     from composition_lm.cli import main as cli
 
-    if not (args.templates / "store.json").is_file():
-        assert cli(["templates", "build", str(args.shared / "data/structures/mp_union.csv.gz"), "-o",
-                    str(args.templates), "--no-progress"]) == 0
+    ensure_mp_union_store(args.templates, args.shared)
     os.chdir(ROOT)  # the command it records names paths relative to the repository, so a reader can rerun it
     argv = ["discover", "--model", args.model, "-n", str(args.n), "--seed", str(args.seed), "--templates",
             os.path.relpath(args.templates, ROOT), *(["--potential", args.potential] if args.potential else []),

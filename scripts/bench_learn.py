@@ -5,6 +5,7 @@ loop never sampled.
     python scripts/bench_learn.py eval --model PATH|NAME --label start [--n 1000] [--seed 1000] [--workers 2]
                                        [--learned-from RUN] [--output DIR] [--temperature T]
     python scripts/bench_learn.py probe --model PATH|NAME --label NAME [--n 1000] [--seed 1000] [--learned-from RUN]
+                                        [--temperature T]
     python scripts/bench_learn.py variant --label NAME [--round 0] [--set reward_copies=1 --set replay=4 ...]
     python scripts/bench_learn.py snapshot [--out FOLDER]  # the loop (or an eval) so far -> benchmarks/learn_runs/
     python scripts/bench_learn.py report
@@ -40,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.benchlib import command_line, cpu  # noqa: E402
+from scripts.benchlib import command_line, cpu, ensure_mp_union_store  # noqa: E402
 
 from evaluation.io import write_text  # noqa: E402
 
@@ -98,8 +99,7 @@ def cmd_run(args) -> int:
 
     argv = ["learn", "--model", args.model, "--rounds", str(args.rounds), "--per-round", str(args.per_round),
             "--workers", str(args.workers), "--no-progress", "-o", str(args.out)]
-    if args.templates.is_dir():
-        argv += ["--templates", str(args.templates)]
+    argv += ["--templates", str(ensure_mp_union_store(args.templates, args.shared))]
     return cli(argv + (["--resume"] if args.resume else []) + args.extra)
 
 
@@ -116,7 +116,7 @@ def cmd_eval(args) -> int:
     t0 = time.process_time()
     from composition_lm.workflows.learn import oracle_scorer
 
-    predictor = StructurePredictor(args.templates if args.templates.is_dir() else None)
+    predictor = StructurePredictor(ensure_mp_union_store(args.templates, args.shared))
     # the loop's oracle, with which the start row was measured: relaxations of up to 500 steps, a structure for
     # every valid formula (discover's defaults now stop at 200 steps and skip formulas above 0.15 eV/atom)
     scorer = oracle_scorer(predictor)
@@ -157,6 +157,7 @@ def cmd_probe(args) -> int:
 
     from composition_lm.generator import FormulaGenerator
     from evaluation.composition import try_parse_formula
+    from evaluation.hull import ReferenceHull
     from evaluation.metrics import element_frequencies, js_divergence
     from evaluation.properties import PropertyPredictor
     from structure.io import read_structures
@@ -170,18 +171,24 @@ def cmd_probe(args) -> int:
     surrogate = PropertyPredictor.load(surrogates[-1].parent) if surrogates else None
     mp_train = FormulaGenerator.from_pretrained("diffusion-bert").training_formulas()
     t0 = time.process_time()
-    table = FormulaGenerator.from_pretrained(args.model).generate(args.n, seed=args.seed)
+    overrides = {"temperature": args.temperature} if args.temperature is not None else {}
+    generator = FormulaGenerator.from_pretrained(args.model)
+    table = generator.generate(args.n, seed=args.seed, **overrides)
     valid = [f for f, ok in zip(table["formula"], table["valid_cdvae"]) if isinstance(f, str) and f and ok]
     distinct = sorted(set(valid))
     new = [f for f in distinct if f not in mp_train and f not in labelled]
+    known = (generator.training_formulas() or set()) | ReferenceHull.default().formulas()
     predicted = dict(zip(new, surrogate.predict(new)["e_above_hull"])) if surrogate and new else {}
     test = [r.structure.composition.reduced_formula
             for r in read_structures(args.shared / "data/structures/mp_20/test.csv.gz")]
     parsed = [p for p in (try_parse_formula(f)[0] for f in valid) if p is not None]
     reference = [p for p in (try_parse_formula(f)[0] for f in test) if p is not None]
-    row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed, "learned_from": _shown(run),
+    row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed,
+           "temperature": args.temperature, "learned_from": _shown(run),
            "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
            "novelty_mp": sum(f not in mp_train for f in distinct) / max(len(distinct), 1),
+           # eval's (discover's) novelty: not among the probed model's own training formulas nor the reference hull's
+           "novelty_eval": sum(f not in known for f in distinct) / max(len(distinct), 1),
            "new": len(new) / args.n, "repeats_sun_finds": sum(f in found for f in valid) / args.n,
            "surrogate_stable_new": sum(v <= 0.1 for v in predicted.values()) / args.n,
            "surrogate": surrogates[-1].parent.parent.name if surrogates else "shipped",
@@ -276,14 +283,16 @@ def cmd_report(args) -> int:
                   "neither in MP's train formulas nor labelled by the loop, per sample; surrogate-stable new: those the "
                   "loop's latest surrogate puts at E_hull <= 0.1 (it learned the same labels the model did, so it "
                   "flatters a fine-tuned model); repeats: samples that are one of the loop's SUN finds.", "",
-                  "| label | N | seed | validity | uniqueness | novelty vs MP train | new | surrogate-stable new | "
-                  "surrogate | repeats | element JS vs MP-20 test | sampling CPU-s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+                  "| label | N | seed | T | validity | uniqueness | novelty vs MP train | novelty as eval | new | "
+                  "surrogate-stable new | surrogate | repeats | element JS vs MP-20 test | sampling CPU-s | CPU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
         for r in rows:
-            lines.append(f"| {r['label']} | {r['n']} | {r['seed']} | {r['validity']:.3f} | {r['uniqueness']:.3f} | "
-                         f"{r['novelty_mp']:.3f} | {r['new']:.3f} | {r['surrogate_stable_new']:.3f} | "
+            lines.append(f"| {r['label']} | {r['n']} | {r['seed']} | {r.get('temperature') or 'model'} | "
+                         f"{r['validity']:.3f} | {r['uniqueness']:.3f} | "
+                         f"{r['novelty_mp']:.3f} | {r.get('novelty_eval', math.nan):.3f} | {r['new']:.3f} | {r['surrogate_stable_new']:.3f} | "
                          f"{r['surrogate']} | "
-                         f"{r['repeats_sun_finds']:.3f} | {r['element_js_mp20_test']:.4f} | {r['sampling_cpu_s']:.0f} |")
+                         f"{r['repeats_sun_finds']:.3f} | {r['element_js_mp20_test']:.4f} | {r['sampling_cpu_s']:.0f} | "
+                         f"{r.get('cpu', '')} |")
     write_text(ROOT / "benchmarks" / "learn.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -299,7 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1000, help="eval: first seed the loop never sampled (default 1000)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--templates", type=Path, default=TEMPLATES)
+    ap.add_argument("--templates", type=Path, default=TEMPLATES,
+                    help="template store (built from mp_union.csv.gz when missing; default: runs/mp_union.db)")
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "learn" / "loop")
     ap.add_argument("--resume", action="store_true")
@@ -309,7 +319,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="variant: a LearnConfig setting (repeatable)")
     ap.add_argument("--output", type=Path, help="eval: the discover folder (default runs/learn/eval-LABEL-nN-seedS)")
-    ap.add_argument("--temperature", type=float, help="eval: sample at this temperature (default: the model's)")
+    ap.add_argument("--temperature", type=float, help="eval, probe, variant: sample at this temperature (default: the model's)")
     ap.add_argument("--learned-from", type=Path, metavar="RUN",
                     help="eval: the loop the model learned from (its labelled formulas are not new finds)")
     args, extra = ap.parse_known_args(argv)  # run: any other option goes to `composition-gen learn`

@@ -180,3 +180,14 @@ def update_card(model_dir: Path, results: dict, markdown_name: str) -> None:
     text += f"\nformulas/s (whole command): min {sp['min']:.0f}, median {sp['median']:.0f}, max {sp['max']:.0f}. " \
         f"Full tables: `benchmarks/{markdown_name}` in the repository.\n"
     write_text(card, text)
+
+
+def ensure_mp_union_store(store: Path, shared: Path) -> Path:
+    """The mp_union template store the discovery benchmarks are measured with, built from
+    ``shared/data/structures/mp_union.csv.gz`` when ``store`` does not hold one yet (a fresh machine)."""
+    if not (store / "store.json").is_file():
+        from composition_lm.cli import main as cli
+
+        assert cli(["templates", "build", str(shared / "data/structures/mp_union.csv.gz"), "-o", str(store),
+                    "--no-progress"]) == 0
+    return store

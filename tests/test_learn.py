@@ -148,6 +148,54 @@ def test_replay_from_novel_gives_known_formulas_no_weight(tiny, tmp_path):
     assert sorted(corpus[2:]) == sorted(novel)  # 6 asked for, the 4 novel samples are all there are
 
 
+def _diffusion_loss(model_path, formulas: list[str]) -> float:
+    """The masked-diffusion loss (an upper bound on -log p per token) of ``formulas`` under a model, averaged over
+    fixed noise draws: lower means the model is likelier to produce them."""
+    import torch
+
+    from composition_lm.diffusion_bert import masked_diffusion_loss
+    from composition_lm.formula import get_codec
+    from composition_lm.models import load_model
+    from composition_lm.training import _encode
+
+    loaded = load_model(model_path)
+    ids, _ = _encode(formulas, get_codec(loaded.config.codec), loaded.tokenizer, loaded.config.seq_length, False)
+    model = loaded.model.eval()
+    with torch.no_grad():
+        return sum(float(masked_diffusion_loss(model, loaded.config, ids, torch.Generator().manual_seed(s))[0])
+                   for s in range(32)) / 32
+
+
+def test_unlikelihood_moves_the_model_away_from_the_known_samples(tiny, tmp_path):
+    from composition_lm.workflows.learn import finetune_round
+
+    known = ["KBr", "CaO", "ZnS"]
+    rows = [{"formula": f, "label": "stable" if i < 2 else "unstable", "sun": i < 2, "novel": f not in known,
+             "e_hull": 0.0} for i, f in enumerate(["LiF", "NaCl", "KBr", "MgO", "CaO", "ZnS", "TiO2"])]
+    rows.append({"formula": "Xx", "label": "invalid", "sun": False, "novel": False, "e_hull": math.nan})
+    common = dict(reward_copies=2, replay=2.0, replay_from="novel", finetune_steps=40, batch_size=8, lr=3e-3)
+    plain = finetune_round(tiny, rows, CORPUS, LearnConfig(**common), tmp_path / "plain")
+    pushed = finetune_round(tiny, rows, CORPUS, LearnConfig(**common, unlikelihood=1.0), tmp_path / "pushed")
+    assert (tmp_path / "pushed" / "negatives.txt").read_text().split() == sorted(known)  # valid, not novel
+    assert not (tmp_path / "plain" / "negatives.txt").exists()
+    # the known formulas became less likely than plain fine-tuning leaves them (the term is token-level, so it
+    # spreads to similar formulas too: in this corpus of binaries LiF and NaCl lose as much; see benchmarks/learn.md)
+    assert _diffusion_loss(pushed, known) > _diffusion_loss(plain, known) + 0.2
+
+
+def test_negatives_need_an_unconditional_diffusion_bert(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n")
+    negatives = tmp_path / "negatives.txt"
+    negatives.write_text("NaCl\n")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), corpus=str(corpus), model_type="diffusion-lm",
+                             train_split=None, val_split=None, hidden_size=16, num_layers=1, num_heads=2,
+                             intermediate_size=32, batch_size=8, seq_length=16, max_steps=2, eval_every=0,
+                             save_every=0, progress=False, negatives=str(negatives))
+    with pytest.raises(ValueError, match="--negatives needs an unconditional diffusion-bert"):
+        train(args)
+
+
 def test_bad_input_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
         learn(tiny, tmp_path / "a", rounds=0)

@@ -22,6 +22,7 @@ from composition_lm.cli.options import (
     non_negative_float,
     non_negative_int,
     positive_float,
+    probability,
     positive_int,
     run_value,
     settings_from_args,
@@ -112,6 +113,14 @@ def _add_train_parser(sub) -> None:
                    help="seeded val share when the corpus has no split column (default: 0.05)")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--init-from", help="fine-tune from this model (folder, shipped name or hub id)")
+    p.add_argument("--negatives", help="formulas the model should move away from (any corpus `validate` reads): each "
+                   "step adds --unlikelihood x an unlikelihood loss on a batch of them (diffusion-bert, "
+                   "unconditional; e.g. known compounds a fine-tuned model keeps reproducing)")
+    p.add_argument("--unlikelihood", **non_negative_float, default=1.0,
+                   help="weight of the --negatives term (default: 1.0)")
+    p.add_argument("--unlikelihood-max-t", **probability, default=1.0,
+                   help="the --negatives term's noise levels are drawn from (0, this]: low values penalise only the "
+                   "completions of nearly whole negatives (default: 1.0, all levels)")
     p.add_argument("--codec", choices=["expanded", "compact"], default="expanded")
     p.add_argument("--seq-length", **positive_int, default=32,
                    help="tokens per sequence incl. [BOS]/[EOS]; longer formulas are skipped (default: 32)")

@@ -19,7 +19,9 @@ Each round (``RUN/round-K/``):
 6. the model is **fine-tuned** on what it found: ``method="reward"`` is reward-weighted likelihood (each SUN formula
    ``reward_copies`` times in the corpus, with ``replay`` reference formulas per SUN formula against forgetting the
    starting model; Peters & Schaal 2007's RWR with a replay anchor), continued from the current model
-   (``init_from``) for ``finetune_steps`` steps. ``method="conditional"`` fine-tunes a model conditioned on
+   (``init_from``) for ``finetune_steps`` steps; with ``unlikelihood > 0`` the round's known samples (valid, not
+   novel) are negatives, an unlikelihood term (Welleck et al. 2019) pushing the model away from formulas that
+   cannot count as discoveries. ``method="conditional"`` fine-tunes a model conditioned on
    ``e_above_hull`` on the loop's E_hull labels joined to known ones and samples with the target ``<= e_hull_max``.
    The model is saved in ``round-K/model`` and samples round K + 1; the last round's is the loop's result.
 
@@ -80,6 +82,15 @@ class LearnConfig(Settings):
                                "samples (the round's own valid samples, so the corpus is the round re-weighted by "
                                "its rewards) or novel (only those of the round's samples that are novel, so known "
                                "formulas get no weight at all)", choices=("reference", "samples", "novel"))
+    unlikelihood: float = setting(0.0, "weight of an unlikelihood term on the round's known samples (valid, not "
+                                  "novel: MP or an earlier round has them): the model is pushed away from "
+                                  "reproducing known formulas, not only towards its SUN ones (0: off; "
+                                  "token-level, so it also lowers similar formulas: on the real loop it traded "
+                                  "stability for novelty much as a higher sampling temperature does)",
+                                  range="non_negative_float")
+    unlikelihood_max_t: float = setting(1.0, "the unlikelihood term's noise levels are drawn from (0, this]: low "
+                                        "values penalise only the completions of nearly whole known formulas, "
+                                        "not the model's general choices", range="probability")
     max_js: float = setting(0.05, "guard: stop when the element-distribution JS divergence of a round's samples "
                             "against the reference exceeds this", range="unit_interval")
     max_top5_share: float = setting(0.5, "guard: stop when the five commonest chemical systems hold more than this "
@@ -339,7 +350,8 @@ def finetune_round(model_path: Path, rows: list[dict], reference: Sequence[str],
     """One round's fine-tuning into ``out/model``, continued from ``model_path`` (``rows``: the round's label rows,
     as in ``labels.csv``; ``k``: the round, which seeds the replay and the training). ``reward``: the round's
     SUN formulas, ``reward_copies`` each, plus ``replay`` formulas per SUN formula (``replay_from``: known ones, the
-    round's valid samples, or its novel samples). ``conditional``: the
+    round's valid samples, or its novel samples), and with ``unlikelihood > 0`` its known samples as negatives
+    (``out/negatives.txt``). ``conditional``: the
     model's own property conditions trained on the loop's E_hull labels joined to ``labels``
     (:func:`_conditional_corpus`)."""
     from composition_lm.training import TrainingArguments, train
@@ -359,6 +371,13 @@ def finetune_round(model_path: Path, rows: list[dict], reference: Sequence[str],
         corpus = out / "finetune.txt"
         write_text(corpus, "\n".join(winners * cfg.reward_copies + replay) + "\n")
         extra = {"dedupe": False}
+        known = sorted({r["formula"] for r in rows if r["label"] not in ("invalid", "failed") and r["formula"]
+                        and not r["novel"]}) if cfg.unlikelihood > 0 else []
+        if known:
+            negatives = out / "negatives.txt"
+            write_text(negatives, "\n".join(known) + "\n")
+            extra.update(negatives=str(negatives), unlikelihood=cfg.unlikelihood,
+                         unlikelihood_max_t=cfg.unlikelihood_max_t)
     args = TrainingArguments(output_dir=str(out / "train"), corpus=str(corpus), init_from=str(model_path),
                              train_split=None, val_split=None, max_steps=cfg.finetune_steps, lr=cfg.lr,
                              batch_size=cfg.batch_size, warmup_steps=min(50, cfg.finetune_steps // 5),
