@@ -152,7 +152,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_probe(args) -> int:
+def cmd_probe(args, generator=None) -> int:
+    """``generator``: a FormulaGenerator to probe instead of loading ``args.model`` (scripts/learn_experiments.py
+    probes sampling-time mixtures of two models this way)."""
     import pandas as pd
 
     from composition_lm.generator import FormulaGenerator
@@ -172,7 +174,7 @@ def cmd_probe(args) -> int:
     mp_train = FormulaGenerator.from_pretrained("diffusion-bert").training_formulas()
     t0 = time.process_time()
     overrides = {"temperature": args.temperature} if args.temperature is not None else {}
-    generator = FormulaGenerator.from_pretrained(args.model)
+    generator = generator if generator is not None else FormulaGenerator.from_pretrained(args.model)
     table = generator.generate(args.n, seed=args.seed, **overrides)
     valid = [f for f, ok in zip(table["formula"], table["valid_cdvae"]) if isinstance(f, str) and f and ok]
     distinct = sorted(set(valid))
@@ -298,7 +300,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["run", "eval", "probe", "variant", "snapshot", "report"])
     ap.add_argument("--model", default="diffusion-bert")
@@ -326,6 +328,11 @@ def main(argv=None) -> int:
     if extra and args.action != "run":
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = [a for a in extra if a != "--"]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     return {"run": cmd_run, "eval": cmd_eval, "probe": cmd_probe, "variant": cmd_variant, "snapshot": cmd_snapshot,
             "report": cmd_report}[args.action](args)
 

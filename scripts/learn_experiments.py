@@ -12,6 +12,10 @@ into runs/learn/variants/LABEL; then `python scripts/bench_learn.py probe --mode
     python scripts/learn_experiments.py unstable-negatives --label ulunstable0.3 [--with-known]
         # unlikelihood on the samples the oracle put above 0.1 eV/atom in rounds 0-2 (and the round's known ones)
 
+    python scripts/learn_experiments.py autoguide --model runs/learn/variants/novel-r2/model --gamma 1.5 --label ...
+        # no training: sample log p = gamma log p_model + (1 - gamma) log p_start (autoguidance, Karras et al. 2024;
+        # contrastive decoding, Li et al. 2023: the loop's model guided away from the one it started from), probed
+
 The extra samples come from seed --sample-seed (500: the loop sampled seeds 0-2, the evaluation starts at 1000).
 """
 
@@ -50,6 +54,38 @@ def _extra_samples(model: Path, n: int, seed: int) -> list[str]:
     return sorted({f for f, ok in zip(table["formula"], table["valid_cdvae"]) if f and str(ok) == "True"})
 
 
+class _Mixture:
+    """A denoiser whose log-probabilities are ``gamma * log p_a + (1 - gamma) * log p_b`` (both renormalised first;
+    tokens both rule out stay out)."""
+
+    def __new__(cls, a, b, gamma: float):
+        import torch
+        from torch import nn
+
+        class Mixture(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b, self.gamma, self.config = a.eval(), b.eval(), gamma, a.config
+
+            def forward(self, x, t=None, **kw):
+                la = self.a(x, t, **kw).float().log_softmax(-1)
+                lb = self.b(x, t, **kw).float().log_softmax(-1)
+                return torch.nan_to_num(self.gamma * la + (1 - self.gamma) * lb, nan=-torch.inf)
+
+        return Mixture()
+
+
+def autoguide(args) -> int:
+    import scripts.bench_learn as bench
+    from composition_lm.generator import FormulaGenerator
+    from composition_lm.models import load_model
+
+    generator = FormulaGenerator.from_pretrained(args.model)
+    generator.loaded.model = _Mixture(generator.loaded.model, load_model(args.start).model, args.gamma)
+    probe = bench.parse_args(["probe", "--model", args.model, "--label", args.label, "--learned-from", str(LOOP)])
+    return bench.cmd_probe(probe, generator=generator)
+
+
 def main(argv=None) -> int:
     from composition_lm.generator import FormulaGenerator
     from composition_lm.workflows.learn import LearnConfig, finetune_round
@@ -57,7 +93,10 @@ def main(argv=None) -> int:
     from evaluation.properties import PropertyPredictor
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("experiment", choices=["surrogate-positives", "wide-negatives", "unstable-negatives"])
+    ap.add_argument("experiment", choices=["surrogate-positives", "wide-negatives", "unstable-negatives", "autoguide"])
+    ap.add_argument("--model", help="autoguide: the model to guide")
+    ap.add_argument("--start", default="diffusion-bert", help="autoguide: the model it is guided away from")
+    ap.add_argument("--gamma", type=float, default=1.5, help="autoguide: 1 is the model alone")
     ap.add_argument("--label", required=True)
     ap.add_argument("--samples", type=int, default=8000)
     ap.add_argument("--sample-seed", type=int, default=500)
@@ -65,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--unlikelihood", type=float, default=0.3)
     ap.add_argument("--with-known", action="store_true", help="unstable-negatives: the round's known samples too")
     args = ap.parse_args(argv)
+    if args.experiment == "autoguide":
+        return autoguide(args)
 
     start = LOOP / json.loads((LOOP / "round-1" / "done.json").read_text())["model"]
     rows = _labels(2)
