@@ -22,8 +22,8 @@ from composition_lm.cli.options import (
     non_negative_float,
     non_negative_int,
     positive_float,
-    probability,
     positive_int,
+    probability,
     run_value,
     settings_from_args,
 )
