@@ -85,8 +85,9 @@ class LearnConfig(Settings):
     unlikelihood: float = setting(0.0, "weight of an unlikelihood term on the round's known samples (valid, not "
                                   "novel: MP or an earlier round has them): the model is pushed away from "
                                   "reproducing known formulas, not only towards its SUN ones (0: off; "
-                                  "token-level, so it also lowers similar formulas: on the real loop it traded "
-                                  "stability for novelty much as a higher sampling temperature does)",
+                                  "token-level, so it also lowers similar formulas: on the benchmark's last round "
+                                  "it bought novelty at a higher price in stability than a higher sampling "
+                                  "temperature, benchmarks/learn.md)",
                                   range="non_negative_float")
     unlikelihood_max_t: float = setting(1.0, "the unlikelihood term's noise levels are drawn from (0, this]: low "
                                         "values penalise only the completions of nearly whole known formulas, "
