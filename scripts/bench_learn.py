@@ -120,7 +120,9 @@ def cmd_eval(args) -> int:
     # the loop's oracle, with which the start row was measured: relaxations of up to 500 steps, a structure for
     # every valid formula (discover's defaults now stop at 200 steps and skip formulas above 0.15 eV/atom)
     scorer = oracle_scorer(predictor)
-    overrides = {"temperature": args.temperature} if args.temperature is not None else {}
+    # float32 sampling on every machine: `dtype auto` samples in bfloat16 on CPUs with AVX512-BF16/AMX, and the same
+    # seed then draws other formulas than the rows measured in float32 on an AVX2-only machine
+    overrides = {"dtype": "float32", **({"temperature": args.temperature} if args.temperature is not None else {})}
     result = discover(args.model, args.n, args.seed, out, predictor=predictor, scorer=scorer, skip_above=None,
                       workers=args.workers, resume=(out / "journal.jsonl").exists(), **overrides)
     table = result.candidates()
@@ -138,7 +140,7 @@ def cmd_eval(args) -> int:
     new = {t: int(((sun_table["e_hull_per_atom"] <= float(t)) & ~sun_table["formula"].isin(seen)).sum()) / args.n
            for t in ("0.1", "0")}
     row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed,
-           "temperature": args.temperature, "sun_rate": sun["0.1"], "sun_rate_se": _se(sun["0.1"], args.n), "sun_rate_0": sun["0"],
+           "temperature": args.temperature, "dtype": "float32", "sun_rate": sun["0.1"], "sun_rate_se": _se(sun["0.1"], args.n), "sun_rate_0": sun["0"],
            "sun_rate_0_se": _se(sun["0"], args.n), "sun_rate_new": new["0.1"], "sun_rate_new_se": _se(new["0.1"], args.n),
            "sun_rate_0_new": new["0"], "learned_from": _shown(args.learned_from or ""),
            "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
@@ -173,7 +175,7 @@ def cmd_probe(args, generator=None) -> int:
     surrogate = PropertyPredictor.load(surrogates[-1].parent) if surrogates else None
     mp_train = FormulaGenerator.from_pretrained("diffusion-bert").training_formulas()
     t0 = time.process_time()
-    overrides = {"temperature": args.temperature} if args.temperature is not None else {}
+    overrides = {"dtype": "float32", **({"temperature": args.temperature} if args.temperature is not None else {})}
     generator = generator if generator is not None else FormulaGenerator.from_pretrained(args.model)
     table = generator.generate(args.n, seed=args.seed, **overrides)
     valid = [f for f, ok in zip(table["formula"], table["valid_cdvae"]) if isinstance(f, str) and f and ok]
@@ -186,7 +188,7 @@ def cmd_probe(args, generator=None) -> int:
     parsed = [p for p in (try_parse_formula(f)[0] for f in valid) if p is not None]
     reference = [p for p in (try_parse_formula(f)[0] for f in test) if p is not None]
     row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed,
-           "temperature": args.temperature, "learned_from": _shown(run),
+           "temperature": args.temperature, "dtype": "float32", "learned_from": _shown(run),
            "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
            "novelty_mp": sum(f not in mp_train for f in distinct) / max(len(distinct), 1),
            # eval's (discover's) novelty: not among the probed model's own training formulas nor the reference hull's
@@ -265,8 +267,8 @@ def cmd_report(args) -> int:
                   "SUN new: SUN formulas the loop had not already labelled (the model learned from those). Novelty: "
                   "distinct valid formulas not among the model's training formulas.", "",
                   "| label | model | N | seed | SUN at 0.1 | x start | SUN new at 0.1 | x start | SUN at 0 | "
-                  "validity | uniqueness | novelty | element JS vs MP-20 test |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "validity | uniqueness | novelty | element JS vs MP-20 test | sampled in |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             ratio = r["sun_rate"] / start["sun_rate"] if start and start["sun_rate"] else math.nan
             new = r.get("sun_rate_new", r["sun_rate"])
@@ -276,7 +278,7 @@ def cmd_report(args) -> int:
                          f"{100 * _se(new, r['n']):.1f} | {ratio_new:.2f} | {100 * r['sun_rate_0']:.1f} % ± "
                          f"{100 * r['sun_rate_0_se']:.1f} | {r.get('validity', math.nan):.3f} | "
                          f"{r.get('uniqueness', math.nan):.3f} | {r.get('novelty', math.nan):.3f} | "
-                         f"{r['element_js_mp20_test']:.4f} |")
+                         f"{r['element_js_mp20_test']:.4f} | {r.get('dtype', '')} |")
     probes = ROOT / "benchmarks" / "learn_probe.jsonl"
     rows = [json.loads(line) for line in probes.read_text().splitlines()] if probes.is_file() else []
     if rows:
@@ -286,15 +288,16 @@ def cmd_report(args) -> int:
                   "loop's latest surrogate puts at E_hull <= 0.1 (it learned the same labels the model did, so it "
                   "flatters a fine-tuned model); repeats: samples that are one of the loop's SUN finds.", "",
                   "| label | N | seed | T | validity | uniqueness | novelty vs MP train | novelty as eval | new | "
-                  "surrogate-stable new | surrogate | repeats | element JS vs MP-20 test | sampling CPU-s | CPU |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+                  "surrogate-stable new | surrogate | repeats | element JS vs MP-20 test | sampling CPU-s | CPU | "
+                  "sampled in |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|"]
         for r in rows:
             lines.append(f"| {r['label']} | {r['n']} | {r['seed']} | {r.get('temperature') or 'model'} | "
                          f"{r['validity']:.3f} | {r['uniqueness']:.3f} | "
                          f"{r['novelty_mp']:.3f} | {r.get('novelty_eval', math.nan):.3f} | {r['new']:.3f} | {r['surrogate_stable_new']:.3f} | "
                          f"{r['surrogate']} | "
                          f"{r['repeats_sun_finds']:.3f} | {r['element_js_mp20_test']:.4f} | {r['sampling_cpu_s']:.0f} | "
-                         f"{r.get('cpu', '')} |")
+                         f"{r.get('cpu', '')} | {r.get('dtype', '')} |")
         lines += _frontier(rows, [json.loads(line) for line in EVAL.read_text().splitlines()] if EVAL.is_file() else [])
     write_text(ROOT / "benchmarks" / "learn.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -310,16 +313,19 @@ def _frontier(probes: list[dict], evals: list[dict]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in probes if "novelty_eval" in r]
+    rows = [r for r in probes if "novelty_eval" in r and r.get("dtype") == "float32"]
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     ax.scatter([r["novelty_eval"] for r in rows], [r["surrogate_stable_new"] for r in rows], s=18,
-               label="probe: surrogate-stable new per sample (1,000 samples)")
+               label="probe: surrogate-stable new per sample (1,000 samples, float32)")
     for r in rows:
         ax.annotate(r["label"].split(" (")[0],
                     (r["novelty_eval"], r["surrogate_stable_new"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     done = [r for r in evals if r.get("novelty") is not None]
+    for r in done:
+        if r.get("dtype") != "float32":
+            r["label"] = f"{r['label']} ({r.get('dtype')})"
     ax.errorbar([r["novelty"] for r in done], [r["sun_rate"] for r in done], yerr=[r["sun_rate_se"] for r in done],
                 fmt="s", color="C3", ms=5, label="eval: SUN rate at 0.1 eV/atom (oracle, 1,000 formulas)")
     for r in done:
@@ -338,8 +344,9 @@ def _frontier(probes: list[dict], evals: list[dict]) -> list[str]:
     plt.close(fig)
     return ["", "![trade-off](learn_frontier.png)", "",
             "The trade-off (`learn_frontier.png`): each probe with novelty counted as the eval counts it, against the "
-            "surrogate-stable new formulas per sample; the eval rows (oracle SUN rate at 0.1 against their novelty) in "
-            "red. The targets are the top right corner."]
+            "surrogate-stable new formulas per sample (the probes sampled in float32); the eval rows (oracle SUN rate "
+            "at 0.1 against their novelty) in red, with the precision named where it was not float32. The targets are "
+            "the top right corner."]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -73,6 +73,13 @@ def test_sample_options_come_from_the_config_fields_and_config_file_reproduces_a
                  "--validity", "smact", "--no-progress", "-o", str(tmp_path / "a")]) == 0
     run = json.loads((tmp_path / "a" / "run_config.json").read_text())
     assert run["steps"] == 4 and run["require"] == ["Li"] and run["validity"] == "smact" and run["n"] == 16
+    import torch
+
+    from composition_lm.sampling import resolve_dtype
+
+    # `dtype auto` is recorded as asked and as it ran on this machine (bfloat16 on AVX512-BF16/AMX CPUs)
+    ran = resolve_dtype("auto", torch.device("cpu"))
+    assert run["dtype"] == "auto" and run["dtype_used"] == ("bfloat16" if ran == torch.bfloat16 else "float32")
     assert main(["sample", "--config", str(tmp_path / "a" / "run_config.json"), "--no-progress",
                  "-o", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "formulas.csv").read_bytes() == (tmp_path / "b" / "formulas.csv").read_bytes()

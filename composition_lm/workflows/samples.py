@@ -28,7 +28,13 @@ def save_samples(gen, table, out_dir: str | Path, run: dict, started: float, sam
     summary = {**gen.summary(table), "seconds": elapsed, "seconds_sampling": sampled - started}
     summary["formulas_per_s"] = summary["n_samples"] / elapsed
     summary["valid_novel_unique_per_s"] = summary["valid_novel_unique_cdvae"] / elapsed
+    from composition_lm.sampling import resolve_dtype
+
+    # what `dtype: auto` became on this machine: bfloat16 where the CPU runs it fast (AVX512-BF16/AMX), else float32;
+    # the same seed draws other formulas in the other precision
+    ran = resolve_dtype(table.attrs["sampling"].get("dtype", "auto"), next(gen.model.parameters()).device)
     config = {**run, "model": str(gen.path), "model_type": gen.model_type, **table.attrs["sampling"],
+              "dtype_used": "bfloat16" if ran == torch.bfloat16 else "float32",
               "validity_repair": table.attrs["validity"], "torch": torch.__version__, "machine": platform.platform(),
               "threads": torch.get_num_threads(), "summary": summary}
     write_json(out_dir / "run_config.json", config)
