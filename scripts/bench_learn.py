@@ -55,6 +55,13 @@ def _shown(path) -> str:
     return os.path.relpath(text, ROOT) if os.path.isabs(text) and Path(text).is_relative_to(ROOT) else text
 
 
+def _sampling(args) -> dict:
+    """How eval and probe sample: float32 on every machine (`dtype auto` samples in bfloat16 on CPUs with
+    AVX512-BF16/AMX, and the same seed then draws other formulas than the rows measured in float32 on an AVX2-only
+    machine), at ``--temperature`` when given."""
+    return {"dtype": "float32", **({"temperature": args.temperature} if args.temperature is not None else {})}
+
+
 def _se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else math.nan
 
@@ -120,9 +127,7 @@ def cmd_eval(args) -> int:
     # the loop's oracle, with which the start row was measured: relaxations of up to 500 steps, a structure for
     # every valid formula (discover's defaults now stop at 200 steps and skip formulas above 0.15 eV/atom)
     scorer = oracle_scorer(predictor)
-    # float32 sampling on every machine: `dtype auto` samples in bfloat16 on CPUs with AVX512-BF16/AMX, and the same
-    # seed then draws other formulas than the rows measured in float32 on an AVX2-only machine
-    overrides = {"dtype": "float32", **({"temperature": args.temperature} if args.temperature is not None else {})}
+    overrides = _sampling(args)
     result = discover(args.model, args.n, args.seed, out, predictor=predictor, scorer=scorer, skip_above=None,
                       workers=args.workers, resume=(out / "journal.jsonl").exists(), **overrides)
     table = result.candidates()
@@ -140,7 +145,7 @@ def cmd_eval(args) -> int:
     new = {t: int(((sun_table["e_hull_per_atom"] <= float(t)) & ~sun_table["formula"].isin(seen)).sum()) / args.n
            for t in ("0.1", "0")}
     row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed,
-           "temperature": args.temperature, "dtype": "float32", "sun_rate": sun["0.1"], "sun_rate_se": _se(sun["0.1"], args.n), "sun_rate_0": sun["0"],
+           "temperature": args.temperature, "dtype": overrides["dtype"], "sun_rate": sun["0.1"], "sun_rate_se": _se(sun["0.1"], args.n), "sun_rate_0": sun["0"],
            "sun_rate_0_se": _se(sun["0"], args.n), "sun_rate_new": new["0.1"], "sun_rate_new_se": _se(new["0.1"], args.n),
            "sun_rate_0_new": new["0"], "learned_from": _shown(args.learned_from or ""),
            "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
@@ -175,7 +180,7 @@ def cmd_probe(args, generator=None) -> int:
     surrogate = PropertyPredictor.load(surrogates[-1].parent) if surrogates else None
     mp_train = FormulaGenerator.from_pretrained("diffusion-bert").training_formulas()
     t0 = time.process_time()
-    overrides = {"dtype": "float32", **({"temperature": args.temperature} if args.temperature is not None else {})}
+    overrides = _sampling(args)
     generator = generator if generator is not None else FormulaGenerator.from_pretrained(args.model)
     table = generator.generate(args.n, seed=args.seed, **overrides)
     valid = [f for f, ok in zip(table["formula"], table["valid_cdvae"]) if isinstance(f, str) and f and ok]
@@ -188,7 +193,7 @@ def cmd_probe(args, generator=None) -> int:
     parsed = [p for p in (try_parse_formula(f)[0] for f in valid) if p is not None]
     reference = [p for p in (try_parse_formula(f)[0] for f in test) if p is not None]
     row = {"label": args.label, "model": _shown(args.model), "n": args.n, "seed": args.seed,
-           "temperature": args.temperature, "dtype": "float32", "learned_from": _shown(run),
+           "temperature": args.temperature, "dtype": overrides["dtype"], "learned_from": _shown(run),
            "validity": len(valid) / args.n, "uniqueness": len(distinct) / max(len(valid), 1),
            "novelty_mp": sum(f not in mp_train for f in distinct) / max(len(distinct), 1),
            # eval's (discover's) novelty: not among the probed model's own training formulas nor the reference hull's
@@ -323,13 +328,11 @@ def _frontier(probes: list[dict], evals: list[dict]) -> list[str]:
         ax.annotate(r["label"].split(" (")[0],
                     (r["novelty_eval"], r["surrogate_stable_new"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     done = [r for r in evals if r.get("novelty") is not None]
-    for r in done:
-        if r.get("dtype") != "float32":
-            r["label"] = f"{r['label']} ({r.get('dtype')})"
     ax.errorbar([r["novelty"] for r in done], [r["sun_rate"] for r in done], yerr=[r["sun_rate_se"] for r in done],
                 fmt="s", color="C3", ms=5, label="eval: SUN rate at 0.1 eV/atom (oracle, 1,000 formulas)")
     for r in done:
-        ax.annotate(r["label"], (r["novelty"], r["sun_rate"]), fontsize=6, color="C3", xytext=(3, -8),
+        name = r["label"] if r.get("dtype") == "float32" else f"{r['label']} ({r.get('dtype')})"
+        ax.annotate(name, (r["novelty"], r["sun_rate"]), fontsize=6, color="C3", xytext=(3, -8),
                     textcoords="offset points")
     start = next((r for r in evals if r["label"] == "start"), None)
     if start:

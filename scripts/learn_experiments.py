@@ -54,25 +54,23 @@ def _extra_samples(model: Path, n: int, seed: int) -> list[str]:
     return sorted({f for f, ok in zip(table["formula"], table["valid_cdvae"]) if f and str(ok) == "True"})
 
 
-class _Mixture:
+def _mixture(a, b, gamma: float):
     """A denoiser whose log-probabilities are ``gamma * log p_a + (1 - gamma) * log p_b`` (both renormalised first;
     tokens both rule out stay out)."""
+    import torch
+    from torch import nn
 
-    def __new__(cls, a, b, gamma: float):
-        import torch
-        from torch import nn
+    class Mixture(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.gamma, self.config = a.eval(), b.eval(), gamma, a.config
 
-        class Mixture(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.a, self.b, self.gamma, self.config = a.eval(), b.eval(), gamma, a.config
+        def forward(self, x, t=None, **kw):
+            la = self.a(x, t, **kw).float().log_softmax(-1)
+            lb = self.b(x, t, **kw).float().log_softmax(-1)
+            return torch.nan_to_num(self.gamma * la + (1 - self.gamma) * lb, nan=-torch.inf)
 
-            def forward(self, x, t=None, **kw):
-                la = self.a(x, t, **kw).float().log_softmax(-1)
-                lb = self.b(x, t, **kw).float().log_softmax(-1)
-                return torch.nan_to_num(self.gamma * la + (1 - self.gamma) * lb, nan=-torch.inf)
-
-        return Mixture()
+    return Mixture()
 
 
 def autoguide(args) -> int:
@@ -81,7 +79,7 @@ def autoguide(args) -> int:
     from composition_lm.models import load_model
 
     generator = FormulaGenerator.from_pretrained(args.model)
-    generator.loaded.model = _Mixture(generator.loaded.model, load_model(args.start).model, args.gamma)
+    generator.loaded.model = _mixture(generator.loaded.model, load_model(args.start).model, args.gamma)
     probe = bench.parse_args(["probe", "--model", args.model, "--label", args.label, "--learned-from", str(LOOP)])
     return bench.cmd_probe(probe, generator=generator)
 
