@@ -38,7 +38,7 @@ from composition_lm.conditions import PropertyConditioned, drop_conditions
 from composition_lm.config import FormulaBertConfig
 from composition_lm.tokenizer import BOS, COUNT_OFFSET, MASK, UNK, condition_token_ids, vocabulary_size
 
-__all__ = ["DiffusionBertConfig", "DiffusionBertModel", "masked_diffusion_loss"]
+__all__ = ["DiffusionBertConfig", "DiffusionBertModel", "masked_diffusion_loss", "preference_loss"]
 
 
 class DiffusionBertConfig(FormulaBertConfig):
@@ -193,25 +193,66 @@ def masked_diffusion_loss(
         drop = torch.rand(b, generator=generator, device=x0.device) < config.condition_dropout
         x0 = x0.clone()
         x0[:, 0] = torch.where(drop, torch.full_like(x0[:, 0], BOS), x0[:, 0])
-    # low-discrepancy time sampling (MDLM), kept away from t = 0
-    t = (stratified_uniform(b, generator, x0.device) * (1 - 1e-3) + 1e-3) * max_t
-    maskable = torch.ones_like(x0, dtype=torch.bool)
-    maskable[:, 0] = False  # [BOS] is never noised
-    xt, masked = mask_tokens(x0, t, schedule, config.mask_token_id, generator, maskable)
+    t, xt, masked = _noised(config, x0, generator, max_t)
     if conditions is not None:
-        logits = denoiser(xt, t if config.time_conditioning else None,
-                          drop_conditions(conditions, config.property_dropout, generator))
-    else:
-        logits = denoiser(xt, t if config.time_conditioning else None)
-    if unlikely:
-        p_true = F.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-        ce = -torch.log1p(-p_true.clamp(max=1 - 1e-6))
-    else:
-        ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
-    ce = torch.where(masked, ce, torch.zeros_like(ce))
+        conditions = drop_conditions(conditions, config.property_dropout, generator)
+    ce = _token_losses(denoiser, config, x0, t, xt, masked, conditions, unlikely)
     n_masked = masked.sum().clamp_min(1)
     if config.loss_weighting == "elbo":
         loss = (ce * schedule.weight(t)[:, None]).sum() / (b * (length - 1))
     else:
         loss = ce.sum() / n_masked
     return loss, {"masked_ce": float(ce.detach().sum() / n_masked), "mask_fraction": float(masked.float().mean())}
+
+
+def _noised(config: DiffusionBertConfig, x0: torch.Tensor, generator, max_t: float = 1.0):
+    """The forward process on a batch: noise levels ``t`` (low-discrepancy, as in MDLM, kept away from 0, scaled
+    into ``(0, max_t]``), the masked sequences ``x_t`` and which positions were masked ([BOS] never is)."""
+    t = (stratified_uniform(x0.shape[0], generator, x0.device) * (1 - 1e-3) + 1e-3) * max_t
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[:, 0] = False
+    xt, masked = mask_tokens(x0, t, config.masking_schedule(), config.mask_token_id, generator, maskable)
+    return t, xt, masked
+
+
+def _token_losses(denoiser, config, x0, t, xt, masked, conditions=None, unlikely: bool = False) -> torch.Tensor:
+    """``-log p(x0_i | x_t)`` (or, ``unlikely``, ``-log(1 - p)``) at each masked position, 0 elsewhere."""
+    args = (xt, t if config.time_conditioning else None) + ((conditions,) if conditions is not None else ())
+    logits = denoiser(*args)
+    if unlikely:
+        p_true = F.softmax(logits.float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+        ce = -torch.log1p(-p_true.clamp(max=1 - 1e-6))
+    else:
+        ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+    return torch.where(masked, ce, torch.zeros_like(ce))
+
+
+def sequence_nelbo(denoiser, config: DiffusionBertConfig, x0: torch.Tensor, t, xt, masked) -> torch.Tensor:
+    """Each sequence's negative ELBO (``[B]``, nats), estimated from one draw of the forward process
+    (``_noised``): the ELBO-weighted cross-entropy summed over its masked tokens."""
+    ce = _token_losses(denoiser, config, x0, t, xt, masked)
+    return (ce * config.masking_schedule().weight(t)[:, None]).sum(-1)
+
+
+def preference_loss(
+    denoiser, reference, config: DiffusionBertConfig, chosen: torch.Tensor, rejected: torch.Tensor,
+    generator: torch.Generator | None = None, beta: float = 0.1, draws: int = 4,
+) -> tuple[torch.Tensor, dict]:
+    """Direct preference optimisation (Rafailov et al. 2023) for the masked denoiser, with its ELBO standing in
+    for the log-likelihood it lacks: ``-log sigmoid(beta * [(elbo(w) - elbo_ref(w)) - (elbo(l) - elbo_ref(l))])``
+    for pairs of a ``chosen`` (``w``) and a ``rejected`` (``l``) sequence (``[B, L]`` each). ``reference`` (the
+    model fine-tuning started from, frozen) anchors it, as DPO's KL term does. The ELBO is a noisy estimate, so,
+    as in VRPO (Zhu et al. 2025, LLaDA 1.5), each sequence takes ``draws`` draws of the forward process and the
+    denoiser and the reference see the *same* draws (the noise cancels in their difference)."""
+    def margin(x0):
+        x = x0.repeat_interleave(draws, 0)
+        t, xt, masked = _noised(config, x, generator)
+        with torch.no_grad():
+            ref = sequence_nelbo(reference, config, x, t, xt, masked)
+        pol = sequence_nelbo(denoiser, config, x, t, xt, masked)
+        return (ref - pol).view(-1, draws).mean(1)  # log-ratio policy / reference, per sequence
+
+    delta = margin(chosen) - margin(rejected)
+    loss = -F.logsigmoid(beta * delta).mean()
+    return loss, {"preference_margin": float(delta.detach().mean()),
+                  "preference_accuracy": float((delta.detach() > 0).float().mean())}

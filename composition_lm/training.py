@@ -18,6 +18,7 @@ the global batch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gzip
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from composition_lm.diffusion_bert import preference_loss
 from composition_lm.formula import get_codec
 from composition_lm.models import is_gaussian, model_classes
 from composition_lm.tokenizer import PAD, build_tokenizer, encode_formulas, vocabulary_size
@@ -55,6 +57,11 @@ class TrainingArguments:
     negatives: str | None = None
     unlikelihood: float = 1.0
     unlikelihood_max_t: float = 1.0  # the negatives' noise levels: (0, max_t]; low = only their completions
+    # and/or `dpo` x a preference loss (DPO on the ELBO, the --init-from model as reference): a training batch
+    # preferred to a batch of negatives, `dpo_beta` its temperature, `dpo_draws` forward-process draws per sequence
+    dpo: float = 0.0
+    dpo_beta: float = 0.1
+    dpo_draws: int = 4
     # model (ignored with init_from, which brings its own)
     codec: str = "expanded"
     seq_length: int = 32
@@ -337,7 +344,12 @@ def train(args: TrainingArguments, command: str = "") -> Path:
         if len(neg_ids) == 0:
             raise ValueError(f"no formula of --negatives {args.negatives} fits the sequence length")
         if main:
-            print(f"unlikelihood on {len(neg_ids)} negative formulas, weight {args.unlikelihood}")
+            print(f"{len(neg_ids)} negative formulas: unlikelihood weight {args.unlikelihood}"
+                  + (f", DPO weight {args.dpo} (beta {args.dpo_beta})" if args.dpo else ""))
+    if args.dpo and (neg_ids is None or parent is None):
+        raise ValueError("--dpo needs --negatives and --init-from (the model it starts from is its reference)")
+    # DPO's reference: the starting model as it was, frozen (fine-tuning changes parent.model in place)
+    reference = copy.deepcopy(parent.model).eval().requires_grad_(False) if args.dpo else None
 
     # ---- model, optimiser
     model, loss_fn = _build_model(args, train_ids, len(tokenizer.get_vocab()), parent, bins)
@@ -371,10 +383,18 @@ def train(args: TrainingArguments, command: str = "") -> Path:
             # across epochs when there are fewer negatives than that)
             n_neg = min(args.batch_size * world, len(neg_ids))
             neg = epoch_batch(len(neg_ids), n_neg, args.seed + 1, step * args.grad_accum + micro)[rank::world]
-            unlikely, _ = loss_fn(model, raw_model.config, neg_ids[neg].to(device), g, unlikely=True,
-                                  max_t=args.unlikelihood_max_t)
-            loss = loss + args.unlikelihood * unlikely
-            stats = {**stats, "unlikelihood": float(unlikely.detach())}
+            if args.unlikelihood:
+                unlikely, _ = loss_fn(model, raw_model.config, neg_ids[neg].to(device), g, unlikely=True,
+                                      max_t=args.unlikelihood_max_t)
+                loss = loss + args.unlikelihood * unlikely
+                stats = {**stats, "unlikelihood": float(unlikely.detach())}
+            if args.dpo:
+                pairs = min(len(rows), len(neg))
+                pref, pref_stats = preference_loss(model, reference.to(device), raw_model.config,
+                                                   train_ids[rows[:pairs]].to(device), neg_ids[neg[:pairs]].to(device),
+                                                   g, beta=args.dpo_beta, draws=args.dpo_draws)
+                loss = loss + args.dpo * pref
+                stats = {**stats, "dpo": float(pref.detach()), **pref_stats}
         return loss, stats
 
     state = run_training(

@@ -183,6 +183,52 @@ def test_unlikelihood_moves_the_model_away_from_the_known_samples(tiny, tmp_path
     assert _diffusion_loss(pushed, known) > _diffusion_loss(plain, known) + 0.2
 
 
+def test_dpo_prefers_the_fine_tuning_formulas_to_the_negatives(tiny, tmp_path):
+    from composition_lm.workflows.learn import finetune_round
+
+    known, unstable = ["KBr", "CaO"], ["ZnS", "TiO2"]
+    rows = [{"formula": f, "label": "stable" if f in ("LiF", "NaCl") else "unstable", "sun": f in ("LiF", "NaCl"),
+             "novel": f not in known, "e_hull": 0.0} for f in ["LiF", "NaCl", *known, *unstable]]
+    common = dict(reward_copies=2, replay=0.0, finetune_steps=40, batch_size=8, lr=3e-3)
+    plain = finetune_round(tiny, rows, CORPUS, LearnConfig(**common), tmp_path / "plain")
+    dpo = finetune_round(tiny, rows, CORPUS, LearnConfig(**common, dpo=1.0, dpo_beta=0.5, negatives="not-sun"),
+                         tmp_path / "dpo")
+    # negatives: the known samples and those the oracle put above e_hull_max
+    assert (tmp_path / "dpo" / "negatives.txt").read_text().split() == sorted(known + unstable)
+    # the preference pushed the rejected formulas below where plain fine-tuning on the chosen ones leaves them
+    gap = _diffusion_loss(dpo, known + unstable) - _diffusion_loss(plain, known + unstable)
+    assert gap > 0.2, gap
+    assert _diffusion_loss(dpo, ["LiF", "NaCl"]) < _diffusion_loss(tiny, ["LiF", "NaCl"])  # chosen still rose
+
+
+def test_dpo_loss_is_zero_margin_at_the_reference_and_moves_with_the_policy():
+    import torch
+
+    from composition_lm.diffusion_bert import DiffusionBertConfig, DiffusionBertModel, preference_loss
+
+    torch.manual_seed(0)
+    cfg = DiffusionBertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                              seq_length=8)
+    model = DiffusionBertModel(cfg).eval()
+    chosen = torch.randint(10, cfg.vocab_size, (4, 8))
+    rejected = torch.randint(10, cfg.vocab_size, (4, 8))
+    loss, stats = preference_loss(model, model, cfg, chosen, rejected, torch.Generator().manual_seed(0), beta=0.5)
+    # the policy is its own reference: every log-ratio is 0, the loss log 2 (shared noise makes this exact)
+    assert stats["preference_margin"] == 0.0 and abs(float(loss) - math.log(2)) < 1e-6
+    loss.backward()  # gradients flow into the policy only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_dpo_needs_negatives_and_a_reference(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), corpus=str(corpus), train_split=None, val_split=None,
+                             hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, batch_size=8,
+                             seq_length=16, max_steps=2, eval_every=0, save_every=0, progress=False, dpo=1.0)
+    with pytest.raises(ValueError, match="--dpo needs --negatives and --init-from"):
+        train(args)
+
+
 def test_negatives_need_an_unconditional_diffusion_bert(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS) + "\n")

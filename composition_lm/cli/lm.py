@@ -121,6 +121,14 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--unlikelihood-max-t", **probability, default=1.0,
                    help="the --negatives term's noise levels are drawn from (0, this]: low values penalise only the "
                    "completions of nearly whole negatives (default: 1.0, all levels)")
+    p.add_argument("--dpo", **non_negative_float, default=0.0,
+                   help="weight of a preference term (DPO on the ELBO, the --init-from model as its reference): each "
+                   "training batch preferred to a batch of --negatives; pass --unlikelihood 0 for DPO alone "
+                   "(default: 0, off)")
+    p.add_argument("--dpo-beta", **positive_float, default=0.1,
+                   help="DPO's beta: how far from the reference the preference may pull (default: 0.1)")
+    p.add_argument("--dpo-draws", **positive_int, default=4,
+                   help="forward-process draws per sequence for DPO's ELBO estimates (default: 4)")
     p.add_argument("--codec", choices=["expanded", "compact"], default="expanded")
     p.add_argument("--seq-length", **positive_int, default=32,
                    help="tokens per sequence incl. [BOS]/[EOS]; longer formulas are skipped (default: 32)")

@@ -92,6 +92,14 @@ class LearnConfig(Settings):
     unlikelihood_max_t: float = setting(1.0, "the unlikelihood term's noise levels are drawn from (0, this]: low "
                                         "values penalise only the completions of nearly whole known formulas, "
                                         "not the model's general choices", range="probability")
+    dpo: float = setting(0.0, "weight of a preference term (DPO on the ELBO, the round's starting model as "
+                         "reference): the round's fine-tuning formulas preferred to its negatives (0: off)",
+                         range="non_negative_float")
+    dpo_beta: float = setting(0.1, "DPO's beta: how far from the reference the preference may pull",
+                              range="positive_float")
+    negatives: str = setting("known", "the round's negatives (for unlikelihood and DPO): known (valid samples that "
+                             "are not novel) or not-sun (also those the oracle placed above e_hull_max)",
+                             choices=("known", "not-sun"))
     max_js: float = setting(0.05, "guard: stop when the element-distribution JS divergence of a round's samples "
                             "against the reference exceeds this", range="unit_interval")
     max_top5_share: float = setting(0.5, "guard: stop when the five commonest chemical systems hold more than this "
@@ -346,6 +354,13 @@ def _conditional_corpus(rows: list[dict], labels, names: list[str], cfg: LearnCo
     return path
 
 
+def _negatives(rows: list[dict], which: str) -> set[str]:
+    """The round's negatives: its valid samples that are known (``which="known"``), or also those the oracle
+    placed and did not find stable (``"not-sun"``: labelled unstable; the surrogate's skipped ones have no verdict)."""
+    valid = [r for r in rows if r["label"] not in ("invalid", "failed") and r["formula"]]
+    return {r["formula"] for r in valid if not r["novel"] or (which == "not-sun" and r["label"] == "unstable")}
+
+
 def finetune_round(model_path: Path, rows: list[dict], reference: Sequence[str], cfg: LearnConfig, out: Path,
                    k: int = 0, progress: bool = False, labels=None) -> Path:
     """One round's fine-tuning into ``out/model``, continued from ``model_path`` (``rows``: the round's label rows,
@@ -372,13 +387,12 @@ def finetune_round(model_path: Path, rows: list[dict], reference: Sequence[str],
         corpus = out / "finetune.txt"
         write_text(corpus, "\n".join(winners * cfg.reward_copies + replay) + "\n")
         extra = {"dedupe": False}
-        known = sorted({r["formula"] for r in rows if r["label"] not in ("invalid", "failed") and r["formula"]
-                        and not r["novel"]}) if cfg.unlikelihood > 0 else []
-        if known:
+        rejected = sorted(_negatives(rows, cfg.negatives)) if cfg.unlikelihood > 0 or cfg.dpo > 0 else []
+        if rejected:
             negatives = out / "negatives.txt"
-            write_text(negatives, "\n".join(known) + "\n")
+            write_text(negatives, "\n".join(rejected) + "\n")
             extra.update(negatives=str(negatives), unlikelihood=cfg.unlikelihood,
-                         unlikelihood_max_t=cfg.unlikelihood_max_t)
+                         unlikelihood_max_t=cfg.unlikelihood_max_t, dpo=cfg.dpo, dpo_beta=cfg.dpo_beta)
     args = TrainingArguments(output_dir=str(out / "train"), corpus=str(corpus), init_from=str(model_path),
                              train_split=None, val_split=None, max_steps=cfg.finetune_steps, lr=cfg.lr,
                              batch_size=cfg.batch_size, warmup_steps=min(50, cfg.finetune_steps // 5),
