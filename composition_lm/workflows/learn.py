@@ -86,8 +86,8 @@ class LearnConfig(Settings):
                                   "novel: MP or an earlier round has them): the model is pushed away from "
                                   "reproducing known formulas, not only towards its SUN ones (0: off; "
                                   "token-level, so it also lowers similar formulas: on the benchmark's last round "
-                                  "it bought novelty at a higher price in stability than a higher sampling "
-                                  "temperature, benchmarks/learn.md)",
+                                  "it bought novelty at the price in stability a higher sampling temperature "
+                                  "does, benchmarks/learn.md)",
                                   range="non_negative_float")
     unlikelihood_max_t: float = setting(1.0, "the unlikelihood term's noise levels are drawn from (0, this]: low "
                                         "values penalise only the completions of nearly whole known formulas, "
