@@ -127,8 +127,10 @@ def card(name: str, model: Path, loop: Path, eval_label: str, step: str, step_co
               "- The rewards are one oracle's verdicts: CHGNet relaxations of template structures judged by a "
               "SevenNet-l3i5 single point. The model learns what that oracle calls stable, including its errors "
               "(WBM: precision 0.71 at E_hull <= 0).",
-              "- Reward fine-tuning narrows the model: its formulas are less often new than `diffusion-bert`'s, and "
-              "its element distribution drifts from MP's (the loop stops when element JS exceeds 0.05).",
+              "- Reward fine-tuning narrows the model: its element distribution drifts from MP's (the loop stops "
+              "when element JS exceeds 0.05)" + (
+                  f", and its formulas are less often new than `diffusion-bert`'s ({mine['novelty']:.3f} against "
+                  f"{start['novelty']:.3f})." if start and mine and mine["novelty"] < start["novelty"] else "."),
               "- Novel here means a composition MP does not list; a novel formula can still be a known compound "
               "outside MP.", *[f"- {x}" for x in limits], "",
               "## Provenance and licences", "",
