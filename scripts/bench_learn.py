@@ -318,16 +318,17 @@ def _frontier(probes: list[dict], evals: list[dict]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in probes if "novelty_eval" in r and r.get("dtype") == "float32"]
+    # one seed's samples (1000, the eval seed), so that the points compare the same draws
+    rows = [r for r in probes if "novelty_eval" in r and r.get("dtype") == "float32" and r["seed"] == 1000]
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     ax.scatter([r["novelty_eval"] for r in rows], [r["surrogate_stable_new"] for r in rows], s=18,
-               label="probe: surrogate-stable new per sample (1,000 samples, float32)")
+               label="probe: surrogate-stable new per sample (1,000 samples of seed 1000, float32)")
     for r in rows:
         ax.annotate(r["label"].split(" (")[0],
                     (r["novelty_eval"], r["surrogate_stable_new"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    done = [r for r in evals if r.get("novelty") is not None]
+    done = [r for r in evals if r.get("novelty") is not None and (r["seed"] == 1000 or r["label"] == "start")]
     ax.errorbar([r["novelty"] for r in done], [r["sun_rate"] for r in done], yerr=[r["sun_rate_se"] for r in done],
                 fmt="s", color="C3", ms=5, label="eval: SUN rate at 0.1 eV/atom (oracle, 1,000 formulas)")
     for r in done:
