@@ -349,7 +349,8 @@ def train(args: TrainingArguments, command: str = "") -> Path:
     if args.dpo and (neg_ids is None or parent is None):
         raise ValueError("--dpo needs --negatives and --init-from (the model it starts from is its reference)")
     # DPO's reference: the starting model as it was, frozen (fine-tuning changes parent.model in place)
-    reference = copy.deepcopy(parent.model).eval().requires_grad_(False) if args.dpo else None
+    reference = (copy.deepcopy(parent.model).eval().requires_grad_(False).to(accelerator.device) if args.dpo
+                 else None)
 
     # ---- model, optimiser
     model, loss_fn = _build_model(args, train_ids, len(tokenizer.get_vocab()), parent, bins)
@@ -390,7 +391,7 @@ def train(args: TrainingArguments, command: str = "") -> Path:
                 stats = {**stats, "unlikelihood": float(unlikely.detach())}
             if args.dpo:
                 pairs = min(len(rows), len(neg))
-                pref, pref_stats = preference_loss(model, reference.to(device), raw_model.config,
+                pref, pref_stats = preference_loss(model, reference, raw_model.config,
                                                    train_ids[rows[:pairs]].to(device), neg_ids[neg[:pairs]].to(device),
                                                    g, beta=args.dpo_beta, draws=args.dpo_draws)
                 loss = loss + args.dpo * pref
